@@ -1,0 +1,143 @@
+"""Configuration as data: frozen dataclasses, validated once, up front, on every rank.
+
+A bad configuration is a ``ConfigError`` whose message names the command-line flag, raised before
+the first collective so that every rank fails the same way and nothing hangs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error: one line that names the offending flag."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a decoder-only GPT (Radford et al. 2019) as built by ``minipar.nn.model``."""
+
+    vocab_size: int = 16  # tokens in the vocabulary (V)
+    seq_len: int = 32  # context length (T): the longest sequence the model sees
+    n_layers: int = 2  # Transformer blocks (L)
+    d_model: int = 64  # hidden width (C)
+    n_heads: int = 4  # attention heads (H); d_head = C / H
+    d_ff: int = 0  # MLP inner width; 0 means the usual 4 x d_model
+    tie_weights: bool = False  # share the embedding matrix with the LM head
+    pos: str = "learned"  # positional encoding: "learned" or "sinusoidal"
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    def validate(self) -> None:
+        for flag, value in (("--vocab", self.vocab_size), ("--seq-len", self.seq_len),
+                            ("--layers", self.n_layers), ("--d-model", self.d_model),
+                            ("--heads", self.n_heads)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if self.d_ff < 0:
+            raise ConfigError(f"--d-ff must be positive (or 0 for 4 x d_model), got {self.d_ff}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"--heads {self.n_heads} must divide --d-model {self.d_model}")
+        if self.pos not in ("learned", "sinusoidal"):
+            raise ConfigError(f"--pos must be 'learned' or 'sinusoidal', got {self.pos!r}")
+
+
+# Named model shapes. The vocabulary and sequence length of a preset are overridden by the task
+# (the sort task has 11 symbols), except where a preset is used for benchmarks.
+MODEL_PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=16, seq_len=16, n_layers=2, d_model=32, n_heads=4),
+    "default": ModelConfig(vocab_size=16, seq_len=32, n_layers=2, d_model=64, n_heads=4),
+    "small": ModelConfig(vocab_size=4096, seq_len=256, n_layers=6, d_model=384, n_heads=6),
+}
+
+
+SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the world of ranks is cut: a dp x pp x tp grid and the options of each axis."""
+
+    dp: int = 1  # data parallel replicas (each takes 1/dp of the global batch)
+    tp: int = 1  # tensor parallel ranks (Megatron-LM, Shoeybi et al. 2019)
+    pp: int = 1  # pipeline stages (GPipe / PipeDream / PTD-P)
+    zero: int = 0  # ZeRO stage 0-3 over the dp group (Rajbhandari et al. 2019)
+    sequence_parallel: bool = False  # shard LayerNorm/residual regions over tp along T
+    schedule: str = "1f1b"  # pipeline schedule, one of SCHEDULE_NAMES
+    microbatches: int = 1  # microbatches per step per dp rank (gradient accumulation)
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
+    bucket_mb: float = 0.0  # gradient bucket size for overlapped dp sync; 0 = sync after backward
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    def validate(self, model: ModelConfig | None = None, world_size: int | None = None,
+                 batch_size: int | None = None) -> None:
+        for flag, value in (("--dp", self.dp), ("--tp", self.tp), ("--pp", self.pp),
+                            ("--microbatches", self.microbatches),
+                            ("--virtual-stages", self.virtual_stages)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero must be 0, 1, 2 or 3, got {self.zero!r}")
+        if self.bucket_mb < 0:
+            raise ConfigError(f"--bucket-mb must be >= 0, got {self.bucket_mb}")
+        if self.schedule not in SCHEDULE_NAMES:
+            raise ConfigError(
+                f"--schedule must be one of {', '.join(SCHEDULE_NAMES)}, got {self.schedule!r}")
+        if self.virtual_stages > 1 and self.schedule != "interleaved":
+            raise ConfigError("--virtual-stages > 1 needs --schedule interleaved")
+        if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
+            raise ConfigError(
+                f"--schedule interleaved needs --microbatches ({self.microbatches}) to be a "
+                f"multiple of --pp ({self.pp})")
+        if world_size is not None and self.world != world_size:
+            raise ConfigError(
+                f"--dp {self.dp} x --pp {self.pp} x --tp {self.tp} = {self.world} does not "
+                f"equal the number of ranks ({world_size})")
+        if model is not None:
+            self._validate_against_model(model)
+        if batch_size is not None:
+            per_rank = batch_size // self.dp
+            if batch_size % self.dp:
+                raise ConfigError(
+                    f"--batch-size {batch_size} must be divisible by --dp {self.dp}")
+            if per_rank % self.microbatches:
+                raise ConfigError(
+                    f"--batch-size / --dp = {per_rank} must be divisible by --microbatches "
+                    f"{self.microbatches}")
+
+    def _validate_against_model(self, model: ModelConfig) -> None:
+        if model.n_heads % self.tp:
+            raise ConfigError(f"--tp {self.tp} must divide the number of heads ({model.n_heads})")
+        if model.ffn % self.tp:
+            raise ConfigError(f"--tp {self.tp} must divide the MLP width ({model.ffn})")
+        if self.sequence_parallel and model.seq_len % self.tp:
+            raise ConfigError(
+                f"--sequence-parallel needs --tp {self.tp} to divide the sequence length "
+                f"({model.seq_len})")
+        chunks = self.pp * self.virtual_stages
+        if model.n_layers % chunks:
+            raise ConfigError(
+                f"--layers {model.n_layers} must be divisible by --pp x --virtual-stages = "
+                f"{self.pp} x {self.virtual_stages} = {chunks}")
+        if model.tie_weights and self.pp > 1:
+            raise ConfigError(
+                "--tie-weights with --pp > 1 is not supported: the embedding and the head live "
+                "on different stages")
+
+
+def to_dict(cfg) -> dict:
+    return asdict(cfg)
+
+
+__all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "MODEL_PRESETS", "SCHEDULE_NAMES",
+           "replace", "field", "to_dict"]
