@@ -1,0 +1,82 @@
+"""Attention, MLP and the Transformer block, built from tensor-parallel layers.
+
+One code for every layout: on a tp group of one rank the column/row-parallel layers are plain
+linears and their collectives are no-ops, so the serial model is exactly this code.
+"""
+
+from __future__ import annotations
+
+import math
+
+from minipar.nn import functional as F
+from minipar.nn.layers import LayerNorm, Module
+from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+
+INIT_STD = 0.02  # GPT-2's weight scale (Radford et al. 2019)
+
+
+class Attention(Module):
+    """Causal multi-head self-attention; heads split over tp (QKV column-, output row-parallel)."""
+
+    def __init__(self, ctx, name: str, cfg):
+        super().__init__()
+        c = cfg.d_model
+        self.local_heads = cfg.n_heads // ctx.tp.size
+        self.qkv = ColumnParallelLinear(ctx, f"{name}.qkv", c, 3 * c, INIT_STD, blocks=3)
+        # Residual projections are scaled by 1/sqrt(2 L) so the residual stream keeps its size.
+        self.proj = RowParallelLinear(ctx, f"{name}.proj", c, c,
+                                      INIT_STD / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x, mb=0):
+        qkv = self.qkv.forward(x, mb)  # (B, T, 3 C / tp)
+        y, cache = F.mha_fwd(qkv, self.local_heads)  # (B, T, C / tp)
+        self.save(mb, cache)
+        return self.proj.forward(y, mb)  # (B, T, C)
+
+    def backward(self, dy, mb=0):
+        dy = self.proj.backward(dy, mb)  # (B, T, C / tp)
+        dqkv = F.mha_bwd(dy, self.pop(mb))  # (B, T, 3 C / tp)
+        return self.qkv.backward(dqkv, mb)  # (B, T, C)
+
+
+class MLP(Module):
+    """Two linears with GELU between: the first column-parallel, the second row-parallel."""
+
+    def __init__(self, ctx, name: str, cfg):
+        super().__init__()
+        self.fc = ColumnParallelLinear(ctx, f"{name}.fc", cfg.d_model, cfg.ffn, INIT_STD)
+        self.proj = RowParallelLinear(ctx, f"{name}.proj", cfg.ffn, cfg.d_model,
+                                      INIT_STD / math.sqrt(2 * cfg.n_layers))
+
+    def forward(self, x, mb=0):
+        h = self.fc.forward(x, mb)  # (B, T, F / tp)
+        a, cache = F.gelu_fwd(h)  # (B, T, F / tp)
+        self.save(mb, cache)
+        return self.proj.forward(a, mb)  # (B, T, C)
+
+    def backward(self, dy, mb=0):
+        da = self.proj.backward(dy, mb)  # (B, T, F / tp)
+        dh = F.gelu_bwd(da, self.pop(mb))  # (B, T, F / tp)
+        return self.fc.backward(dh, mb)  # (B, T, C)
+
+
+class Block(Module):
+    """Pre-LayerNorm Transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+
+    def __init__(self, ctx, name: str, cfg):
+        super().__init__()
+        self.ln1 = LayerNorm(ctx, f"{name}.ln1", cfg.d_model)
+        self.attn = Attention(ctx, f"{name}.attn", cfg)
+        self.ln2 = LayerNorm(ctx, f"{name}.ln2", cfg.d_model)
+        self.mlp = MLP(ctx, f"{name}.mlp", cfg)
+        if ctx.sequence_parallel:  # LayerNorm sees only this rank's tokens: partial gradients
+            for p in self.ln1.params() + self.ln2.params():
+                p.tp_partial_grad = True
+
+    def forward(self, x, mb=0):
+        h = x + self.attn.forward(self.ln1.forward(x, mb), mb)  # (B, T, C)
+        return h + self.mlp.forward(self.ln2.forward(h, mb), mb)  # (B, T, C)
+
+    def backward(self, dy, mb=0):
+        dh = dy + self.ln2.backward(self.mlp.backward(dy, mb), mb)  # (B, T, C)
+        return dh + self.ln1.backward(self.attn.backward(dh, mb), mb)  # (B, T, C)

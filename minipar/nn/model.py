@@ -1,0 +1,200 @@
+"""A decoder-only GPT, built as pipeline chunks of units: embedding, blocks, head.
+
+The serial model is one chunk holding every unit. A pipeline stage holds a contiguous range of
+blocks (the first also the embedding, the last also the head and loss); with interleaving a rank
+holds several such chunks. Units are the granularity at which hooks run (ZeRO-3 gathers a unit's
+parameters before it runs; overlapped data parallelism syncs a unit's gradients as soon as its
+backward is done).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from minipar import backend
+from minipar.config import ModelConfig
+from minipar.nn import functional as F
+from minipar.nn.block import INIT_STD, Block
+from minipar.nn.layers import BuildContext, LayerNorm, Module, make_param
+from minipar.parallel.tensor import (
+    SEQ_AXIS, VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead,
+    vocab_parallel_argmax,
+)
+
+
+class Embedding(Module):
+    """Token embedding (vocab-parallel) plus learned or sinusoidal positions."""
+
+    def __init__(self, ctx: BuildContext, cfg: ModelConfig):
+        super().__init__()
+        self.tp = ctx.tp
+        self.sp = ctx.sequence_parallel
+        self.tok = VocabParallelEmbedding(ctx, "embed", cfg.vocab_size, cfg.d_model, INIT_STD)
+        if cfg.pos == "learned":
+            self.pos = make_param(ctx, "pos", (cfg.seq_len, cfg.d_model), INIT_STD / 2)
+            self.pos.tp_partial_grad = ctx.sequence_parallel
+            self.table = None
+        else:
+            self.pos = None
+            self.table = backend.from_host(
+                backend.to_host(F.sinusoidal_positions(cfg.seq_len, cfg.d_model, ctx.dtype)))
+
+    def _positions(self, t_local: int):
+        """The rows of the position table for this rank's tokens (all of them without SP)."""
+        table = self.pos.data if self.pos is not None else self.table
+        start = self.tp.rank * t_local if self.sp else 0
+        return table[start:start + t_local]
+
+    def forward(self, ids, mb=0):
+        h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
+        h += self._positions(h.shape[SEQ_AXIS])
+        self.save(mb, h.shape[SEQ_AXIS])
+        return h
+
+    def backward(self, dh, mb=0):
+        t_local = self.pop(mb)
+        if self.pos is not None:
+            dpos = self.pos.data * 0  # (T, C)
+            start = self.tp.rank * t_local if self.sp else 0
+            dpos[start:start + t_local] = dh.sum(axis=0)
+            self.pos.accumulate(dpos)
+        self.tok.backward(dh, mb)
+        return None
+
+
+class Head(Module):
+    """Final LayerNorm, vocab-parallel projection to logits, vocab-parallel cross-entropy."""
+
+    def __init__(self, ctx: BuildContext, cfg: ModelConfig, tied=None):
+        super().__init__()
+        self.tp = ctx.tp
+        self.vocab = cfg.vocab_size
+        self.ln_f = LayerNorm(ctx, "ln_f", cfg.d_model)
+        if ctx.sequence_parallel:
+            for p in self.ln_f.params():
+                p.tp_partial_grad = True
+        self.proj = VocabParallelHead(ctx, "head", cfg.d_model, cfg.vocab_size, INIT_STD, tied)
+        self.loss = VocabParallelCrossEntropy(ctx, cfg.vocab_size)
+
+    def logits(self, h, mb=0):
+        return self.proj.forward(self.ln_f.forward(h, mb), mb)  # (B, T, V/tp)
+
+    def forward(self, h, mb=0, targets=None, normalizer=None):
+        return self.loss.forward(self.logits(h, mb), targets, normalizer, mb)
+
+    def backward(self, dloss=1.0, mb=0):
+        dlogits = self.loss.backward(dloss, mb)
+        return self.ln_f.backward(self.proj.backward(dlogits, mb), mb)
+
+    def predict(self, h):
+        """Greedy token predictions (B, T) with no caches kept (evaluation)."""
+        logits = self.logits(h, mb="_predict")
+        self.ln_f.pop("_predict")
+        self.proj.pop("_predict")
+        return vocab_parallel_argmax(logits, self.tp, self.vocab)
+
+
+class Hooks:
+    """Called around every unit; the data-parallel engine overrides these (ZeRO-3, overlap)."""
+
+    def pre_forward(self, unit: Module, mb) -> None: ...
+    def post_forward(self, unit: Module, mb) -> None: ...
+    def pre_backward(self, unit: Module, mb) -> None: ...
+    def post_backward(self, unit: Module, mb) -> None: ...
+
+
+@dataclass(frozen=True)
+class ChunkSpec:
+    """Which part of the model a chunk holds: global chunk index and its block range."""
+
+    index: int
+    n_chunks: int
+    first_layer: int
+    n_layers: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.n_chunks - 1
+
+
+class GPTChunk(Module):
+    """A contiguous piece of the GPT: [embedding] + blocks + [head]."""
+
+    def __init__(self, cfg: ModelConfig, ctx: BuildContext, spec: ChunkSpec):
+        super().__init__()
+        self.cfg = cfg
+        self.spec = spec
+        self.embed = Embedding(ctx, cfg) if spec.is_first else None
+        self.blocks = [Block(ctx, f"blocks.{i}", cfg)
+                       for i in range(spec.first_layer, spec.first_layer + spec.n_layers)]
+        tied = self.embed.tok.w if (cfg.tie_weights and spec.is_first) else None
+        self.head = Head(ctx, cfg, tied) if spec.is_last else None
+        self.units = [u for u in [self.embed, *self.blocks, self.head] if u is not None]
+        self.hooks = Hooks()
+
+    def forward(self, x, mb=0, targets=None, normalizer=None):
+        """Token ids (first chunk) or activations in; activations or the loss (last chunk) out."""
+        h = x
+        for unit in self.units:
+            self.hooks.pre_forward(unit, mb)
+            if unit is self.head:
+                h = unit.forward(h, mb, targets, normalizer)
+            else:
+                h = unit.forward(h, mb)
+            self.hooks.post_forward(unit, mb)
+        return h
+
+    def backward(self, dy=None, mb=0):
+        """Gradient of the loss w.r.t. this chunk's input (None for the first chunk)."""
+        g = 1.0 if self.head is not None else dy
+        for unit in reversed(self.units):
+            self.hooks.pre_backward(unit, mb)
+            g = unit.backward(g, mb)
+            self.hooks.post_backward(unit, mb)
+        return g
+
+    def predict(self, x):
+        """Greedy predictions (last chunk) or activations, keeping no caches: for evaluation."""
+        h = x
+        for unit in self.units:
+            self.hooks.pre_forward(unit, "_eval")
+            if unit is self.head:
+                h = unit.predict(h)
+            else:
+                h = unit.forward(h, "_eval")
+                _drop_caches(unit, "_eval")
+            self.hooks.post_forward(unit, "_eval")
+        return h
+
+
+def _drop_caches(module: Module, mb) -> None:
+    module._cache.pop(mb, None)
+    for child in module.children():
+        _drop_caches(child, mb)
+
+
+def chunk_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[ChunkSpec]:
+    """The chunks pipeline rank ``stage`` holds: global chunks stage, stage + pp, ... (PTD-P)."""
+    n_chunks = pp * virtual
+    per = cfg.n_layers // n_chunks
+    return [ChunkSpec(g, n_chunks, g * per, per)
+            for g in range(stage, n_chunks, pp)]
+
+
+def build_chunks(cfg: ModelConfig, ctx: BuildContext, pp: int = 1, virtual: int = 1,
+                 stage: int = 0) -> list[GPTChunk]:
+    """This rank's model chunks. The serial model is ``build_chunks(cfg, ctx)[0]``."""
+    return [GPTChunk(cfg, ctx, spec) for spec in chunk_specs(cfg, pp, virtual, stage)]
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameters of the full (unsharded) model."""
+    c, f, v, t, L = cfg.d_model, cfg.ffn, cfg.vocab_size, cfg.seq_len, cfg.n_layers
+    block = (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c) + 4 * c
+    emb = v * c + (t * c if cfg.pos == "learned" else 0)
+    head = 0 if cfg.tie_weights else c * v
+    return L * block + emb + 2 * c + head
