@@ -1,0 +1,133 @@
+"""Optimizers, gradient clipping and the learning-rate schedule.
+
+The update rules are functions on arrays (``adamw_update``, ``sgd_update``) so that ZeRO can apply
+exactly the same arithmetic to a rank's flat shard of the parameters as the unsharded optimizer
+applies to whole tensors: the sharded run then equals the serial one number for number.
+"""
+
+from __future__ import annotations
+
+import math
+
+from minipar import backend
+
+
+def adamw_update(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float,
+                 weight_decay, step: int) -> None:
+    """One AdamW step in place (Loshchilov & Hutter 2019: decay decoupled from the gradient).
+
+    ``weight_decay`` is a float or an array broadcastable to ``p`` (0 where decay is off).
+    """
+    xp = backend.xp()
+    m *= beta1
+    m += (1.0 - beta1) * g
+    v *= beta2
+    v += (1.0 - beta2) * (g * g)
+    bias1 = 1.0 - beta1 ** step
+    bias2 = 1.0 - beta2 ** step
+    update = m / bias1
+    update /= xp.sqrt(v / bias2) + eps
+    update += weight_decay * p
+    update *= lr
+    p -= update
+
+
+def sgd_update(p, g, buf, *, lr: float, momentum: float, weight_decay, step: int) -> None:
+    """SGD with heavy-ball momentum and decoupled weight decay, in place."""
+    if momentum:
+        buf *= momentum
+        buf += g
+        g = buf
+    p -= lr * (g + weight_decay * p)
+
+
+class Optimizer:
+    """Keeps per-parameter state keyed by parameter name, so checkpoints are layout-independent."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+        self.params = list(params)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.step_count = 0
+        self.state = {p.name: {k: backend.xp().zeros_like(p.data) for k in self.state_names}
+                      for p in self.params}
+
+    def step(self, lr: float | None = None) -> None:
+        self.step_count += 1
+        lr = self.lr if lr is None else lr
+        for p in self.params:
+            if p.grad is None:
+                continue
+            wd = self.weight_decay if p.decay else 0.0
+            self._update(p.data, p.grad, self.state[p.name], lr, wd)
+
+    def _update(self, data, grad, state, lr, wd) -> None:
+        raise NotImplementedError
+
+    def state_bytes(self) -> int:
+        return sum(int(a.nbytes) for s in self.state.values() for a in s.values())
+
+
+class AdamW(Optimizer):
+    state_names = ("m", "v")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.01):
+        super().__init__(params, lr, weight_decay)
+        self.betas = betas
+        self.eps = eps
+
+    def _update(self, data, grad, state, lr, wd) -> None:
+        adamw_update(data, grad, state["m"], state["v"], lr=lr, beta1=self.betas[0],
+                     beta2=self.betas[1], eps=self.eps, weight_decay=wd, step=self.step_count)
+
+
+class SGD(Optimizer):
+    state_names = ("momentum",)
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0):
+        super().__init__(params, lr, weight_decay)
+        self.momentum = momentum
+
+    def _update(self, data, grad, state, lr, wd) -> None:
+        sgd_update(data, grad, state["momentum"], lr=lr, momentum=self.momentum,
+                   weight_decay=wd, step=self.step_count)
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float) -> Optimizer:
+    if name == "adamw":
+        return AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"--optimizer must be adamw or sgd, got {name!r}")
+
+
+def local_grad_sq(params, tp_rank: int) -> float:
+    """Sum of squared gradients this rank owns: a tp-replicated tensor counts on tp rank 0 only."""
+    total = 0.0
+    for p in params:
+        if p.grad is None or (p.sharding is None and tp_rank != 0):
+            continue
+        total += float((p.grad * p.grad).sum())
+    return total
+
+
+def clip_coefficient(norm: float, max_norm: float) -> float:
+    """The factor that scales gradients to a global norm of at most ``max_norm``."""
+    if max_norm <= 0 or norm <= max_norm:
+        return 1.0
+    return max_norm / (norm + 1e-6)
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup to ``base_lr`` over ``warmup`` steps, then cosine decay to min_ratio x base.
+
+    ``step`` counts from 0; the first step uses base_lr / warmup (never 0).
+    """
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return base_lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
