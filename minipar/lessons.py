@@ -1,0 +1,283 @@
+"""Lessons are the single source; notebooks are generated from them; lessons launch MPI safely.
+
+A lesson is ``lessons/NN_topic.py`` in jupytext's "percent" format (``# %%`` starts a code
+cell, ``# %% [markdown]`` a text cell). ``notebooks/NN_topic.ipynb`` is generated from it with
+no outputs and is never edited by hand::
+
+    python -m minipar.lessons sync     # regenerate every notebook from its lesson
+    python -m minipar.lessons check    # exit 1, listing each notebook missing or out of sync
+    python -m minipar.lessons run      # execute every notebook (as CI does)
+
+(``--lessons DIR --notebooks DIR`` choose other directories.) The check compares what a reader
+sees, the type and source of each cell, and ignores metadata noise.
+
+A lesson that runs several ranks calls ``mpirun(n, args)``, which launches this interpreter
+under the ``mpirun`` installed next to it and raises with the ranks' output when the job fails.
+A bare ``!mpirun`` in a notebook would use whatever ``mpirun`` is on the PATH and its failure
+would pass silently.
+
+Needs the ``notebooks`` (or ``dev``) extra for sync, check and run; ``mpirun`` needs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LESSONS_DIR = REPO_ROOT / "lessons"
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+LESSON_GLOB = "[0-9][0-9]_*.py"
+SYNC_COMMAND = "python -m minipar.lessons sync"
+
+
+# -- lessons -> notebooks ---------------------------------------------------------------------
+
+def lesson_files(lessons_dir: str | os.PathLike = LESSONS_DIR) -> list[Path]:
+    """The lessons (``NN_topic.py``) in ``lessons_dir``, sorted by name."""
+    return sorted(Path(lessons_dir).glob(LESSON_GLOB))
+
+
+def notebook_for(lesson: str | os.PathLike,
+                 notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR) -> Path:
+    """Where the notebook generated from ``lesson`` lives."""
+    return Path(notebooks_dir) / (Path(lesson).stem + ".ipynb")
+
+
+def to_notebook(lesson: str | os.PathLike):
+    """The notebook of ``lesson``: its cells, no outputs, stable ids and metadata.
+
+    Cell ids are numbered, not random, so that regenerating an unchanged lesson rewrites the
+    same bytes and a diff of a notebook shows only what changed in its lesson.
+    """
+    import jupytext  # noqa: PLC0415 - optional dependency (notebooks extra)
+    import nbformat  # noqa: PLC0415
+
+    lesson = Path(lesson)
+    nb = jupytext.read(lesson, fmt="py:percent")
+    for i, cell in enumerate(nb.cells):
+        cell.id = f"cell-{i:03d}"
+        cell.metadata = {}
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    nb.metadata = nbformat.from_dict({
+        "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+        "language_info": {"name": "python"},
+        "minipar": {"generated_from": f"lessons/{lesson.name}",
+                    "do_not_edit": f"edit the lesson, then run: {SYNC_COMMAND}"},
+    })
+    nb.nbformat, nb.nbformat_minor = 4, 5
+    return nb
+
+
+def _cells(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source) for c in nb.cells]
+
+
+def sync(lessons_dir: str | os.PathLike = LESSONS_DIR,
+         notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR) -> list[Path]:
+    """Regenerate the notebook of every lesson; returns the notebooks whose bytes changed."""
+    import nbformat  # noqa: PLC0415
+
+    Path(notebooks_dir).mkdir(parents=True, exist_ok=True)
+    written = []
+    for lesson in lesson_files(lessons_dir):
+        path = notebook_for(lesson, notebooks_dir)
+        text = nbformat.writes(to_notebook(lesson)) + "\n"
+        if not path.exists() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def check(lessons_dir: str | os.PathLike = LESSONS_DIR,
+          notebooks_dir: str | os.PathLike = NOTEBOOKS_DIR) -> list[str]:
+    """Problems found, one line each (empty when every notebook matches its lesson).
+
+    A problem is a lesson without its notebook, a notebook whose cells (type and source) differ
+    from its lesson's, or a notebook left behind by a lesson that no longer exists.
+    """
+    import nbformat  # noqa: PLC0415
+
+    problems = []
+    lessons = lesson_files(lessons_dir)
+    for lesson in lessons:
+        path = notebook_for(lesson, notebooks_dir)
+        if not path.exists():
+            problems.append(f"{path}: missing (generated from {lesson})")
+            continue
+        try:
+            stored = nbformat.read(path, as_version=4)
+        except Exception as exc:  # any unreadable notebook is out of sync, say why
+            problems.append(f"{path}: unreadable ({exc.__class__.__name__}: {exc})")
+            continue
+        want, have = _cells(to_notebook(lesson)), _cells(stored)
+        if want != have:
+            first = next((i for i, (w, h) in enumerate(zip(want, have)) if w != h),
+                         min(len(want), len(have)))
+            problems.append(f"{path}: out of sync with {lesson} (first difference at cell "
+                            f"{first}; lesson has {len(want)} cells, notebook {len(have)})")
+    stems = {lesson.stem for lesson in lessons}
+    for path in sorted(Path(notebooks_dir).glob("*.ipynb")):
+        if path.stem not in stems:
+            problems.append(f"{path}: no lesson {Path(lessons_dir) / (path.stem + '.py')}")
+    return problems
+
+
+def execute_notebook(path: str | os.PathLike, *, cwd: str | os.PathLike = REPO_ROOT,
+                     timeout: int = 300):
+    """Run every cell of a notebook in a fresh kernel of this interpreter; returns the result.
+
+    The kernel is launched from ``sys.executable`` directly, not from an installed kernelspec,
+    so a fresh virtual environment needs no ``ipykernel install`` step and a user's own
+    ``python3`` kernelspec cannot pick another interpreter. Plots go to the Agg backend.
+    ``timeout`` bounds each cell in seconds. Raises ``nbclient``'s ``CellExecutionError``
+    (with the failing cell and its traceback) if a cell fails.
+    """
+    import nbformat  # noqa: PLC0415
+    from jupyter_client import KernelManager  # noqa: PLC0415
+    from jupyter_client.kernelspec import KernelSpec  # noqa: PLC0415
+    from nbclient import NotebookClient  # noqa: PLC0415
+
+    class VenvKernelManager(KernelManager):
+        @property
+        def kernel_spec(self) -> KernelSpec:
+            return KernelSpec(
+                argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                display_name="Python 3 (minipar)", language="python",
+                env={"MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"})
+
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            kernel_manager_class=VenvKernelManager,
+                            resources={"metadata": {"path": str(cwd)}})
+    return client.execute()
+
+
+# -- MPI from a lesson --------------------------------------------------------------------------
+
+class MPIRunError(RuntimeError):
+    """An ``mpirun`` job failed or timed out; the message holds the command and its output."""
+
+
+def find_mpirun() -> str:
+    """The ``mpirun`` next to this interpreter (the ``mpich`` wheel's), else the one on PATH."""
+    here = Path(sys.executable).parent / "mpirun"  # not resolved: a venv's python is a symlink
+    if here.exists():
+        return str(here)
+    import shutil  # noqa: PLC0415
+
+    found = shutil.which("mpirun")
+    if found is None:
+        raise MPIRunError(f"no mpirun next to {sys.executable} nor on PATH: "
+                          "pip install mpich (or load your cluster's MPI module)")
+    return found
+
+
+def mpirun(n: int, args: list[str], *, timeout: float = 300, stream: bool = True,
+           env: dict[str, str] | None = None, cwd: str | os.PathLike | None = None) -> str:
+    """Run ``mpirun -n n python ARGS`` with this interpreter; returns the ranks' output.
+
+    ``args`` follow the interpreter, e.g. ``mpirun(4, ["-m", "minipar.train", "--steps", "20"])``.
+    Each rank gets one BLAS/OpenMP thread (``n`` ranks share the cores; more threads per rank
+    slow every rank down); ``env`` adds or overrides variables. With ``stream`` the output is
+    printed line by line as it arrives. A non-zero exit or a run past ``timeout`` seconds kills
+    the whole job and raises ``MPIRunError`` with the output.
+    """
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"n must be a positive number of ranks, got {n!r}")
+    cmd = [find_mpirun(), "-n", str(n), sys.executable, *map(str, args)]
+    run_env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                   MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    run_env.update(env or {})
+    # Own session: on timeout we can end mpirun and every rank it started, and nothing else.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=run_env, cwd=cwd, start_new_session=True)
+    lines: list[str] = []
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if stream:
+                print(line, end="", flush=True)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        reader.join(5)
+        raise MPIRunError(_failure(cmd, f"timed out after {timeout} s", lines)) from None
+    except BaseException:  # KeyboardInterrupt in a notebook: do not leave ranks running
+        _kill_group(proc)
+        raise
+    reader.join()
+    if code != 0:
+        raise MPIRunError(_failure(cmd, f"exited with code {code}", lines))
+    return "".join(lines)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 3)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _failure(cmd: list[str], what: str, lines: list[str], tail: int = 60) -> str:
+    shown = "".join(lines[-tail:]) or "(no output)\n"
+    return f"{' '.join(cmd)} {what}; last output:\n{shown}"
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minipar.lessons", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("sync", "check", "run"))
+    parser.add_argument("--lessons", default=str(LESSONS_DIR), help="lessons directory")
+    parser.add_argument("--notebooks", default=str(NOTEBOOKS_DIR), help="notebooks directory")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per cell (run)")
+    opts = parser.parse_args(argv)
+    if not lesson_files(opts.lessons):  # a wrong directory must not look like success
+        print(f"no lessons ({LESSON_GLOB}) in {opts.lessons}", file=sys.stderr)
+        return 1
+    if opts.command == "sync":
+        for path in sync(opts.lessons, opts.notebooks):
+            print(f"wrote {path}")
+        return 0
+    if opts.command == "check":
+        problems = check(opts.lessons, opts.notebooks)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            print(f"fix: {SYNC_COMMAND}", file=sys.stderr)
+            return 1
+        print(f"{len(lesson_files(opts.lessons))} notebooks in sync with their lessons")
+        return 0
+    failed = 0
+    for lesson in lesson_files(opts.lessons):
+        path = notebook_for(lesson, opts.notebooks)
+        try:
+            execute_notebook(path, timeout=opts.timeout)
+            print(f"ok      {path}")
+        except Exception as exc:  # report every notebook, then fail
+            failed += 1
+            print(f"FAILED  {path}: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
