@@ -189,7 +189,8 @@ class DigitTask:
 
     def in_eval_split(self, codes: np.ndarray) -> np.ndarray:
         """Whether each problem code belongs to the held-out split (bool, same shape)."""
-        return splitmix64(np.asarray(codes).astype(np.uint64) ^ self._salt) % np.uint64(HOLDOUT_MOD) == 0
+        h = splitmix64(np.asarray(codes).astype(np.uint64) ^ self._salt)
+        return h % np.uint64(HOLDOUT_MOD) == 0
 
     def _train_codes(self, rng: np.random.Generator, size: int) -> np.ndarray:
         codes = rng.integers(0, self.n_problems, size=size, dtype=np.int64)
