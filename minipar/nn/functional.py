@@ -41,13 +41,24 @@ def linear_fwd(x, w, b=None):
 
 def linear_bwd(dy, cache):
     """Returns dx (..., in), dw (in, out), db (out,) or None."""
-    x, w, has_bias = cache
-    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-    x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    dx = (dy2 @ w.T).reshape(x.shape)  # (..., in)
-    dw = x2.T @ dy2  # (in, out)
-    db = dy2.sum(axis=0) if has_bias else None  # (out,)
+    dx = linear_bwd_input(dy, cache)
+    dw, db = linear_bwd_weight(dy, cache)
     return dx, dw, db
+
+
+def linear_bwd_input(dy, cache):
+    """The input-gradient half, dx = dy W^T (zero-bubble pipelines run it first)."""
+    x, w, _ = cache
+    return (dy.reshape(-1, dy.shape[-1]) @ w.T).reshape(x.shape)  # (..., in)
+
+
+def linear_bwd_weight(dy, cache):
+    """The weight-gradient half, dW = x^T dy and db (may run later, off the critical path)."""
+    x, _, has_bias = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
+    dw = x.reshape(-1, x.shape[-1]).T @ dy2  # (in, out)
+    db = dy2.sum(axis=0) if has_bias else None  # (out,)
+    return dw, db
 
 
 # ---------------------------------------------------------------------------------------------

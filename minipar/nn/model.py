@@ -17,7 +17,7 @@ from minipar.nn import functional as F
 from minipar.nn.block import INIT_STD, Block
 from minipar.nn.layers import BuildContext, LayerNorm, Module, make_param
 from minipar.parallel.tensor import (
-    SEQ_AXIS, VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead,
+    SEQ_AXIS, VocabParallelCrossEntropy, WeightGradMixin, VocabParallelEmbedding, VocabParallelHead,
     vocab_parallel_argmax,
 )
 
@@ -86,12 +86,17 @@ class Head(Module):
         dlogits = self.loss.backward(dloss, mb)
         return self.ln_f.backward(self.proj.backward(dlogits, mb), mb)
 
-    def predict(self, h):
-        """Greedy token predictions (B, T) with no caches kept (evaluation)."""
-        logits = self.logits(h, mb="_predict")
-        self.ln_f.pop("_predict")
-        self.proj.pop("_predict")
-        return vocab_parallel_argmax(logits, self.tp, self.vocab)
+    def evaluate(self, h, targets=None):
+        """Greedy predictions (B, T) and, given targets, the summed loss; keeps no caches."""
+        logits = self.logits(h, mb="_eval")
+        self.ln_f.pop("_eval")
+        self.proj.pop("_eval")
+        preds = vocab_parallel_argmax(logits, self.tp, self.vocab)
+        nll = 0.0
+        if targets is not None:
+            nll = float(self.loss.forward(logits, targets, normalizer=1.0, mb="_eval"))
+            self.loss.pop("_eval")
+        return preds, nll
 
 
 class Hooks:
@@ -148,27 +153,59 @@ class GPTChunk(Module):
             self.hooks.post_forward(unit, mb)
         return h
 
-    def backward(self, dy=None, mb=0):
-        """Gradient of the loss w.r.t. this chunk's input (None for the first chunk)."""
+    def backward(self, dy=None, mb=0, defer_weight_grads: bool = False):
+        """Gradient of the loss w.r.t. this chunk's input (None for the first chunk).
+
+        With ``defer_weight_grads`` the weight GEMMs wait for ``backward_weights(mb)``: the
+        B/W split of zero-bubble schedules (LayerNorm and bias gradients are cheap and are
+        computed at once).
+        """
         g = 1.0 if self.head is not None else dy
-        for unit in reversed(self.units):
-            self.hooks.pre_backward(unit, mb)
-            g = unit.backward(g, mb)
-            self.hooks.post_backward(unit, mb)
+        for layer in self._weight_layers():
+            layer.defer = defer_weight_grads
+        try:
+            for unit in reversed(self.units):
+                self.hooks.pre_backward(unit, mb)
+                g = unit.backward(g, mb)
+                self.hooks.post_backward(unit, mb)
+        finally:
+            for layer in self._weight_layers():
+                layer.defer = False
         return g
 
+    def backward_weights(self, mb=0) -> None:
+        """The deferred weight-gradient pass of microbatch ``mb`` (zero-bubble "W")."""
+        for layer in self._weight_layers():
+            layer.flush(mb)
+
+    def _weight_layers(self) -> list:
+        return [m for m in _walk(self) if isinstance(m, WeightGradMixin)]
+
     def predict(self, x):
-        """Greedy predictions (last chunk) or activations, keeping no caches: for evaluation."""
+        """This chunk's output activations with no caches kept (evaluation, not the last chunk)."""
         h = x
         for unit in self.units:
-            self.hooks.pre_forward(unit, "_eval")
             if unit is self.head:
-                h = unit.predict(h)
-            else:
-                h = unit.forward(h, "_eval")
-                _drop_caches(unit, "_eval")
+                break
+            self.hooks.pre_forward(unit, "_eval")
+            h = unit.forward(h, "_eval")
+            _drop_caches(unit, "_eval")
             self.hooks.post_forward(unit, "_eval")
         return h
+
+    def evaluate(self, x, targets=None):
+        """The last chunk's greedy predictions and summed loss (see ``Head.evaluate``)."""
+        h = self.predict(x)
+        self.hooks.pre_forward(self.head, "_eval")
+        out = self.head.evaluate(h, targets)
+        self.hooks.post_forward(self.head, "_eval")
+        return out
+
+
+def _walk(module: Module):
+    yield module
+    for child in module.children():
+        yield from _walk(child)
 
 
 def _drop_caches(module: Module, mb) -> None:

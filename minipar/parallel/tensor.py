@@ -93,7 +93,30 @@ def padded_vocab(vocab: int, tp_size: int) -> int:
 # Linear layers.
 
 
-class ColumnParallelLinear(Module):
+class WeightGradMixin:
+    """Lets a layer postpone its weight-gradient GEMM (the "W" pass of zero-bubble pipelines,
+    Qi et al. 2023): with ``defer`` set, backward computes only dx and keeps (dy, cache) until
+    ``flush(mb)`` computes dW."""
+
+    defer = False
+
+    def _weight_grads(self, dy, cache, mb) -> None:
+        if self.defer:
+            self.__dict__.setdefault("_pending", {})[mb] = (dy, cache)
+        else:
+            self._apply_weight_grads(*F.linear_bwd_weight(dy, cache))
+
+    def flush(self, mb) -> None:
+        pending = self.__dict__.get("_pending", {})
+        if mb in pending:
+            dy, cache = pending.pop(mb)
+            self._apply_weight_grads(*F.linear_bwd_weight(dy, cache))
+
+    def pending_bytes(self) -> int:
+        return sum(int(dy.nbytes) for dy, _ in self.__dict__.get("_pending", {}).values())
+
+
+class ColumnParallelLinear(WeightGradMixin, Module):
     """y[:, cols of this rank] = f(x) W[:, cols] + b[cols]. Output stays split over tp.
 
     ``split_view`` cuts a fused weight block-wise (the [Q|K|V] projection: each rank takes the
@@ -122,14 +145,18 @@ class ColumnParallelLinear(Module):
         return y  # (B, T, out / tp)
 
     def backward(self, dy, mb=0):
-        dx, dw, db = F.linear_bwd(dy, self.pop(mb))
+        cache = self.pop(mb)
+        dx = F.linear_bwd_input(dy, cache)
+        self._weight_grads(dy, cache, mb)
+        return self.enter[1](dx, self.tp)
+
+    def _apply_weight_grads(self, dw, db) -> None:
         self.w.accumulate(dw)
         if self.b is not None:
             self.b.accumulate(db)
-        return self.enter[1](dx, self.tp)
 
 
-class RowParallelLinear(Module):
+class RowParallelLinear(WeightGradMixin, Module):
     """y = g(x[:, rows of this rank] W[rows, :]) + b. Input arrives split over tp."""
 
     def __init__(self, ctx, name: str, d_in: int, d_out: int, std: float):
@@ -154,9 +181,13 @@ class RowParallelLinear(Module):
     def backward(self, dy, mb=0):
         self.b.accumulate(dy.sum(axis=tuple(range(dy.ndim - 1))))
         dy_full = self.exit[1](dy, self.tp)  # (B, T, C)
-        dx, dw, _ = F.linear_bwd(dy_full, self.pop(mb))
-        self.w.accumulate(dw)
+        cache = self.pop(mb)
+        dx = F.linear_bwd_input(dy_full, cache)
+        self._weight_grads(dy_full, cache, mb)
         return dx  # (B, T, in / tp)
+
+    def _apply_weight_grads(self, dw, db) -> None:
+        self.w.accumulate(dw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,7 +226,7 @@ class VocabParallelEmbedding(Module):
         return None
 
 
-class VocabParallelHead(Module):
+class VocabParallelHead(WeightGradMixin, Module):
     """Logits over this rank's slice of the vocabulary: a column-parallel linear with no bias.
 
     With weight tying the head reuses the embedding's (V/tp, C) rows, transposed.
@@ -223,12 +254,16 @@ class VocabParallelHead(Module):
         return logits
 
     def backward(self, dlogits, mb=0):
-        dx, dw, _ = F.linear_bwd(dlogits, self.pop(mb))
+        cache = self.pop(mb)
+        dx = F.linear_bwd_input(dlogits, cache)
+        self._weight_grads(dlogits, cache, mb)
+        return self.enter[1](dx, self.tp)
+
+    def _apply_weight_grads(self, dw, db) -> None:
         if self.tied is not None:
             self.tied.accumulate(dw.T.copy())
         else:
             self.w.accumulate(dw)
-        return self.enter[1](dx, self.tp)
 
     def params(self) -> list[Param]:
         return [] if self.tied is not None else [self.w]

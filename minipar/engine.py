@@ -1,0 +1,191 @@
+"""The training engine: one code path for every layout.
+
+``Engine`` builds this rank's model chunks from the layout-independent initialisation, wraps the
+parameters in the data-parallel strategy (plain or ZeRO), and runs each step as a pipeline
+program through the executor. A serial run is the same engine on a 1 x 1 x 1 mesh: a 1-stage
+program, a tp group of one, a dp group of one, and every collective a no-op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy
+
+from minipar import backend
+from minipar.config import ConfigError, ModelConfig, ParallelConfig
+from minipar.nn.layers import BuildContext
+from minipar.nn.model import build_chunks
+from minipar.nn.optim import clip_coefficient
+from minipar.parallel.pipeline import PipelineExecutor, StepData
+from minipar.parallel.schedules import chunk_location, make_schedule
+
+
+@dataclass
+class StepResult:
+    loss: float  # the global-batch mean loss, identical on every rank
+    grad_norm: float  # global gradient norm before clipping
+    clip: float  # the factor gradients were scaled by (1.0 when not clipped)
+
+
+def make_data_parallel(zero: int):
+    """The data-parallel strategy class for a ZeRO stage (0 = plain allreduce)."""
+    from minipar.parallel import data
+
+    if zero == 0:
+        return data.DataParallel
+    zero_classes = getattr(data, "ZERO_STAGES", {})
+    if zero not in zero_classes:
+        raise ConfigError(f"--zero {zero} is not available in this build")
+    return zero_classes[zero]
+
+
+class Engine:
+    """This rank's part of a dp x pp x tp training job."""
+
+    def __init__(self, model: ModelConfig, par: ParallelConfig, mesh, *, seed: int = 0,
+                 dtype: str = "float32", optimizer: str = "adamw", lr: float = 1e-3,
+                 weight_decay: float = 0.0, grad_clip: float = 1.0, tracer=None):
+        model.validate()
+        par.validate(model, world_size=mesh.world.size)
+        self.model_cfg, self.par, self.mesh = model, par, mesh
+        self.dtype = dtype
+        self.grad_clip = grad_clip
+        self.tracer = tracer
+        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
+        self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
+        self.params = [p for c in self.chunks for p in c.params()]
+        dp_class = make_data_parallel(par.zero)
+        kwargs = {"bucket_mb": par.bucket_mb} if par.bucket_mb else {}
+        self.dp = dp_class(self.params, mesh, optimizer=optimizer, lr=lr,
+                           weight_decay=weight_decay, **kwargs)
+        self.dp.install_hooks(self.chunks)
+        self.program = make_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
+        self.step_count = 0
+        self._lr = lr
+
+    # -- training -------------------------------------------------------------------------------
+
+    def act_shape(self, rows: int) -> tuple:
+        """Shape of what crosses a pipeline boundary: (B_mb, T or T/tp, C)."""
+        t = self.model_cfg.seq_len
+        if self.par.sequence_parallel:
+            t //= self.mesh.tp.size
+        return (rows, t, self.model_cfg.d_model)
+
+    def train_step(self, inputs, targets, normalizer: float, lr: float | None = None
+                   ) -> StepResult:
+        """One optimizer step on this dp rank's rows of the global batch.
+
+        ``normalizer`` is the number of scored tokens in the whole global batch, so that the
+        sum over ranks and microbatches equals the serial mean loss.
+        """
+        m = self.par.microbatches
+        if len(inputs) % m:
+            raise ConfigError(f"this rank's {len(inputs)} rows are not divisible by "
+                              f"--microbatches {m}")
+        rows = len(inputs) // m
+        xin = backend.from_host(numpy.ascontiguousarray(inputs))
+        xtg = backend.from_host(numpy.ascontiguousarray(targets))
+        data = StepData([xin[i * rows:(i + 1) * rows] for i in range(m)],
+                        [xtg[i * rows:(i + 1) * rows] for i in range(m)], float(normalizer))
+        lr = self._lr if lr is None else lr
+        result: dict = {}
+
+        def on_sync(loss_local: float) -> None:
+            self.dp.sync_grads()
+            owns_loss = self.mesh.is_last_stage and self.mesh.tp_rank == 0
+            metrics = numpy.array([loss_local if owns_loss else 0.0, self.dp.grad_sq()])
+            metrics = backend.to_host(self.mesh.world.allreduce(backend.from_host(metrics)))
+            norm = float(numpy.sqrt(metrics[1]))
+            result.update(loss=float(metrics[0]), grad_norm=norm,
+                          clip=clip_coefficient(norm, self.grad_clip))
+
+        def on_step() -> None:
+            if not numpy.isfinite(result["loss"]) or not numpy.isfinite(result["grad_norm"]):
+                raise FloatingPointError(
+                    f"non-finite loss ({result['loss']}) or gradient norm "
+                    f"({result['grad_norm']}) at step {self.step_count + 1}")
+            self.dp.step(lr, result["clip"])
+
+        self.dp.zero_grad()
+        executor = PipelineExecutor(self.program, self.chunks, self.mesh, self.act_shape(rows),
+                                    self.dtype, on_sync, on_step, self.tracer)
+        executor.run(data)
+        self.step_count += 1
+        return StepResult(result["loss"], result["grad_norm"], result["clip"])
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    def forward_only(self, inputs, targets=None):
+        """Run the whole model forward on this replica's rows, passing activations stage to
+        stage. Returns (predictions (B, T), nll_sum) on the rank holding the head, else None."""
+        pp, p = self.mesh.pp, self.par.pp
+        n_chunks = p * self.par.virtual_stages
+        h = backend.from_host(numpy.ascontiguousarray(inputs))
+        tg = None if targets is None else backend.from_host(numpy.ascontiguousarray(targets))
+        shape = self.act_shape(len(inputs))
+        out = None
+        for g in range(n_chunks):
+            stage, local = chunk_location(g, p)
+            if stage != self.mesh.pp_rank:
+                continue
+            if g > 0 and chunk_location(g - 1, p)[0] != stage:
+                h = pp.recv(shape, self.dtype, chunk_location(g - 1, p)[0], tag=3)
+            if g == n_chunks - 1:
+                out = self.chunks[local].evaluate(h, tg)
+            else:
+                h = self.chunks[local].predict(h)
+                nxt = chunk_location(g + 1, p)[0]
+                if nxt != stage:
+                    pp.isend(h, nxt, tag=3).wait()
+        return out
+
+    def evaluate(self, batches) -> dict:
+        """Exact match and mean loss over held-out batches (global rows, split over dp)."""
+        totals = numpy.zeros(4)  # correct rows, rows, nll sum, scored tokens
+        dp, r = self.mesh.dp.size, self.mesh.dp_rank
+        for inputs, targets in batches:
+            lo = len(inputs) * r // dp
+            hi = len(inputs) * (r + 1) // dp
+            if hi == lo:
+                continue
+            out = self.forward_only(inputs[lo:hi], targets[lo:hi])
+            if out is not None and self.mesh.tp_rank == 0:
+                preds, nll = out
+                preds = backend.to_host(preds)
+                tg = numpy.asarray(targets[lo:hi])
+                ok = ((preds == tg) | (tg < 0)).all(axis=1)
+                totals += [ok.sum(), len(ok), float(nll), (tg >= 0).sum()]
+        totals = backend.to_host(self.mesh.world.allreduce(backend.from_host(totals)))
+        mean_nll = totals[2] / max(totals[3], 1)
+        return {"exact_match": totals[0] / max(totals[1], 1), "loss": mean_nll,
+                "perplexity": float(numpy.exp(min(mean_nll, 50.0)))}
+
+    # -- inspection -----------------------------------------------------------------------------
+
+    def full_params(self, grads: bool = False) -> dict:
+        """Every full (unsharded) parameter or gradient by name, on every rank (collective).
+
+        Used by tests (parallel == serial) and checkpoints: the result does not depend on the
+        layout. Gathers over tp (shards) and then over the world (pipeline stages).
+        """
+        self.dp.materialize()
+        local = {}
+        tp = self.mesh.tp
+        for p in self.params:
+            arr = backend.to_host(p.grad if grads else p.data)
+            if p.sharding is not None:
+                pieces = tp.allgather_obj(arr)
+                arr = p.sharding.full(pieces, p.full_shape)
+            local[p.name] = arr
+        merged = {}
+        for part in self.mesh.world.allgather_obj(local if self.mesh.dp_rank == 0 else {}):
+            merged.update(part)
+        self.dp.release()
+        return merged
+
+    def memory(self) -> dict:
+        mem = dict(self.dp.memory())
+        mem["activations_peak"] = getattr(self, "peak_activation_bytes", 0)
+        return mem

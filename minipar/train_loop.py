@@ -1,0 +1,135 @@
+"""The training loop behind ``python -m minipar.train``: banner, steps, evaluation, summary.
+
+Kept apart from the argument parsing so that tests, lessons and notebooks can drive a run with a
+thread world (``run_threads``) as easily as the CLI drives one under ``mpirun``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from minipar import backend
+from minipar.nn.model import count_params
+from minipar.nn.optim import lr_at
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def batch_for_rank(task, step: int, batch_size: int, mesh):
+    """This dp rank's rows of the global batch of ``step`` and the global scored-token count."""
+    inputs, targets = task.dp_rows(step, batch_size, mesh.dp_rank, mesh.dp_size)
+    if task.metric == "perplexity":  # every position is scored
+        normalizer = batch_size * targets.shape[1]
+    else:  # synthetic rows all score the same number of answer tokens
+        normalizer = task.n_scored(targets) * mesh.dp_size
+    return inputs, targets, normalizer
+
+
+def merge_stats(total: dict, step_stats: dict) -> None:
+    """Add one step's per-group, per-op CommStats into the run's totals."""
+    for group, ops in step_stats.items():
+        for op, s in ops.items():
+            t = total.setdefault(group, {}).setdefault(
+                op, {"calls": 0, "bytes": 0, "wire_bytes": 0, "seconds": 0.0})
+            for k in t:
+                t[k] += s.get(k, 0)
+
+
+def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=sys.stdout):
+    """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere)."""
+    from minipar.dist.mesh import Mesh
+    from minipar.engine import Engine
+
+    mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
+    rank0 = world.rank == 0
+    engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
+                    lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    n_params = count_params(cfg)
+    mem = engine.memory()
+    if rank0:
+        print(f"minipar | {mesh.describe().rsplit(' rank', 1)[0]} on {world.size} rank(s)"
+              f"{' (' + note + ')' if note and world.size > 1 else ''} | backend "
+              f"{backend.name()} | {blas_threads or '?'} BLAS thread(s) per rank", file=out)
+        print(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+              f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {n_params:,} parameters "
+              f"({args.dtype})", file=out)
+        print(f"memory  | rank 0 holds params {_fmt_bytes(mem['params'])}, grads "
+              f"{_fmt_bytes(mem['grads'])}, optimizer {_fmt_bytes(mem['optimizer'])}", file=out)
+        print(f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, "
+              f"lr {args.lr}, schedule {par.schedule} x {par.microbatches} microbatches"
+              if par.pp > 1 else
+              f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, lr {args.lr}",
+              file=out, flush=True)
+
+    bar = None
+    if rank0 and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=args.steps, unit="step", file=sys.stderr, dynamic_ncols=True,
+                   mininterval=0.5)
+    losses, evals, comm_total = [], [], {}
+    tokens = 0
+    t_start = time.perf_counter()
+    t_train = 0.0
+    for step in range(args.steps):
+        inputs, targets, normalizer = batch_for_rank(task, step, args.batch_size, mesh)
+        lr = lr_at(step, args.lr, args.warmup, args.steps)
+        mesh.reset_stats()
+        t0 = time.perf_counter()
+        result = engine.train_step(inputs, targets, normalizer, lr)
+        t_train += time.perf_counter() - t0
+        merge_stats(comm_total, mesh.stats())
+        losses.append(result.loss)
+        tokens += args.batch_size * cfg.seq_len
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
+        last = step == args.steps - 1
+        if (step + 1) % args.eval_every == 0 or last:
+            metrics = engine.evaluate(task.eval_batches(args.batch_size))
+            evals.append({"step": step + 1, **metrics})
+            if rank0:
+                msg = (f"eval step {step + 1}: exact match {metrics['exact_match']:.3f}"
+                       if task.metric == "exact_match" else
+                       f"eval step {step + 1}: perplexity {metrics['perplexity']:.3f}")
+                (bar.write(msg) if bar is not None else print(msg, file=out, flush=True))
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - t_start
+    if not rank0:
+        return None
+    final = evals[-1]
+    summary = {
+        "layout": {"dp": par.dp, "tp": par.tp, "pp": par.pp, "world": world.size,
+                   "zero": par.zero, "sequence_parallel": par.sequence_parallel,
+                   "schedule": par.schedule, "microbatches": par.microbatches,
+                   "virtual_stages": par.virtual_stages},
+        "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
+                  "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
+        "task": task.name, "steps": args.steps, "batch_size": args.batch_size,
+        "dtype": args.dtype, "params": n_params, "losses": losses,
+        "final_loss": losses[-1], "evals": evals,
+        "tokens_per_s": tokens / t_train if t_train else 0.0, "wall_s": wall,
+        "comm": comm_total, "memory": engine.memory(),
+    }
+    if task.metric == "exact_match":
+        summary["eval_accuracy"] = final["exact_match"]
+    else:
+        summary["eval_perplexity"] = final["perplexity"]
+    acc = (f"held-out exact match {final['exact_match']:.3f}" if task.metric == "exact_match"
+           else f"held-out perplexity {final['perplexity']:.3f}")
+    print(f"done    | {args.steps} steps in {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s,"
+          f" final loss {losses[-1]:.4f}, {acc}", file=out, flush=True)
+    moved = sum(s["bytes"] for ops in comm_total.values() for s in ops.values())
+    if moved:
+        print(f"comm    | {_fmt_bytes(moved)} moved by rank 0 over the run "
+              f"({', '.join(g for g in comm_total)})", file=out, flush=True)
+    return summary
+
