@@ -1,0 +1,199 @@
+"""Every kernel's hand-written backward equals central differences (float64), over drawn shapes."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minipar.nn import functional as F
+
+SETTINGS = settings(max_examples=15, deadline=None)
+
+
+def numeric_grad(fn, x, eps=1e-6):
+    """Central differences of the scalar fn() w.r.t. every entry of x (x modified in place)."""
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = fn()
+        flat[i] = old - eps
+        down = fn()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * eps)
+    return g
+
+
+def rel_err(a, b):
+    """Norm-wise relative error; the 1e-8 floor is the rounding noise of central differences
+    (1e-16 x |loss| / eps per entry), which only matters for a gradient that is itself ~0."""
+    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-8)
+
+
+def check(analytic, fn, x):
+    num = numeric_grad(fn, x)
+    assert rel_err(analytic, num) < 1e-6, (rel_err(analytic, num), analytic, num)
+
+
+dims = st.integers(1, 4)
+
+
+@SETTINGS
+@given(b=dims, t=dims, cin=dims, cout=dims, seed=st.integers(0, 2**16))
+def test_linear(b, t, cin, cout, seed):
+    rng = np.random.default_rng(seed)
+    x, w, bias = rng.normal(size=(b, t, cin)), rng.normal(size=(cin, cout)), rng.normal(size=cout)
+    r = rng.normal(size=(b, t, cout))
+    loss = lambda: float((F.linear_fwd(x, w, bias)[0] * r).sum())  # noqa: E731
+    y, cache = F.linear_fwd(x, w, bias)
+    np.testing.assert_allclose(y, x @ w + bias)
+    dx, dw, db = F.linear_bwd(r, cache)
+    check(dx, loss, x)
+    check(dw, loss, w)
+    check(db, loss, bias)
+
+
+@SETTINGS
+@given(b=dims, t=dims, c=st.integers(3, 6), seed=st.integers(0, 2**16))
+def test_layernorm(b, t, c, seed):
+    rng = np.random.default_rng(seed)
+    x, g, beta = rng.normal(size=(b, t, c)), rng.normal(size=c), rng.normal(size=c)
+    r = rng.normal(size=(b, t, c))
+    loss = lambda: float((F.layernorm_fwd(x, g, beta)[0] * r).sum())  # noqa: E731
+    y, cache = F.layernorm_fwd(x, g, beta)
+    xhat = (y - beta) / g
+    np.testing.assert_allclose(xhat.mean(-1), 0, atol=1e-9)
+    dx, dg, db = F.layernorm_bwd(r, cache)
+    check(dx, loss, x)
+    check(dg, loss, g)
+    check(db, loss, beta)
+
+
+@SETTINGS
+@given(shape=st.lists(dims, min_size=1, max_size=3), seed=st.integers(0, 2**16))
+def test_gelu(shape, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape) * 2
+    r = rng.normal(size=shape)
+    loss = lambda: float((F.gelu_fwd(x)[0] * r).sum())  # noqa: E731
+    y, cache = F.gelu_fwd(x)
+    ref = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(y, ref, rtol=1e-12)
+    check(F.gelu_bwd(r, cache), loss, x)
+
+
+@SETTINGS
+@given(b=dims, h=dims, t=dims, d=dims, seed=st.integers(0, 2**16))
+def test_attention(b, h, t, d, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.normal(size=(b, h, t, d)) for _ in range(3))
+    r = rng.normal(size=(b, h, t, d))
+    loss = lambda: float((F.attention_fwd(q, k, v)[0] * r).sum())  # noqa: E731
+    y, cache = F.attention_fwd(q, k, v)
+    # reference: explicit causal softmax, row by row
+    s = q @ k.swapaxes(-1, -2) / np.sqrt(d)
+    s = np.where(np.triu(np.ones((t, t), bool), 1), -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(y, p @ v, rtol=1e-10, atol=1e-12)
+    dq, dk, dv = F.attention_bwd(r, cache)
+    check(dq, loss, q)
+    check(dk, loss, k)
+    check(dv, loss, v)
+
+
+def test_attention_is_causal():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(1, 2, 5, 3)) for _ in range(3))
+    y1, _ = F.attention_fwd(q, k, v)
+    k2, v2 = k.copy(), v.copy()
+    k2[:, :, 3:], v2[:, :, 3:] = 9.0, -9.0  # changing the future must not change the past
+    y2, _ = F.attention_fwd(q, k2, v2)
+    np.testing.assert_allclose(y1[:, :, :3], y2[:, :, :3])
+
+
+@SETTINGS
+@given(b=dims, t=dims, heads=st.integers(1, 3), d=dims, seed=st.integers(0, 2**16))
+def test_mha_fused_qkv(b, t, heads, d, seed):
+    rng = np.random.default_rng(seed)
+    qkv = rng.normal(size=(b, t, 3 * heads * d))
+    r = rng.normal(size=(b, t, heads * d))
+    loss = lambda: float((F.mha_fwd(qkv, heads)[0] * r).sum())  # noqa: E731
+    _, cache = F.mha_fwd(qkv, heads)
+    check(F.mha_bwd(r, cache), loss, qkv)
+
+
+@SETTINGS
+@given(n=st.integers(1, 6), v=st.integers(2, 7), seed=st.integers(0, 2**16))
+def test_cross_entropy(n, v, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, v)) * 3
+    targets = rng.integers(0, v, n)
+    targets[rng.random(n) < 0.3] = -100
+    loss = lambda: float(F.cross_entropy_fwd(logits, targets)[0])  # noqa: E731
+    value, cache = F.cross_entropy_fwd(logits, targets)
+    valid = targets != -100
+    if valid.any():
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        expect = -logp[np.arange(n), np.where(valid, targets, 0)][valid].mean()
+        assert value == pytest.approx(expect, rel=1e-12)
+    check(F.cross_entropy_bwd(1.0, cache), loss, logits)
+
+
+def test_cross_entropy_large_logits_are_stable():
+    logits = np.array([[1000.0, 0.0, -1000.0]])
+    value, cache = F.cross_entropy_fwd(logits, np.array([0]))
+    assert np.isfinite(value) and value == pytest.approx(0.0, abs=1e-12)
+    assert np.isfinite(F.cross_entropy_bwd(1.0, cache)).all()
+
+
+@SETTINGS
+@given(b=dims, t=dims, vocab=st.integers(2, 6), c=dims, seed=st.integers(0, 2**16))
+def test_embedding(b, t, vocab, c, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, (b, t))
+    w = rng.normal(size=(vocab, c))
+    r = rng.normal(size=(b, t, c))
+    loss = lambda: float((F.embedding_fwd(ids, w)[0] * r).sum())  # noqa: E731
+    y, cache = F.embedding_fwd(ids, w)
+    np.testing.assert_array_equal(y, w[ids])
+    check(F.embedding_bwd(r, cache), loss, w)
+
+
+def test_embedding_valid_mask_gives_zero_rows():
+    w = np.arange(6.0).reshape(3, 2)
+    ids = np.array([[0, 5, 2]])
+    y, cache = F.embedding_fwd(ids, w, valid=ids < 3)
+    np.testing.assert_array_equal(y[0, 1], 0.0)
+    dw = F.embedding_bwd(np.ones_like(y), cache)
+    np.testing.assert_array_equal(dw, [[1, 1], [0, 0], [1, 1]])
+
+
+def test_positions_and_residual():
+    pe = F.sinusoidal_positions(7, 6)
+    assert pe.shape == (7, 6)
+    np.testing.assert_allclose(pe[0, 0::2], 0.0)
+    np.testing.assert_allclose(pe[0, 1::2], 1.0)
+    rng = np.random.default_rng(1)
+    x, pos, r = rng.normal(size=(2, 7, 6)), rng.normal(size=(7, 6)), rng.normal(size=(2, 7, 6))
+    dx, dpos = F.add_positions_bwd(r)
+    check(dpos, lambda: float((F.add_positions_fwd(x, pos)[0] * r).sum()), pos)
+    da, db = F.residual_bwd(r)
+    np.testing.assert_array_equal(da, r)
+    np.testing.assert_array_equal(db, r)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_kernels_keep_dtype(dtype):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 6)).astype(dtype)
+    w = rng.normal(size=(6, 6)).astype(dtype)
+    g, b = np.ones(6, dtype), np.zeros(6, dtype)
+    assert F.linear_fwd(x, w)[0].dtype == dtype
+    assert F.layernorm_fwd(x, g, b)[0].dtype == dtype
+    assert F.gelu_fwd(x)[0].dtype == dtype
+    q = x.reshape(2, 2, 4, 3)
+    assert F.attention_fwd(q, q, q)[0].dtype == dtype
+    y, cache = F.gelu_fwd(x)
+    assert F.gelu_bwd(x, cache).dtype == dtype
