@@ -130,23 +130,26 @@ def plot_timeline(events_or_timeline: Any, path: str, title: str | None = None) 
     ax.set_ylim(len(rows) - 0.5, -0.5)
     fig.canvas.draw()
     px_per_unit = ax.get_window_extent().width / (t_end * scale)
-    used = set()
+    # Every row starts as idle; passes are drawn over it, so measured traces show idle too.
+    for y in range(len(rows)):
+        ax.broken_barh([(0, t_end * scale)], (y - 0.4, 0.8), facecolors=COLORS["idle"])
+    used = {"idle"}
     for e in events:
         y = rows.index(int(e["rank"]))
         x0, dx = float(e["start"]) * scale, (float(e["end"]) - float(e["start"])) * scale
-        if dx <= 0:
-            continue  # zero-cost sends, sync and step of a unit-cost simulation
+        if dx <= 0 or e["kind"] == "idle":
+            continue  # the background shows idle; zero-cost sends of a unit-cost simulation
         key = _color_key(e["kind"])
         used.add(key)
         args = e.get("args", {})
-        thin = key not in ("fwd", "bwd", "bwd_input", "bwd_weight", "idle", "other")
+        thin = key not in ("fwd", "bwd", "bwd_input", "bwd_weight", "other")
         h = 0.25 if thin else 0.8
         yb = y + 0.4 - h if thin else y - 0.4
         # Odd chunks of an interleaved schedule are lighter, so chunks can be told apart.
         alpha = 0.65 if args.get("chunk", 0) % 2 else 1.0
         ax.broken_barh([(x0, dx)], (yb, h), facecolors=COLORS[key], alpha=alpha,
                        edgecolors="white" if not thin else "none", linewidth=0.6)
-        if key != "idle" and not thin and args.get("mb") is not None:
+        if not thin and args.get("mb") is not None:
             # "3" for microbatch 3, "3.1" when the label carries a chunk (interleaved).
             text = f"{args['mb']}.{args.get('chunk', 0)}" if "." in e["name"] else str(args["mb"])
             if dx * px_per_unit > 7 * len(text) + 4:

@@ -13,7 +13,7 @@ from minipar.parallel.program_checks import DeadlockError, ProgramError, check_p
 from minipar.parallel.schedules import (
     RECVS, SCHEDULES, SENDS, Bwd, BwdInput, BwdWeight, Fwd, Program, RecvAct, RecvGrad, SendAct,
     SendGrad, Step, SyncGrads, act_dest, chunk_location, global_chunk, grad_dest, gpipe,
-    interleaved, make_schedule, naive, one_f_one_b, zero_bubble_h1,
+    interleaved, make_schedule, naive, one_f_one_b, peer, zero_bubble_h1,
 )
 
 
@@ -109,6 +109,21 @@ def test_last_stage_hands_to_first_stage_next_chunk(p, v):
     for j in range(v - 1):
         assert act_dest(p - 1, j, p, v) == (0, j + 1)
     assert act_dest(p - 1, v - 1, p, v) is None
+
+
+@pytest.mark.parametrize("p,m,v", [(2, 2, 1), (4, 4, 2), (3, 6, 3)])
+def test_peer_names_both_ends(p, m, v):
+    """A send's peer holds the matching receive, and that receive's peer is the sender."""
+    prog = interleaved(p, m, v)
+    for s, lst in enumerate(prog.stages):
+        for ins in lst:
+            if isinstance(ins, SENDS):
+                d = peer(s, ins, p)
+                g = global_chunk(s, ins.chunk, p) + (1 if isinstance(ins, SendAct) else -1)
+                assert chunk_location(g, p)[0] == d != s
+                recv = (RecvAct if isinstance(ins, SendAct) else RecvGrad)(
+                    ins.mb, chunk_location(g, p)[1])
+                assert recv in prog.stages[d] and peer(d, recv, p) == s
 
 
 def test_labels():

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from minipar.parallel.schedules import (
-    COMPUTE, RECVS, SENDS, Bwd, BwdInput, BwdWeight, Fwd, Instr, Program, RecvAct, RecvGrad,
-    SendAct, SendGrad, Step, SyncGrads, chunk_location, global_chunk,
+    RECVS, SENDS, Bwd, BwdInput, BwdWeight, Fwd, Instr, Program, RecvAct, RecvGrad,
+    SendAct, SendGrad, Step, SyncGrads, chunk_location, global_chunk, peer,
 )
 
 
@@ -60,15 +60,14 @@ def route(ins: Instr, stage: int, p: int) -> tuple[str, int, int, tuple[int, int
     and its receive carry the same key.
     """
     g = global_chunk(stage, ins.chunk, p)
+    other = peer(stage, ins, p)
     if isinstance(ins, SendAct):
-        return "act", stage, chunk_location(g + 1, p)[0], (ins.mb, g + 1)
+        return "act", stage, other, (ins.mb, g + 1)
     if isinstance(ins, RecvAct):
-        return "act", chunk_location(g - 1, p)[0], stage, (ins.mb, g)
+        return "act", other, stage, (ins.mb, g)
     if isinstance(ins, SendGrad):
-        return "grad", stage, chunk_location(g - 1, p)[0], (ins.mb, g - 1)
-    if isinstance(ins, RecvGrad):
-        return "grad", chunk_location(g + 1, p)[0], stage, (ins.mb, g)
-    raise TypeError(f"{ins!r} is not a send or a receive")
+        return "grad", stage, other, (ins.mb, g - 1)
+    return "grad", other, stage, (ins.mb, g)  # RecvGrad; peer() rejected anything else
 
 
 # ----------------------------------------------------------------------------------- the walk
@@ -256,4 +255,4 @@ def check_program(program: Program) -> ProgramReport:
 
 
 __all__ = ["ProgramError", "DeadlockError", "ProgramReport", "check_program", "walk", "route",
-           "live_counts", "COMPUTE"]
+           "live_counts"]

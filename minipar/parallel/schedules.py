@@ -186,6 +186,16 @@ def grad_dest(stage: int, chunk: int, p: int) -> tuple[int, int] | None:
     return None if g < 0 else chunk_location(g, p)
 
 
+def peer(stage: int, instr: Instr, p: int) -> int:
+    """The stage a send goes to, or a receive comes from (what the executor passes to MPI)."""
+    g = global_chunk(stage, instr.chunk, p)
+    if isinstance(instr, (SendAct, RecvGrad)):
+        return chunk_location(g + 1, p)[0]
+    if isinstance(instr, (SendGrad, RecvAct)):
+        return chunk_location(g - 1, p)[0]
+    raise TypeError(f"{instr!r} is not a send or a receive")
+
+
 # ------------------------------------------------------------------------------------ program
 @dataclass
 class Program:
