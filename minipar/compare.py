@@ -1,0 +1,92 @@
+"""Parallel == serial: run the same training on any layout and compare it with one rank.
+
+The heart of minipar's tests. ``train_layout`` is a collective: every rank of ``world`` calls it
+(threads of ``run_threads`` in-process, or the processes of ``mpirun``), and every rank gets back
+the losses of each step, the full (gathered, unsharded) parameters after the last step and the
+full gradients of the last step. Because initialisation is layout-independent, the serial run is
+the same call on a world of one, and the two results can be compared number for number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy
+
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.data import IGNORE
+
+
+@dataclass
+class RunResult:
+    losses: list = field(default_factory=list)  # global mean loss of each step
+    params: dict = field(default_factory=dict)  # name -> full parameter after the last step
+    grads: dict = field(default_factory=dict)  # name -> full gradient of the last step
+    comm: list = field(default_factory=list)  # per step: {group: {op: stats}} seen by this rank
+
+
+def random_batches(cfg: ModelConfig, steps: int, batch: int, seed: int = 0,
+                   ignore_fraction: float = 0.2) -> list[tuple[numpy.ndarray, numpy.ndarray]]:
+    """Random token batches, some targets ignored, the same for every rank and layout."""
+    rng = numpy.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        x = rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len))
+        y = rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len))
+        y[rng.random((batch, cfg.seq_len)) < ignore_fraction] = IGNORE
+        y[:, -1] = rng.integers(0, cfg.vocab_size, batch)  # never a batch with nothing scored
+        out.append((x, y))
+    return out
+
+
+def train_layout(world, cfg: ModelConfig, par: ParallelConfig, batches, *, seed: int = 0,
+                 dtype: str = "float64", lr: float = 1e-2, optimizer: str = "adamw",
+                 weight_decay: float = 0.01, grad_clip: float = 1.0) -> RunResult:
+    """Train on ``batches`` (global batches) with layout ``par``; collective over ``world``."""
+    from minipar.dist.mesh import Mesh
+    from minipar.engine import Engine
+
+    mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
+    engine = Engine(cfg, par, mesh, seed=seed, dtype=dtype, optimizer=optimizer, lr=lr,
+                    weight_decay=weight_decay, grad_clip=grad_clip)
+    result = RunResult()
+    for x, y in batches:
+        rows = len(x) // par.dp
+        lo = mesh.dp_rank * rows
+        mesh.reset_stats()
+        step = engine.train_step(x[lo:lo + rows], y[lo:lo + rows], int((y != IGNORE).sum()))
+        result.comm.append(mesh.stats())
+        result.losses.append(step.loss)
+    result.params = engine.full_params()
+    result.grads = engine.full_params(grads=True)
+    return result
+
+
+def serial_reference(cfg: ModelConfig, batches, **kw) -> RunResult:
+    """The same training on one rank (microbatches 1, no parallelism)."""
+    from minipar.dist.comm import local_comm
+
+    return train_layout(local_comm(), cfg, ParallelConfig(), batches, **kw)
+
+
+def mismatches(result: RunResult, reference: RunResult, rtol: float) -> list[str]:
+    """Human-readable differences beyond ``rtol`` (relative to each tensor's largest entry)."""
+    bad = []
+    loss, ref = numpy.asarray(result.losses), numpy.asarray(reference.losses)
+    if loss.shape != ref.shape or not numpy.allclose(loss, ref, rtol=rtol, atol=0):
+        bad.append(f"losses {loss.tolist()} != serial {ref.tolist()}")
+    for kind in ("params", "grads"):
+        mine, theirs = getattr(result, kind), getattr(reference, kind)
+        if sorted(mine) != sorted(theirs):
+            bad.append(f"{kind}: names differ: {sorted(set(mine) ^ set(theirs))}")
+            continue
+        for name in theirs:
+            a, b = numpy.asarray(mine[name]), numpy.asarray(theirs[name])
+            if a.shape != b.shape:
+                bad.append(f"{kind} {name}: shape {a.shape} != serial {b.shape}")
+                continue
+            scale = max(float(numpy.abs(b).max(initial=0.0)), 1e-30)
+            err = float(numpy.abs(a - b).max(initial=0.0)) / scale
+            if err > rtol:
+                bad.append(f"{kind} {name}: max relative difference {err:.2e} > {rtol:.0e}")
+    return bad
