@@ -1,0 +1,317 @@
+"""Time of one training step from first principles, and the numbers reported about it.
+
+Compute is the roofline of each kernel (``minipar.sim.kernels``). Collectives use the
+alpha-beta model of a ring (Thakur et al. 2005; Patarasuk and Yuan 2009): an allreduce over p
+ranks takes 2(p-1) alpha + 2(p-1)/p n / beta, an allgather or reduce-scatter half that, with
+alpha and beta those of the link tier the group spans. Ranks are placed as Megatron-LM places
+them (tensor parallel innermost, then data parallel, then pipeline), so tp groups of up to a
+node's GPUs use NVLink and the rest cross the network, where a group with g members on a node
+can use g NICs at once. Tensor-parallel collectives are not overlapped (Megatron-LM 2021);
+data-parallel sync overlaps the last backward only when gradient buckets are on; ZeRO-3 gathers
+are prefetched, so a pass takes the longer of its compute and its gathers.
+
+The per-instruction costs feed the discrete-event simulator that runs the very program the
+executor runs (``minipar.sim.simulator``); ``use_simulator=False`` takes the closed form
+T = m max_s C_s + (p-1) mean_s C_s / v + 2 (p-1) P, exact for uniform stages (PTD-P 2.2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.parallel.schedules import (
+    Bwd, BwdInput, BwdWeight, Fwd, Step, SyncGrads, make_schedule,
+)
+from minipar.sim import comm_volume as cv
+from minipar.sim import kernels as K
+from minipar.sim.costmodel import (
+    Workload, canonical_dtype, dtype_bytes, hardware_flops, local_param_count, memory_per_gpu,
+    model_flops, param_count, units,
+)
+from minipar.sim.hardware import Hardware
+from minipar.sim.simulator import Timeline, simulate
+
+SIMULATE_UP_TO = 400_000  # instructions; beyond this the closed form is used
+
+
+# ------------------------------------------------------------------------- links and rings
+def group_tier(hw: Hardware, parallel: ParallelConfig, group: str) -> tuple[float, float]:
+    """(bytes/s per rank, latency per ring step) of a group under Megatron's rank order."""
+    size, stride = {"tp": (parallel.tp, 1), "dp": (parallel.dp, parallel.tp),
+                    "pp": (parallel.pp, parallel.tp * parallel.dp)}[group]
+    gpn = hw.gpus_per_node
+    if stride * size <= gpn:
+        return hw.intra_bw * hw.link_efficiency, hw.intra_latency
+    on_node = max(1, min(size, gpn // stride))
+    bw = min(hw.intra_bw, on_node * hw.inter_bw) * hw.link_efficiency
+    return bw, hw.inter_latency
+
+
+def collective_time(c: cv.Collective, size: int, tier: tuple[float, float]) -> float:
+    """Ring alpha-beta time of one collective over ``size`` ranks."""
+    if size == 1:
+        return 0.0
+    bw, lat = tier
+    if c.op == "allreduce":
+        return 2 * (size - 1) * lat + 2 * (size - 1) / size * c.nbytes / bw
+    if c.op in ("allgather", "reduce_scatter"):
+        return (size - 1) * lat + (size - 1) / size * c.nbytes / bw
+    return lat + c.nbytes / bw
+
+
+def comm_time(cs: list[cv.Collective], hw: Hardware, parallel: ParallelConfig) -> float:
+    sizes = {"tp": parallel.tp, "dp": parallel.dp, "pp": parallel.pp}
+    return sum(collective_time(c, sizes[c.group], group_tier(hw, parallel, c.group))
+               for c in cs)
+
+
+# ------------------------------------------------------------------------ per-chunk costs
+@dataclass
+class ChunkCost:
+    """Seconds of one microbatch through one local chunk, split by what they are."""
+
+    fwd_compute: float = 0.0
+    fwd_comm: float = 0.0  # tensor-parallel collectives of the forward
+    bwd_compute: float = 0.0  # input-gradient kernels (+ recomputation)
+    bwd_comm: float = 0.0
+    wgrad_compute: float = 0.0  # weight-gradient GEMMs (the zero-bubble W pass)
+    zero3_fwd: float = 0.0  # parameter gathers (ZeRO-3), overlapped with compute
+    zero3_bwd: float = 0.0
+    tp_bytes_fwd: float = 0.0
+    tp_bytes_bwd: float = 0.0
+
+    @property
+    def fwd(self) -> float:
+        return max(self.fwd_compute + self.fwd_comm, self.zero3_fwd)
+
+    @property
+    def bwd_input(self) -> float:
+        return max(self.bwd_compute + self.bwd_comm, self.zero3_bwd)
+
+    @property
+    def bwd(self) -> float:
+        return max(self.bwd_compute + self.bwd_comm + self.wgrad_compute, self.zero3_bwd)
+
+
+def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw: Hardware,
+                stage: int, layers_only: bool = False) -> list[ChunkCost]:
+    """The cost of one microbatch through each local chunk of pipeline stage ``stage``
+    (``layers_only``: Transformer blocks alone, leaving out the embedding and the head)."""
+    dt = canonical_dtype(work.dtype)
+    e, b, t, sp = dtype_bytes(dt), work.microbatch_size, parallel.tp, parallel.sequence_parallel
+    blk = K.block_forward(model, b, t, sp, e, work.dropout)
+    redo = {"none": [], "full": blk,
+            "selective": [k for k in blk if k.attention_core]}[work.recompute]
+    forward = {"block": blk, "embed": K.embed_forward(model, b, t, sp, e, work.dropout),
+               "head": K.head_forward(model, b, t, sp, e)}
+    tp_pass = {"block": cv.block_tp, "embed": cv.embed_tp, "head": cv.head_tp}
+    out = []
+    for chunk in units(model, parallel, stage):
+        c = ChunkCost()
+        for u in chunk:
+            if layers_only and u.kind != "block":
+                continue
+            bi, bw = K.backward_of(forward[u.kind])
+            again = redo if u.kind == "block" else []
+            f_cs = tp_pass[u.kind](model, parallel, b, e, False)
+            b_cs = tp_pass[u.kind](model, parallel, b, e, True)
+            r_cs = f_cs if (u.kind == "block" and work.recompute == "full") else []
+            c.fwd_compute += K.total_time(forward[u.kind], hw, dt)
+            c.bwd_compute += K.total_time(again + bi, hw, dt)
+            c.wgrad_compute += K.total_time(bw, hw, dt)
+            c.fwd_comm += comm_time(f_cs, hw, parallel)
+            c.bwd_comm += comm_time(r_cs + b_cs, hw, parallel)
+            c.tp_bytes_fwd += sum(x.nbytes for x in f_cs)
+            c.tp_bytes_bwd += sum(x.nbytes for x in r_cs + b_cs)
+            if parallel.zero >= 3 and parallel.dp > 1:
+                flat = cv._padded(u.params, parallel.dp) * e
+                gather = comm_time([cv.Collective("dp", "allgather", flat)], hw, parallel)
+                scatter = comm_time([cv.Collective("dp", "reduce_scatter", flat)], hw, parallel)
+                c.zero3_fwd += gather
+                c.zero3_bwd += gather * (2 if r_cs else 1) + scatter
+        out.append(c)
+    return out
+
+
+def p2p_message_time(model: ModelConfig, parallel: ParallelConfig, work: Workload,
+                     hw: Hardware, src: int, dst: int) -> float:
+    """One activation or gradient between pipeline stages src and dst (PTD-P section 4.1:
+    with scatter/gather each tp rank sends 1/t over its own NIC, then an NVLink allgather)."""
+    e, t = dtype_bytes(work.dtype), parallel.tp
+    x = work.microbatch_size * model.seq_len * model.d_model * e
+    stride, gpn = parallel.tp * parallel.dp, hw.gpus_per_node
+    same_node = (src * stride) // gpn == (dst * stride) // gpn
+    bw = (hw.intra_bw if same_node else hw.inter_bw) * hw.link_efficiency
+    lat = hw.intra_latency if same_node else hw.inter_latency
+    if parallel.sequence_parallel:
+        return lat + x / t / bw
+    if work.scatter_gather and t > 1 and not same_node:
+        gather = collective_time(cv.Collective("tp", "allgather", x), t,
+                                 group_tier(hw, parallel, "tp"))
+        return lat + x / t / bw + gather
+    return lat + x / bw
+
+
+def sync_and_step(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw: Hardware,
+                  stage: int, last_bwd: float) -> tuple[float, float, float]:
+    """(exposed dp sync, optimizer step, dp bytes per step) of one stage."""
+    e, m = dtype_bytes(work.dtype), work.microbatches(parallel.dp)
+    sync_cs = cv.dp_sync(model, parallel, stage, e, m)
+    dp_bytes = sum(c.nbytes for c in sync_cs)
+    if parallel.zero >= 3:  # gathers and reduce-scatters already sit inside the passes
+        sync_cs = []
+    sync = comm_time(sync_cs, hw, parallel)
+    if parallel.bucket_mb > 0:
+        sync = max(0.0, sync - last_bwd)
+    sync += comm_time(cv.partial_grads_tp(model, parallel, stage, e), hw, parallel)
+    n = local_param_count(model, parallel, stage) / (parallel.dp if parallel.zero else 1)
+    return sync, K.optimizer_time(n, hw, e), dp_bytes
+
+
+# ------------------------------------------------------------------------------- estimate
+@dataclass
+class Estimate:
+    """The predicted step and everything the CLI reports about it."""
+
+    step_time_s: float
+    params: int
+    model_flops: float
+    hardware_flops: float
+    tflops_per_gpu: float
+    percent_of_peak: float
+    mfu: float
+    bubble_fraction: float
+    memory_per_gpu_bytes: dict
+    fits: bool
+    comm_bytes_per_step: dict
+    breakdown: dict
+    gpus: int
+    microbatches: int
+    timeline: Timeline | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k != "timeline"}
+
+
+def instruction_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload,
+                      hw: Hardware, layers_only: bool = False):
+    """(cost(stage, instr), p2p_time(src, dst, send), per-stage chunk costs, per-stage
+    (sync, step, dp bytes)) for the simulator. ``layers_only`` keeps only the Transformer
+    blocks and free transfers: uniform stages, whose bubble is the papers' formula."""
+    p = parallel.pp
+    stages = [chunk_costs(model, parallel, work, hw, s, layers_only) for s in range(p)]
+    tail = [(0.0, 0.0, 0) if layers_only else
+            sync_and_step(model, parallel, work, hw, s, stages[s][0].bwd) for s in range(p)]
+    p2p: dict = {}
+
+    def p2p_time(src: int, dst: int, ins) -> float:
+        if layers_only:
+            return 0.0
+        if (src, dst) not in p2p:
+            p2p[src, dst] = p2p_message_time(model, parallel, work, hw, src, dst)
+        return p2p[src, dst]
+
+    def cost(stage: int, ins) -> float:
+        if isinstance(ins, Fwd):
+            return stages[stage][ins.chunk].fwd
+        if isinstance(ins, Bwd):
+            return stages[stage][ins.chunk].bwd
+        if isinstance(ins, BwdInput):
+            return stages[stage][ins.chunk].bwd_input
+        if isinstance(ins, BwdWeight):
+            return stages[stage][ins.chunk].bwd - stages[stage][ins.chunk].bwd_input
+        if isinstance(ins, SyncGrads):
+            return tail[stage][0]
+        if isinstance(ins, Step):
+            return tail[stage][1]
+        return 0.0
+
+    return cost, p2p_time, stages, tail
+
+
+def estimate(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw: Hardware,
+             use_simulator: bool | None = None) -> Estimate:
+    """Predict one step of ``model`` on ``parallel`` x ``hw``. ``parallel.microbatches`` is
+    ignored: m = B / (d b) comes from the workload. Call ``check_layout`` first.
+
+    ``use_simulator``: True runs the program through the simulator (and keeps its timeline),
+    False uses the closed form, None chooses the simulator for programs of moderate size."""
+    dt = canonical_dtype(work.dtype)
+    p, v, m = parallel.pp, parallel.virtual_stages, work.microbatches(parallel.dp)
+    parallel = _with_m(parallel, m)
+    cost, p2p_time, stages, tail = instruction_costs(model, parallel, work, hw)
+    per_mb = [sum(c.bwd + c.fwd for c in st) for st in stages]
+    size = 2 * p * m * v * (3 if p > 1 else 1)
+    timeline = None
+    if use_simulator or (use_simulator is None and size <= SIMULATE_UP_TO):
+        timeline = simulate(make_schedule(parallel.schedule, p, m, v), cost, p2p_time)
+        pipe_end = max(ev.end for ev in timeline.events if ev.kind in
+                       ("fwd", "bwd", "bwd_input", "bwd_weight"))
+        bubble = 1 - sum(timeline.busy) / (p * pipe_end)
+        step = timeline.makespan
+    else:
+        hop = max((p2p_time(s, s + 1, None) for s in range(p - 1)), default=0.0)
+        fill = per_mb
+        if parallel.schedule == "zb-h1":
+            fill = [sum(c.fwd + 2 * c.bwd_input - c.bwd for c in st) for st in stages]
+        pipe_end = m * max(per_mb) + (p - 1) * (sum(fill) / p) / v + 2 * (p - 1) * hop
+        bubble = 1 - sum(per_mb) * m / (p * pipe_end)
+        step = pipe_end + max(sy + st for sy, st, _ in tail)
+    return _report(model, parallel, work, hw, stages, tail, step, bubble, m, timeline, dt)
+
+
+def _with_m(parallel: ParallelConfig, m: int) -> ParallelConfig:
+    from minipar.config import replace
+    return parallel if parallel.microbatches == m else replace(parallel, microbatches=m)
+
+
+def _report(model, parallel, work, hw, stages, tail, step, bubble, m, timeline, dt) -> Estimate:
+    gpus = parallel.world
+    batch = work.global_batch
+    mf = model_flops(model, batch)
+    hf = hardware_flops(model, batch, work.recompute)
+    peak = hw.flops(dt)
+    mem = memory_per_gpu(model, parallel, work)
+    # The busiest stage explains the step: its compute, tp comm, exposed gathers, idle time.
+    s = max(range(parallel.pp), key=lambda i: sum(c.fwd + c.bwd for c in stages[i]))
+    st = stages[s]
+    compute = m * sum(c.fwd_compute + c.bwd_compute + c.wgrad_compute for c in st)
+    tp_comm = m * sum(c.fwd_comm + c.bwd_comm for c in st)
+    busy = m * sum(c.fwd + c.bwd for c in st)
+    sync, opt, dp_bytes = tail[s]
+    e = dtype_bytes(dt)
+    x = work.microbatch_size * model.seq_len * model.d_model * e
+    sends = sum(c.op == "send" for c in cv.pp_sends(model, parallel, s, work.microbatch_size,
+                                                    e, m))
+    pp_msg = x / parallel.tp if (parallel.sequence_parallel or work.scatter_gather) else x
+    comm = {"tp": m * sum(c.tp_bytes_fwd + c.tp_bytes_bwd for c in st), "dp": dp_bytes,
+            "pp": sends * pp_msg}
+    comm["total"] = sum(comm.values())
+    breakdown = {"compute_s": compute, "tp_comm_s": tp_comm,
+                 "zero3_exposed_s": busy - compute - tp_comm,
+                 "pipeline_idle_s": max(0.0, step - busy - sync - opt),
+                 "dp_sync_exposed_s": sync, "optimizer_s": opt, "stage": s}
+    return Estimate(
+        step_time_s=step, params=param_count(model), model_flops=mf, hardware_flops=hf,
+        tflops_per_gpu=hf / (step * gpus) / 1e12, percent_of_peak=100 * hf / (step * gpus * peak),
+        mfu=mf / (step * gpus * peak), bubble_fraction=float(bubble),
+        memory_per_gpu_bytes=mem, fits=mem["total"] <= hw.memory_bytes,
+        comm_bytes_per_step=comm, breakdown=breakdown, gpus=gpus, microbatches=m,
+        timeline=timeline)
+
+
+def predict_step_time(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch_size: int,
+                      hardware: Hardware, dtype: str = "fp32") -> float:
+    """Seconds per step of minipar itself (no dropout, no recomputation, plain PP transfers)
+    for ``batch_size`` sequences split into ``parallel_cfg.microbatches`` per dp rank; used by
+    ``python -m minipar.bench --validate`` to compare with measured steps."""
+    b = batch_size // (parallel_cfg.dp * parallel_cfg.microbatches)
+    work = Workload(global_batch=batch_size, microbatch_size=max(1, b), recompute="none",
+                    dtype=dtype, scatter_gather=False, dropout=False)
+    return estimate(model_cfg, parallel_cfg, work, hardware).step_time_s
+
+
+__all__ = ["group_tier", "collective_time", "comm_time", "ChunkCost", "chunk_costs",
+           "p2p_message_time", "sync_and_step", "instruction_costs", "Estimate", "estimate",
+           "predict_step_time"]
