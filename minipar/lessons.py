@@ -186,14 +186,18 @@ def mpirun(n: int, args: list[str], *, timeout: float = 300, stream: bool = True
     ``args`` follow the interpreter, e.g. ``mpirun(4, ["-m", "minipar.train", "--steps", "20"])``.
     Each rank gets one BLAS/OpenMP thread (``n`` ranks share the cores; more threads per rank
     slow every rank down); ``env`` adds or overrides variables. With ``stream`` the output is
-    printed line by line as it arrives. A non-zero exit or a run past ``timeout`` seconds kills
+    printed line by line as it arrives; a rank's line arrives whole when it prints with
+    ``flush=True`` (``PYTHONUNBUFFERED`` is unset for the ranks so that lines do not mix). A non-zero exit or a run past ``timeout`` seconds kills
     the whole job and raises ``MPIRunError`` with the output.
     """
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive number of ranks, got {n!r}")
     cmd = [find_mpirun(), "-n", str(n), sys.executable, *map(str, args)]
     run_env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
-                   MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+                   MKL_NUM_THREADS="1")
+    # Unbuffered ranks write each piece of a print separately, so lines of different ranks mix
+    # mid-line; buffered, a print(..., flush=True) is one write and arrives whole.
+    run_env.pop("PYTHONUNBUFFERED", None)
     run_env.update(env or {})
     # Own session: on timeout we can end mpirun and every rank it started, and nothing else.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

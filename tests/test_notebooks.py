@@ -105,7 +105,7 @@ def test_failing_notebook_raises(dirs):
 def test_mpirun_helper_runs_ranks_and_reports_failures():
     script = ("import os; from mpi4py import MPI; "
               "print('rank', MPI.COMM_WORLD.rank, 'of', MPI.COMM_WORLD.size, "
-              "os.environ['OPENBLAS_NUM_THREADS'])")
+              "os.environ['OPENBLAS_NUM_THREADS'], flush=True)")
     out = mpirun(2, ["-c", script], timeout=60, stream=False)
     assert sorted(line for line in out.splitlines() if line.startswith("rank")) == [
         "rank 0 of 2 1", "rank 1 of 2 1"]
