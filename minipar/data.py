@@ -360,7 +360,8 @@ class TextTask:
     def _windows(self, starts: np.ndarray) -> Batch:
         idx = starts[:, None] + np.arange(self.seq_len + 1, dtype=np.int64)  # (B, T+1)
         chunk = self.data[idx].astype(np.int64)  # fancy indexing reads only these bytes
-        return chunk[:, :-1], chunk[:, 1:]
+        # contiguous copies: a rank may send them through MPI buffers or to the GPU as they are
+        return np.ascontiguousarray(chunk[:, :-1]), np.ascontiguousarray(chunk[:, 1:])
 
     def train_starts(self, step: int, batch_size: int) -> np.ndarray:
         """Byte offsets of the windows of the global batch of ``step`` (B,)."""
