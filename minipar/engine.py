@@ -26,6 +26,7 @@ class StepResult:
     loss: float  # the global-batch mean loss, identical on every rank
     grad_norm: float  # global gradient norm before clipping
     clip: float  # the factor gradients were scaled by (1.0 when not clipped)
+    skipped: bool = False  # the update was skipped (non-finite loss or gradients)
 
 
 def make_data_parallel(zero: int):
@@ -73,8 +74,8 @@ class Engine:
             t //= self.mesh.tp.size
         return (rows, t, self.model_cfg.d_model)
 
-    def train_step(self, inputs, targets, normalizer: float, lr: float | None = None
-                   ) -> StepResult:
+    def train_step(self, inputs, targets, normalizer: float, lr: float | None = None,
+                   skip_nonfinite: bool = False) -> StepResult:
         """One optimizer step on this dp rank's rows of the global batch.
 
         ``normalizer`` is the number of scored tokens in the whole global batch, so that the
@@ -102,7 +103,11 @@ class Engine:
                           clip=clip_coefficient(norm, self.grad_clip))
 
         def on_step() -> None:
+            # Every rank sees the same allreduced loss and norm, so all decide alike.
             if not numpy.isfinite(result["loss"]) or not numpy.isfinite(result["grad_norm"]):
+                if skip_nonfinite:
+                    result["skipped"] = True
+                    return
                 raise FloatingPointError(
                     f"non-finite loss ({result['loss']}) or gradient norm "
                     f"({result['grad_norm']}) at step {self.step_count + 1}")
@@ -113,7 +118,8 @@ class Engine:
                                     self.dtype, on_sync, on_step, self.tracer)
         executor.run(data)
         self.step_count += 1
-        return StepResult(result["loss"], result["grad_norm"], result["clip"])
+        return StepResult(result["loss"], result["grad_norm"], result["clip"],
+                          result.get("skipped", False))
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -164,6 +170,23 @@ class Engine:
 
     # -- inspection -----------------------------------------------------------------------------
 
+    def _gather_full(self, local: dict) -> dict:
+        """{name: tp-local host array} of this rank's parameters -> {name: full array} of the
+        whole model, on every rank (collective over tp, then over the world for the stages)."""
+        tp = self.mesh.tp
+        full = {}
+        for p in self.params:
+            if p.name not in local:
+                continue
+            arr = local[p.name]
+            if p.sharding is not None:
+                arr = p.sharding.full(tp.allgather_obj(arr), p.full_shape)
+            full[p.name] = arr
+        merged: dict = {}
+        for part in self.mesh.world.allgather_obj(full if self.mesh.dp_rank == 0 else {}):
+            merged.update(part)
+        return merged
+
     def full_params(self, grads: bool = False) -> dict:
         """Every full (unsharded) parameter or gradient by name, on every rank (collective).
 
@@ -171,19 +194,57 @@ class Engine:
         layout. Gathers over tp (shards) and then over the world (pipeline stages).
         """
         self.dp.materialize()
-        local = {}
-        tp = self.mesh.tp
+        try:
+            local = {p.name: backend.to_host(p.grad if grads else p.data) for p in self.params}
+        finally:
+            self.dp.release()
+        return self._gather_full(local)
+
+    def _optimizer_state_local(self) -> dict:
+        """{param name: {state name: tp-local array}} (ZeRO gathers its dp shards first)."""
+        if hasattr(self.dp, "optimizer_state_local"):
+            return self.dp.optimizer_state_local()
+        return {name: dict(st) for name, st in self.dp.optimizer.state.items()}
+
+    def full_optimizer_state(self) -> dict:
+        """{"<param>/<state>": full array} for the whole model, on every rank (collective)."""
+        by_state: dict = {}
+        for name, states in self._optimizer_state_local().items():
+            for key, arr in states.items():
+                by_state.setdefault(key, {})[name] = backend.to_host(arr)
+        out = {}
+        for key in sorted(by_state):
+            for name, arr in self._gather_full(by_state[key]).items():
+                out[f"{name}/{key}"] = arr
+        return out
+
+    def optimizer_steps(self) -> int:
+        return int(getattr(self.dp, "optimizer_steps", None) or self.dp.optimizer.step_count)
+
+    def load_full_state(self, params: dict, optim: dict, optimizer_steps: int) -> None:
+        """Cut this rank's shards out of full tensors (a checkpoint from any layout)."""
+        missing = sorted({p.name for p in self.params} - set(params))
+        if missing:
+            raise ValueError(f"checkpoint lacks parameters {missing[:5]}")
+        local_params, local_optim = {}, {}
         for p in self.params:
-            arr = backend.to_host(p.grad if grads else p.data)
-            if p.sharding is not None:
-                pieces = tp.allgather_obj(arr)
-                arr = p.sharding.full(pieces, p.full_shape)
-            local[p.name] = arr
-        merged = {}
-        for part in self.mesh.world.allgather_obj(local if self.mesh.dp_rank == 0 else {}):
-            merged.update(part)
-        self.dp.release()
-        return merged
+            full = params[p.name]
+            if tuple(full.shape) != p.full_shape:
+                raise ValueError(f"checkpoint parameter {p.name} has shape {full.shape}, "
+                                 f"the model needs {p.full_shape}")
+            cut = (lambda a: a) if p.sharding is None else p.sharding.local
+            local_params[p.name] = cut(full).astype(self.dtype)
+            states = {k.split("/")[-1]: v for k, v in optim.items()
+                      if k.rsplit("/", 1)[0] == p.name}
+            local_optim[p.name] = {k: cut(v).astype(self.dtype) for k, v in states.items()}
+        if hasattr(self.dp, "load_local"):
+            self.dp.load_local(local_params, local_optim, optimizer_steps)
+            return
+        for p in self.params:
+            p.data[...] = backend.from_host(local_params[p.name])
+            for key, arr in self.dp.optimizer.state[p.name].items():
+                arr[...] = backend.from_host(local_optim[p.name][key])
+        self.dp.optimizer.step_count = optimizer_steps
 
     def memory(self) -> dict:
         mem = dict(self.dp.memory())

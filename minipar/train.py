@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
     t.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    c = p.add_argument_group("checkpoints and faults")
+    c.add_argument("--save", default=None, metavar="DIR",
+                   help="write layout-independent checkpoints to DIR/step-NNNNNN/")
+    c.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N steps (and always at the end when --save is set)")
+    c.add_argument("--keep", type=int, default=3, metavar="K", help="keep the newest K (0 = all)")
+    c.add_argument("--resume", default=None, metavar="PATH",
+                   help="a run directory (its newest checkpoint) or one step directory")
+    c.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip a step whose loss or gradients are not finite, instead of stopping")
+    c.add_argument("--check-collectives", action="store_true",
+                   help="debug: verify every collective's op, shape and dtype agree on all "
+                        "ranks; report the first mismatch instead of hanging")
     lay = p.add_argument_group("layout")
     lay.add_argument("--dp", type=int, help="data parallel size")
     lay.add_argument("--tp", type=int, help="tensor parallel size")
@@ -113,6 +126,10 @@ def make_configs(args, world: int):
         if getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag.replace('_', '-')} must be positive, "
                               f"got {getattr(args, flag)}")
+    if args.save_every < 0 or args.keep < 0:
+        raise ConfigError("--save-every and --keep must be >= 0")
+    if args.save_every and not args.save:
+        raise ConfigError("--save-every needs --save DIR")
     if args.lr <= 0:
         raise ConfigError(f"--lr must be positive, got {args.lr}")
     task_kw = {} if args.n_digits is None else {"n_digits": args.n_digits}
@@ -152,16 +169,28 @@ def main(argv=None) -> int:
         return fail(str(exc))
     from minipar.dist.comm import MPIComm, install_abort_handler
 
-    world = MPIComm.world()
+    world = MPIComm.world(check=args.check_collectives)
     try:
         cfg, par, task, note = make_configs(args, world.size)
+        resume = None
+        if args.resume:
+            from minipar import checkpoint
+
+            resume = checkpoint.read(checkpoint.resolve(args.resume), cfg)
+            if resume[2]["step"] >= args.steps:
+                raise ConfigError(f"--resume: the checkpoint is at step {resume[2]['step']}, "
+                                  f"not before --steps {args.steps}")
     except (ConfigError, OSError) as exc:
         return fail(str(exc))
     if world.size > 1:
         install_abort_handler(world)
     from minipar.train_loop import run
 
-    summary = run(args, cfg, par, task, world, note, blas_threads=BLAS_THREADS)
+    try:
+        summary = run(args, cfg, par, task, world, note, blas_threads=BLAS_THREADS,
+                      resume=resume)
+    except FloatingPointError as exc:  # every rank sees the same allreduced loss and norm
+        return fail(f"{exc} (use --skip-nonfinite to skip such steps)")
     if summary is not None and args.summary and world.rank == 0:
         with open(args.summary, "w") as fh:
             json.dump(summary, fh, indent=1)

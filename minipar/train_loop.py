@@ -42,8 +42,29 @@ def merge_stats(total: dict, step_stats: dict) -> None:
                 t[k] += s.get(k, 0)
 
 
-def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=sys.stdout):
-    """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere)."""
+def save_checkpoint(engine, args, cfg, par, task, step: int) -> str | None:
+    """Gather the full state (collective) and let rank 0 write it atomically."""
+    from dataclasses import asdict
+
+    from minipar import checkpoint
+
+    params = engine.full_params()
+    optim = engine.full_optimizer_state()
+    if engine.mesh.world.rank != 0:
+        return None
+    meta = {"model": asdict(cfg), "layout": asdict(par), "seed": args.seed, "task": task.name,
+            "data_position": step, "optimizer": args.optimizer,
+            "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype}
+    return checkpoint.write(args.save, step, params, optim, meta, keep=args.keep)
+
+
+def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=sys.stdout,
+        resume=None):
+    """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere).
+
+    ``resume`` is ``(params, optim, meta)`` from ``checkpoint.read``: training continues at the
+    checkpoint's step with its weights and optimizer state, whatever layout saved it.
+    """
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
@@ -51,6 +72,12 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     rank0 = world.rank == 0
     engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
                     lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+    start = 0
+    if resume is not None:
+        params, optim, meta = resume
+        engine.load_full_state(params, optim, meta["optimizer_steps"])
+        start = int(meta["step"])
+        engine.step_count = start
     n_params = count_params(cfg)
     mem = engine.memory()
     if rank0:
@@ -67,24 +94,34 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
               if par.pp > 1 else
               f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, lr {args.lr}",
               file=out, flush=True)
+        if resume is not None:
+            print(f"resume  | from step {start} (saved with layout dp={resume[2]['layout']['dp']}"
+                  f", tp={resume[2]['layout']['tp']}, pp={resume[2]['layout']['pp']})",
+                  file=out, flush=True)
 
     bar = None
     if rank0 and not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, unit="step", file=sys.stderr, dynamic_ncols=True,
+        bar = tqdm(total=args.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True,
                    mininterval=0.5)
-    losses, evals, comm_total = [], [], {}
+    losses, evals, comm_total, skipped = [], [], {}, []
     tokens = 0
     t_start = time.perf_counter()
     t_train = 0.0
-    for step in range(args.steps):
+    for step in range(start, args.steps):
         inputs, targets, normalizer = batch_for_rank(task, step, args.batch_size, mesh)
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         mesh.reset_stats()
         t0 = time.perf_counter()
-        result = engine.train_step(inputs, targets, normalizer, lr)
+        result = engine.train_step(inputs, targets, normalizer, lr,
+                                   skip_nonfinite=args.skip_nonfinite)
         t_train += time.perf_counter() - t0
+        if result.skipped:
+            skipped.append(step + 1)
+            if rank0:
+                msg = f"step {step + 1}: non-finite loss or gradients, step skipped"
+                (bar.write(msg) if bar is not None else print(msg, file=out, flush=True))
         merge_stats(comm_total, mesh.stats())
         losses.append(result.loss)
         tokens += args.batch_size * cfg.seq_len
@@ -92,6 +129,8 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
             bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
         last = step == args.steps - 1
+        if args.save and ((args.save_every and (step + 1) % args.save_every == 0) or last):
+            save_checkpoint(engine, args, cfg, par, task, step + 1)
         if (step + 1) % args.eval_every == 0 or last:
             metrics = engine.evaluate(task.eval_batches(args.batch_size))
             evals.append({"step": step + 1, **metrics})
@@ -113,7 +152,8 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
                    "virtual_stages": par.virtual_stages},
         "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                   "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
-        "task": task.name, "steps": args.steps, "batch_size": args.batch_size,
+        "task": task.name, "steps": args.steps, "start_step": start,
+        "skipped_steps": skipped, "batch_size": args.batch_size,
         "dtype": args.dtype, "params": n_params, "losses": losses,
         "final_loss": losses[-1], "evals": evals,
         "tokens_per_s": tokens / t_train if t_train else 0.0, "wall_s": wall,
@@ -125,7 +165,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         summary["eval_perplexity"] = final["perplexity"]
     acc = (f"held-out exact match {final['exact_match']:.3f}" if task.metric == "exact_match"
            else f"held-out perplexity {final['perplexity']:.3f}")
-    print(f"done    | {args.steps} steps in {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s,"
+    print(f"done    | {args.steps - start} steps in {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s,"
           f" final loss {losses[-1]:.4f}, {acc}", file=out, flush=True)
     moved = sum(s["bytes"] for ops in comm_total.values() for s in ops.values())
     if moved:
