@@ -49,6 +49,15 @@ class Hardware:
                 f"(known: {', '.join(self.peak_flops)})")
         return float(self.peak_flops[dtype])
 
+    def shared_by(self, ranks: int) -> "Hardware":
+        """This machine when ``ranks`` processes share it: each gets 1/ranks of the measured
+        FLOP/s and memory bandwidth (a bench measured with every core for one process)."""
+        if ranks <= 1:
+            return self
+        return replace(self, name=f"{self.name}/{ranks}",
+                       peak_flops={k: v / ranks for k, v in self.peak_flops.items()},
+                       mem_bw=self.mem_bw / ranks)
+
     @staticmethod
     def from_bench_json(path: str) -> "Hardware":
         """This machine as measured by ``python -m minipar.bench --json`` (see module doc)."""

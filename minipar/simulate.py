@@ -1,0 +1,333 @@
+"""``python -m minipar.simulate``: predict a training step on a cluster no laptop can run.
+
+The cost model (``minipar.sim``) counts parameters, FLOPs, memory per GPU and bytes per
+collective for a model x layout x hardware, and times the very pipeline program the executor
+runs through the discrete-event simulator. ``--search`` ranks every layout that fits in
+memory for a model and a GPU count. Bad layouts exit non-zero with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+
+from minipar.config import SCHEDULE_NAMES, ConfigError, ParallelConfig, replace
+from minipar.sim import costmodel as cm
+from minipar.sim.hardware import HARDWARE_NAMES, Hardware, get_hardware
+from minipar.sim.presets import MODELS, PTDP_TABLE1
+from minipar.sim.timing import Estimate, estimate
+
+PROG = "minipar.simulate"
+GB = 1e9
+
+EPILOG = """examples:
+  python -m minipar.simulate                                  # PTD-P's 145B run (table 1)
+  python -m minipar.simulate --model ptdp-1t --json           # 1T on 3072 A100s, as JSON
+  python -m minipar.simulate --model gpt3-175b --gpus 1024 --tp 8 --pp 16 \\
+      --recompute selective --sequence-parallel --microbatch-size 1
+  python -m minipar.simulate --model gpt3-175b --gpus 1024 --search --top 5
+  python -m minipar.simulate --model gpt3-13b --gpus 64 --tp 8 --pp 2 --hardware h100-sxm
+  python -m minipar.simulate --model gpt3-125m --layers 4 --d-model 256 --heads 4 --seq-len 256 \\
+      --dp 2 --global-batch 16 --dtype fp32 --hardware this-machine --hardware-file bench.json
+  python -m minipar.simulate --model ptdp-39b --timeline step.png
+
+Models: gpt3-125m ... gpt3-175b (Brown et al. 2020), ptdp-1.7b ... ptdp-1t (Narayanan et al.
+2021, table 1: their t, p, GPU count and batch are the defaults). Throughput counts the FLOPs
+actually executed (with recomputation, as PTD-P does); MFU counts only the model's FLOPs."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0],
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default="ptdp-145b", metavar="NAME",
+                   help=f"preset: {', '.join(MODELS)} (default ptdp-145b)")
+    for flag, what in (("--layers", "blocks"), ("--d-model", "hidden size"),
+                       ("--heads", "attention heads"), ("--seq-len", "context length"),
+                       ("--vocab", "vocabulary size"), ("--d-ff", "MLP width (0 = 4 d_model)")):
+        m.add_argument(flag, type=int, help=f"override the preset's {what}")
+    lay = p.add_argument_group("layout")
+    lay.add_argument("--gpus", type=int, help="GPU count; dp = gpus / (tp x pp) if --dp absent")
+    lay.add_argument("--dp", type=int, help="data parallel size")
+    lay.add_argument("--tp", type=int, help="tensor parallel size")
+    lay.add_argument("--pp", type=int, help="pipeline stages")
+    lay.add_argument("--virtual-stages", type=int, help="model chunks per stage (interleaved)")
+    lay.add_argument("--schedule", choices=SCHEDULE_NAMES,
+                     help="pipeline schedule (default 1f1b, interleaved if --virtual-stages > 1)")
+    lay.add_argument("--microbatch-size", type=int, help="sequences per microbatch (default 1)")
+    lay.add_argument("--global-batch", type=int, help="sequences per step (preset's default)")
+    lay.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage over dp")
+    lay.add_argument("--sequence-parallel", action="store_true", help="Korthikanti et al. 2022")
+    lay.add_argument("--recompute", choices=cm.RECOMPUTE,
+                     help="activation recomputation (ptdp presets: full; otherwise none)")
+    lay.add_argument("--bucket-mb", type=float, default=0.0,
+                     help="> 0: dp gradient sync overlaps the last backward")
+    lay.add_argument("--no-scatter-gather", action="store_true",
+                     help="send whole activations between stages (PTD-P section 4.1 off)")
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--hardware", default="a100-80gb", choices=HARDWARE_NAMES)
+    hw.add_argument("--hardware-file", metavar="FILE",
+                    help="JSON of `python -m minipar.bench --json` (keys gemm_flops, optionally "
+                         "allreduce_bytes_per_s, latency_s) for --hardware this-machine")
+    hw.add_argument("--dtype", default="bf16",
+                    help="bf16 (default, mixed precision), fp16, fp32 or fp64")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON object")
+    out.add_argument("--search", action="store_true",
+                     help="rank the layouts of --gpus GPUs that fit, by predicted throughput")
+    out.add_argument("--top", type=int, default=10, help="layouts shown by --search")
+    out.add_argument("--timeline", metavar="PNG", help="save the simulated pipeline timeline")
+    out.add_argument("--trace", metavar="JSON", help="save it as a Chrome trace (Perfetto)")
+    return p
+
+
+# ------------------------------------------------------------------------------- resolving
+def resolve_model(args):
+    if args.model not in MODELS:
+        raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {args.model!r}")
+    model, batch = MODELS[args.model]
+    over = {k: v for k, v in (("n_layers", args.layers), ("d_model", args.d_model),
+                              ("n_heads", args.heads), ("seq_len", args.seq_len),
+                              ("vocab_size", args.vocab), ("d_ff", args.d_ff)) if v is not None}
+    model = replace(model, **over)
+    model.validate()
+    return model, batch
+
+
+def resolve(args) -> tuple:
+    """(model, parallel, workload, hardware) from the flags and the preset's defaults."""
+    model, batch = resolve_model(args)
+    run = PTDP_TABLE1.get(args.model)
+    tp = args.tp or (run.tp if run else 1)
+    pp = args.pp or (run.pp if run else 1)
+    if args.dp:
+        dp = args.dp
+    elif args.gpus:
+        if args.gpus % (tp * pp):
+            raise ConfigError(f"--gpus {args.gpus} is not divisible by --tp {tp} x --pp {pp}")
+        dp = args.gpus // (tp * pp)
+    else:
+        dp = run.dp if (run and args.tp is None and args.pp is None) else 1
+    v = args.virtual_stages or 1
+    schedule = args.schedule or ("interleaved" if v > 1 else "1f1b")
+    work = cm.Workload(
+        global_batch=args.global_batch or (run.global_batch if run else batch),
+        microbatch_size=args.microbatch_size or 1,
+        recompute=args.recompute or (run.recompute if run else "none"),
+        dtype=cm.canonical_dtype(args.dtype), scatter_gather=not args.no_scatter_gather)
+    par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero or 0,
+                         sequence_parallel=args.sequence_parallel, schedule=schedule,
+                         microbatches=max(1, work.microbatches(dp)), virtual_stages=v,
+                         bucket_mb=args.bucket_mb)
+    cm.check_layout(model, par, work, args.gpus)
+    return model, par, work, get_hardware(args.hardware, args.hardware_file)
+
+
+# --------------------------------------------------------------------------------- report
+def _si(x: float, unit: str) -> str:
+    """1.23 T..., 456 G..., 7.8 M... : readable from a laptop to a supercomputer."""
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def describe(name: str, model, par: ParallelConfig, work: cm.Workload, hw: Hardware) -> str:
+    params = cm.param_count(model)
+    v = f", v={par.virtual_stages}" if par.virtual_stages > 1 else ""
+    count = f"{params / 1e9:.4g}B" if params >= 1e9 else f"{params / 1e6:.4g}M"
+    return (f"{name}: {count} parameters ({model.n_layers} layers, d_model "
+            f"{model.d_model}, {model.n_heads} heads, seq {model.seq_len}, vocab "
+            f"{model.vocab_size})\nlayout: {par.world} GPU(s) = dp {par.dp} x tp {par.tp} x pp "
+            f"{par.pp}, {par.schedule}{v}, {par.microbatches} microbatches of "
+            f"{work.microbatch_size}, global batch {work.global_batch}, recompute "
+            f"{work.recompute}, ZeRO {par.zero}, sequence parallel "
+            f"{'on' if par.sequence_parallel else 'off'}, {work.dtype} on {hw.name}")
+
+
+def report(name: str, model, par, work, hw: Hardware, est: Estimate) -> str:
+    b, mem, comm = est.breakdown, est.memory_per_gpu_bytes, est.comm_bytes_per_step
+    tokens = work.global_batch * model.seq_len / est.step_time_s
+    kinds = ", ".join(f"{k} {_si(v, 'B')}" for k, v in mem.items() if k not in ("total", "stage"))
+    lines = [
+        describe(name, model, par, work, hw),
+        f"step time       {est.step_time_s:.3f} s  (stage {b['stage']}: compute "
+        f"{b['compute_s']:.3f} s, tp comm {b['tp_comm_s']:.3f} s, pipeline idle "
+        f"{b['pipeline_idle_s']:.3f} s, dp sync {b['dp_sync_exposed_s']:.3f} s, optimizer "
+        f"{b['optimizer_s']:.3f} s" + (f", ZeRO-3 gathers {b['zero3_exposed_s']:.3f} s"
+                                        if b["zero3_exposed_s"] > 1e-9 else "") + ")",
+        f"throughput      {_si(est.tflops_per_gpu * 1e12, 'FLOP/s')} per GPU = "
+        f"{est.percent_of_peak:.1f}% of the {_si(hw.flops(work.dtype), 'FLOP/s')} peak; "
+        f"MFU {100 * est.mfu:.1f}%; "
+        f"{tokens:,.0f} tokens/s",
+        f"bubble          {100 * est.bubble_fraction:.1f}% of the pipeline phase idle",
+        f"memory per GPU  {_si(mem['total'], 'B')} of {_si(hw.memory_bytes, 'B')} "
+        f"(worst stage {mem['stage']}): {kinds}",
+        f"comm per step   per GPU: tp {_si(comm['tp'], 'B')}, dp {_si(comm['dp'], 'B')}, "
+        f"pp {_si(comm['pp'], 'B')}",
+    ]
+    run = PTDP_TABLE1.get(name)
+    if run and (par.tp, par.pp, par.world, par.virtual_stages, par.zero, par.sequence_parallel,
+                work.global_batch, work.microbatch_size, work.recompute, work.dtype) == (
+            run.tp, run.pp, run.gpus, run.virtual_stages, run.zero, run.sequence_parallel,
+            run.global_batch, run.microbatch_size, run.recompute, "bf16"):
+        lines.append(f"published       {run.measured['tflops_per_gpu']} TFLOP/s per GPU "
+                     f"({run.source}; assumed: {run.assumed})")
+    return "\n".join(lines)
+
+
+def to_json(name: str, model, par, work, hw, est: Estimate) -> dict:
+    out = est.to_json()
+    out.update(model=name, hardware=hw.name, layout={
+        "dp": par.dp, "tp": par.tp, "pp": par.pp, "virtual_stages": par.virtual_stages,
+        "schedule": par.schedule, "microbatches": par.microbatches,
+        "microbatch_size": work.microbatch_size, "global_batch": work.global_batch,
+        "zero": par.zero, "sequence_parallel": par.sequence_parallel,
+        "recompute": work.recompute, "dtype": work.dtype})
+    return out
+
+
+# --------------------------------------------------------------------------------- search
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search(model, gpus: int, work: cm.Workload, hw: Hardware, zero: int | None = None,
+           recompute: str | None = None) -> tuple[list, Counter]:
+    """Every dp x tp x pp x microbatch size x schedule of ``gpus`` GPUs that fits, ranked by
+    predicted step time (closed form), with the cheapest recomputation and ZeRO stage that
+    fit; sequence parallelism whenever tp > 1. Returns (ranked rows, rejection counts)."""
+    rows, rejected = [], Counter()
+    tps = [t for t in _divisors(gpus) if t <= 4 * hw.gpus_per_node]
+    for tp in tps:
+        if model.n_heads % tp or model.ffn % tp:
+            rejected[f"tp does not divide the heads ({model.n_heads})"] += 1
+            continue
+        for pp in _divisors(gpus // tp):
+            if model.n_layers % pp:
+                rejected[f"pp does not divide the layers ({model.n_layers})"] += 1
+                continue
+            dp = gpus // (tp * pp)
+            for b in (1, 2, 4, 8):
+                if work.global_batch % (dp * b):
+                    rejected["dp x microbatch size does not divide the global batch"] += 1
+                    continue
+                m = work.global_batch // (dp * b)
+                scheds = [("1f1b", 1)] + [("interleaved", v) for v in (2, 4) if pp > 1 and
+                                          m % pp == 0 and model.n_layers % (pp * v) == 0]
+                for schedule, v in scheds:
+                    row = _best_fit(model, work, hw, dp, tp, pp, b, m, schedule, v, zero,
+                                    recompute)
+                    if isinstance(row, float):
+                        rejected["out of memory even with full recomputation and ZeRO"] += 1
+                    else:
+                        rows.append(row)
+    rows.sort(key=lambda r: r[1].step_time_s)
+    return rows, rejected
+
+
+def _best_fit(model, work, hw, dp, tp, pp, b, m, schedule, v, zero, recompute):
+    """(parallel, estimate, workload) for the first recompute/ZeRO choice that fits, else the
+    smallest memory seen (a float)."""
+    smallest = float("inf")
+    zeros = [zero] if zero is not None else ([0, 1] if dp > 1 else [0])
+    for rc in ([recompute] if recompute else cm.RECOMPUTE):
+        for z in zeros:
+            par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=z, sequence_parallel=tp > 1,
+                                 schedule=schedule, microbatches=m, virtual_stages=v)
+            w = replace(work, microbatch_size=b, recompute=rc)
+            mem = cm.memory_per_gpu(model, par, w)["total"]
+            if mem <= hw.memory_bytes:
+                return par, estimate(model, par, w, hw, use_simulator=False), w
+            smallest = min(smallest, mem)
+    return smallest
+
+
+def search_table(rows: list, top: int) -> str:
+    head = (f"{'#':>3} {'dp':>5} {'tp':>3} {'pp':>3} {'v':>2} {'b':>2} {'m':>5} {'zero':>4} "
+            f"{'recompute':>9} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6} {'bubble':>7} "
+            f"{'mem GB':>7}")
+    lines = [head]
+    for i, (par, est, w) in enumerate(rows[:top], 1):
+        lines.append(
+            f"{i:>3} {par.dp:>5} {par.tp:>3} {par.pp:>3} {par.virtual_stages:>2} "
+            f"{w.microbatch_size:>2} {par.microbatches:>5} {par.zero:>4} {w.recompute:>9} "
+            f"{est.step_time_s:>8.2f} {est.tflops_per_gpu:>8.1f} {100 * est.mfu:>5.1f}% "
+            f"{100 * est.bubble_fraction:>6.1f}% {est.memory_per_gpu_bytes['total'] / GB:>7.1f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    if args.search:
+        return _run_search(args)
+    model, par, work, hw = resolve(args)
+    passes = 2 * par.pp * par.microbatches * par.virtual_stages
+    want_plot = bool(args.timeline or args.trace)
+    if want_plot and passes > 20000:
+        raise ConfigError(f"--timeline/--trace: {passes} passes are too many to draw; use a "
+                          "smaller --global-batch or larger --microbatch-size")
+    est = estimate(model, par, work, hw, use_simulator=True if want_plot else None)
+    if args.timeline:
+        from minipar.render import plot_timeline
+        plot_timeline(est.timeline, args.timeline, f"{args.model}: simulated step")
+    if args.trace:
+        from minipar.trace import timeline_events, to_chrome_trace
+        to_chrome_trace(timeline_events(est.timeline), args.trace)
+    if args.json:
+        print(json.dumps(to_json(args.model, model, par, work, hw, est)))
+    else:
+        print(report(args.model, model, par, work, hw, est))
+    if not est.fits:
+        mem = est.memory_per_gpu_bytes
+        print(f"{PROG}: error: does not fit: {mem['total'] / GB:.1f} GB per GPU (stage "
+              f"{mem['stage']}) > {hw.memory_bytes / GB:.1f} GB on {hw.name}; try --recompute "
+              "selective/full, --zero 1-3, --sequence-parallel, or more --tp/--pp",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_search(args) -> int:
+    model, batch = resolve_model(args)
+    run = PTDP_TABLE1.get(args.model)
+    gpus = args.gpus or (run.gpus if run else None)
+    if not gpus or gpus < 1:
+        raise ConfigError("--search needs --gpus N (the GPU count to lay out)")
+    work = cm.Workload(global_batch=args.global_batch or (run.global_batch if run else batch),
+                       dtype=cm.canonical_dtype(args.dtype),
+                       scatter_gather=not args.no_scatter_gather)
+    hw = get_hardware(args.hardware, args.hardware_file)
+    rows, rejected = search(model, gpus, work, hw, args.zero, args.recompute)
+    if args.json:
+        print(json.dumps({"model": args.model, "gpus": gpus, "hardware": hw.name,
+                          "ranked": [to_json(args.model, model, p, w, hw, e)
+                                     for p, e, w in rows[:args.top]],
+                          "fitting": len(rows), "rejected": dict(rejected)}))
+    else:
+        print(f"{args.model} on {gpus} x {hw.name}, global batch {work.global_batch}: "
+              f"{len(rows)} layouts fit; best {min(args.top, len(rows))} by predicted step time")
+        if rows:
+            print(search_table(rows, args.top))
+        for reason, n in rejected.most_common():
+            print(f"rejected {n:>5}: {reason}")
+    if not rows:
+        print(f"{PROG}: error: no layout of {gpus} GPUs fits {args.model} in "
+              f"{hw.memory_bytes / GB:.1f} GB per GPU", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
