@@ -1,0 +1,1 @@
+"""Communication: communicators and their accounting, the rank mesh, ring algorithms."""
