@@ -106,8 +106,13 @@ def pick_layout(args, world: int) -> tuple[int, int, int, str]:
     tp, pp = given.get("tp", 1), given.get("pp", 1)
     if "dp" in given:
         dp = given["dp"]
+    elif tp > 0 and pp > 0 and world % (tp * pp) == 0 and world >= tp * pp:
+        dp = world // (tp * pp)
     else:
-        dp = max(1, world // (tp * pp)) if world % (tp * pp) == 0 else 0
+        from minipar.config import ConfigError
+
+        raise ConfigError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the number of "
+                          f"ranks ({world})")
     note = "" if len(given) == 3 else (
         "no layout flags: all ranks do data parallelism" if not given else
         "unspecified sizes set to fill the world")
