@@ -19,6 +19,7 @@ from minipar.nn.model import build_chunks
 from minipar.nn.optim import clip_coefficient
 from minipar.parallel.pipeline import PipelineExecutor, StepData
 from minipar.parallel.schedules import chunk_location, make_schedule
+from minipar.trace_comm import traced_mesh
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Engine:
                  weight_decay: float = 0.0, grad_clip: float = 1.0, tracer=None):
         model.validate()
         par.validate(model, world_size=mesh.world.size)
+        if tracer is not None:  # every collective of every layer becomes a trace event
+            mesh = traced_mesh(mesh, tracer)
         self.model_cfg, self.par, self.mesh = model, par, mesh
         self.dtype = dtype
         self.grad_clip = grad_clip
@@ -64,6 +67,11 @@ class Engine:
         self.program = make_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
         self.step_count = 0
         self._lr = lr
+        # Activation memory is measured on the first step (every step has the same shapes, so
+        # the same peak); set True to measure, and keep memory_log, on every step.
+        self.measure_activations = False
+        self.peak_activation_bytes = 0  # this stage's peak over the steps run so far
+        self.memory_log: list = []  # the last step's MemorySample per pass
 
     # -- training -------------------------------------------------------------------------------
 
@@ -115,8 +123,13 @@ class Engine:
 
         self.dp.zero_grad()
         executor = PipelineExecutor(self.program, self.chunks, self.mesh, self.act_shape(rows),
-                                    self.dtype, on_sync, on_step, self.tracer)
+                                    self.dtype, on_sync, on_step, self.tracer,
+                                    measure_memory=self.measure_activations
+                                    or self.step_count == 0)
         executor.run(data)
+        self.memory_log = executor.memory_log
+        self.peak_activation_bytes = max(self.peak_activation_bytes,
+                                         executor.peak_activation_bytes)
         self.step_count += 1
         return StepResult(result["loss"], result["grad_norm"], result["clip"],
                           result.get("skipped", False))

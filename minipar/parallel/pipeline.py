@@ -3,14 +3,24 @@
 The executor is a dispatch table from instruction type to a small method. It knows nothing about
 GPipe or 1F1B: the schedule (``minipar.parallel.schedules``) decided the order, the executor
 only does what each instruction says. Activations and gradients move as contiguous arrays with
-``isend`` (completed at the end of the step) and blocking ``recv``, exactly the semantics the
-program checks prove deadlock-free.
+``isend`` (completed at ``SyncGrads``, the end of the step's passes) and blocking ``recv``,
+exactly the semantics the program checks prove deadlock-free. Because every send is
+non-blocking, two stages that both block in ``recv`` can only be waiting for a message the
+program never sends; MPI's rendezvous protocol for large messages does not change that, since a
+posted ``isend`` completes as soon as its receive is posted.
+
+Memory. A microbatch's caches are freed by the backward pass that pops them (``Module.pop``), so
+a stage holds exactly the microbatches the program has started and not finished. With
+``measure_memory`` the executor checks this after every pass: it records the bytes the caches
+keep alive and the (microbatch, chunk) pairs that still hold any, giving the measured peak per
+stage that the program checker's ``peak_live`` predicts.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from minipar import backend
 from minipar.parallel import schedules as S
 
 TAG_ACT, TAG_GRAD = 1, 2
@@ -31,19 +41,103 @@ class _State:
     acts_out: dict = field(default_factory=dict)  # (mb, chunk) -> produced activation
     grads_in: dict = field(default_factory=dict)  # (mb, chunk) -> received output gradient
     grads_out: dict = field(default_factory=dict)  # (mb, chunk) -> produced input gradient
-    sends: list = field(default_factory=list)  # outstanding isend requests
+    sends: list = field(default_factory=list)  # outstanding isend requests and their buffers
     loss: float = 0.0
 
 
+@dataclass(frozen=True)
+class MemorySample:
+    """What this stage holds right after one pass: bytes kept alive and live (mb, chunk) pairs."""
+
+    label: str  # the pass, as the program prints it (F3, B2.1, W0, ...)
+    bytes: int
+    live: int  # (mb, chunk) pairs holding caches or deferred weight-gradient inputs
+    live_full: int  # pairs whose input-gradient pass has not run (the whole activation stack)
+
+
+# ------------------------------------------------------------------------- activation memory
+def _modules(module):
+    yield module
+    for child in module.children():
+        yield from _modules(child)
+
+
+def _owner(a):
+    """The array that owns ``a``'s memory (``a`` itself unless it is a view)."""
+    while getattr(a, "base", None) is not None:
+        a = a.base
+    return a
+
+
+def _arrays(obj):
+    if hasattr(obj, "nbytes") and hasattr(obj, "dtype"):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from _arrays(o)
+
+
+def _held(modules_per_chunk):
+    """(local chunk, mb, held object, is a module cache) for every cache and deferred W input."""
+    for j, modules in enumerate(modules_per_chunk):
+        for m in modules:
+            for mb, cache in m._cache.items():
+                yield j, mb, cache, True
+            # WeightGradMixin keeps (dy, cache) per microbatch between B and W (zero bubble).
+            for mb, pending in m.__dict__.get("_pending", {}).items():
+                yield j, mb, pending, False
+
+
+class MemoryProbe:
+    """Reads what a stage's chunks hold for pending backward passes (see the module doc)."""
+
+    def __init__(self, chunks) -> None:
+        self.modules = [list(_modules(c)) for c in chunks]
+        self.params = [p for c in chunks for p in c.params()]
+
+    def activation_bytes(self) -> int:
+        """Bytes the caches keep alive for pending backward passes.
+
+        Every distinct array held by a module cache or a deferred weight-gradient pass, counted
+        once, except parameter storage: a linear layer caches its weight next to its input, and
+        that weight is not activation memory (``Module.cache_bytes`` counts it per microbatch).
+        """
+        # Read p.data now, not at construction: ZeRO-3 swaps in gathered weights per unit.
+        params = {id(_owner(p.data)) for p in self.params}
+        seen: set[int] = set()
+        total = 0
+        for _, _, held, _ in _held(self.modules):
+            for a in _arrays(held):
+                if id(a) in seen or id(_owner(a)) in params:
+                    continue
+                seen.add(id(a))
+                total += int(a.nbytes)
+        return total
+
+    def live_pairs(self) -> tuple[set, set]:
+        """(pairs holding anything, pairs holding module caches) as (mb, local chunk) sets."""
+        live, full = set(), set()
+        for j, mb, _, is_cache in _held(self.modules):
+            if mb == "_eval":
+                continue
+            live.add((mb, j))
+            if is_cache:
+                full.add((mb, j))
+        return live, full
+
+
+# ---------------------------------------------------------------------------------- executor
 class PipelineExecutor:
     """Runs this stage's instruction list of a program over this rank's model chunks.
 
     ``on_sync`` and ``on_step`` are the engine's gradient sync and optimizer step, called where
     the program says ``SyncGrads`` and ``Step``. ``tracer`` (optional) records every event.
+    With ``measure_memory`` every pass appends a ``MemorySample`` to ``memory_log`` and
+    ``peak_activation_bytes`` is the largest ``bytes`` seen (0 when not measured).
     """
 
     def __init__(self, program: S.Program, chunks, mesh, act_shape, dtype, on_sync, on_step,
-                 tracer=None):
+                 tracer=None, measure_memory: bool = False):
         self.program = program
         self.stage = mesh.pp_rank
         self.p = program.n_stages
@@ -54,6 +148,10 @@ class PipelineExecutor:
         self.on_sync = on_sync
         self.on_step = on_step
         self.tracer = tracer
+        self.measure_memory = measure_memory
+        self.memory_log: list[MemorySample] = []
+        self.peak_activation_bytes = 0
+        self._probe: MemoryProbe | None = None
         self.dispatch = {
             S.Fwd: self._fwd, S.Bwd: self._bwd, S.BwdInput: self._bwd_input,
             S.BwdWeight: self._bwd_weight, S.SendAct: self._send_act, S.RecvAct: self._recv_act,
@@ -65,19 +163,31 @@ class PipelineExecutor:
         """Execute the step; returns this rank's share of the loss (0 off the last stage)."""
         self.data = data
         self.st = _State()
+        n_chunks = self.program.n_chunks
         for instr in self.program.stages[self.stage]:
             if self.tracer is not None:
-                with self.tracer.span(instr.label_for(self.program.n_chunks), instr.kind,
-                                      mb=getattr(instr, "mb", None)):
+                args = {k: getattr(instr, k) for k in ("mb", "chunk") if hasattr(instr, k)}
+                with self.tracer.span(instr.label_for(n_chunks), instr.kind, **args):
                     self.dispatch[type(instr)](instr)
             else:
                 self.dispatch[type(instr)](instr)
+            if self.measure_memory and isinstance(instr, S.COMPUTE):
+                self._sample(instr)
         leftovers = [d for d in (self.st.acts_in, self.st.acts_out, self.st.grads_in,
                                  self.st.grads_out) if d]
         if leftovers:
             raise RuntimeError(f"pipeline stage {self.stage}: program left unconsumed data "
                                f"{[sorted(d) for d in leftovers]}")
         return self.st.loss
+
+    def _sample(self, instr) -> None:
+        if self._probe is None:
+            self._probe = MemoryProbe(self.chunks)
+        nbytes = self._probe.activation_bytes()
+        live, full = self._probe.live_pairs()
+        self.memory_log.append(MemorySample(self.program.label(instr), nbytes, len(live),
+                                            len(full)))
+        self.peak_activation_bytes = max(self.peak_activation_bytes, nbytes)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -133,31 +243,36 @@ class PipelineExecutor:
 
     # -- communication -------------------------------------------------------------------------
 
+    def _isend(self, store: dict, ins, tag: int) -> None:
+        # One contiguous buffer per message, kept referenced until its send completes.
+        buf = backend.xp().ascontiguousarray(store.pop((ins.mb, ins.chunk)))
+        dest = S.peer(self.stage, ins, self.p)
+        self.st.sends.append((self.pp.isend(buf, dest, tag), buf))
+
+    def _recv(self, store: dict, ins, tag: int) -> None:
+        src = S.peer(self.stage, ins, self.p)
+        store[(ins.mb, ins.chunk)] = self.pp.recv(self.act_shape, self.dtype, src, tag)
+
     def _send_act(self, ins) -> None:
-        dest, _ = S.act_dest(self.stage, ins.chunk, self.p)
-        buf = self.st.acts_out.pop((ins.mb, ins.chunk))
-        self.st.sends.append((self.pp.isend(buf, dest, TAG_ACT), buf))
+        self._isend(self.st.acts_out, ins, TAG_ACT)
 
     def _recv_act(self, ins) -> None:
-        src = (self.stage - 1) % self.p
-        self.st.acts_in[(ins.mb, ins.chunk)] = self.pp.recv(self.act_shape, self.dtype, src,
-                                                             TAG_ACT)
+        self._recv(self.st.acts_in, ins, TAG_ACT)
 
     def _send_grad(self, ins) -> None:
-        dest, _ = S.grad_dest(self.stage, ins.chunk, self.p)
-        buf = self.st.grads_out.pop((ins.mb, ins.chunk))
-        self.st.sends.append((self.pp.isend(buf, dest, TAG_GRAD), buf))
+        self._isend(self.st.grads_out, ins, TAG_GRAD)
 
     def _recv_grad(self, ins) -> None:
-        src = (self.stage + 1) % self.p
-        self.st.grads_in[(ins.mb, ins.chunk)] = self.pp.recv(self.act_shape, self.dtype, src,
-                                                              TAG_GRAD)
+        self._recv(self.st.grads_in, ins, TAG_GRAD)
 
     def _sync(self, ins) -> None:
-        for req, _buf in self.st.sends:  # the buffers stay referenced until their send is done
+        for req, _buf in self.st.sends:
             req.wait()
         self.st.sends.clear()
         self.on_sync(self.st.loss)
 
     def _step(self, ins) -> None:
         self.on_step()
+
+
+__all__ = ["PipelineExecutor", "StepData", "MemorySample", "MemoryProbe", "TAG_ACT", "TAG_GRAD"]
