@@ -178,6 +178,6 @@ def test_split_with_uneven_groups_and_mismatch_error_text():
             return str(exc)
     out = run_threads(fn, 3)
     assert out[0] == 1
-    assert out[1].startswith("ThreadComm(g, rank 0 of 2): ranks disagree")
+    assert out[1].startswith("ThreadComm(g, rank 0 of 2): rank 1 disagrees with rank 0")
     assert out[1].split(": ", 1)[1] == out[2].split(": ", 1)[1]  # the same report on both ranks
     assert "rank 0: allreduce((2,), <f8, sum); rank 1: allreduce((3,), <f8, sum)" in out[1]

@@ -70,11 +70,33 @@ def describe_call(desc: tuple) -> str:
     return f"{desc[0]}({', '.join(str(d) for d in desc[1:])})"
 
 
-def mismatch_error(comm: "Comm", descs: Sequence[tuple]) -> CommError:
-    """The error every rank raises when the ranks of a group made different collective calls."""
-    calls = "; ".join(f"rank {r}: {describe_call(d)}" for r, d in enumerate(descs))
-    return CommError(f"{comm!r}: ranks disagree on a collective call (every rank must make the "
-                     f"same call with the same shape and dtype): {calls}")
+def call_site() -> str:
+    """``file:line`` of the innermost caller outside minipar.dist: where a collective was
+    called from, for mismatch reports."""
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame = sys._getframe(1)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    return f"{os.path.relpath(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+def mismatch_error(comm: "Comm", descs: Sequence[tuple], sites: Sequence[str] | None = None
+                   ) -> CommError:
+    """The error every rank raises when the ranks of a group made different collective calls.
+
+    Names the first rank whose call differs from rank 0's, then every rank's call (and call
+    site, when known).
+    """
+    first = next((r for r, d in enumerate(descs) if d != descs[0]), 0)
+    at = (lambda r: f" at {sites[r]}") if sites else (lambda r: "")
+    calls = "; ".join(f"rank {r}: {describe_call(d)}{at(r)}" for r, d in enumerate(descs))
+    return CommError(f"{comm!r}: rank {first} disagrees with rank 0 on a collective call (every "
+                     f"rank must make the same call with the same shape and dtype): {calls}")
 
 
 def _contiguous(x):

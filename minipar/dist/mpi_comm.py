@@ -21,7 +21,7 @@ from mpi4py import MPI
 from mpi4py.util import dtlib
 
 from minipar import backend
-from minipar.dist.base import Comm, CommError, mismatch_error
+from minipar.dist.base import Comm, CommError, call_site, mismatch_error
 from minipar.dist.stats import CommStats
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX}
@@ -48,9 +48,10 @@ class MPIComm(Comm):
 
     def _verify(self, desc: tuple) -> None:
         if self.check:
-            descs = self.mpi.allgather(desc)
+            calls = self.mpi.allgather((desc, call_site()))
+            descs = [d for d, _ in calls]
             if any(d != descs[0] for d in descs):
-                raise mismatch_error(self, descs)
+                raise mismatch_error(self, descs, [site for _, site in calls])
 
     # ---- collectives ----
 
