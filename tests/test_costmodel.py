@@ -337,3 +337,7 @@ def test_this_machine_from_bench_json(tmp_path):
     par = ParallelConfig(dp=2, microbatches=2)
     t = predict_step_time(TINY, par, 8, hw)
     assert 0 < t < 1
+    # Two ranks sharing the machine each get half of it: compute-bound steps take longer.
+    shared = hw.shared_by(2)
+    assert shared.flops("fp32") == 2.5e10 and shared.mem_bw == hw.mem_bw / 2
+    assert predict_step_time(TINY, par, 8, shared) > t
