@@ -135,8 +135,8 @@ def make_configs(args, world: int):
         raise ConfigError("--save-every and --keep must be >= 0")
     if args.save_every and not args.save:
         raise ConfigError("--save-every needs --save DIR")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {args.lr}")
+    if not args.lr > 0 or args.lr == float("inf"):
+        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
     task_kw = {} if args.n_digits is None else {"n_digits": args.n_digits}
     task = make_task(args.task, args.seed, data_path=args.data, seq_len=args.seq_len, **task_kw)
     cfg: ModelConfig = MODEL_PRESETS[args.model]
@@ -191,6 +191,11 @@ def main(argv=None) -> int:
         install_abort_handler(world)
     from minipar.train_loop import run
 
+    import numpy
+
+    # Overflow and NaN are detected explicitly after each step (and named there), so NumPy's
+    # floating-point warnings would only add noise to that one clear message.
+    numpy.seterr(all="ignore")
     try:
         summary = run(args, cfg, par, task, world, note, blas_threads=BLAS_THREADS,
                       resume=resume)
