@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
     t.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--trace", default=None, metavar="FILE",
+                   help="write every rank's events as Chrome-trace JSON (open in Perfetto)")
+    t.add_argument("--plot", default=None, metavar="DIR",
+                   help="save the measured timeline of the last step and the loss curve (PNG)")
     c = p.add_argument_group("checkpoints and faults")
     c.add_argument("--save", default=None, metavar="DIR",
                    help="write layout-independent checkpoints to DIR/step-NNNNNN/")

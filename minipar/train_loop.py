@@ -58,6 +58,40 @@ def save_checkpoint(engine, args, cfg, par, task, step: int) -> str | None:
     return checkpoint.write(args.save, step, params, optim, meta, keep=args.keep)
 
 
+def _tag_step(tracer, first: int, step: int) -> None:
+    """Mark the events a training step recorded with its number (the timeline plots one)."""
+    for e in tracer.events[first:]:
+        e["args"]["step"] = step
+
+
+def _write_trace(tracer, world, args, par, losses, out) -> None:
+    """Collective: rank 0 gathers every rank's events, writes --trace and the --plot PNGs."""
+    import os
+
+    from minipar import render, trace
+
+    with world.stats.paused():  # the trace's own traffic is not the run's
+        events = trace.merge(world.allgather_obj(tracer.events))
+    if world.rank != 0:
+        return
+    if args.trace:
+        trace.to_chrome_trace(events, args.trace)
+        print(f"trace   | {len(events)} events of {world.size} rank(s) -> {args.trace}",
+              file=out, flush=True)
+    if args.plot:
+        os.makedirs(args.plot, exist_ok=True)
+        last = max((e["args"].get("step", 0) for e in events), default=0)
+        step = [e for e in events if e["args"].get("step") == last]
+        t0 = min((e["start"] for e in step), default=0.0)
+        step = [dict(e, start=e["start"] - t0, end=e["end"] - t0) for e in step]
+        title = (f"measured step {last}: {par.schedule}, pp {par.pp}, {par.microbatches} "
+                 f"microbatches, dp {par.dp}, tp {par.tp}")
+        paths = [render.plot_timeline(step, os.path.join(args.plot, "timeline.png"), title),
+                 render.plot_losses(losses, os.path.join(args.plot, "loss.png"),
+                                    "training loss")]
+        print(f"plots   | {', '.join(paths)}", file=out, flush=True)
+
+
 def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=sys.stdout,
         resume=None):
     """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere).
@@ -70,8 +104,14 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
 
     mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
     rank0 = world.rank == 0
+    tracer = None
+    if getattr(args, "trace", None) or getattr(args, "plot", None):
+        from minipar.trace import Tracer
+
+        tracer = Tracer(rank=world.rank)
     engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
-                    lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip)
+                    lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                    tracer=tracer)
     start = 0
     if resume is not None:
         params, optim, meta = resume
@@ -94,6 +134,11 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
               if par.pp > 1 else
               f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, lr {args.lr}",
               file=out, flush=True)
+        if par.pp > 1:
+            from minipar.parallel.partition import partition
+
+            for line in partition(cfg, par.pp, par.virtual_stages).lines():
+                print(line, file=out, flush=True)
         if resume is not None:
             print(f"resume  | from step {start} (saved with layout dp={resume[2]['layout']['dp']}"
                   f", tp={resume[2]['layout']['tp']}, pp={resume[2]['layout']['pp']})",
@@ -107,16 +152,22 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
                    mininterval=0.5)
     losses, evals, comm_total, skipped = [], [], {}, []
     tokens = 0
+    if tracer is not None:
+        world.barrier()  # a common time origin for every rank's events
+        tracer.reset_clock()
     t_start = time.perf_counter()
     t_train = 0.0
     for step in range(start, args.steps):
         inputs, targets, normalizer = batch_for_rank(task, step, args.batch_size, mesh)
         lr = lr_at(step, args.lr, args.warmup, args.steps)
         mesh.reset_stats()
+        n_events = len(tracer.events) if tracer is not None else 0
         t0 = time.perf_counter()
         result = engine.train_step(inputs, targets, normalizer, lr,
                                    skip_nonfinite=args.skip_nonfinite)
         t_train += time.perf_counter() - t0
+        if tracer is not None:
+            _tag_step(tracer, n_events, step + 1)
         if result.skipped:
             skipped.append(step + 1)
             if rank0:
@@ -142,6 +193,8 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t_start
+    if tracer is not None:
+        _write_trace(tracer, world, args, par, losses, out)
     if not rank0:
         return None
     final = evals[-1]
