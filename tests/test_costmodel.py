@@ -192,7 +192,10 @@ def test_comm_prediction_arithmetic():
     # 4 blocks x 4, embedding 1, head backward 1 of (b, s, h); 3 loss allreduces of (b, s).
     assert tp["tp"]["allreduce"] == {"calls": 4 * 4 + 2 + 3, "bytes": 18 * x + 3 * b * s * e}
     sp = cm.predict_comm_bytes(TINY, ParallelConfig(tp=2, sequence_parallel=True), b, e)
-    assert sp["tp"]["allgather"]["bytes"] + sp["tp"]["reduce_scatter"]["bytes"] == 2 * 18 * x
+    # The same volume as the allreduces, plus one re-gather per column-parallel matrix in
+    # backward (QKV and MLP up per block, the head): 4 x 2 + 1.
+    assert sp["tp"]["allgather"]["bytes"] + sp["tp"]["reduce_scatter"]["bytes"] == (
+        2 * 18 + 9) * x
     pp = cm.predict_comm_bytes(TINY, ParallelConfig(pp=2, microbatches=2), 2 * b, e, stage=1)
     assert pp["pp"]["send"] == {"calls": 2, "bytes": 2 * x}  # gradients of 2 microbatches
     n = cm.local_param_count(TINY, ParallelConfig(dp=4), 0)
@@ -205,12 +208,14 @@ def test_comm_prediction_arithmetic():
     assert cm.predict_comm_bytes(TINY, ParallelConfig(), 4, e) == {}
 
 
-LAYOUTS = [ParallelConfig(dp=2), ParallelConfig(tp=2, sequence_parallel=True),
+LAYOUTS = [ParallelConfig(dp=2), ParallelConfig(tp=4, sequence_parallel=True),
            ParallelConfig(dp=2, tp=2, pp=2, microbatches=2),
+           ParallelConfig(dp=2, tp=2, pp=2, microbatches=2, sequence_parallel=True),
+           ParallelConfig(tp=2, pp=2, microbatches=4, schedule="zb-h1"),
            ParallelConfig(pp=2, microbatches=2, schedule="interleaved", virtual_stages=2)]
 
 
-@pytest.mark.parametrize("par", LAYOUTS, ids=lambda p: f"dp{p.dp}tp{p.tp}pp{p.pp}v"
+@pytest.mark.parametrize("par", LAYOUTS, ids=lambda p: f"dp{p.dp}tp{p.tp}pp{p.pp}{p.schedule}"
                          f"{p.virtual_stages}sp{int(p.sequence_parallel)}")
 def test_predicted_bytes_equal_commstats_of_a_real_step(par):
     """The in-process world runs one training step; every group's CommStats equals the

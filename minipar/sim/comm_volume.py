@@ -39,13 +39,17 @@ def _act(model: ModelConfig, b: int, e: int) -> int:
 def block_tp(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
              backward: bool) -> list[Collective]:
     """One block, one microbatch, one pass: Megatron's g after the attention projection and
-    the MLP, (f in backward before QKV and MLP up-projection): 2 allreduces of (b, s, h); under
-    sequence parallelism an allgather entering and a reduce-scatter leaving each half."""
+    the MLP (f in backward before QKV and MLP up-projection): 2 allreduces of (b, s, h). Under
+    sequence parallelism an allgather entering and a reduce-scatter leaving each half, and in
+    backward each column-parallel matrix allgathers its cached sequence shard again for its
+    weight gradient (Korthikanti et al. 2022, section 4.2.2): 2 more allgathers."""
     if parallel.tp == 1:
         return []
     x = _act(model, b, e)
     if parallel.sequence_parallel:
-        return [Collective("tp", "allgather", x), Collective("tp", "reduce_scatter", x)] * 2
+        regather = [Collective("tp", "allgather", x)] * (2 if backward else 0)
+        return [Collective("tp", "allgather", x), Collective("tp", "reduce_scatter", x)] * 2 + \
+            regather
     return [Collective("tp", "allreduce", x)] * 2
 
 
@@ -64,14 +68,16 @@ def embed_tp(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
 def head_tp(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
             backward: bool) -> list[Collective]:
     """LM head and vocab-parallel cross-entropy: f before the head (allreduce backward; under SP
-    allgather forward, reduce-scatter backward) and three (b, s) allreduces forward for the
-    row maximum, the sum of exponentials and the target logit."""
+    allgather forward, and in backward the re-gather of the cached shard then reduce-scatter)
+    and three (b, s) allreduces forward for the row maximum, the sum of exponentials and the
+    target logit."""
     if parallel.tp == 1:
         return []
     x = _act(model, b, e)
     if backward:
-        op = "reduce_scatter" if parallel.sequence_parallel else "allreduce"
-        return [Collective("tp", op, x)]
+        if parallel.sequence_parallel:
+            return [Collective("tp", "allgather", x), Collective("tp", "reduce_scatter", x)]
+        return [Collective("tp", "allreduce", x)]
     small = [Collective("tp", "allreduce", b * model.seq_len * e)] * 3
     return ([Collective("tp", "allgather", x)] if parallel.sequence_parallel else []) + small
 
