@@ -199,13 +199,13 @@ print(f"{within} of {total} within 25%")
 # %% [markdown]
 # What this says, honestly:
 #
-# * PTD-P's own runs (tables 1 and 2) are predicted 2-15% *faster* than measured, and the error
-#   does not grow with scale: the model's shape is right, and the systematic gap is what it
-#   leaves out (kernels below 80% of peak on small shapes, the data loader, imbalanced stages,
-#   network congestion).
-# * Korthikanti et al.'s step times are predicted 3-12% *shorter* too, and the model gets the
-#   gain of sequence parallelism + selective recomputation over full recomputation (about 30%)
-#   from first principles: less recomputed work, fewer memory-bound passes.
+# * PTD-P's own runs (tables 1 and 2) are predicted up to about 15% *faster* than measured,
+#   and the error does not grow with scale: the model's shape is right, and the systematic gap
+#   is what it leaves out (kernels below 80% of peak on small shapes, the data loader,
+#   imbalanced stages, network congestion).
+# * Korthikanti et al.'s step times are predicted up to about 10% *shorter* too, and the model
+#   gets the gain of sequence parallelism + selective recomputation over full recomputation
+#   (about 30%) from first principles: less recomputed work, fewer memory-bound passes.
 # * The ZeRO-3 rows miss badly (1.6x to 5x too optimistic). The model assumes parameter
 #   gathers are perfectly prefetched behind compute and that a ring over 1536 ranks runs at link
 #   speed. DeepSpeed's 2021 ZeRO-3 did neither at that scale: PTD-P measured it falling from
