@@ -205,6 +205,8 @@ def main(argv=None) -> int:
                       resume=resume)
     except FloatingPointError as exc:  # every rank sees the same allreduced loss and norm
         return fail(f"{exc} (use --skip-nonfinite to skip such steps)")
+    except ConfigError as exc:  # found identically on every rank, before any collective
+        return fail(str(exc))
     if summary is not None and args.summary and world.rank == 0:
         with open(args.summary, "w") as fh:
             json.dump(summary, fh, indent=1)
