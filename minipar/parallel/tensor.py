@@ -16,6 +16,10 @@ on the full sequence; it replaces
     f  by an allgather along T       (the column-parallel linear needs every token)
 
 which moves the same bytes but stores the LayerNorm/residual activations once, not tp times.
+A column-parallel linear under sequence parallelism caches only this rank's T/tp tokens of its
+input and allgathers them again in backward for the weight gradient (Korthikanti et al. 2022,
+section 4.2.2): one extra allgather per column-parallel linear in backward buys a layer whose
+every cached activation is divided by tp, the paper's sbh (34/t + 5as/(ht)).
 
 With a tp group of one rank every collective is a no-op: the serial model is this code on a
 1 x 1 x 1 mesh.
@@ -116,19 +120,53 @@ class WeightGradMixin:
         return sum(int(dy.nbytes) for dy, _ in self.__dict__.get("_pending", {}).values())
 
 
-class ColumnParallelLinear(WeightGradMixin, Module):
+class ColumnParallel(WeightGradMixin, Module):
+    """Forward and backward of every column-parallel matrix: y = f(x) W[:, cols] (+ b[cols]).
+
+    Subclasses say where the weight and bias live (``_weight``, ``_bias``) and where their
+    gradients go (``_apply_weight_grads``). The cache keeps the input this rank was *given*:
+    the whole sequence without sequence parallelism (f is the identity), only this rank's T/tp
+    tokens with it; backward runs the entering collective again to rebuild the full input for
+    dW = x^T dy (an allgather under SP, nothing otherwise), as Korthikanti et al. 2022 (4.2.2)
+    do so that no activation of the layer is stored tp times.
+    """
+
+    def _enter_region(self, ctx) -> None:
+        self.tp = ctx.tp
+        self.enter = _enter(ctx)
+
+    def _weight(self):
+        raise NotImplementedError
+
+    def _bias(self):
+        return None
+
+    def forward(self, x, mb=0):
+        x_full = self.enter[0](x, self.tp)  # (B, T, C): whole sequence on every rank
+        y, cache = F.linear_fwd(x_full, self._weight(), self._bias())  # (B, T, out / tp)
+        self.save(mb, (x, *cache[1:]))  # the kernel's cache, holding the input as given
+        return y
+
+    def backward(self, dy, mb=0):
+        x, *rest = self.pop(mb)
+        cache = (self.enter[0](x, self.tp), *rest)  # the full input again (allgather under SP)
+        dx = F.linear_bwd_input(dy, cache)  # (B, T, C), partial over tp
+        self._weight_grads(dy, cache, mb)
+        return self.enter[1](dx, self.tp)
+
+
+class ColumnParallelLinear(ColumnParallel):
     """y[:, cols of this rank] = f(x) W[:, cols] + b[cols]. Output stays split over tp.
 
-    ``split_view`` cuts a fused weight block-wise (the [Q|K|V] projection: each rank takes the
+    ``blocks`` cuts a fused weight block-wise (the [Q|K|V] projection: each rank takes the
     Q, K and V columns of its own heads).
     """
 
     def __init__(self, ctx, name: str, d_in: int, d_out: int, std: float, bias: bool = True,
                  blocks: int = 1):
         super().__init__()
+        self._enter_region(ctx)
         tp = ctx.tp
-        self.tp = tp
-        self.enter = _enter(ctx)
         w_view = (d_in, blocks, d_out // blocks) if blocks > 1 else None
         b_view = (blocks, d_out // blocks) if blocks > 1 else None
         self.w = make_param(ctx, f"{name}.w", (d_in, d_out), std,
@@ -138,17 +176,11 @@ class ColumnParallelLinear(WeightGradMixin, Module):
                             Sharding(axis=1 if blocks > 1 else 0, parts=tp.size, index=tp.rank,
                                      view=b_view), decay=False) if bias else None
 
-    def forward(self, x, mb=0):
-        x_full = self.enter[0](x, self.tp)  # (B, T, C): whole sequence on every rank
-        y, cache = F.linear_fwd(x_full, self.w.data, None if self.b is None else self.b.data)
-        self.save(mb, cache)
-        return y  # (B, T, out / tp)
+    def _weight(self):
+        return self.w.data  # (C, out / tp)
 
-    def backward(self, dy, mb=0):
-        cache = self.pop(mb)
-        dx = F.linear_bwd_input(dy, cache)
-        self._weight_grads(dy, cache, mb)
-        return self.enter[1](dx, self.tp)
+    def _bias(self):
+        return None if self.b is None else self.b.data
 
     def _apply_weight_grads(self, dw, db) -> None:
         self.w.accumulate(dw)
@@ -226,7 +258,7 @@ class VocabParallelEmbedding(Module):
         return None
 
 
-class VocabParallelHead(WeightGradMixin, Module):
+class VocabParallelHead(ColumnParallel):
     """Logits over this rank's slice of the vocabulary: a column-parallel linear with no bias.
 
     With weight tying the head reuses the embedding's (V/tp, C) rows, transposed.
@@ -235,9 +267,8 @@ class VocabParallelHead(WeightGradMixin, Module):
     def __init__(self, ctx, name: str, width: int, vocab: int, std: float,
                  tied: Param | None = None):
         super().__init__()
+        self._enter_region(ctx)
         tp = ctx.tp
-        self.tp = tp
-        self.enter = _enter(ctx)
         self.tied = tied
         if tied is None:
             self.w = make_param(ctx, f"{name}.w", (width, vocab), std,
@@ -246,18 +277,6 @@ class VocabParallelHead(WeightGradMixin, Module):
 
     def _weight(self):
         return self.tied.data.T if self.tied is not None else self.w.data  # (C, V/tp)
-
-    def forward(self, x, mb=0):
-        x_full = self.enter[0](x, self.tp)  # (B, T, C)
-        logits, cache = F.linear_fwd(x_full, self._weight())  # (B, T, V/tp)
-        self.save(mb, cache)
-        return logits
-
-    def backward(self, dlogits, mb=0):
-        cache = self.pop(mb)
-        dx = F.linear_bwd_input(dlogits, cache)
-        self._weight_grads(dlogits, cache, mb)
-        return self.enter[1](dx, self.tp)
 
     def _apply_weight_grads(self, dw, db) -> None:
         if self.tied is not None:
@@ -305,7 +324,9 @@ class VocabParallelCrossEntropy(Module):
         mine = valid & (local >= 0) & (local < self.cols)  # (B, T)
         safe = xp.where(mine, local, 0)  # (B, T)
         picked = xp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]  # (B, T)
-        target_logit = tp.allreduce(picked * mine)  # (B, T)
+        # where, not a product: on a rank whose slice is all padding the pick is -inf, and
+        # -inf * 0 would be nan (vocab 5 over tp 4: the last rank holds padding only).
+        target_logit = tp.allreduce(xp.where(mine, picked, 0.0))  # (B, T)
         nll = xp.log(sumexp) - target_logit  # (B, T)
         loss = (nll * valid).sum() / max(norm, 1.0)
         self.save(mb, (exps, sumexp, safe, mine, valid, norm))
