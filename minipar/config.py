@@ -93,6 +93,14 @@ class ParallelConfig:
         if self.schedule not in SCHEDULE_NAMES:
             raise ConfigError(
                 f"--schedule must be one of {', '.join(SCHEDULE_NAMES)}, got {self.schedule!r}")
+        if self.schedule == "zb-h1" and (self.zero == 3 or self.bucket_mb > 0):
+            raise ConfigError(
+                "--schedule zb-h1 defers weight gradients past each unit's backward, so it "
+                "cannot be combined with --zero 3 or --bucket-mb > 0 (both sync a unit's "
+                "gradients as soon as its backward ends)")
+        if self.zero == 3 and self.bucket_mb > 0:
+            raise ConfigError("--bucket-mb applies to --zero 0, 1, 2: --zero 3 already "
+                              "reduce-scatters each unit's gradients as its backward ends")
         if self.virtual_stages > 1 and self.schedule != "interleaved":
             raise ConfigError("--virtual-stages > 1 needs --schedule interleaved")
         if self.schedule == "interleaved" and self.pp > 1 and self.microbatches % self.pp:
