@@ -1,0 +1,381 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 6: pipeline parallelism — GPipe, 1F1B, interleaving and zero bubble
+#
+# When a model no longer fits on one device, the simplest cut is by depth: the first few
+# blocks on rank 0, the next few on rank 1, and so on. Each rank (a *stage*) passes its
+# output activations forward and receives gradients back. That is correct, but on its own it
+# is slow: while one stage computes, all the others wait. Pipelining splits the batch into
+# *microbatches* so that stages can work on different microbatches at the same time; the
+# schedules differ in the order of the passes, and that order decides two numbers: the idle
+# time (the *bubble*) and the activation memory each stage holds.
+#
+# In minipar a schedule is data: a pure function returning one instruction list per stage
+# (`Fwd(mb)`, `Bwd(mb)`, `SendAct`, `RecvGrad`, ...). The same program is printed, checked,
+# simulated, and executed on real ranks. In this lesson we
+#
+# 1. see the idle time of naive model splitting,
+# 2. build GPipe, 1F1B, interleaved 1F1B and ZB-H1 programs and simulate their timelines,
+# 3. run them on real ranks (threads, then `mpirun`) and compare the measured bubble with the
+#    formula,
+# 4. measure activation memory against the number of microbatches, and
+# 5. read the partition report: what each stage holds and costs.
+
+# %%
+import os
+import tempfile
+
+# Several ranks share this process (threads) or this machine (mpirun): one BLAS thread per
+# rank keeps them from fighting over the cores. Set before NumPy loads.
+for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(var, "1")
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are saved as PNGs and shown with show() below
+import matplotlib.pyplot as plt
+
+from minipar.parallel.program_checks import check_program
+from minipar.parallel.schedules import make_schedule, naive
+from minipar.render import ascii_timeline, plot_timeline
+from minipar.sim.simulator import bubble_formula, simulate, unit_cost
+
+out_dir = tempfile.mkdtemp(prefix="minipar-lesson6-")
+
+
+def show(path):
+    """Display a saved PNG inline in a notebook; as a script, say where it is."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Image(filename=path))
+    else:
+        print(f"figure: {path}")
+
+
+# %% [markdown]
+# ## 1. Naive model splitting
+#
+# Four stages, four microbatches, and no pipelining: each microbatch goes forward through all
+# stages and backward again before the next one starts. With the textbook unit costs (a
+# forward takes 1, a backward 2), the simulator walks the program and times every pass.
+
+# %%
+P, M = 4, 4
+prog = naive(P, M)
+print(ascii_timeline(prog))
+tl = simulate(prog, unit_cost())
+print(ascii_timeline(tl))
+print(f"idle fraction {float(tl.bubble_fraction):.3f} = (p-1)/p = {(P - 1) / P:.3f}")
+
+# %% [markdown]
+# Every stage is idle three quarters of the time: at any moment exactly one stage works.
+# Splitting the model bought memory (each stage holds a quarter of the weights), not speed.
+#
+# ## 2. Four schedules, simulated
+#
+# * **GPipe** (Huang et al. 2018): all forwards, then all backwards. The bubble shrinks to
+#   (p-1)/(m+p-1) as the number of microbatches m grows, but every stage keeps the
+#   activations of all m microbatches until their backward.
+# * **1F1B** (PipeDream-Flush, Narayanan et al. 2021): a few warm-up forwards, then one
+#   forward, one backward. Same bubble as GPipe, but stage s holds at most p - s
+#   microbatches.
+# * **Interleaved 1F1B** (Narayanan et al. 2021): each rank holds v smaller chunks of the
+#   model (rank s has chunks s, s+p, ...), so the pipeline fills v times faster: the bubble
+#   is (p-1)/(v m + p-1), at the price of v times more messages.
+# * **ZB-H1** (Qi et al. 2023): the backward is split into B (the input gradient, needed by
+#   the previous stage right away) and W (the weight gradient, needed only at the optimizer
+#   step). W passes fill what would be idle time.
+
+# %%
+P, M = 4, 8
+programs = {
+    "gpipe": make_schedule("gpipe", P, M),
+    "1f1b": make_schedule("1f1b", P, M),
+    "interleaved": make_schedule("interleaved", P, M, 2),
+    "zb-h1": make_schedule("zb-h1", P, M),
+}
+print(ascii_timeline(programs["1f1b"]))
+print()
+for name, prog in programs.items():
+    tl = simulate(prog, unit_cost(chunks=prog.n_chunks))
+    report = check_program(prog)  # matched sends, no deadlock, peak live microbatches
+    formula = bubble_formula(name, P, M, prog.n_chunks)
+    print(f"{name:12s} bubble {float(tl.bubble_fraction):.3f} (formula {float(formula):.3f})"
+          f"  peak live microbatches per stage {report.peak_live}")
+    plot_timeline(tl, os.path.join(out_dir, f"sim_{name}.png"),
+                  title=f"{name}, p={P}, m={M} (simulated, unit costs)")
+
+# %%
+for name in programs:
+    show(os.path.join(out_dir, f"sim_{name}.png"))
+
+# %% [markdown]
+# The simulated bubbles equal the published formulas exactly (the tests check this with
+# fractions for p up to 16 and m up to 64). Interleaving halves the bubble with v = 2; ZB-H1
+# removes most of it by moving W passes (green) into the gaps, and its peak memory stays that
+# of 1F1B's first stage. Interleaving pays in memory: stage 0 holds more (microbatch, chunk)
+# pairs, each a v-th of a stage's activations.
+#
+# ## 3. On real ranks
+#
+# The engine runs each step as the program of its schedule, one instruction at a time, on
+# real ranks: here four threads of an in-process world (`run_threads`), each with a `Tracer`
+# recording every pass, send, receive and collective. First, the proof that it is the same
+# training: the losses, gradients and weights equal the serial run's.
+
+# %%
+import numpy as np
+
+from minipar.compare import mismatches, random_batches, serial_reference, train_layout
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.dist.comm import run_threads
+
+cfg = ModelConfig(vocab_size=16, seq_len=16, n_layers=8, d_model=32, n_heads=4)
+batches = random_batches(cfg, steps=2, batch=16)
+reference = serial_reference(cfg, batches)
+for name in programs:
+    par = ParallelConfig(pp=4, schedule=name, microbatches=8,
+                         virtual_stages=2 if name == "interleaved" else 1)
+    runs = run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)
+    print(f"{name:12s} losses {np.round(runs[0].losses, 6)}  differences from serial: "
+          f"{mismatches(runs[0], reference, rtol=1e-9) or 'none'}")
+
+# %% [markdown]
+# Now the timing. A thread world, traced: each rank's `Tracer` records every pass, send,
+# receive and collective, and we draw the last step. Threads share one Python interpreter
+# (NumPy lets go of it only inside larger array operations) and this machine may have fewer
+# cores than ranks, so a thread world's timeline shows the order of the passes faithfully and
+# their durations only roughly.
+
+# %%
+from minipar.dist.mesh import Mesh
+from minipar.engine import Engine
+from minipar.trace import Tracer, merge
+
+COMPUTE = {"fwd", "bwd", "bwd_input", "bwd_weight"}
+big = ModelConfig(vocab_size=16, seq_len=32, n_layers=4, d_model=64, n_heads=4)
+
+
+def measured_step(schedule, p, m, v=1, rows=4, steps=3):
+    """Train a few steps on p thread ranks; the last step's events, times from its start."""
+    par = ParallelConfig(pp=p, schedule=schedule, microbatches=m, virtual_stages=v)
+    data = random_batches(big, steps, m * rows)
+
+    def rank(world):
+        tracer = Tracer(world.rank)
+        engine = Engine(big, par, Mesh(world, pp=p), dtype="float32", tracer=tracer)
+        for x, y in data:
+            world.barrier()  # start every step together, so the picture is of one step
+            tracer.clear()
+            tracer.reset_clock()
+            engine.train_step(x, y, int((y >= 0).sum()))
+        return tracer.events
+
+    return merge(run_threads(rank, p))
+
+
+for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
+    path = os.path.join(out_dir, f"threads_{name}.png")
+    plot_timeline(measured_step(name, 2, 4, v), path,
+                  title=f"{name}, p=2, m=4 (measured, thread world)")
+    show(path)
+
+# %% [markdown]
+# For honest durations we need one process per rank. The script below runs under
+# `mpirun -n 2`: for each schedule and number of microbatches it trains a few steps with a
+# tracer and writes the last step's events. From them we compute the measured bubble as the
+# simulator defines it (time a rank is not in a forward or backward pass, over p x the step),
+# and we also feed the *measured* mean duration of each pass back into the simulator.
+
+# %%
+import json
+
+from minipar.lessons import mpirun
+
+script = os.path.join(out_dir, "measure_bubbles.py")
+with open(script, "w") as fh:
+    fh.write("""
+import json, sys
+from minipar.compare import random_batches
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.dist.comm import MPIComm
+from minipar.dist.mesh import Mesh
+from minipar.engine import Engine
+from minipar.trace import Tracer
+
+world = MPIComm.world()
+cfg = ModelConfig(vocab_size=16, seq_len=32, n_layers=4, d_model=128, n_heads=4)
+out = {}
+for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
+    for m in (2, 4, 8):
+        par = ParallelConfig(pp=2, schedule=name, microbatches=m, virtual_stages=v)
+        tracer = Tracer(world.rank)
+        engine = Engine(cfg, par, Mesh(world, pp=2), dtype="float32", tracer=tracer)
+        for x, y in random_batches(cfg, 3, 4 * m):
+            world.barrier()
+            tracer.clear()
+            tracer.reset_clock()
+            engine.train_step(x, y, int((y >= 0).sum()))
+        events = world.allgather_obj(tracer.events)
+        out[f"{name} {m}"] = [e for lst in events for e in lst]
+if world.rank == 0:
+    with open(sys.argv[1], "w") as fh:
+        json.dump(out, fh)
+""")
+events_file = os.path.join(out_dir, "bubbles.json")
+mpirun(2, [script, events_file], stream=False)
+with open(events_file) as fh:
+    measured = json.load(fh)
+
+
+def bubble(events, p=2):
+    passes = [e for e in events if e["kind"] in COMPUTE]
+    t0, t1 = min(e["start"] for e in passes), max(e["end"] for e in passes)
+    return 1 - sum(e["end"] - e["start"] for e in passes) / (p * (t1 - t0))
+
+
+def measured_costs(events):
+    """The simulator's cost function from a measured step: mean duration per stage and pass."""
+    total, count = {}, {}
+    for e in events:
+        if e["kind"] in COMPUTE:
+            key = (e["rank"], e["kind"])
+            total[key] = total.get(key, 0.0) + e["end"] - e["start"]
+            count[key] = count.get(key, 0) + 1
+    return lambda stage, ins: total.get((stage, ins.kind), 0.0) / count.get((stage, ins.kind), 1)
+
+
+print(f"{'schedule':12s} {'m':>3} {'formula':>8} {'simulated':>10} {'measured':>9}")
+for key, events in measured.items():
+    name, m = key.split()
+    v = 2 if name == "interleaved" else 1
+    sim = simulate(make_schedule(name, 2, int(m), v), measured_costs(events))
+    print(f"{name:12s} {int(m):3d} {float(bubble_formula(name, 2, int(m), v)):8.3f} "
+          f"{float(sim.bubble_fraction):10.3f} {bubble(events):9.3f}")
+
+path = os.path.join(out_dir, "mpi_zb-h1.png")
+plot_timeline(measured["zb-h1 8"], path, title="zb-h1, p=2, m=8 (measured, mpirun -n 2)")
+show(path)
+
+# %% [markdown]
+# How to read the table. The *formula* assumes a backward costs exactly twice a forward,
+# every stage costs the same, and messages are free. The *simulated* column drops the first
+# two assumptions: it replays the same program with the measured pass durations, so stage
+# imbalance (the last stage also computes the logits and the loss) and the real
+# backward/forward ratio are in it. What remains between simulated and *measured* is the
+# time messages, the gradient sync and the optimizer step take, and the noise of a shared
+# machine. The ordering is the lesson: more microbatches shrink the bubble, interleaving
+# shrinks it further, and ZB-H1 fills it with W passes.
+#
+# The train CLI does the same for any layout: `--trace FILE` writes a Chrome trace of every
+# rank (open it at https://ui.perfetto.dev) and `--plot DIR` the last step's timeline and the
+# loss curve. Its banner prints the partition report, one line per stage.
+
+# %%
+log = mpirun(2, ["-m", "minipar.train", "--quiet", "--pp", "2", "--layers", "4",
+                 "--schedule", "1f1b", "--microbatches", "4", "--steps", "20",
+                 "--eval-every", "20", "--trace", os.path.join(out_dir, "trace.json"),
+                 "--plot", os.path.join(out_dir, "cli")], stream=False)
+print(log)
+show(os.path.join(out_dir, "cli", "timeline.png"))
+
+# %% [markdown]
+# ## 4. Activation memory against microbatches
+#
+# A stage keeps a microbatch's caches from its forward until its backward (with ZB-H1, until
+# its W pass, though by then only the inputs of the linear layers remain). The executor
+# measures the bytes the caches hold after every pass; `peak_activation_bytes` is the peak.
+# Memory does not depend on timing, so four stages on threads measure it exactly.
+
+# %%
+small = ModelConfig(vocab_size=16, seq_len=16, n_layers=4, d_model=32, n_heads=4)
+
+
+def peaks(schedule, m, p=4, rows=2):
+    """Measured peak activation bytes per stage for one step."""
+    par = ParallelConfig(pp=p, schedule=schedule, microbatches=m)
+    x, y = random_batches(small, 1, m * rows)[0]
+
+    def rank(world):
+        mesh = Mesh(world, pp=p)
+        engine = Engine(small, par, mesh, dtype="float32")
+        engine.train_step(x, y, int((y >= 0).sum()))
+        return mesh.pp_rank, engine.peak_activation_bytes
+
+    return [b for _, b in sorted(run_threads(rank, p))]
+
+
+ms = [1, 2, 4, 8, 16]
+table = {name: [peaks(name, m) for m in ms] for name in ("gpipe", "1f1b", "zb-h1")}
+per_mb = peaks("gpipe", 1)  # one microbatch's activations on each stage
+for name, rows in table.items():
+    stage0 = [round(r[0] / per_mb[0], 2) for r in rows]
+    at16 = [round(b / one, 2) for b, one in zip(rows[-1], per_mb)]
+    print(f"{name:6s} stage 0 holds {stage0} microbatches' worth for m = {ms}; "
+          f"at m = 16 stages 0-3 hold {at16}")
+
+fig, ax = plt.subplots(figsize=(7, 4))
+for (name, rows), style in zip(table.items(), ("o-", "o-", "x:")):
+    ax.plot(ms, [r[0] / 1024 for r in rows], style, label=f"{name}, stage 0")
+ax.plot(ms, [table["1f1b"][i][3] / 1024 for i in range(len(ms))], marker="s", linestyle="--",
+        label="1f1b, stage 3")
+ax.set_xscale("log", base=2)
+ax.set_xlabel("microbatches per step (same microbatch size)")
+ax.set_ylabel("peak activation KiB")
+ax.legend(frameon=False)
+ax.grid(alpha=0.3)
+fig.tight_layout()
+fig.savefig(os.path.join(out_dir, "memory.png"), dpi=120)
+plt.close(fig)
+show(os.path.join(out_dir, "memory.png"))
+
+# %% [markdown]
+# GPipe's peak grows with m: every microbatch's activations wait for the backward phase.
+# 1F1B's stops growing at m = p - s for stage s (4 on stage 0, 1 on the last stage), so more
+# microbatches shrink the bubble *without* costing memory. That is why 1F1B replaced GPipe.
+# ZB-H1 on stage 0 is 1F1B (its W passes follow their B at once). Later stages postpone W
+# by s passes, so they keep up to p microbatches too; those waiting only for W hold the
+# inputs of their linear layers and the gradients at their outputs, in this small model most
+# of a microbatch's activations. ZB-H1 buys its smaller bubble with memory on the later
+# stages, up to the peak of 1F1B's first stage (Qi et al. 2023), never beyond. The tests check the 1F1B and GPipe peaks against the
+# program checker's `peak_live` exactly: bytes per microbatch x live microbatches, at every
+# pass.
+#
+# ## 5. What each stage holds: the partition report
+#
+# Blocks are split equally over the stages, the embedding joins the first stage and the head
+# the last. Equal blocks are not equal work: the head computes logits over the vocabulary.
+
+# %%
+from minipar.config import MODEL_PRESETS, replace
+from minipar.parallel.partition import partition, unit_flops
+
+gpt = replace(MODEL_PRESETS["small"], n_layers=8, vocab_size=32000)
+_, block_flops, head_flops = unit_flops(gpt)
+print(f"the head costs as much as {head_flops / block_flops:.1f} blocks\n")
+print(partition(gpt, 4))
+print()
+print(partition(gpt, 2, virtual=2))
+
+# %% [markdown]
+# With a 32k vocabulary the last stage does four times the work of a middle one, and the whole
+# pipeline runs at the pace of its slowest stage. The balance line says how far from even the
+# split is and the best contiguous split of the blocks: here even one block beside the head is
+# too many, because the head alone costs as much as several blocks; such a head deserves a
+# stage of its own. Interleaving spreads the ends over the ranks. Lesson 7 combines pipeline
+# stages with data and tensor parallelism on one rank grid.
