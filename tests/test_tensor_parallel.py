@@ -25,7 +25,7 @@ from minipar.parallel.activations import (activation_breakdown, block_activation
 from minipar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear,
                                      VocabParallelCrossEntropy, padded_vocab,
                                      vocab_parallel_argmax)
-from minipar.parallel.tp_accounting import tp_comm_per_step
+from minipar.parallel.tp_accounting import tp_comm_per_step, tp_partial_grad_elements
 
 RTOL = 1e-9
 E = 8  # float64
@@ -36,7 +36,7 @@ def calls_and_bytes(stats: dict) -> dict:
 
 
 # ------------------------------------------------------------------ the model: parallel == serial
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(tp=st.sampled_from([1, 2, 4]), dp=st.sampled_from([1, 2, 4]), sp=st.booleans(),
        tie=st.booleans(), vocab=st.sampled_from([5, 7, 11, 13, 16]),
        pos=st.sampled_from(["learned", "sinusoidal"]), d_model=st.sampled_from([8, 16]),
@@ -88,6 +88,28 @@ def test_tp_traffic_of_every_pipeline_stage_is_the_formula(par):
     for stage, r in out:
         want = tp_comm_per_step(cfg, par, rows, par.microbatches, E, stage=stage)
         assert calls_and_bytes(r.comm[0]["tp"]) == want
+
+
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_under_zero_each_dp_rank_sums_its_shard_of_the_partial_gradients(zero):
+    """ZeRO keeps a dp shard of the flat gradient, and sums over tp only the tp-partial entries
+    of that shard: the activation traffic is unchanged, and the dp ranks' partial-gradient
+    allreduces together cover every partial entry exactly once."""
+    cfg = ModelConfig(vocab_size=11, seq_len=4, n_layers=2, d_model=8, n_heads=2)
+    par = ParallelConfig(dp=2, tp=2, zero=zero, sequence_parallel=True)
+    batches = random_batches(cfg, steps=1, batch=4, seed=5)
+    results = run_threads(lambda w: train_layout(w, cfg, par, batches, seed=5), par.world)
+    assert mismatches(results[0], serial_reference(cfg, batches, seed=5), RTOL) == []
+    loss_bytes = 3 * 2 * cfg.seq_len * E  # the cross-entropy's three (b, s) allreduces
+    shard_elements = []
+    for r in results:
+        got = calls_and_bytes(r.comm[0]["tp"])
+        n = (got["allreduce"]["bytes"] - loss_bytes) // E
+        shard_elements.append(n)
+        assert got == tp_comm_per_step(cfg, par, 2, 1, E, partial_grad_elements=n)
+    # world rank = dp_rank * tp + tp_rank: ranks 0 and 2 are the two dp shards of tp rank 0
+    assert shard_elements[0] + shard_elements[2] == tp_partial_grad_elements(cfg, par)
+    assert shard_elements[1] + shard_elements[3] == tp_partial_grad_elements(cfg, par)
 
 
 # ------------------------------------------------------------------------------ one block

@@ -51,13 +51,17 @@ def tp_partial_grad_elements(cfg: ModelConfig, par: ParallelConfig, stage: int =
 
 
 def tp_comm_per_step(cfg: ModelConfig, par: ParallelConfig, batch_rows_per_microbatch: int,
-                     microbatches: int, dtype_bytes: int, stage: int = 0) -> dict:
+                     microbatches: int, dtype_bytes: int, stage: int = 0,
+                     partial_grad_elements: int | None = None) -> dict:
     """What one rank of pipeline stage ``stage`` records in its tp group in one training step.
 
     Returns ``{op: {"calls": n, "bytes": total}}`` with only the ops that occur ({} when
     tp == 1). ``batch_rows_per_microbatch`` is b, the sequences in one microbatch on this rank.
-    Assumes the tp-partial gradients are synced once per step, as ``DataParallel.sync_grads``
-    does.
+
+    The tp-partial gradients are summed by one allreduce per step. With plain data parallelism
+    (ZeRO 0, ``DataParallel.sync_grads``) it holds all of them, ``tp_partial_grad_elements``;
+    ZeRO 1-3 sum only the part inside this rank's dp shard, a count that depends on their flat
+    layout: pass it as ``partial_grad_elements`` (0 means no call).
     """
     out: dict = {}
     if par.tp == 1:
@@ -79,7 +83,8 @@ def tp_comm_per_step(cfg: ModelConfig, par: ParallelConfig, batch_rows_per_micro
         _add(out, "allreduce", m * (blocks * 4 + (1 if last else 0) + (1 if first else 0)), act)
     if last:
         _add(out, "allreduce", m * 3, tokens)  # cross-entropy: max, sum of exp, target logit
-    partial = tp_partial_grad_elements(cfg, par, stage)
+    partial = (tp_partial_grad_elements(cfg, par, stage) if partial_grad_elements is None
+               else partial_grad_elements)
     _add(out, "allreduce", 1 if partial else 0, partial * e)
     return out
 
