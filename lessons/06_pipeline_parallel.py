@@ -352,9 +352,9 @@ show(os.path.join(out_dir, "memory.png"))
 # by s passes, so they keep up to p microbatches too; those waiting only for W hold the
 # inputs of their linear layers and the gradients at their outputs, in this small model most
 # of a microbatch's activations. ZB-H1 buys its smaller bubble with memory on the later
-# stages, up to the peak of 1F1B's first stage (Qi et al. 2023), never beyond. The tests check the 1F1B and GPipe peaks against the
-# program checker's `peak_live` exactly: bytes per microbatch x live microbatches, at every
-# pass.
+# stages, up to the peak of 1F1B's first stage (Qi et al. 2023), never beyond. The tests
+# check the 1F1B and GPipe peaks against the program checker's `peak_live` exactly: bytes per
+# microbatch x live microbatches, at every pass.
 #
 # ## 5. What each stage holds: the partition report
 #

@@ -34,7 +34,8 @@ PASS_KINDS = {"fwd", "bwd", "bwd_input", "bwd_weight", "send", "recv", "sync", "
 # ------------------------------------------------------------------------------ layouts
 @st.composite
 def pipeline_layouts(draw):
-    """(ModelConfig, ParallelConfig, rows per microbatch): pp in {1,2,4} beside dp and tp."""
+    """(ModelConfig, ParallelConfig, rows per microbatch): pp in {1,2,4} beside dp (with any
+    ZeRO stage) and tp (with or without sequence parallelism), up to 8 ranks."""
     pp = draw(st.sampled_from([1, 2, 4]))
     tp = draw(st.sampled_from([1, 2]))
     dp = draw(st.sampled_from([d for d in (1, 2) if d * tp * pp <= 8]))
@@ -43,11 +44,14 @@ def pipeline_layouts(draw):
     m = pp * draw(st.integers(1, 2)) if schedule == "interleaved" else draw(st.integers(1, 4))
     seq = draw(st.sampled_from([4, 6, 8]))
     cfg = ModelConfig(vocab_size=draw(st.integers(6, 16)), seq_len=seq,
-                      n_layers=pp * v * draw(st.integers(1, 2)), d_model=draw(st.sampled_from([8, 16])),
-                      n_heads=2, pos=draw(st.sampled_from(["learned", "sinusoidal"])))
+                      n_layers=pp * v * draw(st.integers(1, 2)),
+                      d_model=draw(st.sampled_from([8, 16])), n_heads=2,
+                      pos=draw(st.sampled_from(["learned", "sinusoidal"])))
     sp = tp > 1 and seq % tp == 0 and draw(st.booleans())
+    # ZeRO-3 syncs a unit's gradients when its backward ends; zb-h1 defers them (config rule).
+    zero = draw(st.sampled_from([0, 1, 2] if schedule == "zb-h1" else [0, 1, 2, 3])) * (dp > 1)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, schedule=schedule, microbatches=m,
-                         virtual_stages=v, sequence_parallel=sp)
+                         virtual_stages=v, sequence_parallel=sp, zero=zero)
     return cfg, par, draw(st.integers(1, 2))
 
 
