@@ -89,6 +89,11 @@ def bench_step(preset: str, batch: int, dtype: str, steps: int, warmup: int = 2)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--collectives" in argv:  # collectives and dp scaling under mpirun: their own module
+        from minipar import bench_comm
+
+        return bench_comm.main(argv)
     parser = argparse.ArgumentParser(
         prog="python -m minipar.bench", description=__doc__.split("\n\n")[0],
         epilog="examples:\n  python -m minipar.bench\n  python -m minipar.bench --model small "
@@ -102,6 +107,10 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--collectives", action="store_true",
+                        help="instead: minipar vs raw mpi4py collectives under mpirun, and dp "
+                             "scaling with --scaling (see python -m minipar.bench --collectives "
+                             "--help)")
     args = parser.parse_args(argv)
     from minipar import backend
     from minipar.config import MODEL_PRESETS

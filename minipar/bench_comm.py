@@ -1,0 +1,255 @@
+"""``python -m minipar.bench --collectives``: minipar's collectives against raw mpi4py, and the
+data-parallel scaling of this machine.
+
+Collectives: under ``mpirun -n N`` (launched for you), for each size from 4 KiB to 64 MiB, the
+time of one call through minipar's ``MPIComm`` and through the raw mpi4py buffer call on the
+same input buffer, with the same result semantics:
+
+    allreduce_       comm.allreduce_(x)          vs  Allreduce(IN_PLACE, x)      (the dp sync)
+    allreduce        comm.allreduce(x)           vs  Allreduce(x, new output)
+    allgather        comm.allgather(x)           vs  Allgather(x, new output)
+    reduce_scatter   comm.reduce_scatter(x)      vs  Reduce_scatter_block(x, new output)
+
+minipar's out-of-place collectives return a new array, so the raw call gets a new output array
+too; a third column times the raw call into one preallocated output, which shows what that
+allocation costs (at 64 MiB glibc maps fresh pages on every call and the first write faults
+them in). The size is the figure ``CommStats`` records (allgather: its output, the others:
+their input). Each row gives the times, the bus bandwidth (NCCL-tests' convention: what each
+rank sends, ``wire_bytes``, per second) and minipar / raw, which should stay within 1.05 from
+1 MiB up. Trials rotate the variants and the best of each is kept, so load from other
+processes on a shared machine disturbs the comparison as little as possible.
+
+Scaling (``--scaling``): ``python -m minipar.train --quiet --summary`` at ``mpirun -n 1`` and
+``-n 2`` (data parallel, one BLAS thread per rank) on the same global batch; reports tokens/s of
+each and the speedup.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+OPS = ("allreduce_", "allreduce", "allgather", "reduce_scatter")
+TARGET = 1.05  # minipar / raw at 1 MiB and above
+MIB = 2 ** 20
+
+
+def sizes(min_kib: int, max_mib: int) -> list[int]:
+    """Powers of four from ``min_kib`` KiB to ``max_mib`` MiB, in bytes."""
+    out, n = [], min_kib * 1024
+    while n <= max_mib * MIB:
+        out.append(n)
+        n *= 4
+    return out
+
+
+def _calls(comm, op: str, nbytes: int) -> dict:
+    """The calls to time for ``op`` moving ``nbytes`` (CommStats' figure), by name.
+
+    "minipar" is the MPIComm method; "raw" the mpi4py buffer call with the same result
+    semantics (a new output array per call, as minipar returns); "raw_prealloc" the same call
+    into one preallocated output, to show what the allocation itself costs.
+    """
+    import numpy
+    from mpi4py import MPI
+
+    p, raw = comm.size, comm.mpi
+    n = max(p, nbytes // 8 // p * p)  # float64 elements, divisible by p
+    if op == "allreduce_":
+        x = numpy.zeros(n)  # zeros: repeated in-place sums stay finite
+        return {"minipar": lambda: comm.allreduce_(x),
+                "raw": lambda: raw.Allreduce(MPI.IN_PLACE, x)}
+    if op == "allgather":
+        x, n_out = numpy.zeros(n // p), n
+        call = raw.Allgather
+    elif op == "allreduce":
+        x, n_out = numpy.zeros(n), n
+        call = raw.Allreduce
+    else:
+        x, n_out = numpy.zeros(n), n // p
+        call = raw.Reduce_scatter_block
+    mine = {"allgather": comm.allgather, "allreduce": comm.allreduce,
+            "reduce_scatter": comm.reduce_scatter}[op]
+    out = numpy.empty(n_out)
+    return {"minipar": lambda: mine(x), "raw": lambda: call(x, numpy.empty(n_out)),
+            "raw_prealloc": lambda: call(x, out)}
+
+
+def _time(comm, fn, iters: int) -> float:
+    """Seconds per call of ``fn``, the slowest rank's (collective)."""
+    from mpi4py import MPI
+
+    comm.mpi.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = (time.perf_counter() - t0) / iters
+    return comm.mpi.allreduce(elapsed, op=MPI.MAX)
+
+
+def measure(comm, op: str, nbytes: int, trials: int, budget_s: float) -> dict:
+    """Best seconds per call of each variant for one op and size (collective).
+
+    Trials rotate the variants, and the fastest trial of each is kept: on a shared machine the
+    minimum is the least disturbed estimate of what a call costs.
+    """
+    from minipar.dist.stats import wire_bytes
+
+    calls = _calls(comm, op, nbytes)
+    for fn in list(calls.values()) * 2:  # warm up: buffers touched, MPI paths set up
+        fn()
+    once = _time(comm, calls["raw"], 1)
+    per_trial = budget_s / trials / len(calls)
+    iters = comm.mpi.bcast(max(1, min(1000, int(per_trial / max(once, 1e-7)))))
+    times: dict = {name: [] for name in calls}
+    names = list(calls)
+    for t in range(trials):
+        for name in names[t % len(names):] + names[:t % len(names)]:
+            times[name].append(_time(comm, calls[name], iters))
+    best = {name: min(v) for name, v in times.items()}
+    wire = wire_bytes(op.rstrip("_"), nbytes, comm.size)
+    row = {"op": op, "bytes": nbytes, "ranks": comm.size, "iters": iters, "trials": trials,
+           "minipar_s": best["minipar"], "raw_s": best["raw"],
+           "ratio": best["minipar"] / best["raw"], "minipar_busbw": wire / best["minipar"],
+           "raw_busbw": wire / best["raw"]}
+    if "raw_prealloc" in best:
+        row["raw_prealloc_s"] = best["raw_prealloc"]
+    return row
+
+
+def run_collectives(args) -> list[dict]:
+    """The worker: every rank of the mpirun job measures; rank 0 returns the rows."""
+    from minipar.dist.comm import MPIComm
+
+    comm = MPIComm.world()
+    comm.stats.reset()
+    rows = []
+    for op in args.ops:
+        for nbytes in sizes(args.min_kib, args.max_mib):
+            rows.append(measure(comm, op, nbytes, args.trials, args.budget))
+            comm.stats.reset()  # keep the accounting small over thousands of calls
+    return rows if comm.rank == 0 else []
+
+
+def table(rows: list[dict]) -> str:
+    """Both times, both bus bandwidths and the ratio, one line per op and size."""
+    lines = [f"{'op':<15}{'size':>9}{'minipar':>11}{'raw':>11}{'prealloc':>11}{'minipar':>10}"
+             f"{'raw':>9}{'ratio':>8}", f"{'':<15}{'':>9}{'(us)':>11}{'(us)':>11}{'(us)':>11}"
+             f"{'(GB/s)':>10}{'(GB/s)':>9}"]
+    for r in rows:
+        size = (f"{r['bytes'] // MIB} MiB" if r["bytes"] >= MIB else f"{r['bytes'] // 1024} KiB")
+        flag = "  over" if r["bytes"] >= MIB and r["ratio"] > TARGET else ""
+        pre = f"{r['raw_prealloc_s'] * 1e6:>11.1f}" if "raw_prealloc_s" in r else f"{'-':>11}"
+        lines.append(f"{r['op']:<15}{size:>9}{r['minipar_s'] * 1e6:>11.1f}"
+                     f"{r['raw_s'] * 1e6:>11.1f}{pre}{r['minipar_busbw'] / 1e9:>10.2f}"
+                     f"{r['raw_busbw'] / 1e9:>9.2f}{r['ratio']:>8.3f}{flag}")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> dict:
+    """The worst minipar / raw ratio at 1 MiB and above, and whether it meets the target."""
+    big = [r for r in rows if r["bytes"] >= MIB]
+    worst = max(big, key=lambda r: r["ratio"]) if big else None
+    return {"target": TARGET, "worst_ratio": worst["ratio"] if worst else None,
+            "worst": f"{worst['op']} {worst['bytes']} B" if worst else None,
+            "ok": all(r["ratio"] <= TARGET for r in big)}
+
+
+# -- scaling -------------------------------------------------------------------------------------
+
+def run_scaling(args) -> dict:
+    """tokens/s of ``minipar.train`` at mpirun -n 1 and -n 2, one BLAS thread per rank."""
+    from minipar.lessons import mpirun
+
+    out: dict = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, 2):
+            path = os.path.join(tmp, f"n{n}.json")
+            mpirun(n, ["-m", "minipar.train", "--model", args.model, "--steps", args.steps,
+                       "--batch-size", args.batch_size, "--eval-every", 10 ** 9, "--quiet",
+                       "--summary", path], stream=False, timeout=args.timeout)
+            with open(path, encoding="utf-8") as f:
+                summary = json.load(f)
+            out[f"dp{n}_tokens_per_s"] = summary["tokens_per_s"]
+            out[f"dp{n}_comm"] = summary.get("comm", {})
+    out["speedup"] = out["dp2_tokens_per_s"] / out["dp1_tokens_per_s"]
+    return out
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minipar.bench --collectives",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--collectives", action="store_true", help="(the mode; accepted and ignored)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[2], help="mpirun -n for each table")
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    p.add_argument("--min-kib", type=int, default=4)
+    p.add_argument("--max-mib", type=int, default=64)
+    p.add_argument("--trials", type=int, default=9, help="rotating trials (the best is kept)")
+    p.add_argument("--budget", type=float, default=0.5, help="seconds per op and size")
+    p.add_argument("--scaling", action="store_true",
+                   help="also time minipar.train at dp=1 and dp=2")
+    p.add_argument("--model", default="small", help="preset for --scaling")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch for --scaling")
+    p.add_argument("--steps", type=int, default=6, help="steps for --scaling")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per mpirun job")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _forward(args) -> list[str]:
+    return ["--ops", *args.ops, "--min-kib", args.min_kib, "--max-mib", args.max_mib,
+            "--trials", args.trials, "--budget", args.budget]
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.worker:  # inside mpirun: measure, rank 0 prints one JSON line
+        rows = run_collectives(args)
+        if rows:
+            print("MINIPAR_BENCH " + json.dumps(rows), flush=True)
+        return 0
+    from minipar.lessons import MPIRunError, mpirun
+
+    if any(n < 2 for n in args.ranks):
+        print("minipar.bench: error: --ranks must be >= 2", file=sys.stderr)
+        return 2
+    result: dict = {"collectives": {}}
+    try:
+        for n in args.ranks:
+            text = mpirun(n, ["-m", "minipar.bench_comm", "--worker", *_forward(args)],
+                          stream=False, timeout=args.timeout)
+            line = next(ln for ln in text.splitlines() if ln.startswith("MINIPAR_BENCH "))
+            rows = json.loads(line.split(" ", 1)[1])
+            result["collectives"][str(n)] = {"rows": rows, **verdict(rows)}
+            if not args.json:
+                v = verdict(rows)
+                print(f"\nmpirun -n {n}: minipar MPIComm vs raw mpi4py (float64, best of "
+                      f"{args.trials} trials)\n{table(rows)}\nworst ratio at >= 1 MiB: "
+                      f"{v['worst_ratio']:.3f} ({v['worst']}); target <= {TARGET}: "
+                      f"{'met' if v['ok'] else 'NOT met'}", flush=True)
+        if args.scaling:
+            result["scaling"] = scale = run_scaling(args)
+            if not args.json:
+                print(f"\ndata-parallel scaling, {args.model} model, global batch "
+                      f"{args.batch_size}, {args.steps} steps, 1 BLAS thread per rank:\n"
+                      f"  dp=1 {scale['dp1_tokens_per_s']:,.0f} tokens/s, dp=2 "
+                      f"{scale['dp2_tokens_per_s']:,.0f} tokens/s: speedup "
+                      f"{scale['speedup']:.2f}x", flush=True)
+    except (MPIRunError, StopIteration) as exc:
+        print(f"minipar.bench: error: {exc or 'no result line from rank 0'}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
