@@ -96,8 +96,10 @@ class Engine:
         rows = len(inputs) // m
         xin = backend.from_host(numpy.ascontiguousarray(inputs))
         xtg = backend.from_host(numpy.ascontiguousarray(targets))
-        data = StepData([xin[i * rows:(i + 1) * rows] for i in range(m)],
-                        [xtg[i * rows:(i + 1) * rows] for i in range(m)], float(normalizer))
+        # Each microbatch gets its own buffers, so what a microbatch's caches keep alive is its
+        # own rows, not the whole step's batch (views would pin the full array).
+        data = StepData([xin[i * rows:(i + 1) * rows].copy() for i in range(m)],
+                        [xtg[i * rows:(i + 1) * rows].copy() for i in range(m)], float(normalizer))
         lr = self._lr if lr is None else lr
         result: dict = {}
 

@@ -168,22 +168,57 @@ class Module:
         return max([len(self._cache)] + [c.live_microbatches() for c in self.children()])
 
     def cache_bytes(self) -> int:
-        """Bytes held in activation caches right now (this module and its children)."""
-        total = sum(_nbytes(c) for c in self._cache.values())
-        return total + sum(c.cache_bytes() for c in self.children())
+        """Bytes this module and its children keep alive for pending backward passes.
+
+        Every buffer counts once, by the array that owns its memory (the Q, K and V head views
+        are one [Q|K|V] buffer), and parameter storage is left out (a linear's kernel cache names
+        its weight, which is not activation memory). Deferred weight-gradient inputs of
+        zero-bubble W passes count too.
+        """
+        params = {id(owner(p.data)) for p in self.params()}
+        return unique_bytes(arrays_in([held(m) for m in walk(self)]), exclude=params)
 
 
-def _nbytes(obj) -> int:
+def walk(module: Module):
+    """``module`` and every module below it, depth first, in attribute order."""
+    yield module
+    for child in module.children():
+        yield from walk(child)
+
+
+def held(module: Module) -> list:
+    """What one module keeps for backward: its caches and deferred weight-gradient inputs."""
+    return list(module._cache.values()) + list(module.__dict__.get("_pending", {}).values())
+
+
+def owner(a):
+    """The array that owns ``a``'s memory (``a`` itself unless it is a view)."""
+    while getattr(a, "base", None) is not None:
+        a = a.base
+    return a
+
+
+def arrays_in(obj):
+    """Every array inside nested tuples and lists."""
     if hasattr(obj, "nbytes") and hasattr(obj, "dtype"):
-        return int(obj.nbytes)
-    if isinstance(obj, (tuple, list)):
-        seen, total = set(), 0
+        yield obj
+    elif isinstance(obj, (tuple, list)):
         for o in obj:
-            if id(o) not in seen:
-                seen.add(id(o))
-                total += _nbytes(o)
-        return total
-    return 0
+            yield from arrays_in(o)
+
+
+def unique_bytes(arrays, exclude=frozenset(), seen: set | None = None) -> int:
+    """Bytes of the distinct memory owners of ``arrays``, skipping owners whose id is in
+    ``exclude``; ``seen`` carries the owners already counted across calls."""
+    seen = set() if seen is None else seen
+    total = 0
+    for a in arrays:
+        o = owner(a)
+        if id(o) in exclude or id(o) in seen:
+            continue
+        seen.add(id(o))
+        total += int(o.nbytes)
+    return total
 
 
 class LayerNorm(Module):

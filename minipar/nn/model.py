@@ -15,7 +15,7 @@ from minipar import backend
 from minipar.config import ModelConfig
 from minipar.nn import functional as F
 from minipar.nn.block import INIT_STD, Block
-from minipar.nn.layers import BuildContext, LayerNorm, Module, make_param
+from minipar.nn.layers import BuildContext, LayerNorm, Module, make_param, walk
 from minipar.parallel.tensor import (
     SEQ_AXIS, VocabParallelCrossEntropy, WeightGradMixin, VocabParallelEmbedding, VocabParallelHead,
     vocab_parallel_argmax,
@@ -179,7 +179,7 @@ class GPTChunk(Module):
             layer.flush(mb)
 
     def _weight_layers(self) -> list:
-        return [m for m in _walk(self) if isinstance(m, WeightGradMixin)]
+        return [m for m in walk(self) if isinstance(m, WeightGradMixin)]
 
     def predict(self, x):
         """This chunk's output activations with no caches kept (evaluation, not the last chunk)."""
@@ -200,12 +200,6 @@ class GPTChunk(Module):
         out = self.head.evaluate(h, targets)
         self.hooks.post_forward(self.head, "_eval")
         return out
-
-
-def _walk(module: Module):
-    yield module
-    for child in module.children():
-        yield from _walk(child)
 
 
 def _drop_caches(module: Module, mb) -> None:

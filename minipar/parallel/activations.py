@@ -31,22 +31,7 @@ fraction 1/h of the rest). Tests check the measured bytes equal these terms, ten
 from __future__ import annotations
 
 from minipar.config import ModelConfig
-from minipar.nn.layers import Module, Param
-
-
-def _owner(a):
-    """The array that owns ``a``'s memory: a view keeps its whole base alive."""
-    while getattr(a, "base", None) is not None:
-        a = a.base
-    return a
-
-
-def _arrays(obj):
-    if hasattr(obj, "nbytes") and hasattr(obj, "dtype"):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _arrays(o)
+from minipar.nn.layers import Module, Param, arrays_in, held, owner, unique_bytes
 
 
 def _walk(module: Module, path: str = ""):
@@ -68,19 +53,12 @@ def activation_breakdown(module: Module) -> dict[str, int]:
     caches and deferred weight-gradient inputs (zero-bubble W passes) count.
     """
     walked = list(_walk(module))
-    params = {id(_owner(v.data)) for _, m in walked for v in vars(m).values()
+    params = {id(owner(v.data)) for _, m in walked for v in vars(m).values()
               if isinstance(v, Param)}
     seen: set[int] = set()
     out: dict[str, int] = {}
     for path, m in walked:
-        held = list(m._cache.values()) + list(m.__dict__.get("_pending", {}).values())
-        total = 0
-        for a in _arrays(held):
-            owner = _owner(a)
-            if id(owner) in params or id(owner) in seen:
-                continue
-            seen.add(id(owner))
-            total += int(owner.nbytes)
+        total = unique_bytes(arrays_in(held(m)), exclude=params, seen=seen)
         if total:
             out[path] = total
     return out

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from minipar import backend
+from minipar.nn.layers import arrays_in, owner, unique_bytes, walk
 from minipar.parallel import schedules as S
 
 TAG_ACT, TAG_GRAD = 1, 2
@@ -56,27 +57,6 @@ class MemorySample:
 
 
 # ------------------------------------------------------------------------- activation memory
-def _modules(module):
-    yield module
-    for child in module.children():
-        yield from _modules(child)
-
-
-def _owner(a):
-    """The array that owns ``a``'s memory (``a`` itself unless it is a view)."""
-    while getattr(a, "base", None) is not None:
-        a = a.base
-    return a
-
-
-def _arrays(obj):
-    if hasattr(obj, "nbytes") and hasattr(obj, "dtype"):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from _arrays(o)
-
-
 def _held(modules_per_chunk):
     """(local chunk, mb, held object, is a module cache) for every cache and deferred W input."""
     for j, modules in enumerate(modules_per_chunk):
@@ -92,7 +72,7 @@ class MemoryProbe:
     """Reads what a stage's chunks hold for pending backward passes (see the module doc)."""
 
     def __init__(self, chunks) -> None:
-        self.modules = [list(_modules(c)) for c in chunks]
+        self.modules = [list(walk(c)) for c in chunks]
         self.params = [p for c in chunks for p in c.params()]
 
     def activation_bytes(self) -> int:
@@ -103,16 +83,8 @@ class MemoryProbe:
         that weight is not activation memory (``Module.cache_bytes`` counts it per microbatch).
         """
         # Read p.data now, not at construction: ZeRO-3 swaps in gathered weights per unit.
-        params = {id(_owner(p.data)) for p in self.params}
-        seen: set[int] = set()
-        total = 0
-        for _, _, held, _ in _held(self.modules):
-            for a in _arrays(held):
-                if id(a) in seen or id(_owner(a)) in params:
-                    continue
-                seen.add(id(a))
-                total += int(a.nbytes)
-        return total
+        params = {id(owner(p.data)) for p in self.params}
+        return unique_bytes(arrays_in([h for _, _, h, _ in _held(self.modules)]), exclude=params)
 
     def live_pairs(self) -> tuple[set, set]:
         """(pairs holding anything, pairs holding module caches) as (mb, local chunk) sets."""
