@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 
 from minipar import backend
 from minipar.dist.algorithms import chunk_bounds
+from minipar.nn.layers import Param
 from minipar.nn.model import Hooks
 from minipar.nn.optim import local_grad_sq, make_optimizer
 
@@ -125,12 +127,12 @@ class FlatLayout:
     def contiguous(cls, params, dp: int, rank: int, n_segments: int = 1,
                    sharded: bool = False) -> "FlatLayout":
         sizes = [int(p.data.size) for p in params]
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        offsets = [0, *accumulate(sizes)][:-1]
         numel = sum(sizes)
-        if not sharded:
+        if not sharded:  # nobody owns a slice: every rank holds the whole buffer
             bounds = chunk_bounds(numel, max(1, min(n_segments, numel)))
             spans = [(b.start, b.stop - b.start) for b in bounds]
-            return cls(params, offsets, numel, _segments(spans, offsets, sizes, 1), dp, rank)
+            return cls(params, offsets, numel, _segments(spans, offsets, sizes, 1), 1, 0)
         rows = -(-numel // dp)  # each segment is rows x dp elements, padding at the very end
         bounds = chunk_bounds(rows, max(1, min(n_segments, rows)))
         spans = [(b.start * dp, (b.stop - b.start) * dp) for b in bounds]
@@ -151,9 +153,11 @@ class FlatLayout:
         sizes = [int(p.data.size) for p in params]
         return cls(params, offsets, start, _segments(spans, offsets, sizes, dp), dp, rank)
 
-    def view(self, flat, i: int):
-        """Parameter i's elements of ``flat``, shaped like the parameter (a view, no copy)."""
-        return flat[self.offsets[i]:self.offsets[i] + self.sizes[i]].reshape(self.shapes[i])
+    def view(self, flat, i: int, origin: int = 0):
+        """Parameter i's elements of ``flat``, shaped like the parameter (a view, no copy).
+        ``flat`` may be a piece of the buffer that starts at element ``origin``."""
+        lo = self.offsets[i] - origin
+        return flat[lo:lo + self.sizes[i]].reshape(self.shapes[i])
 
     def local(self, k: int) -> slice:
         """This rank's slice of segment k, in flat-buffer coordinates."""
@@ -170,9 +174,8 @@ class FlatLayout:
         """Fill the flat buffer ``out`` from every rank's shard, ``gathered`` (dp * shard,)."""
         rows = gathered.reshape(self.dp, self.shard_size)  # (dp, shard)
         for seg in self.segments:
-            c = seg.size // self.dp
-            out[seg.start:seg.start + seg.size] = rows[:, seg.shard_start:seg.shard_start + c]\
-                .reshape(-1)
+            block = rows[:, seg.shard_start:seg.shard_start + seg.size // self.dp]  # (dp, c)
+            out[seg.start:seg.start + seg.size] = block.reshape(-1)
 
     def runs(self, value_of) -> list[tuple]:
         """Maximal runs of this rank's shard lying in parameters with the same
@@ -209,8 +212,6 @@ def _segments(spans, offsets, sizes, dp) -> list[Segment]:
 
 def params_used(unit) -> list:
     """Every Param a unit reads, its own and borrowed ones (a tied head reads the embedding)."""
-    from minipar.nn.layers import Param  # noqa: PLC0415
-
     found: dict[int, object] = {}
     stack = [unit]
     while stack:

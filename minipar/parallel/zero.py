@@ -42,7 +42,7 @@ from minipar import backend
 from minipar.config import ConfigError
 from minipar.nn.model import Hooks
 from minipar.nn.optim import make_optimizer
-from minipar.parallel.data import FlatLayout, GradSync, unit_owners
+from minipar.parallel.data import FlatLayout, GradSync, params_used, unit_owners
 
 
 class ShardOptimizer:
@@ -248,23 +248,23 @@ class ZeRO2(ZeRO1):
 class ZeRO3Hooks(Hooks):
     """Gather a unit's parameters before it runs, free them after, reduce its gradients."""
 
-    def __init__(self, zero: "ZeRO3"):
-        self.zero = zero
+    def __init__(self, strategy: "ZeRO3"):
+        self.strategy = strategy
 
     def pre_forward(self, unit, mb) -> None:
-        self.zero.acquire(self.zero.plan[id(unit)]["first_fwd"])
+        self.strategy.acquire(self.strategy.plan[id(unit)]["first_fwd"])
 
     def post_forward(self, unit, mb) -> None:
-        self.zero.release_groups(self.zero.plan[id(unit)]["last_fwd"])
+        self.strategy.release_groups(self.strategy.plan[id(unit)]["last_fwd"])
 
     def pre_backward(self, unit, mb) -> None:
-        self.zero.acquire(self.zero.plan[id(unit)]["last_fwd"])
+        self.strategy.acquire(self.strategy.plan[id(unit)]["last_fwd"])
 
     def post_backward(self, unit, mb) -> None:
-        plan = self.zero.plan[id(unit)]
+        plan = self.strategy.plan[id(unit)]
         for g in plan["owned"]:
-            self.zero.reduce_group(g)
-        self.zero.release_groups(plan["first_fwd"])
+            self.strategy.reduce_group(g)
+        self.strategy.release_groups(plan["first_fwd"])
 
 
 class ZeRO3(ShardedState):
@@ -315,8 +315,6 @@ class ZeRO3(ShardedState):
         both), and the group whose gradients it reduces."""
         segment_of = {id(self.layout.params[i]): g for g, seg in enumerate(self.layout.segments)
                       for i in seg.params}
-        from minipar.parallel.data import params_used  # noqa: PLC0415
-
         plan, u = {}, 0
         for chunk in chunks:
             first, last = {}, {}
@@ -351,9 +349,7 @@ class ZeRO3(ShardedState):
         full = self._gather_slice(self.param_shard, g)
         start = self.layout.segments[g].start
         for i in self.layout.segments[g].params:
-            lo = self.layout.offsets[i] - start
-            self.layout.params[i].data = full[lo:lo + self.layout.sizes[i]]\
-                .reshape(self.layout.shapes[i])
+            self.layout.params[i].data = self.layout.view(full, i, start)
 
     def _gather_slice(self, shard, g: int):
         seg = self.layout.segments[g]
@@ -367,8 +363,7 @@ class ZeRO3(ShardedState):
         for i in seg.params:
             p = self.layout.params[i]
             if p.grad is not None:
-                lo = self.layout.offsets[i] - seg.start
-                buf[lo:lo + self.layout.sizes[i]] = p.grad.reshape(-1)
+                self.layout.view(buf, i, seg.start)[...] = p.grad
                 p.grad = None
         mine = self.mesh.dp.reduce_scatter(buf)
         self.grad_shard[seg.shard_start:seg.shard_start + mine.size] += mine
@@ -399,15 +394,15 @@ class ZeRO3(ShardedState):
         self._update_shard(lr, clip_coef)
 
     def materialize(self) -> None:
+        """Gather every unit's parameters and gradients (for inspection and checkpoints)."""
         self.acquire(range(len(self.layout.segments)))
         for g, seg in enumerate(self.layout.segments):
             full = self._gather_slice(self.grad_shard, g)
             for i in seg.params:
-                lo = self.layout.offsets[i] - seg.start
-                self.layout.params[i].grad = full[lo:lo + self.layout.sizes[i]]\
-                    .reshape(self.layout.shapes[i])
+                self.layout.params[i].grad = self.layout.view(full, i, seg.start)
 
     def release(self) -> None:
+        """Free what ``materialize`` gathered."""
         self.release_groups(range(len(self.layout.segments)))
         for p in self.params:
             p.grad = None
