@@ -3,6 +3,19 @@
 Kernels never ``import numpy`` for array math; they call ``xp()`` so that one code path runs on
 the CPU and on the GPU. The choice is process-wide (each MPI rank is its own process; the
 in-process thread world shares one backend, which is what we want there too).
+
+Three backends:
+
+- ``numpy``: arrays live in host memory; nothing ever moves.
+- ``cupy``: arrays live on this rank's GPU, chosen by the rank's index on its node
+  (``local_rank() % devices``), so ``mpirun -n 4`` on a 4-GPU node puts one rank on each GPU.
+- ``strict``: NumPy behind a wall (``minipar.strict``), a stand-in GPU for CPU machines whose
+  arrays refuse every implicit conversion to NumPy, as CuPy's do. Tests run the model on it to
+  prove that no array silently falls back to the host.
+
+Besides ``xp()``, a backend knows how to move data between host and device; the MPI world uses
+that to stage device arrays through host buffers when MPI cannot read device memory
+(``minipar.dist.staging``).
 """
 
 from __future__ import annotations
@@ -12,61 +25,208 @@ from types import ModuleType
 
 import numpy
 
-_xp: ModuleType = numpy
-_name = "numpy"
+BACKENDS = ("numpy", "cupy", "strict")
+# Launchers announce a process's index among the ranks of its node here: MPICH's Hydra,
+# Open MPI, Slurm.
+LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID")
 
 
 class BackendError(RuntimeError):
     """The requested backend cannot be used on this machine (one clear line for the user)."""
 
 
+class Device:
+    """Where a backend's arrays live and how they cross to the host. This one is the host."""
+
+    name = "numpy"
+    on_device = False  # arrays live apart from host memory (copies cost time and are counted)
+
+    def __init__(self, xp: ModuleType = numpy) -> None:
+        self.xp = xp
+
+    def describe(self) -> str:
+        return "numpy (host memory)"
+
+    def to_host(self, a) -> numpy.ndarray:
+        return numpy.asarray(a)
+
+    def from_host(self, a):
+        return a
+
+    def host_empty(self, shape, dtype) -> numpy.ndarray:
+        """A host buffer for staging (pinned, page-locked memory where the backend has it)."""
+        return numpy.empty(shape, dtype=dtype)
+
+    def copy_to_host(self, a, out: numpy.ndarray) -> None:
+        """Device -> host into an existing buffer (d2h)."""
+        numpy.copyto(out, a)
+
+    def copy_from_host(self, dst, src: numpy.ndarray) -> None:
+        """Host -> device into an existing array (h2d)."""
+        numpy.copyto(dst, src)
+
+    def device_buffer(self, a):
+        """What a CUDA-aware MPI is handed for a device array (the array itself for CuPy)."""
+        return a
+
+    def synchronize(self) -> None:
+        """Wait until the device has finished all queued work (MPI must see finished data)."""
+
+
+class CuPyDevice(Device):
+    """CuPy arrays on one GPU. Kernels run asynchronously on the current stream."""
+
+    name = "cupy"
+    on_device = True
+
+    def __init__(self, cupy: ModuleType, index: int, count: int) -> None:
+        super().__init__(cupy)
+        self.index, self.count = index, count
+
+    def describe(self) -> str:
+        try:
+            gpu = self.xp.cuda.runtime.getDeviceProperties(self.index)["name"]
+            gpu = gpu.decode() if isinstance(gpu, bytes) else str(gpu)
+        except Exception:  # a description must never stop a run
+            gpu = "GPU"
+        return f"cupy on GPU {self.index} of {self.count} ({gpu})"
+
+    def to_host(self, a) -> numpy.ndarray:
+        return self.xp.asnumpy(a)
+
+    def from_host(self, a):
+        return self.xp.asarray(a)
+
+    def host_empty(self, shape, dtype) -> numpy.ndarray:
+        import cupyx  # noqa: PLC0415 - ships with cupy
+
+        # Pinned memory lets the copy engine move the bytes by DMA; CuPy pools these buffers.
+        return cupyx.empty_pinned(shape, dtype=dtype)
+
+    def copy_to_host(self, a, out: numpy.ndarray) -> None:
+        a.get(out=out)  # blocking: returns once the bytes are in `out`
+
+    def copy_from_host(self, dst, src: numpy.ndarray) -> None:
+        dst.set(src)
+
+    def synchronize(self) -> None:
+        self.xp.cuda.get_current_stream().synchronize()
+
+
+_active: Device = Device()
+
+
 def xp() -> ModuleType:
-    """The array module in use (``numpy`` or ``cupy``)."""
-    return _xp
+    """The array module in use (``numpy``, ``cupy`` or the strict stand-in)."""
+    return _active.xp
 
 
 def name() -> str:
-    return _name
+    return _active.name
 
 
-def use(backend: str) -> ModuleType:
-    """Select the backend by name; raises ``BackendError`` with a one-line reason if unusable."""
-    global _xp, _name
+def device() -> Device:
+    """The active backend's host/device operations (see ``Device``)."""
+    return _active
+
+
+def on_device() -> bool:
+    """True when arrays live apart from host memory (cupy, strict): copies must be made."""
+    return _active.on_device
+
+
+def describe() -> str:
+    """One line for a start-up banner: the backend and, on a GPU, which one."""
+    return _active.describe()
+
+
+def local_rank() -> int:
+    """This process's index among the ranks on its node, from the launcher (0 if none)."""
+    for var in LOCAL_RANK_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def pick_device(local: int, n_devices: int) -> int:
+    """The GPU a rank uses: ranks of a node take its GPUs round robin (local rank mod count)."""
+    if n_devices <= 0:
+        raise ValueError(f"pick_device: no devices to pick from (got {n_devices})")
+    return local % n_devices
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _use_cupy(source: str) -> Device:
+    try:
+        import cupy  # noqa: PLC0415 - optional dependency
+    except ModuleNotFoundError as exc:
+        if exc.name != "cupy":
+            raise BackendError(f"{source}: CuPy is installed but does not import "
+                               f"({_first_line(exc)})") from exc
+        raise BackendError(f"{source}: CuPy is not installed (pip install -e '.[gpu]')") from exc
+    except ImportError as exc:  # e.g. its CUDA libraries are missing
+        raise BackendError(f"{source}: CuPy is installed but does not import "
+                           f"({_first_line(exc)})") from exc
+    try:
+        n = int(cupy.cuda.runtime.getDeviceCount())
+    except Exception as exc:  # CUDARuntimeError when there is no driver or no device
+        raise BackendError(f"{source}: no CUDA device is available here "
+                           f"({_first_line(exc)})") from exc
+    if n == 0:
+        raise BackendError(f"{source}: no CUDA device is available here")
+    index = pick_device(local_rank(), n)
+    try:
+        cupy.cuda.Device(index).use()
+        # One tiny kernel now: a driver too old for this CuPy fails here, not mid-run.
+        int((cupy.arange(3) * 2).sum())
+    except Exception as exc:
+        raise BackendError(f"{source}: CuPy cannot run on GPU {index} "
+                           f"({_first_line(exc)})") from exc
+    return CuPyDevice(cupy, index, n)
+
+
+def use(backend: str, *, source: str | None = None) -> ModuleType:
+    """Select the backend by name; raises ``BackendError`` with a one-line reason if unusable.
+
+    ``source`` names where the choice came from in that line (default ``--backend NAME``).
+    """
+    global _active
+    source = source or f"--backend {backend}"
     if backend == "numpy":
-        _xp, _name = numpy, "numpy"
-        return _xp
-    if backend == "cupy":
-        try:
-            import cupy  # noqa: PLC0415 - optional dependency
-        except ImportError as exc:
-            raise BackendError(
-                "--backend cupy: CuPy is not installed (pip install -e '.[gpu]')"
-            ) from exc
-        try:
-            n = cupy.cuda.runtime.getDeviceCount()
-        except Exception as exc:  # CUDARuntimeError when no driver or device
-            raise BackendError("--backend cupy: no CUDA device is available here") from exc
-        if n == 0:
-            raise BackendError("--backend cupy: no CUDA device is available here")
-        _xp, _name = cupy, "cupy"
-        return _xp
-    raise BackendError(f"--backend: unknown backend {backend!r} (choose numpy or cupy)")
+        _active = Device()
+    elif backend == "cupy":
+        _active = _use_cupy(source)
+    elif backend == "strict":
+        from minipar.strict import StrictDevice  # noqa: PLC0415 - only tests and lessons
+
+        _active = StrictDevice()
+    else:
+        raise BackendError(f"{source}: unknown backend {backend!r} "
+                           f"(choose {', '.join(BACKENDS)})")
+    return _active.xp
 
 
 def use_from_env() -> ModuleType:
-    """Select the backend named by ``MINIPAR_BACKEND`` (default numpy); used by lessons and tests."""
-    return use(os.environ.get("MINIPAR_BACKEND", "numpy"))
+    """Select the backend named by ``MINIPAR_BACKEND`` (default numpy): lessons and tests."""
+    chosen = os.environ.get("MINIPAR_BACKEND", "") or "numpy"
+    return use(chosen, source=f"MINIPAR_BACKEND={chosen}")
 
 
 def to_host(a) -> numpy.ndarray:
     """A NumPy copy (or view) of an array from the current backend."""
-    if _name == "cupy":
-        return _xp.asnumpy(a)
-    return numpy.asarray(a)
+    return _active.to_host(a)
 
 
 def from_host(a: numpy.ndarray):
     """Move a host array onto the current backend's device (no copy for NumPy)."""
-    if _name == "cupy":
-        return _xp.asarray(a)
-    return a
+    return _active.from_host(a)
+
+
+def synchronize() -> None:
+    """Wait for the device's queued work (a no-op on the host)."""
+    _active.synchronize()

@@ -1,0 +1,330 @@
+"""A stand-in GPU for CPU machines: NumPy arrays behind a wall, as CuPy's arrays are.
+
+Why: on a GPU node a kernel that quietly calls NumPy gets a host array, and mixing it with device
+arrays fails (or worse, copies) at run time, far from CI, which has no GPU. Selecting this
+backend (``backend.use("strict")`` or ``MINIPAR_BACKEND=strict``) makes every such crossing
+fail on a CPU, with the same rules CuPy enforces:
+
+- ``numpy.asarray(a)``, ``numpy.array(a)``, ``numpy.ascontiguousarray(a)``: ``TypeError``
+  (implicit device -> host conversion);
+- a device array meeting a NumPy array, in an operator, a ufunc, a namespace function, an index
+  or an assignment: ``TypeError``;
+- passing a device array to mpi4py: it has no buffer interface, so mpi4py refuses it (a real
+  CuPy array would need a CUDA-aware MPI);
+- reductions and scalar indexing return 0-d device arrays, never NumPy scalars, as CuPy does.
+
+What is allowed is what CuPy allows: the ``strict`` namespace (``backend.xp()``) mirrors NumPy's
+and returns device arrays; NumPy functions and ufuncs applied to device arrays only are run on
+the device (CuPy dispatches them the same way, NEP 13/18); ``float(a)``, ``int(a)``,
+``bool(a)``, ``a.item()``, ``a.tolist()``, ``a.get()`` and ``backend.to_host``/``from_host``
+are the explicit crossings. Results equal NumPy's bit for bit: the same NumPy code runs behind
+the wall.
+
+Why not ``array-api-strict`` (whose arrays on a non-default device also refuse conversion): it
+implements only the array API standard, and minipar's kernels are NumPy-style, as CuPy is: array
+methods (``x.reshape``, ``x.sum``, ``x.swapaxes``, ``x.copy``, ``x.flags``), ``out=``,
+``xp.add.at`` (no scatter-add exists in the standard) and integer-array indexing mixed with
+slices. Running them on it would mean rewriting every kernel into a dialect CuPy does not need.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import numpy
+
+from minipar.backend import Device
+
+_IMPLICIT = ("implicit conversion of a strict-device array to a NumPy array is not allowed "
+             "(as with CuPy): use backend.to_host(a) explicitly")
+
+
+def _mixed(where: str) -> TypeError:
+    return TypeError(f"{where}: a host NumPy array meets a strict-device array (CuPy refuses "
+                     "this too): create it with backend.xp() or upload it with "
+                     "backend.from_host()")
+
+
+def _unwrap(obj, where: str, host_ok: bool = False):
+    """Device arrays -> their NumPy storage; host arrays refused unless this is an upload."""
+    if type(obj) is StrictArray:
+        return obj._a
+    if isinstance(obj, numpy.ndarray):
+        if host_ok:
+            return obj.copy()  # an upload: the device copy is independent of the host one
+        raise _mixed(where)
+    if isinstance(obj, list):
+        return [_unwrap(o, where, host_ok) for o in obj]
+    if type(obj) is tuple:
+        return tuple(_unwrap(o, where, host_ok) for o in obj)
+    return obj
+
+
+def _wrap(x, sources=()):
+    """NumPy results -> device arrays; NumPy scalars become 0-d arrays, as in CuPy.
+
+    A view of one of the ``sources`` (device arrays the result was computed from) gets the
+    source's memory owner as its ``base``, so ``a.base`` is the same object on every call, as
+    in CuPy and NumPy: memory accounting that follows ``base`` to the owner sees one array.
+    """
+    if isinstance(x, numpy.ndarray):
+        w = StrictArray(x)
+        if x.base is not None:
+            w._root = next((s._owner() for s in sources if s._owner()._a is x.base), None)
+        return w
+    if isinstance(x, numpy.generic):
+        return StrictArray(numpy.asarray(x))
+    if type(x) is tuple:
+        return tuple(_wrap(v, sources) for v in x)
+    if isinstance(x, list):
+        return [_wrap(v, sources) for v in x]
+    return x
+
+
+def _devices(args) -> list:
+    """The device arrays among ``args`` (and in lists/tuples inside them)."""
+    found = []
+    for a in args:
+        if type(a) is StrictArray:
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found += _devices(a)
+    return found
+
+
+def _call(fn, where: str, args, kwargs, host_ok: bool = False, this=None):
+    out = kwargs.get("out")
+    result = fn(*_unwrap(args, where, host_ok),
+                **{k: _unwrap(v, where, host_ok) for k, v in kwargs.items()})
+    if type(out) is StrictArray and result is out._a:
+        return out  # in place: hand back the caller's own array
+    sources = ([this] if this is not None else []) + _devices(args)
+    return _wrap(result, sources)
+
+
+class StrictArray:
+    """A device array: NumPy storage that only the strict namespace and explicit copies reach."""
+
+    __slots__ = ("_a", "_root", "__weakref__")
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, a: numpy.ndarray) -> None:
+        self._a = a
+        self._root: StrictArray | None = None  # the device array owning a view's memory
+
+    def _owner(self) -> "StrictArray":
+        return self if self._root is None else self._root
+
+    @property
+    def base(self) -> "StrictArray | None":
+        """The device array whose memory this view uses (None when it owns its memory)."""
+        if self._a.base is None:
+            return None
+        if self._root is None:  # memory NumPy allocated inside the op (a reshape's copy)
+            self._root = StrictArray(self._a.base)
+        return self._root
+
+    # -- the wall -----------------------------------------------------------------------------
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(_IMPLICIT)
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        where = f"numpy.{ufunc.__name__}" + ("" if method == "__call__" else f".{method}")
+        return _call(getattr(ufunc, method), where, inputs, kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        return _call(func, f"numpy.{func.__name__}", args, kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_a", "_root"):
+            raise AttributeError(name)
+        if name in ("data", "ctypes", "tobytes", "tofile", "dump", "dumps"):
+            raise TypeError(f"a.{name} would read device memory from the host: {_IMPLICIT}")
+        attr = getattr(self._a, name)
+        if callable(attr):
+            return lambda *args, **kwargs: _call(attr, f"ndarray.{name}", args, kwargs,
+                                                 this=self)
+        return _wrap(attr, (self,))  # .T, .real, ... are device arrays; .shape passes through
+
+    # -- explicit crossings CuPy also has ------------------------------------------------------
+
+    def get(self, out: numpy.ndarray | None = None) -> numpy.ndarray:
+        """A host copy (``cupy.ndarray.get``), into ``out`` when given."""
+        if out is None:
+            return self._a.copy()
+        numpy.copyto(out, self._a)
+        return out
+
+    def set(self, host: numpy.ndarray) -> None:
+        """Overwrite from a host array of the same shape (``cupy.ndarray.set``)."""
+        numpy.copyto(self._a, host)
+
+    def __float__(self) -> float:
+        return float(self._a)
+
+    def __int__(self) -> int:
+        return int(self._a)
+
+    def __bool__(self) -> bool:
+        return bool(self._a)
+
+    def __complex__(self) -> complex:
+        return complex(self._a)
+
+    def __len__(self) -> int:
+        return len(self._a)
+
+    def __iter__(self):
+        return (_wrap(row) for row in self._a)
+
+    def __repr__(self) -> str:
+        return f"strict:{self._a!r}"
+
+    def __format__(self, spec: str) -> str:
+        return format(self._a.item() if self._a.ndim == 0 else self._a, spec)
+
+    def __reduce__(self):
+        return (StrictArray, (self._a,))
+
+    def __copy__(self) -> "StrictArray":
+        return StrictArray(self._a.copy())
+
+    def __deepcopy__(self, memo) -> "StrictArray":
+        return StrictArray(self._a.copy())
+
+    # -- indexing -------------------------------------------------------------------------------
+
+    def __getitem__(self, key):
+        return _wrap(self._a[_unwrap(key, "indexing")], (self,))
+
+    def __setitem__(self, key, value) -> None:
+        self._a[_unwrap(key, "indexing")] = _unwrap(value, "assignment")
+
+
+def _binary(name: str):
+    def op(self, other):
+        result = getattr(self._a, name)(_unwrap(other, f"operator {name}"))
+        return result if result is NotImplemented else _wrap(result)
+    op.__name__ = name
+    return op
+
+
+def _inplace(name: str):
+    def op(self, other):
+        getattr(self._a, name)(_unwrap(other, f"operator {name}"))
+        return self  # the same device array, updated
+    op.__name__ = name
+    return op
+
+
+def _unary(name: str):
+    def op(self):
+        return _wrap(getattr(self._a, name)())
+    op.__name__ = name
+    return op
+
+
+for _name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or",
+              "xor", "lshift", "rshift"):
+    setattr(StrictArray, f"__{_name}__", _binary(f"__{_name}__"))
+    setattr(StrictArray, f"__r{_name}__", _binary(f"__r{_name}__"))
+    setattr(StrictArray, f"__i{_name}__", _inplace(f"__i{_name}__"))
+for _name in ("lt", "le", "eq", "ne", "gt", "ge"):
+    setattr(StrictArray, f"__{_name}__", _binary(f"__{_name}__"))
+for _name in ("neg", "pos", "abs", "invert"):
+    setattr(StrictArray, f"__{_name}__", _unary(f"__{_name}__"))
+
+
+class _Ufunc:
+    """A NumPy ufunc that takes and returns device arrays (``xp.add(a, b, out=a)``,
+    ``xp.add.at(w, ids, g)``)."""
+
+    def __init__(self, ufunc: numpy.ufunc) -> None:
+        self._u = ufunc
+        self.__name__ = ufunc.__name__
+
+    def __call__(self, *args, **kwargs):
+        return _call(self._u, f"xp.{self.__name__}", args, kwargs)
+
+    def __getattr__(self, method: str):
+        fn = getattr(self._u, method)
+        if not callable(fn):
+            return fn
+        return lambda *args, **kwargs: _call(fn, f"xp.{self.__name__}.{method}", args, kwargs)
+
+
+class Namespace(ModuleType):
+    """The strict array module: NumPy's names, taking and returning device arrays.
+
+    ``asarray`` and ``array`` accept host arrays (an upload, always a copy, as in CuPy); every
+    other function refuses them.
+    """
+
+    _UPLOADS = ("asarray", "array")
+
+    def __init__(self, np_module: ModuleType = numpy) -> None:
+        super().__init__(f"minipar.strict[{np_module.__name__}]")
+        self._np = np_module
+        self.ndarray = StrictArray
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        obj = getattr(self._np, name)
+        if isinstance(obj, numpy.ufunc):
+            wrapped = _Ufunc(obj)
+        elif isinstance(obj, type):
+            wrapped = obj  # dtypes and scalar types: numpy.float32, numpy.dtype, ...
+        elif isinstance(obj, ModuleType):
+            wrapped = Namespace(obj)
+        elif callable(obj):
+            upload = name in self._UPLOADS
+
+            def wrapped(*args, _fn=obj, _name=name, _up=upload, **kwargs):
+                return _call(_fn, f"xp.{_name}", args, kwargs, host_ok=_up)
+            wrapped.__name__ = name
+        else:
+            wrapped = obj  # constants: inf, pi, newaxis
+        setattr(self, name, wrapped)  # resolve each name once
+        return wrapped
+
+    @staticmethod
+    def asnumpy(a) -> numpy.ndarray:
+        """A host copy (``cupy.asnumpy``)."""
+        return a.get() if type(a) is StrictArray else numpy.asarray(a)
+
+
+class StrictDevice(Device):
+    """The strict backend's host/device operations; counts ``synchronize`` calls for tests."""
+
+    name = "strict"
+    on_device = True
+
+    def __init__(self) -> None:
+        super().__init__(Namespace())
+        self.syncs = 0
+
+    def describe(self) -> str:
+        return "strict (NumPy behind a device wall: a CPU stand-in for CuPy)"
+
+    def to_host(self, a) -> numpy.ndarray:
+        return a.get() if type(a) is StrictArray else numpy.asarray(a)
+
+    def from_host(self, a) -> StrictArray:
+        if type(a) is StrictArray:
+            return a  # already on the device, as cupy.asarray leaves a cupy array
+        return StrictArray(numpy.array(a, copy=True))
+
+    def copy_to_host(self, a: StrictArray, out: numpy.ndarray) -> None:
+        a.get(out=out)
+
+    def copy_from_host(self, dst: StrictArray, src: numpy.ndarray) -> None:
+        dst.set(src)
+
+    def device_buffer(self, a: StrictArray) -> numpy.ndarray:
+        # A CUDA-aware MPI reads and writes device memory in place: here, the storage itself.
+        return a._a
+
+    def synchronize(self) -> None:
+        self.syncs += 1

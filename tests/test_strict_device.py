@@ -1,0 +1,192 @@
+"""No array silently falls back to NumPy: the kernels and parallel steps on the strict device.
+
+The strict backend (``minipar.strict``) is NumPy behind the wall CuPy puts around GPU memory:
+implicit conversion to NumPy and any meeting of host and device arrays raise. Running the model
+on it proves on a CPU what a GPU run needs, and since the same NumPy code runs behind the wall,
+the results must equal the numpy backend's bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minipar import backend
+from minipar.compare import mismatches, random_batches, serial_reference, train_layout
+from minipar.config import SCHEDULE_NAMES, ModelConfig, ParallelConfig
+from minipar.dist.comm import run_threads
+from minipar.dist.mesh import Mesh
+from minipar.engine import Engine
+from minipar.nn import functional as F
+from minipar.nn import optim
+from minipar.strict import StrictArray
+
+
+@pytest.fixture()
+def xp():
+    before = backend.name()
+    yield backend.use("strict")
+    backend.use(before)
+
+
+def on_each_backend(fn):
+    """``fn()`` on numpy, then on the strict device; both results as host arrays."""
+    before = backend.name()
+    try:
+        backend.use("numpy")
+        host = fn()
+        backend.use("strict")
+        device = fn()
+    finally:
+        backend.use(before)
+    return host, device
+
+
+# ------------------------------------------------------------------------------ the wall
+def test_implicit_host_conversion_raises(xp):
+    a = xp.arange(6.0).reshape(2, 3)
+    for convert in (np.asarray, np.array, np.ascontiguousarray):
+        with pytest.raises(TypeError, match="implicit conversion"):
+            convert(a)
+    for attr in ("data", "tobytes"):
+        with pytest.raises(TypeError):
+            getattr(a, attr)
+
+
+def test_host_and_device_arrays_never_meet(xp):
+    a = xp.ones((2, 3))
+    h = np.ones((2, 3))
+    attempts = [lambda: a + h, lambda: h + a, lambda: h * a, lambda: a @ h.T,
+                lambda: xp.concatenate([a, h]), lambda: xp.where(h > 0, a, 0.0),
+                lambda: a[np.array([0, 1])], lambda: a.__setitem__(0, h[0]),
+                lambda: xp.add.at(a, np.array([0]), a[:1]), lambda: np.add(a, h),
+                lambda: a.__iadd__(h)]
+    for attempt in attempts:
+        with pytest.raises(TypeError, match="host NumPy array meets"):
+            attempt()
+    assert np.array_equal(backend.to_host(a), np.ones((2, 3)))  # nothing was changed
+
+
+def test_what_cupy_allows_is_allowed(xp):
+    h = np.arange(4.0)
+    a = xp.asarray(h)  # an upload is a copy
+    h[0] = 99.0
+    assert type(a) is StrictArray and float(a[0]) == 0.0
+    total = a.sum()
+    assert type(total) is StrictArray and total.shape == ()  # 0-d, not a NumPy scalar
+    assert float(total) == 6.0 and int(a[3]) == 3 and bool(a[1]) and a.item(2) == 2.0
+    assert a.tolist() == [0.0, 1.0, 2.0, 3.0] and len(a) == 4
+    assert type(np.exp(a)) is StrictArray  # NumPy ufuncs on device arrays run on the device
+    assert type(np.float64(2.0) * a) is StrictArray and type(2.0 * a) is StrictArray
+    b = a.copy()
+    b += 1.0  # in place keeps the array
+    assert np.array_equal(b.get(), np.arange(4.0) + 1)
+    out = xp.exp(b, out=b)
+    assert out is b
+    assert np.array_equal(backend.to_host(pickle.loads(pickle.dumps(a))), np.arange(4.0))
+    assert copy.deepcopy(a)._a is not a._a
+    assert f"{total:.1f}" == "6.0"
+
+
+# ------------------------------------------------------------------------------ kernels
+def kernel_outputs() -> list:
+    """Every kernel pair and optimizer update, on fixed random data; results on the host."""
+    rng = np.random.default_rng(0)
+    up = backend.from_host
+    x = up(rng.standard_normal((2, 4, 8)))
+    w, b = up(rng.standard_normal((8, 6))), up(rng.standard_normal(6))
+    out = []
+    y, cache = F.linear_fwd(x, w, b)
+    out += [y, *F.linear_bwd(y * 0.5, cache)]
+    y, cache = F.layernorm_fwd(x, up(rng.standard_normal(8)), up(rng.standard_normal(8)))
+    out += [y, *F.layernorm_bwd(y, cache)]
+    y, cache = F.gelu_fwd(x)
+    out += [y, F.gelu_bwd(x, cache)]
+    p, cache = F.softmax_fwd(x)
+    out += [p, F.softmax_bwd(x, cache)]
+    qkv = up(rng.standard_normal((2, 4, 24)))
+    y, cache = F.mha_fwd(qkv, n_heads=2)
+    out += [y, F.mha_bwd(y, cache)]
+    ids = up(rng.integers(0, 5, (2, 4)))
+    table = up(rng.standard_normal((5, 8)))
+    y, cache = F.embedding_fwd(ids, table, valid=ids < 3)
+    out += [y, F.embedding_bwd(y, cache)]
+    y, cache = F.embedding_fwd(ids, table)
+    out += [y, F.embedding_bwd(y, cache)]
+    out += [F.sinusoidal_positions(4, 8), F.causal_bias(4, "float64")]
+    out += [*F.add_positions_bwd(x), *F.residual_fwd(x, x)[:1]]
+    targets = up(np.array([0, 1, -100, 4, 2, 3, -100, 0]))
+    loss, cache = F.cross_entropy_fwd(x.reshape(8, 8)[:, :5], targets)
+    out += [loss, F.cross_entropy_bwd(1.0, cache)]
+    p, g, m, v = (up(rng.standard_normal(5)) for _ in range(4))
+    v = v * v
+    optim.adamw_update(p, g, m, v, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                       weight_decay=0.01, step=3)
+    optim.sgd_update(p, g, m, lr=0.1, momentum=0.9, weight_decay=0.01, step=1)
+    out += [p, m, v]
+    if backend.on_device():
+        escaped = [i for i, o in enumerate(out) if type(o) is not StrictArray]
+        assert not escaped, f"kernel outputs {escaped} are not device arrays"
+    return [backend.to_host(o) for o in out]
+
+
+def test_every_kernel_runs_on_the_device_and_equals_numpy_bitwise():
+    host, device = on_each_backend(kernel_outputs)
+    assert len(host) == len(device)
+    for i, (h, d) in enumerate(zip(host, device)):
+        assert h.dtype == d.dtype and np.array_equal(h, d, equal_nan=True), f"output {i}"
+
+
+# ------------------------------------------------------------------------------ parallel steps
+@st.composite
+def layouts(draw):
+    """A model and a dp x tp x pp layout of at most 4 ranks, with the options of each axis."""
+    pp = draw(st.sampled_from([1, 2]))
+    tp = draw(st.sampled_from([1, 2]))
+    dp = draw(st.sampled_from([d for d in (1, 2, 4) if d * tp * pp <= 4]))
+    schedule = draw(st.sampled_from(SCHEDULE_NAMES))
+    m = pp * draw(st.integers(1, 2)) if schedule == "interleaved" else draw(st.integers(1, 2))
+    v = draw(st.integers(1, 2)) if schedule == "interleaved" else 1
+    zero = draw(st.sampled_from([0, 1, 2, 3])) if dp > 1 else 0
+    bucket = 0.0 if zero == 3 or schedule == "zb-h1" else draw(st.sampled_from([0.0, 1e-4]))
+    cfg = ModelConfig(vocab_size=draw(st.integers(6, 12)), seq_len=4, n_layers=pp * v,
+                      d_model=8, n_heads=2, pos=draw(st.sampled_from(["learned", "sinusoidal"])))
+    par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=zero, schedule=schedule, microbatches=m,
+                         virtual_stages=v, sequence_parallel=tp > 1 and draw(st.booleans()),
+                         bucket_mb=bucket)
+    return cfg, par
+
+
+@settings(max_examples=12, deadline=None)
+@given(layouts())
+def test_parallel_steps_on_the_device_equal_numpy_and_serial(layout):
+    cfg, par = layout
+    batches = random_batches(cfg, steps=2, batch=4 * par.dp, seed=par.world)
+
+    def run():
+        return run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)[0]
+
+    host, device = on_each_backend(run)
+    assert not mismatches(device, host, rtol=0.0)  # the same NumPy code behind the wall
+    assert not mismatches(device, serial_reference(cfg, batches), rtol=1e-9)
+
+
+def test_evaluation_and_checkpoint_state_cross_the_wall_explicitly():
+    cfg = ModelConfig(vocab_size=8, seq_len=4, n_layers=2, d_model=8, n_heads=2)
+    batches = random_batches(cfg, steps=1, batch=4)
+
+    def run():
+        engine = Engine(cfg, ParallelConfig(), Mesh.serial(), dtype="float64")
+        engine.train_step(*batches[0], normalizer=float((batches[0][1] >= 0).sum()))
+        state = engine.full_optimizer_state()
+        engine.load_full_state(engine.full_params(), state, engine.optimizer_steps())
+        metrics = engine.evaluate(batches)
+        return [metrics["loss"], metrics["exact_match"], *state.values()]
+
+    host, device = on_each_backend(run)
+    assert all(np.array_equal(h, d) for h, d in zip(host, device))
