@@ -8,10 +8,20 @@ With ``check=True`` (or env ``MINIPAR_COMM_CHECK=1``) every collective first com
 ranks' calls (op, shape, dtype, axis, root) with one small extra allgather, so a mismatch is the
 same ``CommError`` on every rank instead of a hang or garbage. That extra message is not
 counted in the stats; the thread world always makes this check, at no cost.
+
+Device arrays (the cupy backend) go to MPI as device buffers when MPI is CUDA-aware and are
+staged through host buffers otherwise (``minipar.dist.staging``; ``comm_mode()`` says which and
+why). Detection, first match wins: ``MINIPAR_HOST_STAGING=1`` or ``MPIComm(staging=True)``
+forces staging, ``staging=False`` forces device buffers; ``MINIPAR_CUDA_AWARE=1``/``0`` says
+whether MPI is CUDA-aware; else MPI is asked (``MPIX_Query_cuda_support``, which MPICH and Open
+MPI export; mpi4py 4.1 does not wrap it); else staging, the safe choice. The PyPI ``mpich``
+wheel is not CUDA-aware, so staging is its default.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import sys
 import traceback
@@ -22,29 +32,88 @@ from mpi4py.util import dtlib
 
 from minipar import backend
 from minipar.dist.base import Comm, CommError, call_site, mismatch_error
+from minipar.dist.staging import Staging
 from minipar.dist.stats import CommStats
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX}
 
 
-class MPIComm(Comm):
-    """A ``Comm`` over an mpi4py communicator (see ``minipar.dist.comm`` for the semantics)."""
+@functools.lru_cache(maxsize=1)
+def query_cuda_support() -> bool | None:
+    """Whether the loaded MPI library can read CUDA device memory (None: it cannot tell).
 
-    def __init__(self, mpi_comm: MPI.Comm, name: str = "world", check: bool | None = None):
+    Calls ``MPIX_Query_cuda_support()`` in the ``libmpi`` this process has loaded (found in
+    ``/proc/self/maps``; Linux only). It reports run-time support, so an MPI built with CUDA
+    but started without it (e.g. MPICH with ``MPIR_CVAR_ENABLE_GPU=0``) answers False.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as fh:
+            libs = {line.split()[-1] for line in fh
+                    if os.path.basename(line.split()[-1]).startswith("libmpi.so")}
+    except OSError:
+        return None
+    for path in sorted(libs):
+        try:
+            fn = ctypes.CDLL(path).MPIX_Query_cuda_support
+        except (OSError, AttributeError):
+            continue
+        fn.restype, fn.argtypes = ctypes.c_int, []
+        return bool(fn())
+    return None
+
+
+def device_transport(staging: bool | None = None) -> tuple[bool, str]:
+    """(pass device buffers directly?, why) for device arrays; see the module docstring."""
+    if staging is True or os.environ.get("MINIPAR_HOST_STAGING") == "1":
+        why = "staging=True" if staging is True else "MINIPAR_HOST_STAGING=1"
+        return False, f"host staging (forced by {why})"
+    if staging is False:
+        return True, "device buffers straight to MPI (forced by staging=False)"
+    aware = os.environ.get("MINIPAR_CUDA_AWARE")
+    if aware in ("0", "1"):
+        return (aware == "1", "device buffers straight to MPI (MINIPAR_CUDA_AWARE=1)"
+                if aware == "1" else "host staging (MINIPAR_CUDA_AWARE=0)")
+    supported = query_cuda_support()
+    if supported:
+        return True, "device buffers straight to MPI (CUDA-aware MPI)"
+    if supported is None:
+        return False, ("host staging (cannot tell whether MPI is CUDA-aware; "
+                       "set MINIPAR_CUDA_AWARE=1 if it is)")
+    return False, "host staging (MPI is not CUDA-aware)"
+
+
+def comm_mode(staging: bool | None = None) -> str:
+    """One line for the start-up banner: how this backend's arrays reach MPI."""
+    if not backend.on_device():
+        return f"host arrays ({backend.name()} backend): MPI reads and writes them in place"
+    return device_transport(staging)[1]
+
+
+class MPIComm(Comm):
+    """A ``Comm`` over an mpi4py communicator (see ``minipar.dist.comm`` for the semantics).
+
+    ``staging``: None detects how device arrays reach MPI, True forces host staging, False
+    forces device buffers (``device_transport``). Sub-groups from ``split`` inherit the choice.
+    """
+
+    def __init__(self, mpi_comm: MPI.Comm, name: str = "world", check: bool | None = None,
+                 staging: bool | None = None):
         self.mpi = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
         self.name = name
         self.stats = CommStats()
         self.check = os.environ.get("MINIPAR_COMM_CHECK") == "1" if check is None else check
+        self.staging = staging
+        self.wire = Staging(self.stats, direct=device_transport(staging)[0])
 
     @classmethod
-    def world(cls, check: bool | None = None) -> "MPIComm":
+    def world(cls, check: bool | None = None, staging: bool | None = None) -> "MPIComm":
         """All processes of the job, on a duplicate of COMM_WORLD (collective).
 
         The duplicate keeps minipar's messages apart from any raw mpi4py traffic on COMM_WORLD.
         """
-        return cls(MPI.COMM_WORLD.Dup(), "world", check)
+        return cls(MPI.COMM_WORLD.Dup(), "world", check, staging)
 
     def _verify(self, desc: tuple) -> None:
         if self.check:
@@ -53,46 +122,53 @@ class MPIComm(Comm):
             if any(d != descs[0] for d in descs):
                 raise mismatch_error(self, descs, [site for _, site in calls])
 
-    # ---- collectives ----
+    # ---- collectives (self.wire turns device arrays into buffers MPI can address) ----
 
     def _allreduce(self, x, op, desc):
         self._verify(desc)
-        out = backend.xp().empty_like(x)
-        self.mpi.Allreduce(x, out, op=_OPS[op])
-        return out
+        send = self.wire.outgoing(x)
+        out, finish = self.wire.incoming(x.shape, x.dtype)
+        self.mpi.Allreduce(send, out, op=_OPS[op])
+        return finish()
 
     def _allreduce_inplace(self, x, op, desc):
         self._verify(desc)
-        self.mpi.Allreduce(MPI.IN_PLACE, x, op=_OPS[op])
+        buf, write_back = self.wire.inplace(x)
+        self.mpi.Allreduce(MPI.IN_PLACE, buf, op=_OPS[op])
+        write_back()
 
     def _iallreduce_inplace(self, x, op, desc):
         self._verify(desc)
-        req = self.mpi.Iallreduce(MPI.IN_PLACE, x, op=_OPS[op])
+        buf, write_back = self.wire.inplace(x)
+        req = self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=_OPS[op])
 
         def finish() -> None:
             req.Wait()
+            write_back()
         return finish
 
     def _allgather(self, x, desc):
         self._verify(desc)
-        out = backend.xp().empty((self.size,) + x.shape, dtype=x.dtype)
-        self.mpi.Allgather(x, out)
-        return out
+        send = self.wire.outgoing(x)
+        out, finish = self.wire.incoming((self.size,) + x.shape, x.dtype)
+        self.mpi.Allgather(send, out)
+        return finish()
 
     def _reduce_scatter(self, x, op, desc):
         self._verify(desc)
-        out = backend.xp().empty((x.shape[0] // self.size,) + x.shape[1:], dtype=x.dtype)
-        self.mpi.Reduce_scatter_block(x, out, op=_OPS[op])
-        return out
+        send = self.wire.outgoing(x)
+        out, finish = self.wire.incoming((x.shape[0] // self.size,) + x.shape[1:], x.dtype)
+        self.mpi.Reduce_scatter_block(send, out, op=_OPS[op])
+        return finish()
 
     def _broadcast(self, x, root, desc):
         self._verify(desc)
         if self.rank == root:
-            self.mpi.Bcast(x, root=root)
+            self.mpi.Bcast(self.wire.outgoing(x), root=root)
             return None
-        out = backend.xp().empty(x.shape, dtype=x.dtype)
+        out, finish = self.wire.incoming(x.shape, x.dtype)
         self.mpi.Bcast(out, root=root)
-        return out
+        return finish()
 
     def _barrier(self, desc):
         self._verify(desc)
@@ -107,34 +183,35 @@ class MPIComm(Comm):
         return self.mpi.bcast(payload, root=root)
 
     def _split(self, color, key, name):
-        return MPIComm(self.mpi.Split(color, key), name, self.check)
+        return MPIComm(self.mpi.Split(color, key), name, self.check, self.staging)
 
     # ---- point to point ----
 
     def _send(self, x, dest, tag):
-        self.mpi.Send(x, dest=dest, tag=tag)
+        self.mpi.Send(self.wire.outgoing(x), dest=dest, tag=tag)
 
     def _isend(self, x, dest, tag):
-        req = self.mpi.Isend(x, dest=dest, tag=tag)
+        buf = self.wire.outgoing(x)
+        req = self.mpi.Isend(buf, dest=dest, tag=tag)
 
         def finish() -> None:
             req.Wait()
-            del keep[:]  # the buffer must live until the send completes
-        keep = [x]
+            del keep[:]  # the buffers must live until the send completes
+        keep = [x, buf]
         return finish
 
     def _recv(self, shape, dtype, source, tag):
-        out = backend.xp().empty(shape, dtype=dtype)
+        out, finish = self.wire.incoming(shape, dtype)
         status = MPI.Status()
         try:
             self.mpi.Recv(out, source=source, tag=tag, status=status)
         except MPI.Exception as exc:
             raise self._recv_error(shape, dtype, source, tag, str(exc)) from exc
         self._check_count(status, out, source, tag)
-        return out
+        return finish()
 
     def _irecv(self, shape, dtype, source, tag):
-        out = backend.xp().empty(shape, dtype=dtype)
+        out, finish_copy = self.wire.incoming(shape, dtype)
         req = self.mpi.Irecv(out, source=source, tag=tag)
 
         def finish() -> Any:
@@ -144,7 +221,7 @@ class MPIComm(Comm):
             except MPI.Exception as exc:
                 raise self._recv_error(shape, dtype, source, tag, str(exc)) from exc
             self._check_count(status, out, source, tag)
-            return out
+            return finish_copy()
         return finish
 
     def _check_count(self, status: MPI.Status, out, source: int, tag: int) -> None:

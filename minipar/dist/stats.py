@@ -12,10 +12,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-# The operation names a Comm records. Host<->device copies will add "h2d" and "d2h" (CuPy
-# backend); ``CommStats`` accepts any name, so they need no change here.
+# The operation names a Comm records. With device arrays and an MPI that is not CUDA-aware,
+# MPIComm also records its host<->device staging copies, as COPY_OPS (minipar.dist.staging).
 COMM_OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast", "send", "recv", "barrier",
             "object")
+COPY_OPS = ("d2h", "h2d")
 
 
 def wire_bytes(op: str, nbytes: int, p: int) -> int:
@@ -33,9 +34,9 @@ def wire_bytes(op: str, nbytes: int, p: int) -> int:
         return (p - 1) * nbytes // p
     if op in ("broadcast", "send", "object"):
         return nbytes
-    if op in ("recv", "barrier"):
+    if op in ("recv", "barrier") or op in COPY_OPS:  # a copy to or from the GPU sends nothing
         return 0
-    raise ValueError(f"wire_bytes: unknown op {op!r} (known: {', '.join(COMM_OPS)})")
+    raise ValueError(f"wire_bytes: unknown op {op!r} (known: {', '.join(COMM_OPS + COPY_OPS)})")
 
 
 @dataclass

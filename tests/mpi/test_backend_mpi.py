@@ -1,0 +1,160 @@
+"""Device arrays through real MPI: host staging and CUDA-aware mode, every copy counted.
+
+The strict backend's arrays stand in for CuPy's: mpi4py cannot read them, so ``MPIComm`` must
+either stage them through host buffers (recording "d2h"/"h2d") or, in CUDA-aware mode, hand MPI
+the device memory after a stream sync. Both paths must give the numpy backend's results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from minipar import backend
+from minipar.compare import mismatches, random_batches, serial_reference, train_layout
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.dist.mpi_comm import MPIComm, comm_mode, device_transport, query_cuda_support
+from minipar.strict import StrictArray
+from minipar.testing import collective_assert
+
+
+@pytest.fixture()
+def strict():
+    before = backend.name()
+    yield backend.use("strict")
+    backend.use(before)
+
+
+def copies(comm) -> tuple[int, int]:
+    ops = comm.stats.as_dict()
+    return (ops.get("d2h", {}).get("bytes", 0), ops.get("h2d", {}).get("bytes", 0))
+
+
+def test_mpi_cannot_read_device_arrays(world, strict):
+    x = strict.ones(4)
+    try:
+        world.mpi.Allreduce(x, np.empty(4))  # refused while reading arguments: no message
+        refused = False
+    except (TypeError, BufferError, ValueError):
+        refused = True
+    collective_assert(world, refused, "mpi4py accepted a strict-device array as a buffer")
+
+
+@pytest.mark.parametrize("staging", [True, False], ids=["host-staging", "cuda-aware"])
+def test_each_collective_moves_device_arrays_and_counts_copies(world, strict, staging):
+    p, r = world.size, world.rank
+    comm = MPIComm(world.mpi.Dup(), "dev", check=True, staging=staging)
+    dev = backend.device()
+    host = np.arange(2 * p * 3, dtype=np.float64).reshape(2 * p, 3) + 10 * r
+    n = host.nbytes
+    everyone = [np.arange(2 * p * 3, dtype=np.float64).reshape(2 * p, 3) + 10 * q
+                for q in range(p)]
+    total = sum(everyone)
+    prev, nxt = (r - 1) % p, (r + 1) % p
+    problems: list[str] = []
+
+    def check(what, got, want, d2h, h2d):
+        ok_type = got is None or type(got) is StrictArray
+        ok_val = got is None or np.array_equal(backend.to_host(got), want)
+        expect = (d2h, h2d) if staging else (0, 0)
+        if not (ok_type and ok_val and copies(comm) == expect):
+            problems.append(f"{what}: type ok {ok_type}, values ok {ok_val}, copies "
+                            f"{copies(comm)} != {expect}")
+        comm.stats.reset()
+
+    syncs = dev.syncs
+    check("allreduce", comm.allreduce(strict.asarray(host)), total, n, n)
+    x = strict.asarray(host)
+    comm.allreduce_(x)
+    check("allreduce_", x, total, n, n)
+    x = strict.asarray(host)
+    comm.iallreduce_(x, op="avg").wait()
+    check("iallreduce_", x, total / p, n, n)
+    check("allgather", comm.allgather(strict.asarray(host)), np.concatenate(everyone), n,
+          p * n)
+    check("reduce_scatter", comm.reduce_scatter(strict.asarray(host)),
+          total[2 * r:2 * r + 2], n, n // p)
+    got = comm.broadcast(strict.asarray(host), root=1)
+    check("broadcast", got, everyone[1], n if r == 1 else 0, 0 if r == 1 else n)
+    req = comm.isend(strict.asarray(host), nxt, tag=5)
+    got = comm.recv(host.shape, host.dtype, prev, tag=5)
+    req.wait()
+    check("isend/recv", got, everyone[prev], n, n)
+    pending = comm.irecv(host.shape, host.dtype, prev, tag=6)
+    comm.send(strict.asarray(host), nxt, tag=6)
+    check("send/irecv", pending.wait(), everyone[prev], n, n)
+    if not staging and dev.syncs == syncs:
+        problems.append("CUDA-aware mode never synchronised the stream before MPI")
+    comm.mpi.Free()
+    collective_assert(world, not problems, "; ".join(problems))
+
+
+def layouts(size: int) -> list[ParallelConfig]:
+    """Layouts for a world of 2 or 4 ranks, each axis once."""
+    return [ParallelConfig(dp=size, zero=1),
+            ParallelConfig(tp=2, dp=size // 2, sequence_parallel=True),
+            ParallelConfig(pp=2, dp=size // 2, schedule="1f1b", microbatches=2)]
+
+
+@pytest.mark.parametrize("staging", [True, False], ids=["host-staging", "cuda-aware"])
+def test_training_on_device_arrays_equals_numpy_and_serial(world, staging):
+    cfg = ModelConfig(vocab_size=9, seq_len=4, n_layers=2, d_model=8, n_heads=2)
+    problems: list[str] = []
+    for par in layouts(world.size):
+        batches = random_batches(cfg, steps=2, batch=2 * par.dp, seed=par.tp + par.pp)
+        runs = {}
+        for name in ("numpy", "strict"):
+            backend.use(name)
+            comm = MPIComm(world.mpi.Dup(), "world", check=True, staging=staging)
+            try:
+                runs[name] = train_layout(comm, cfg, par, batches)
+            finally:
+                backend.use("numpy")
+                comm.mpi.Free()
+        ref = serial_reference(cfg, batches)
+        bad = mismatches(runs["strict"], runs["numpy"], 0.0) + mismatches(runs["strict"], ref,
+                                                                          1e-9)
+        ops = {op for group in runs["strict"].comm[-1].values() for op in group}
+        staged = {"d2h", "h2d"} <= ops
+        if bad or staged != staging or {"d2h", "h2d"} & {
+                op for group in runs["numpy"].comm[-1].values() for op in group}:
+            problems.append(f"{par}: {bad[:2]}, copies recorded {sorted(ops)}")
+    collective_assert(world, not problems, "; ".join(problems))
+
+
+def test_comm_mode_says_how_arrays_reach_mpi(world, monkeypatch):
+    for var in ("MINIPAR_HOST_STAGING", "MINIPAR_CUDA_AWARE"):
+        monkeypatch.delenv(var, raising=False)
+    seen = {"numpy": comm_mode()}
+    backend.use("strict")
+    try:
+        aware = query_cuda_support()
+        seen["detected"] = comm_mode()
+        seen["forced"] = comm_mode(staging=True)
+        monkeypatch.setenv("MINIPAR_CUDA_AWARE", "1")
+        seen["aware"] = comm_mode()
+        seen["aware-comm"] = MPIComm(MPI.COMM_SELF, "self").wire.direct
+        monkeypatch.setenv("MINIPAR_HOST_STAGING", "1")
+        seen["env-forced"] = comm_mode()
+        seen["env-comm"] = MPIComm(MPI.COMM_SELF, "self").wire.direct
+        monkeypatch.setenv("MINIPAR_CUDA_AWARE", "0")
+        monkeypatch.delenv("MINIPAR_HOST_STAGING")
+        seen["not-aware"] = device_transport()
+    finally:
+        backend.use("numpy")
+    want = {
+        "numpy": "host arrays (numpy backend): MPI reads and writes them in place",
+        # The PyPI mpich wheel exports MPIX_Query_cuda_support and is not CUDA-aware.
+        "detected": ("device buffers straight to MPI (CUDA-aware MPI)" if aware else
+                     "host staging (MPI is not CUDA-aware)"),
+        "forced": "host staging (forced by staging=True)",
+        "aware": "device buffers straight to MPI (MINIPAR_CUDA_AWARE=1)",
+        "aware-comm": True,
+        "env-forced": "host staging (forced by MINIPAR_HOST_STAGING=1)",
+        "env-comm": False,
+        "not-aware": (False, "host staging (MINIPAR_CUDA_AWARE=0)"),
+    }
+    diff = {k: (seen[k], want[k]) for k in want if seen[k] != want[k]}
+    collective_assert(world, isinstance(aware, bool) and not diff,
+                      f"query_cuda_support() = {aware!r}; {diff}")

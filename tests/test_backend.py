@@ -1,0 +1,304 @@
+"""Backend selection, GPU choice by local rank, one-line errors, and the host-staging path.
+
+No GPU here: "CuPy installed" is simulated with small fake ``cupy`` modules (in ``sys.modules``
+or on the path of a subprocess), and the staging path runs on the strict backend's stand-in
+device (``minipar.strict``), whose arrays, like CuPy's, MPI cannot read. The real MPI path with
+staged device arrays is in ``tests/mpi/test_backend_mpi.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minipar import backend
+from minipar.dist.staging import Staging
+from minipar.dist.stats import CommStats, wire_bytes
+from minipar.strict import StrictArray
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_INSTALLED = "--backend cupy: CuPy is not installed (pip install -e '.[gpu]')"
+
+
+@pytest.fixture(autouse=True)
+def keep_backend():
+    """Each test may switch backends; the session's choice comes back afterwards."""
+    before = backend.name()
+    yield
+    backend.use(before)
+
+
+# ----------------------------------------------------------------------------- fake CuPy
+class CUDARuntimeError(RuntimeError):
+    """CuPy's error type when the CUDA runtime fails (same name, for the message)."""
+
+
+def fake_cupy(devices: int | None, kernel_error: str | None = None) -> types.ModuleType:
+    """A ``cupy`` with ``devices`` GPUs (None: the runtime raises, as without a driver)."""
+    cupy = types.ModuleType("cupy")
+    used: list[int] = []
+
+    def count():
+        if devices is None:
+            raise CUDARuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")
+        return devices
+
+    class Device:
+        def __init__(self, index):
+            self.index = index
+
+        def use(self):
+            used.append(self.index)
+
+    def arange(n):
+        if kernel_error:
+            raise CUDARuntimeError(kernel_error)
+        return np.arange(n)
+
+    runtime = types.SimpleNamespace(getDeviceCount=count,
+                                    getDeviceProperties=lambda i: {"name": b"Fake GPU"})
+    cupy.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)
+    cupy.arange = arange
+    cupy.used = used
+    return cupy
+
+
+def without_launcher_env(monkeypatch) -> None:
+    for var in backend.LOCAL_RANK_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+# ----------------------------------------------------------------------------- selection
+def test_numpy_and_strict_are_selected_by_name():
+    assert backend.use("numpy") is np and backend.xp() is np and backend.name() == "numpy"
+    assert not backend.on_device() and backend.from_host(a := np.ones(2)) is a
+    xp = backend.use("strict")
+    assert backend.name() == "strict" and backend.on_device() and xp.ndarray is StrictArray
+    assert "strict" in backend.describe()
+
+
+def test_unknown_backend_is_one_line_naming_the_choices():
+    with pytest.raises(backend.BackendError) as err:
+        backend.use("torch")
+    assert str(err.value) == ("--backend torch: unknown backend 'torch' "
+                              "(choose numpy, cupy, strict)")
+
+
+@pytest.mark.parametrize("value, expected", [("", "numpy"), ("numpy", "numpy"),
+                                             ("strict", "strict")])
+def test_env_var_selects_the_backend(monkeypatch, value, expected):
+    monkeypatch.setenv("MINIPAR_BACKEND", value)
+    backend.use_from_env()
+    assert backend.name() == expected
+
+
+def test_env_var_errors_name_the_variable(monkeypatch):
+    monkeypatch.setenv("MINIPAR_BACKEND", "cupy")
+    monkeypatch.setitem(sys.modules, "cupy", None)  # as if not installed, even on a GPU node
+    with pytest.raises(backend.BackendError, match=r"^MINIPAR_BACKEND=cupy: CuPy is not "):
+        backend.use_from_env()
+    monkeypatch.delenv("MINIPAR_BACKEND")
+    backend.use_from_env()
+    assert backend.name() == "numpy"
+
+
+def test_cupy_not_installed_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(backend.BackendError) as err:
+        backend.use("cupy")
+    assert str(err.value) == NOT_INSTALLED
+    assert backend.name() != "cupy"
+
+
+def test_cupy_that_cannot_import_says_why(monkeypatch, tmp_path):
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(
+        "raise ImportError('libcudart.so.12: cannot open shared object file')\n")
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(backend.BackendError) as err:
+        backend.use("cupy")
+    assert str(err.value) == ("--backend cupy: CuPy is installed but does not import "
+                              "(ImportError: libcudart.so.12: cannot open shared object file)")
+
+
+@pytest.mark.parametrize("devices, reason", [
+    (None, "no CUDA device is available here (CUDARuntimeError: cudaErrorNoDevice: no "
+           "CUDA-capable device is detected)"),
+    (0, "no CUDA device is available here"),
+])
+def test_cupy_without_a_device_is_one_clear_line(monkeypatch, devices, reason):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(devices))
+    with pytest.raises(backend.BackendError) as err:
+        backend.use("cupy")
+    assert str(err.value) == f"--backend cupy: {reason}"
+    assert "\n" not in str(err.value) and backend.name() != "cupy"
+
+
+def test_a_gpu_that_cannot_run_fails_at_selection(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(2, "cudaErrorInsufficientDriver"))
+    without_launcher_env(monkeypatch)
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    with pytest.raises(backend.BackendError) as err:
+        backend.use("cupy")
+    assert str(err.value) == ("--backend cupy: CuPy cannot run on GPU 1 "
+                              "(CUDARuntimeError: cudaErrorInsufficientDriver)")
+
+
+@pytest.mark.parametrize("var", backend.LOCAL_RANK_VARS)
+def test_each_rank_takes_the_gpu_of_its_local_rank(monkeypatch, var):
+    cupy = fake_cupy(4)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    without_launcher_env(monkeypatch)
+    monkeypatch.setenv(var, "6")
+    assert backend.use("cupy") is cupy and backend.name() == "cupy"
+    assert cupy.used == [2]  # local rank 6 of a node with 4 GPUs
+    assert backend.describe() == "cupy on GPU 2 of 4 (Fake GPU)"
+
+
+def test_local_rank_reads_the_launchers_variables(monkeypatch):
+    without_launcher_env(monkeypatch)
+    assert backend.local_rank() == 0  # not launched by MPI
+    monkeypatch.setenv("SLURM_LOCALID", "5")
+    assert backend.local_rank() == 5
+    monkeypatch.setenv("MPI_LOCALRANKID", "1")  # Hydra's variable comes first
+    assert backend.local_rank() == 1
+    monkeypatch.setenv("MPI_LOCALRANKID", "x")  # not a number: ignored
+    assert backend.local_rank() == 5
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 8), ranks=st.integers(1, 32))
+def test_ranks_of_a_node_share_its_gpus_round_robin(n, ranks):
+    picks = [backend.pick_device(r, n) for r in range(ranks)]
+    assert all(0 <= d < n for d in picks)
+    assert picks[:n] == list(range(min(n, ranks)))  # the first n ranks get distinct GPUs
+    loads = [picks.count(d) for d in range(n)]
+    assert max(loads) - min(loads) <= 1  # and the rest spread evenly
+
+
+def test_pick_device_needs_a_device():
+    with pytest.raises(ValueError, match="no devices"):
+        backend.pick_device(0, 0)
+
+
+# ----------------------------------------------------------------------------- the CLIs
+FAKES = {
+    "missing": ("raise ModuleNotFoundError(\"No module named 'cupy'\", name='cupy')\n",
+                NOT_INSTALLED),
+    "no-device": ("class CUDARuntimeError(RuntimeError): pass\n"
+                  "def _count():\n"
+                  "    raise CUDARuntimeError('cudaErrorNoDevice: no CUDA-capable device is "
+                  "detected')\n"
+                  "class cuda:\n"
+                  "    class runtime:\n"
+                  "        getDeviceCount = staticmethod(_count)\n",
+                  "--backend cupy: no CUDA device is available here (CUDARuntimeError: "
+                  "cudaErrorNoDevice: no CUDA-capable device is detected)"),
+}
+
+
+@pytest.mark.parametrize("tool", ["train", "bench"])
+@pytest.mark.parametrize("fake", sorted(FAKES))
+def test_cli_backend_cupy_fails_with_one_line(tmp_path, tool, fake):
+    source, reason = FAKES[fake]
+    (tmp_path / "cupy").mkdir()
+    (tmp_path / "cupy" / "__init__.py").write_text(source)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), OMP_NUM_THREADS="1")
+    env.pop("MINIPAR_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-m", f"minipar.{tool}", "--backend", "cupy",
+                           "--steps", "1"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == f"minipar.{tool}: error: {reason}\n"
+    assert proc.stdout == ""
+
+
+# ----------------------------------------------------------------------------- staging
+arrays = st.tuples(st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple),
+                   st.sampled_from(["float32", "float64", "int64"]), st.integers(0, 2**16))
+
+
+def host_array(shape, dtype, seed) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * 100).astype(dtype)
+
+
+@settings(max_examples=20, deadline=None)
+@given(arrays)
+def test_host_staging_copies_and_counts_every_byte(spec):
+    """Not CUDA-aware: MPI gets host copies; every d2h and h2d is recorded with its bytes."""
+    host = host_array(*spec)
+    n = host.nbytes
+    xp = backend.use("strict")
+    stats = CommStats()
+    wire = Staging(stats, direct=False)
+    x = xp.asarray(host)
+
+    sent = wire.outgoing(x)  # what MPI would read
+    assert type(sent) is np.ndarray and np.array_equal(sent, host)
+    assert not np.shares_memory(sent, x._a)
+
+    buf, finish = wire.incoming(host.shape, host.dtype)  # what MPI would write
+    assert type(buf) is np.ndarray and buf.shape == host.shape and buf.dtype == host.dtype
+    buf[...] = host * 2
+    got = finish()
+    assert type(got) is StrictArray and np.array_equal(backend.to_host(got), host * 2)
+
+    buf, write_back = wire.inplace(x)
+    buf[...] = host + 1
+    assert np.array_equal(backend.to_host(x), host)  # x changes only when written back
+    write_back()
+    assert np.array_equal(backend.to_host(x), host + 1)
+
+    ops = stats.as_dict()
+    assert set(ops) == {"d2h", "h2d"}
+    assert (ops["d2h"]["calls"], ops["d2h"]["bytes"]) == (2, 2 * n)  # outgoing, inplace
+    assert (ops["h2d"]["calls"], ops["h2d"]["bytes"]) == (2, 2 * n)  # incoming, write-back
+    assert ops["d2h"]["wire_bytes"] == ops["h2d"]["wire_bytes"] == 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(arrays)
+def test_cuda_aware_mode_hands_device_memory_after_a_sync(spec):
+    host = host_array(*spec)
+    xp = backend.use("strict")
+    dev = backend.device()
+    stats = CommStats()
+    wire = Staging(stats, direct=True)
+    x = xp.asarray(host)
+    syncs = dev.syncs
+    assert wire.outgoing(x) is x._a  # the device buffer itself
+    buf, finish = wire.incoming(host.shape, host.dtype)
+    buf[...] = host
+    got = finish()
+    assert got._a is buf and np.array_equal(backend.to_host(got), host)
+    buf, write_back = wire.inplace(x)
+    assert buf is x._a
+    write_back()
+    assert dev.syncs == syncs + 3  # one stream sync before MPI touches each buffer
+    assert stats.as_dict() == {}  # no copies
+
+
+def test_host_arrays_are_never_staged():
+    backend.use("numpy")
+    stats = CommStats()
+    wire = Staging(stats, direct=False)
+    x = np.arange(6.0)
+    assert wire.outgoing(x) is x
+    buf, finish = wire.incoming((2, 3), np.float64)
+    assert finish() is buf and type(buf) is np.ndarray
+    buf, write_back = wire.inplace(x)
+    assert buf is x
+    write_back()
+    assert stats.as_dict() == {}
+
+
+def test_copies_send_nothing_on_the_wire():
+    assert wire_bytes("h2d", 800, 4) == wire_bytes("d2h", 800, 4) == 0
