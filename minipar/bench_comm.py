@@ -19,9 +19,11 @@ rank sends, ``wire_bytes``, per second) and minipar / raw, which should stay wit
 1 MiB up. Trials rotate the variants and the best of each is kept, so load from other
 processes on a shared machine disturbs the comparison as little as possible.
 
-Scaling (``--scaling``): ``python -m minipar.train --quiet --summary`` at ``mpirun -n 1`` and
-``-n 2`` (data parallel, one BLAS thread per rank) on the same global batch; reports tokens/s of
-each and the speedup.
+Scaling (``--scaling``, or ``--scaling-only`` without the tables): ``python -m minipar.train
+--quiet --summary`` at ``mpirun -n 1`` and ``-n 2`` (data parallel, one BLAS thread per rank) on
+the same global batch (default: the ``default`` preset, batch 256, 10 steps); reports tokens/s
+of each and the speedup. Two ranks can only beat one if the machine has two idle cores: the
+load average is printed alongside, because on a shared machine it decides the answer.
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ def run_scaling(args) -> dict:
     """tokens/s of ``minipar.train`` at mpirun -n 1 and -n 2, one BLAS thread per rank."""
     from minipar.lessons import mpirun
 
-    out: dict = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps}
+    out: dict = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
+                 "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (1, 2):
             path = os.path.join(tmp, f"n{n}.json")
@@ -176,6 +179,7 @@ def run_scaling(args) -> dict:
                 summary = json.load(f)
             out[f"dp{n}_tokens_per_s"] = summary["tokens_per_s"]
             out[f"dp{n}_comm"] = summary.get("comm", {})
+    out["load_after"] = os.getloadavg()[0]
     out["speedup"] = out["dp2_tokens_per_s"] / out["dp1_tokens_per_s"]
     return out
 
@@ -195,9 +199,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=0.5, help="seconds per op and size")
     p.add_argument("--scaling", action="store_true",
                    help="also time minipar.train at dp=1 and dp=2")
-    p.add_argument("--model", default="small", help="preset for --scaling")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch for --scaling")
-    p.add_argument("--steps", type=int, default=6, help="steps for --scaling")
+    p.add_argument("--scaling-only", action="store_true", help="--scaling, without the tables")
+    p.add_argument("--model", default="default", help="preset for --scaling")
+    p.add_argument("--batch-size", type=int, default=256, help="global batch for --scaling")
+    p.add_argument("--steps", type=int, default=10, help="steps for --scaling")
     p.add_argument("--timeout", type=float, default=600, help="seconds per mpirun job")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -223,10 +228,13 @@ def main(argv=None) -> int:
         return 2
     result: dict = {"collectives": {}}
     try:
-        for n in args.ranks:
+        for n in [] if args.scaling_only else args.ranks:
             text = mpirun(n, ["-m", "minipar.bench_comm", "--worker", *_forward(args)],
                           stream=False, timeout=args.timeout)
-            line = next(ln for ln in text.splitlines() if ln.startswith("MINIPAR_BENCH "))
+            line = next((ln for ln in text.splitlines() if ln.startswith("MINIPAR_BENCH ")),
+                        None)
+            if line is None:
+                raise MPIRunError(f"rank 0 printed no result line; output:\n{text[-2000:]}")
             rows = json.loads(line.split(" ", 1)[1])
             result["collectives"][str(n)] = {"rows": rows, **verdict(rows)}
             if not args.json:
@@ -235,16 +243,18 @@ def main(argv=None) -> int:
                       f"{args.trials} trials)\n{table(rows)}\nworst ratio at >= 1 MiB: "
                       f"{v['worst_ratio']:.3f} ({v['worst']}); target <= {TARGET}: "
                       f"{'met' if v['ok'] else 'NOT met'}", flush=True)
-        if args.scaling:
+        if args.scaling or args.scaling_only:
             result["scaling"] = scale = run_scaling(args)
             if not args.json:
                 print(f"\ndata-parallel scaling, {args.model} model, global batch "
                       f"{args.batch_size}, {args.steps} steps, 1 BLAS thread per rank:\n"
                       f"  dp=1 {scale['dp1_tokens_per_s']:,.0f} tokens/s, dp=2 "
                       f"{scale['dp2_tokens_per_s']:,.0f} tokens/s: speedup "
-                      f"{scale['speedup']:.2f}x", flush=True)
-    except (MPIRunError, StopIteration) as exc:
-        print(f"minipar.bench: error: {exc or 'no result line from rank 0'}", file=sys.stderr)
+                      f"{scale['speedup']:.2f}x ({scale['cpus']} cores, load average "
+                      f"{scale['load_before']:.1f} before, {scale['load_after']:.1f} after)",
+                      flush=True)
+    except MPIRunError as exc:
+        print(f"minipar.bench: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result))
