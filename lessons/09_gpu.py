@@ -1,0 +1,260 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 9: the same model on the GPU
+#
+# Everything so far ran on NumPy. On a GPU node the *same code* runs on CuPy, whose arrays live
+# in GPU memory and whose functions mirror NumPy's. Nothing in the model changes: every kernel
+# takes its array module from `minipar.backend.xp()`. What changes is around the model:
+#
+# 1. **which GPU** each rank uses (its rank within the node),
+# 2. **streams**: GPU work is queued, not done, when a Python line returns,
+# 3. **how bytes reach MPI**: a CUDA-aware MPI reads GPU memory directly; any other MPI needs
+#    the bytes *staged* through host memory, two extra copies per message.
+#
+# This lesson runs on any machine. Where there is no GPU, it shows the CPU path and stands in
+# for the GPU with minipar's *strict device*: NumPy behind the same wall CuPy puts around GPU
+# memory. Everything that would break on a GPU breaks on it too.
+
+# %%
+import json
+import os
+import tempfile
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from minipar import backend
+from minipar.compare import mismatches, random_batches, train_layout
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.dist.comm import run_threads
+from minipar.lessons import mpirun
+from minipar.nn import functional as F
+
+out_dir = tempfile.mkdtemp(prefix="minipar-lesson9-")
+
+# %% [markdown]
+# ## 1. Choosing the backend, and the GPU
+#
+# `python -m minipar.train --backend cupy` (or `MINIPAR_BACKEND=cupy` for lessons and tests)
+# calls `backend.use("cupy")`. It checks that CuPy imports, that the CUDA driver sees a GPU, and
+# runs one tiny kernel, so that a broken setup fails at start-up with one line instead of a
+# traceback mid-run. Here is what this machine says:
+
+# %%
+try:
+    backend.use("cupy")
+    print("GPU available:", backend.describe())
+    HAVE_GPU = True
+except backend.BackendError as exc:
+    print(exc)
+    HAVE_GPU = False
+backend.use("numpy")
+print("using:", backend.describe())
+
+# %% [markdown]
+# Under `mpirun`, every rank of a node would otherwise grab GPU 0. The launcher tells each
+# process its index among the ranks of its node (`MPI_LOCALRANKID` under MPICH,
+# `OMPI_COMM_WORLD_LOCAL_RANK` under Open MPI, `SLURM_LOCALID` under Slurm), and rank `l` of a
+# node with `g` GPUs takes GPU `l mod g`. Eight ranks on two nodes of four GPUs:
+
+# %%
+for node in range(2):
+    print(f"node {node}: " + "  ".join(
+        f"rank {node * 4 + local} -> GPU {backend.pick_device(local, 4)}" for local in range(4)))
+print("6 ranks on one node with 4 GPUs:",
+      [backend.pick_device(local, 4) for local in range(6)], "(two GPUs are shared)")
+
+# %% [markdown]
+# ## 2. One code path, and a wall that proves it
+#
+# A kernel such as GELU never names NumPy; `xp` is whatever backend is active:
+
+# %%
+import inspect  # noqa: E402
+
+print(inspect.getsource(F.gelu_fwd))
+
+# %% [markdown]
+# The danger is a line that quietly calls NumPy: on a GPU it makes a host array, which then
+# meets device arrays. CuPy refuses that (`TypeError`), or a conversion copies data back to the
+# host every step. CI has no GPU, so minipar has a stand-in: `backend.use("strict")` gives
+# arrays that refuse every implicit conversion to NumPy, exactly as CuPy's do, while doing the
+# arithmetic with the same NumPy code behind the wall (so results are bit for bit NumPy's).
+
+# %%
+xp = backend.use("strict")
+a = xp.arange(4.0)  # a "device" array
+print(repr(a), "  a.sum() ->", repr(a.sum()), "(a 0-d device array, as in CuPy)")
+for what, attempt in [("np.asarray(a)", lambda: np.asarray(a)),
+                      ("a + np.ones(4)", lambda: a + np.ones(4))]:
+    try:
+        attempt()
+    except TypeError as exc:
+        print(f"{what}: TypeError: {str(exc)[:90]}...")
+print("explicit crossings are fine:", float(a.sum()), backend.to_host(a))
+
+# %% [markdown]
+# The whole model runs on it. Two steps of a dp=2 x tp=2 layout with sequence parallelism, in
+# four threads, on NumPy and on the strict device:
+
+# %%
+cfg = ModelConfig(vocab_size=16, seq_len=8, n_layers=2, d_model=16, n_heads=2)
+par = ParallelConfig(dp=2, tp=2, sequence_parallel=True)
+batches = random_batches(cfg, steps=2, batch=8)
+runs = {}
+for name in ("numpy", "strict"):
+    backend.use(name)
+    runs[name] = run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)[0]
+backend.use("numpy")
+print("losses on numpy :", runs["numpy"].losses)
+print("losses on strict:", runs["strict"].losses)
+print("differences (rtol 0):", mismatches(runs["strict"], runs["numpy"], 0.0) or "none")
+
+# %% [markdown]
+# The test suite does this for every kernel and for drawn layouts of every kind
+# (`tests/test_strict_device.py`), and also reads the source: `tests/test_no_numpy_in_math_path.py`
+# fails on any `numpy.` call in kernels, layers, optimizers, parallel code and communication,
+# except host work it names with its reason (weights are drawn on the host from the seed, so
+# every backend and layout starts from the same bits; metrics are host floats).
+#
+# ## 3. Streams: a returned line is queued work
+#
+# On a GPU, `y = x @ w` returns as soon as the matrix product is *queued* on the device's
+# stream; the GPU runs it later, in order. Three consequences for minipar:
+#
+# - **Timing** must wait for the queue: `bench` calls `synchronize()` before reading the clock,
+#   or it would time the queueing only.
+# - **Reading a value** waits too: `float(loss)` copies 8 bytes to the host and so waits for
+#   every kernel before it. The pipeline does this once per microbatch, which is cheap.
+# - **MPI** knows nothing about streams. Before MPI reads a device buffer, the kernels writing
+#   it must be finished, so the communicator synchronises first.
+#
+# On the strict device `synchronize()` only counts; on a GPU it is
+# `cupy.cuda.get_current_stream().synchronize()`.
+#
+# ## 4. How bytes reach MPI: CUDA-aware, or staged through the host
+#
+# A *CUDA-aware* MPI (Open MPI or MPICH built with CUDA, UCX with GPU support) reads and writes
+# GPU memory itself, using NVLink or GPUDirect RDMA where the hardware has them. Any other MPI
+# (the `mpich` wheel from PyPI, used here, is one) can only read host memory, so every message is
+# **staged**: a device-to-host copy (d2h) into pinned host memory, the MPI call, a host-to-device
+# copy (h2d) back. `minipar.dist.mpi_comm` asks the MPI library (`MPIX_Query_cuda_support`),
+# accepts `MINIPAR_CUDA_AWARE=1` where it cannot tell, and `MINIPAR_HOST_STAGING=1` forces
+# staging. Each staging copy is recorded in `CommStats` as op `d2h` or `h2d`.
+#
+# Two real processes under `mpirun -n 2` train the same dp=2 model three ways: NumPy; the strict
+# device staged through the host; and the strict device handed to MPI directly, as a CUDA-aware
+# MPI would take it.
+
+# %%
+script = os.path.join(out_dir, "gpu_paths.py")
+with open(script, "w") as fh:
+    fh.write('''
+import json, sys
+from minipar import backend
+from minipar.compare import random_batches, train_layout
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.dist.mpi_comm import MPIComm, comm_mode
+
+backend.use(sys.argv[1])
+staging = {"staged": True, "direct": False, "auto": None}[sys.argv[2]]
+world = MPIComm.world(staging=staging)
+cfg = ModelConfig(vocab_size=16, seq_len=16, n_layers=2, d_model=32, n_heads=4)
+batches = random_batches(cfg, steps=2, batch=8)
+run = train_layout(world, cfg, ParallelConfig(dp=2), batches, dtype="float32")
+if world.rank == 0:
+    print("RESULT " + json.dumps({"mode": comm_mode(staging), "losses": run.losses,
+                                  "comm": run.comm[-1], "syncs": getattr(backend.device(),
+                                                                         "syncs", 0)}),
+          flush=True)
+''')
+
+paths = {}
+for label, args in [("numpy", ["numpy", "auto"]), ("staged", ["strict", "auto"]),
+                    ("direct", ["strict", "direct"])]:
+    text = mpirun(2, [script, *args], stream=False, timeout=120)
+    paths[label] = json.loads(next(ln for ln in text.splitlines()
+                                   if ln.startswith("RESULT ")).split(" ", 1)[1])
+
+
+
+def step_ops(res) -> dict:
+    """{op: [calls, bytes]} of rank 0's last step, summed over its groups (dp, world)."""
+    total: dict = {}
+    for group in res["comm"].values():
+        for op, s in group.items():
+            calls_bytes = total.setdefault(op, [0, 0])
+            calls_bytes[0] += s["calls"]
+            calls_bytes[1] += s["bytes"]
+    return total
+
+
+for label, res in paths.items():
+    row = ", ".join(f"{op} {c} x = {b:,} B" for op, (c, b) in sorted(step_ops(res).items()))
+    print(f"{label:7s} {res['mode']}\n        losses {res['losses']}\n        last step: {row}"
+          f"\n        stream syncs before MPI calls (whole run): {res['syncs']}")
+
+# %% [markdown]
+# All three give the same losses. Each step makes two allreduces: all gradients as one flat
+# buffer over dp, and the 16-byte [loss, squared norm] over the world. Staging adds a d2h of
+# each buffer before its allreduce and an h2d after it: as many bytes again, twice. The direct
+# path copies nothing and instead waits for the stream before each MPI call.
+#
+# What staging costs on a real GPU node, per step, for a model with N parameters in float32
+# (4N bytes of gradients), with PCIe 4 x16 at about 25 GB/s each way and a ring allreduce that
+# sends 2(p-1)/p x 4N bytes:
+
+# %%
+pcie, nvlink = 25e9, 300e9  # bytes/s: PCIe 4.0 x16 one way; NVLink 3 per direction (A100)
+for n_params in (124e6, 1.3e9):
+    grad = 4 * n_params
+    stage = 2 * grad / pcie
+    ring = 2 * (8 - 1) / 8 * grad
+    print(f"N = {n_params / 1e9:.2f} B: staging copies {stage * 1e3:.0f} ms per step, while "
+          f"the allreduce itself on 8 GPUs over NVLink takes {ring / nvlink * 1e3:.0f} ms "
+          f"(and {ring / pcie * 1e3:.0f} ms if its host path ran at PCIe speed)")
+
+fig, ax = plt.subplots(figsize=(7, 3))
+labels = list(paths)
+moved = [step_ops(paths[k]).get("allreduce", [0, 0])[1] for k in labels]
+copied = [sum(step_ops(paths[k]).get(op, [0, 0])[1] for op in ("d2h", "h2d")) for k in labels]
+ax.barh(labels, moved, label="allreduce payload")
+ax.barh(labels, copied, left=moved, label="host<->device copies (staging)")
+ax.set_xlabel("bytes per step, rank 0")
+ax.legend(loc="lower right")
+fig.tight_layout()
+fig.savefig(os.path.join(out_dir, "staging.png"), dpi=120)
+plt.show()
+
+# %% [markdown]
+# Staging doubles the bytes each rank pushes through PCIe and puts the host in the path; with
+# CUDA-aware MPI on NVLink the same allreduce is an order of magnitude faster. Overlapping the
+# gradient sync with backward (`--bucket-mb`, lesson 3) hides either behind compute.
+#
+# ## 5. On a GPU node
+#
+# Install the extra (`pip install -e ".[gpu]"`, CuPy for CUDA 12), then:
+#
+#     python -m minipar.bench --backend cupy                   # GEMM peak and a `small` step
+#     mpirun -n 2 python -m minipar.train --backend cupy       # one rank per GPU (or shared)
+#     MINIPAR_CUDA_AWARE=1 mpirun -n 8 python -m minipar.train --backend cupy --tp 2 --dp 4
+#     MINIPAR_BACKEND=cupy python -m pytest tests              # the parallel == serial suite
+#
+# The start-up banner names the GPU and how arrays reach MPI. Without a GPU the first command
+# prints one line, as in section 1:
+
+# %%
+print(backend.describe(), "|", paths["numpy"]["mode"])
+if not HAVE_GPU:
+    print("no GPU here: the strict device above stood in for it")
