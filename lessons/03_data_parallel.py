@@ -117,9 +117,9 @@ for zero in (1, 2, 3):
 
 # %% [markdown]
 # ZeRO-1 and 2 move exactly the bytes of plain data parallelism (the padded gradient once in the
-# reduce-scatter, the padded parameters once in the allgather). ZeRO-3 pays 1.5x: parameters are
-# gathered twice per microbatch (forward and backward) and gradients reduce-scattered once per
-# microbatch, so its traffic also grows with the number of microbatches.
+# reduce-scatter, the padded parameters once in the allgather: together one allreduce). ZeRO-3
+# gathers the parameters twice per microbatch (forward and backward) and reduce-scatters the
+# gradients once per microbatch: 1.5x the bytes per microbatch, so 3x here with 2 microbatches.
 #
 # ### Memory per rank, measured against the formula
 #
@@ -262,5 +262,6 @@ print("\n".join(ln for ln in out.splitlines() if ln.startswith(("minipar", "memo
 # **Takeaways.** Data parallelism is the serial run: sum the ranks' gradients of a globally
 # normalized loss. Gradient accumulation adds microbatches without adding syncs. ZeRO turns the
 # allreduce into reduce-scatter + allgather and keeps only a 1/dp slice of the optimizer state
-# (stage 1), gradients (2) and parameters (3), for the same bytes (stages 1-2) or 1.5x (stage 3).
+# (stage 1), gradients (2) and parameters (3), for the same bytes (stages 1-2) or 1.5x per
+# microbatch (stage 3).
 # Buckets overlap the sync with the backward pass.
