@@ -23,6 +23,7 @@ def losses(path):
     (["--tp", "2", "--pp", "2", "--dp", "1", "--microbatches", "2", "--zero", "0"],
      ["--dp", "2"], 4, 2, 1e-9),
     (["--dp", "2"], [], 2, None, 1e-9),
+    (["--dp", "2", "--tp", "2", "--zero", "3"], ["--dp", "2", "--zero", "2"], 4, 2, 1e-9),
 ])
 def test_resume_continues_the_uninterrupted_losses(tmp_path, save_layout, resume_layout,
                                                    n_save, n_resume, rtol):
