@@ -108,6 +108,15 @@ def test_mpi_suite(n):
     assert problems(out, n) == [], report
 
 
+def test_3d_layouts_at_8_ranks():
+    """dp 2 x tp 2 x pp 2 (1F1B with ZeRO-1, and more) under a real 8-rank mpirun."""
+    rc, out, seconds = launch(8, ["-m", "mpi4py", "-m", "pytest", "-x", "-q", "-p",
+                                  "no:cacheprovider", "tests/mpi/test_3d_mpi.py"])
+    report = f"mpirun -n 8 (rc {rc}, {seconds:.1f} s) output tail:\n{out[-4000:]}"
+    assert rc == 0, report
+    assert problems(out, 8) == [], report
+
+
 def test_abort_handler_ends_the_job_with_one_line():
     """A rank that raises takes the job down at once, printing the error once, no traceback."""
     code = ("from minipar.dist.comm import MPIComm, install_abort_handler\n"
