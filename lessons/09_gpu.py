@@ -151,7 +151,8 @@ print("differences (rtol 0):", mismatches(runs["strict"], runs["numpy"], 0.0) or
 # **staged**: a device-to-host copy (d2h) into pinned host memory, the MPI call, a host-to-device
 # copy (h2d) back. `minipar.dist.mpi_comm` asks the MPI library (`MPIX_Query_cuda_support`),
 # accepts `MINIPAR_CUDA_AWARE=1` where it cannot tell, and `MINIPAR_HOST_STAGING=1` forces
-# staging. Each staging copy is recorded in `CommStats` as op `d2h` or `h2d`.
+# staging. Each staging copy is recorded in `CommStats.copies` as `d2h` or `h2d`, a table apart
+# from the communication counts (a copy moves nothing between ranks).
 #
 # Two real processes under `mpirun -n 2` train the same dp=2 model three ways: NumPy; the strict
 # device staged through the host; and the strict device handed to MPI directly, as a CUDA-aware
@@ -163,21 +164,34 @@ with open(script, "w") as fh:
     fh.write('''
 import json, sys
 from minipar import backend
-from minipar.compare import random_batches, train_layout
+from minipar.compare import random_batches
 from minipar.config import ModelConfig, ParallelConfig
+from minipar.data import IGNORE
+from minipar.dist.mesh import Mesh
 from minipar.dist.mpi_comm import MPIComm, comm_mode
+from minipar.engine import Engine
 
 backend.use(sys.argv[1])
 staging = {"staged": True, "direct": False, "auto": None}[sys.argv[2]]
 world = MPIComm.world(staging=staging)
 cfg = ModelConfig(vocab_size=16, seq_len=16, n_layers=2, d_model=32, n_heads=4)
-batches = random_batches(cfg, steps=2, batch=8)
-run = train_layout(world, cfg, ParallelConfig(dp=2), batches, dtype="float32")
+mesh = Mesh(world, dp=2)
+engine = Engine(cfg, ParallelConfig(dp=2), mesh, dtype="float32", lr=1e-2)
+losses = []
+for x, y in random_batches(cfg, steps=2, batch=8):
+    mesh.reset_stats()
+    rows = slice(4 * mesh.dp_rank, 4 * mesh.dp_rank + 4)
+    losses.append(engine.train_step(x[rows], y[rows], int((y != IGNORE).sum())).loss)
+ops = {}  # rank 0's last step, every group: communication, then host<->device copies
+for comm in mesh.comms().values():
+    for table in (comm.stats.as_dict(), comm.stats.copies_as_dict()):
+        for op, s in table.items():
+            ops.setdefault(op, [0, 0])
+            ops[op][0] += s["calls"]
+            ops[op][1] += s["bytes"]
 if world.rank == 0:
-    print("RESULT " + json.dumps({"mode": comm_mode(staging), "losses": run.losses,
-                                  "comm": run.comm[-1], "syncs": getattr(backend.device(),
-                                                                         "syncs", 0)}),
-          flush=True)
+    print("RESULT " + json.dumps({"mode": comm_mode(staging), "losses": losses, "ops": ops,
+                                  "syncs": getattr(backend.device(), "syncs", 0)}), flush=True)
 ''')
 
 paths = {}
@@ -189,19 +203,8 @@ for label, args in [("numpy", ["numpy", "auto"]), ("staged", ["strict", "auto"])
 
 
 
-def step_ops(res) -> dict:
-    """{op: [calls, bytes]} of rank 0's last step, summed over its groups (dp, world)."""
-    total: dict = {}
-    for group in res["comm"].values():
-        for op, s in group.items():
-            calls_bytes = total.setdefault(op, [0, 0])
-            calls_bytes[0] += s["calls"]
-            calls_bytes[1] += s["bytes"]
-    return total
-
-
 for label, res in paths.items():
-    row = ", ".join(f"{op} {c} x = {b:,} B" for op, (c, b) in sorted(step_ops(res).items()))
+    row = ", ".join(f"{op} {c} x = {b:,} B" for op, (c, b) in sorted(res["ops"].items()))
     print(f"{label:7s} {res['mode']}\n        losses {res['losses']}\n        last step: {row}"
           f"\n        stream syncs before MPI calls (whole run): {res['syncs']}")
 
@@ -227,8 +230,8 @@ for n_params in (124e6, 1.3e9):
 
 fig, ax = plt.subplots(figsize=(7, 3))
 labels = list(paths)
-moved = [step_ops(paths[k]).get("allreduce", [0, 0])[1] for k in labels]
-copied = [sum(step_ops(paths[k]).get(op, [0, 0])[1] for op in ("d2h", "h2d")) for k in labels]
+moved = [paths[k]["ops"].get("allreduce", [0, 0])[1] for k in labels]
+copied = [sum(paths[k]["ops"].get(op, [0, 0])[1] for op in ("d2h", "h2d")) for k in labels]
 ax.barh(labels, moved, label="allreduce payload")
 ax.barh(labels, copied, left=moved, label="host<->device copies (staging)")
 ax.set_xlabel("bytes per step, rank 0")

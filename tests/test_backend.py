@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from minipar import backend
 from minipar.dist.staging import Staging
-from minipar.dist.stats import CommStats, wire_bytes
+from minipar.dist.stats import CommStats, OpStats
 from minipar.strict import StrictArray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,11 +257,11 @@ def test_host_staging_copies_and_counts_every_byte(spec):
     write_back()
     assert np.array_equal(backend.to_host(x), host + 1)
 
-    ops = stats.as_dict()
-    assert set(ops) == {"d2h", "h2d"}
-    assert (ops["d2h"]["calls"], ops["d2h"]["bytes"]) == (2, 2 * n)  # outgoing, inplace
-    assert (ops["h2d"]["calls"], ops["h2d"]["bytes"]) == (2, 2 * n)  # incoming, write-back
-    assert ops["d2h"]["wire_bytes"] == ops["h2d"]["wire_bytes"] == 0
+    copies = stats.copies_as_dict()
+    assert set(copies) == {"d2h", "h2d"} and stats.as_dict() == {}  # no communication op
+    assert (copies["d2h"]["calls"], copies["d2h"]["bytes"]) == (2, 2 * n)  # outgoing, inplace
+    assert (copies["h2d"]["calls"], copies["h2d"]["bytes"]) == (2, 2 * n)  # incoming, write-back
+    assert copies["d2h"]["wire_bytes"] == copies["h2d"]["wire_bytes"] == 0
 
 
 @settings(max_examples=10, deadline=None)
@@ -283,7 +283,7 @@ def test_cuda_aware_mode_hands_device_memory_after_a_sync(spec):
     assert buf is x._a
     write_back()
     assert dev.syncs == syncs + 3  # one stream sync before MPI touches each buffer
-    assert stats.as_dict() == {}  # no copies
+    assert stats.as_dict() == {} and stats.copies_as_dict() == {}  # no copies
 
 
 def test_host_arrays_are_never_staged():
@@ -297,8 +297,20 @@ def test_host_arrays_are_never_staged():
     buf, write_back = wire.inplace(x)
     assert buf is x
     write_back()
-    assert stats.as_dict() == {}
+    assert stats.as_dict() == {} and stats.copies_as_dict() == {}
 
 
-def test_copies_send_nothing_on_the_wire():
-    assert wire_bytes("h2d", 800, 4) == wire_bytes("d2h", 800, 4) == 0
+def test_copies_are_kept_apart_from_communication():
+    stats = CommStats()
+    stats.record("allreduce", 800, 400, 0.5)
+    stats.record_copy("d2h", 800, 0.25)
+    stats.record_copy("d2h", 16, 0.25)
+    with stats.paused():
+        stats.record_copy("h2d", 800, 1.0)
+    assert stats.copies_as_dict() == {"d2h": OpStats(2, 816, 0, 0.5).as_dict()}
+    assert set(stats.as_dict()) == {"allreduce"}
+    assert stats.total() == OpStats(1, 800, 400, 0.5)  # copies are not traffic
+    with pytest.raises(ValueError, match="not one of"):
+        stats.record_copy("allreduce", 8, 0.0)
+    stats.reset()
+    assert stats.copies_as_dict() == {} == stats.as_dict()

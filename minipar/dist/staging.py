@@ -9,10 +9,11 @@ engine can move by DMA), sent, and the received host buffer copied host -> devic
 
 Staging costs two extra copies over PCIe per message and a host round trip; on a GPU node with
 a fast interconnect (NVLink, InfiniBand with GPUDirect RDMA) CUDA-aware MPI avoids both. Every
-staging copy is recorded in the communicator's ``CommStats`` as op ``"d2h"`` or ``"h2d"``
-(bytes = the array's ``nbytes``, wire bytes 0: nothing crosses the network in a copy; its
-seconds are also inside the seconds of the collective it served). On a collective of ``p``
-ranks with an input of ``n`` bytes, staging records:
+staging copy is recorded in the communicator's ``CommStats.copies`` as ``"d2h"`` or ``"h2d"``
+(bytes = the array's ``nbytes``; its seconds are also inside the seconds of the collective it
+served), a table apart from ``ops``: a copy moves nothing between ranks, so the communication
+counts stay those the cost model predicts. On a collective of ``p`` ranks with an input of
+``n`` bytes, staging records:
 
     allreduce, allreduce_, iallreduce_   d2h n              h2d n
     allgather                            d2h n              h2d p * n
@@ -45,13 +46,13 @@ class Staging:
         t0 = perf_counter()
         host = dev.host_empty(x.shape, x.dtype)
         dev.copy_to_host(x, host)
-        self.stats.record("d2h", host.nbytes, 0, perf_counter() - t0)
+        self.stats.record_copy("d2h", host.nbytes, perf_counter() - t0)
         return host
 
     def _h2d(self, dst, host) -> None:
         t0 = perf_counter()
         backend.device().copy_from_host(dst, host)
-        self.stats.record("h2d", host.nbytes, 0, perf_counter() - t0)
+        self.stats.record_copy("h2d", host.nbytes, perf_counter() - t0)
 
     def outgoing(self, x):
         """What MPI reads for the contiguous array ``x``."""

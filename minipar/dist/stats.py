@@ -12,10 +12,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-# The operation names a Comm records. With device arrays and an MPI that is not CUDA-aware,
-# MPIComm also records its host<->device staging copies, as COPY_OPS (minipar.dist.staging).
+# The operation names a Comm records.
 COMM_OPS = ("allreduce", "allgather", "reduce_scatter", "broadcast", "send", "recv", "barrier",
             "object")
+# Host<->device copies that stage device arrays through host memory for an MPI that cannot read
+# GPU memory (minipar.dist.staging). They move no bytes between ranks, so CommStats keeps them
+# in their own table (``copies``), apart from the communication that ``ops`` and ``total()``
+# describe and the cost model predicts.
 COPY_OPS = ("d2h", "h2d")
 
 
@@ -34,9 +37,9 @@ def wire_bytes(op: str, nbytes: int, p: int) -> int:
         return (p - 1) * nbytes // p
     if op in ("broadcast", "send", "object"):
         return nbytes
-    if op in ("recv", "barrier") or op in COPY_OPS:  # a copy to or from the GPU sends nothing
+    if op in ("recv", "barrier"):
         return 0
-    raise ValueError(f"wire_bytes: unknown op {op!r} (known: {', '.join(COMM_OPS + COPY_OPS)})")
+    raise ValueError(f"wire_bytes: unknown op {op!r} (known: {', '.join(COMM_OPS)})")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class CommStats:
 
     def __init__(self) -> None:
         self.ops: dict[str, OpStats] = {}
+        self.copies: dict[str, OpStats] = {}  # "d2h"/"h2d" staging copies (wire_bytes 0)
         self._paused = 0
 
     def record(self, op: str, nbytes: int, wire_bytes: int, seconds: float) -> None:
@@ -67,6 +71,19 @@ class CommStats:
         s.calls += 1
         s.bytes += int(nbytes)
         s.wire_bytes += int(wire_bytes)
+        s.seconds += float(seconds)
+
+    def record_copy(self, op: str, nbytes: int, seconds: float) -> None:
+        """Count one host<->device staging copy (``op`` in COPY_OPS) of ``nbytes``.
+
+        Its seconds are also inside the seconds of the collective it served."""
+        if op not in COPY_OPS:
+            raise ValueError(f"record_copy: {op!r} is not one of {COPY_OPS}")
+        if self._paused:
+            return
+        s = self.copies.setdefault(op, OpStats())
+        s.calls += 1
+        s.bytes += int(nbytes)
         s.seconds += float(seconds)
 
     def add_seconds(self, op: str, seconds: float) -> None:
@@ -87,10 +104,15 @@ class CommStats:
 
     def reset(self) -> None:
         self.ops.clear()
+        self.copies.clear()
 
     def as_dict(self) -> dict:
         """``{op: {"calls": .., "bytes": .., "wire_bytes": .., "seconds": ..}}``."""
         return {op: s.as_dict() for op, s in self.ops.items()}
+
+    def copies_as_dict(self) -> dict:
+        """``{"d2h"|"h2d": {"calls": .., "bytes": .., "wire_bytes": 0, "seconds": ..}}``."""
+        return {op: s.as_dict() for op, s in self.copies.items()}
 
     @contextmanager
     def paused(self) -> Iterator[None]:
