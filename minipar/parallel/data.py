@@ -21,7 +21,8 @@ Two modes (``bucket_mb``):
   accumulation, buckets launch only during the LAST microbatch's backward (one sync per step).
   The same bytes as the plain allreduce, in more calls. Knowing which microbatch is the last
   needs the count (``microbatches=``); without it the first step counts the backward passes
-  and syncs all buckets in ``sync_grads``, later steps overlap.
+  and syncs all buckets in ``sync_grads``, later steps overlap. (ZeRO-1/2 reduce-scatter each
+  bucket instead, with a blocking call: ``Comm`` has no non-blocking reduce-scatter.)
 
 Parameters whose gradient is a partial sum over the tp group (LayerNorm, biases and positions in
 sequence-parallel regions, Korthikanti et al. 2022) are allreduced over tp once per step, after
