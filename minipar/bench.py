@@ -94,6 +94,10 @@ def main(argv=None) -> int:
         from minipar import bench_comm
 
         return bench_comm.main(argv)
+    if "--validate" in argv or "--measure-hardware" in argv:  # cost model vs this machine
+        from minipar import bench_validate
+
+        return bench_validate.main(argv)
     parser = argparse.ArgumentParser(
         prog="python -m minipar.bench", description=__doc__.split("\n\n")[0],
         epilog="examples:\n  python -m minipar.bench\n  python -m minipar.bench --model small "
@@ -111,6 +115,11 @@ def main(argv=None) -> int:
                         help="instead: minipar vs raw mpi4py collectives under mpirun, and dp "
                              "scaling with --scaling (see python -m minipar.bench --collectives "
                              "--help)")
+    parser.add_argument("--validate", action="store_true",
+                        help="instead: measured vs predicted step time of small layouts under "
+                             "mpirun (see python -m minipar.bench --validate --help)")
+    parser.add_argument("--measure-hardware", action="store_true",
+                        help="instead: measure this machine for the cost model (hardware JSON)")
     args = parser.parse_args(argv)
     from minipar import backend
     from minipar.config import MODEL_PRESETS
