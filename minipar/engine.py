@@ -60,7 +60,7 @@ class Engine:
         self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
         self.params = [p for c in self.chunks for p in c.params()]
         dp_class = make_data_parallel(par.zero)
-        kwargs = {"bucket_mb": par.bucket_mb} if par.bucket_mb else {}
+        kwargs = {"bucket_mb": par.bucket_mb, "microbatches": par.microbatches}
         self.dp = dp_class(self.params, mesh, optimizer=optimizer, lr=lr,
                            weight_decay=weight_decay, **kwargs)
         self.dp.install_hooks(self.chunks)
@@ -163,20 +163,30 @@ class Engine:
         return out
 
     def evaluate(self, batches) -> dict:
-        """Exact match and mean loss over held-out batches (global rows, split over dp)."""
+        """Exact match and mean loss over held-out batches (global rows, split over dp).
+
+        Every dp rank runs the same number of rows, so collectives inside the forward pass
+        (ZeRO-3's parameter gathers) line up: a batch that dp does not divide is padded with
+        copies of its first row, which are not counted.
+        """
         totals = numpy.zeros(4)  # correct rows, rows, nll sum, scored tokens
         dp, r = self.mesh.dp.size, self.mesh.dp_rank
         for inputs, targets in batches:
-            lo = len(inputs) * r // dp
-            hi = len(inputs) * (r + 1) // dp
-            if hi == lo:
-                continue
-            out = self.forward_only(inputs[lo:hi], targets[lo:hi])
-            if out is not None and self.mesh.tp_rank == 0:
+            n = len(inputs)
+            per = -(-n // dp)
+            pad = per * dp - n
+            if pad:
+                inputs = numpy.concatenate([inputs, numpy.repeat(inputs[:1], pad, axis=0)])
+                targets = numpy.concatenate([targets, numpy.repeat(targets[:1], pad, axis=0)])
+            lo, hi = r * per, (r + 1) * per
+            real = min(hi, n) - lo  # rows of this slice that are not padding
+            tg = numpy.array(targets[lo:hi])
+            tg[max(real, 0):] = -100  # padded rows score nothing
+            out = self.forward_only(inputs[lo:hi], tg)
+            if out is not None and self.mesh.tp_rank == 0 and real > 0:
                 preds, nll = out
-                preds = backend.to_host(preds)
-                tg = numpy.asarray(targets[lo:hi])
-                ok = ((preds == tg) | (tg < 0)).all(axis=1)
+                preds = backend.to_host(preds)[:real]
+                ok = ((preds == tg[:real]) | (tg[:real] < 0)).all(axis=1)
                 totals += [ok.sum(), len(ok), float(nll), (tg >= 0).sum()]
         totals = backend.to_host(self.mesh.world.allreduce(backend.from_host(totals)))
         mean_nll = totals[2] / max(totals[3], 1)
