@@ -7,7 +7,14 @@ once per device, never fitted to a particular published run.
 
 "this-machine" is measured, not looked up: ``python -m minipar.bench --json`` writes
 ``gemm_flops`` (and optionally ``allreduce_bytes_per_s``, ``latency_s``, ``mem_bytes_per_s``)
-and ``Hardware.from_bench_json`` reads it.
+and ``Hardware.from_bench_json`` reads it. ``python -m minipar.bench --measure-hardware``
+(``minipar.bench_validate``) measures more, each with one BLAS thread per process: the GEMM
+rate at the model's shapes and of attention's batched products (``bmm_flops``), what NumPy's
+elementwise kernels achieve by kernel family (``elem_bytes_per_s``; a fused GPU kernel streams
+at memory bandwidth, NumPy makes several passes and evaluates transcendentals), the cost of
+faulting in fresh memory (``first_touch_bytes_per_s``: glibc gives a step's freed activations
+back to the OS and the next step faults them in again), the per-kernel Python overhead, the
+core count, and allreduce latency and bandwidth at each local rank count (``ranks``).
 """
 
 from __future__ import annotations
@@ -40,6 +47,12 @@ class Hardware:
     link_efficiency: float = 0.8  # collectives reach ~80% of the link bandwidth
     kernel_latency: float = 5e-6  # launch + tail of one kernel, seconds
     sources: tuple = field(default=())  # where each number comes from
+    # Measured on a CPU ("this machine"); the defaults leave GPU presets unchanged.
+    cores: int = 1  # processes that run at full speed at once (see shared_by)
+    elem_bw: dict = field(default_factory=dict)  # achieved bytes/s by elementwise family
+    bmm_flops: float = 0.0  # achieved FLOP/s of attention's batched products; 0: as GEMMs
+    first_touch_bw: float = 0.0  # bytes/s of faulting in fresh memory; 0: memory is reused
+    links_by_ranks: dict = field(default_factory=dict)  # ranks -> (bytes/s, latency) measured
 
     def flops(self, dtype: str) -> float:
         """Peak dense FLOP/s for a dtype name; a clear error for one the device lacks."""
@@ -50,13 +63,29 @@ class Hardware:
         return float(self.peak_flops[dtype])
 
     def shared_by(self, ranks: int) -> "Hardware":
-        """This machine when ``ranks`` processes share it: each gets 1/ranks of the measured
-        FLOP/s and memory bandwidth (a bench measured with every core for one process)."""
-        if ranks <= 1:
+        """This machine when ``ranks`` processes share it.
+
+        Measured rates describe one process; ``cores`` of them run at once at full speed, so
+        each of ``ranks`` processes gets min(1, cores / ranks) of every rate and pays 1/that
+        per-kernel overhead (with ``cores`` = 1, a bench that used every core for one process,
+        each gets 1/ranks). Links come from the measurement at this rank count when there is
+        one: oversubscribed, busy-polling ranks wait for the scheduler, not for memory.
+        """
+        share = min(1.0, self.cores / ranks) if ranks > 1 else 1.0
+        links = self.links_by_ranks.get(ranks)
+        if share == 1.0 and not links:
             return self
+        bw, lat = links if links else (None, None)
         return replace(self, name=f"{self.name}/{ranks}",
-                       peak_flops={k: v / ranks for k, v in self.peak_flops.items()},
-                       mem_bw=self.mem_bw / ranks)
+                       peak_flops={k: v * share for k, v in self.peak_flops.items()},
+                       bmm_flops=self.bmm_flops * share,
+                       mem_bw=self.mem_bw * share,
+                       elem_bw={k: v * share for k, v in self.elem_bw.items()},
+                       first_touch_bw=self.first_touch_bw * share,
+                       kernel_latency=self.kernel_latency / share,
+                       intra_bw=bw or self.intra_bw, inter_bw=bw or self.inter_bw,
+                       intra_latency=lat or self.intra_latency,
+                       inter_latency=lat or self.inter_latency)
 
     @staticmethod
     def from_bench_json(path: str) -> "Hardware":
@@ -77,6 +106,15 @@ class Hardware:
             data.get("allreduce_bytes_per_s")) else 2e9
         lat = float(data["latency_s"]) if _positive(data.get("latency_s")) else 20e-6
         mem = float(data["mem_bytes_per_s"]) if _positive(data.get("mem_bytes_per_s")) else 5e9
+        elem = {str(k): float(v) for k, v in (data.get("elem_bytes_per_s") or {}).items()
+                if _positive(v)}
+        links = {int(r): (float(d["allreduce_bytes_per_s"]), float(d["latency_s"]))
+                 for r, d in (data.get("ranks") or {}).items()
+                 if str(r).isdigit() and isinstance(d, dict)
+                 and _positive(d.get("allreduce_bytes_per_s")) and _positive(d.get("latency_s"))}
+        touch = data.get("first_touch_bytes_per_s")
+        bmm = data.get("bmm_flops")
+        cores = data.get("cores")
         # The measured GEMM rate already is what is achievable, so efficiencies are 1; every
         # rank of a local run shares one machine, so both link tiers are the same (shared memory).
         return Hardware(
@@ -88,7 +126,10 @@ class Hardware:
             gemm_efficiency=1.0, mem_efficiency=1.0, link_efficiency=1.0,
             kernel_latency=float(data.get("op_latency_s", 10e-6)),
             sources=(f"measured by python -m minipar.bench --json ({path})",
-                     "defaults when absent: 2 GB/s allreduce, 20 us latency, 5 GB/s memory"))
+                     "defaults when absent: 2 GB/s allreduce, 20 us latency, 5 GB/s memory"),
+            cores=int(cores) if _positive(cores) else 1, elem_bw=elem,
+            bmm_flops=float(bmm) if _positive(bmm) else 0.0,
+            first_touch_bw=float(touch) if _positive(touch) else 0.0, links_by_ranks=links)
 
 
 def _positive(x) -> bool:

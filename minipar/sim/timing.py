@@ -26,9 +26,10 @@ from minipar.parallel.schedules import (
 from minipar.sim import comm_volume as cv
 from minipar.sim import kernels as K
 from minipar.sim.costmodel import (
-    Workload, canonical_dtype, dtype_bytes, hardware_flops, local_param_count, memory_per_gpu,
-    model_flops, param_count, units,
+    Workload, activation_bytes_per_layer, canonical_dtype, dtype_bytes, hardware_flops,
+    local_param_count, memory_per_gpu, model_flops, param_count, units,
 )
+from minipar.parallel.tensor import padded_vocab
 from minipar.sim.hardware import Hardware
 from minipar.sim.simulator import Timeline, simulate
 
@@ -94,6 +95,27 @@ class ChunkCost:
         return max(self.bwd_compute + self.bwd_comm + self.wgrad_compute, self.zero3_bwd)
 
 
+def first_touch_time(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw: Hardware,
+                     kind: str) -> float:
+    """Seconds to fault in the memory one microbatch's forward through a unit keeps for its
+    backward, on a device whose allocator hands freed memory back to the OS (NumPy on glibc
+    frees a step's activations in backward; the next forward maps and zeroes them again, page
+    by page). The bytes are those ``memory_per_stage`` counts: Korthikanti et al. table 2 per
+    block at this dtype, fp32 logits at the head. 0 where memory is reused (GPU caching
+    allocators: ``first_touch_bw`` 0)."""
+    if hw.first_touch_bw <= 0:
+        return 0.0
+    e, b, t = dtype_bytes(work.dtype), work.microbatch_size, parallel.tp
+    if kind == "block":
+        kept = activation_bytes_per_layer(model, b, t, parallel.sequence_parallel,
+                                          work.recompute) * e / 2
+    elif kind == "head":
+        kept = 4 * model.seq_len * b * padded_vocab(model.vocab_size, t) / t
+    else:
+        kept = 0.0
+    return kept / hw.first_touch_bw
+
+
 def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw: Hardware,
                 stage: int, layers_only: bool = False) -> list[ChunkCost]:
     """The cost of one microbatch through each local chunk of pipeline stage ``stage``
@@ -118,6 +140,7 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
             b_cs = tp_pass[u.kind](model, parallel, b, e, True)
             r_cs = f_cs if (u.kind == "block" and work.recompute == "full") else []
             c.fwd_compute += K.total_time(forward[u.kind], hw, dt)
+            c.fwd_compute += first_touch_time(model, parallel, work, hw, u.kind)
             c.bwd_compute += K.total_time(again + bi, hw, dt)
             c.wgrad_compute += K.total_time(bw, hw, dt)
             c.fwd_comm += comm_time(f_cs, hw, parallel)
@@ -312,6 +335,6 @@ def predict_step_time(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batc
     return estimate(model_cfg, parallel_cfg, work, hardware).step_time_s
 
 
-__all__ = ["group_tier", "collective_time", "comm_time", "ChunkCost", "chunk_costs",
-           "p2p_message_time", "sync_and_step", "instruction_costs", "Estimate", "estimate",
-           "predict_step_time"]
+__all__ = ["group_tier", "collective_time", "comm_time", "ChunkCost", "first_touch_time",
+           "chunk_costs", "p2p_message_time", "sync_and_step", "instruction_costs", "Estimate",
+           "estimate", "predict_step_time"]
