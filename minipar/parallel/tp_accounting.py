@@ -61,7 +61,8 @@ def tp_comm_per_step(cfg: ModelConfig, par: ParallelConfig, batch_rows_per_micro
     The tp-partial gradients are summed by one allreduce per step. With plain data parallelism
     (ZeRO 0, ``DataParallel.sync_grads``) it holds all of them, ``tp_partial_grad_elements``;
     ZeRO 1-3 sum only the part inside this rank's dp shard, a count that depends on their flat
-    layout: pass it as ``partial_grad_elements`` (0 means no call).
+    layout and the dp rank: pass it as ``partial_grad_elements`` (0 means no call);
+    ``minipar.sim.comm_volume.partial_elements`` computes it with the runtime's ``FlatLayout``.
     """
     out: dict = {}
     if par.tp == 1:

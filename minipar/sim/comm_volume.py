@@ -7,6 +7,13 @@ allreduce bytes = input nbytes; allgather = output nbytes; reduce_scatter = inpu
 send = message nbytes; a group of one rank records nothing. The time model
 (``minipar.sim.timing``) prices these same lists.
 
+The data-parallel part does not re-derive the runtime's buffers: ``param_specs`` lists the
+parameters a rank holds (name, tp-local shape, owner unit, tp-partial gradient) in the order
+the engine builds them, and the runtime's own ``FlatLayout`` and ``bucket_count``
+(``minipar.parallel.data``) lay them out, so buckets, ZeRO padding, ZeRO-3's per-unit groups
+and which tp-partial gradients fall in a dp rank's shard come from the code that runs. Only
+shapes are used: no weight is allocated, so a 175B-parameter layout costs a list of specs.
+
 Sources: Megatron-LM (Shoeybi et al. 2019) for the 2 + 2 allreduces per block and the
 vocab-parallel embedding and loss; Korthikanti et al. 2022 for sequence parallelism (each
 allreduce becomes an allgather and a reduce-scatter of the same volume); ZeRO (Rajbhandari et
@@ -15,10 +22,14 @@ al. 2019) for reduce-scatter + allgather of stages 1-2 and the per-unit gathers 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import lru_cache
+from math import prod
 
 from minipar.config import ModelConfig, ParallelConfig
+from minipar.nn.model import chunk_specs
+from minipar.parallel.data import FlatLayout, bucket_count
+from minipar.parallel.tensor import padded_vocab
 from minipar.sim.costmodel import units
 
 
@@ -29,6 +40,97 @@ class Collective:
     group: str
     op: str  # allreduce, allgather, reduce_scatter, send, recv
     nbytes: int
+
+
+# -- the parameters one rank holds, as the engine builds them -----------------------------------
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """A parameter as one tp rank holds it, without its data.
+
+    ``unit`` is the index, in forward order over this rank's chunks, of the unit that owns it
+    (uses it first in forward; ``minipar.parallel.data.unit_owners``). ``FlatLayout`` reads
+    ``p.data.size`` and ``p.data.shape``, so a spec stands in for its own data.
+    """
+
+    name: str
+    shape: tuple
+    unit: int
+    tp_partial_grad: bool = False
+
+    @property
+    def size(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def data(self) -> "ParamSpec":
+        return self
+
+
+def _block_specs(i: int, h: int, f: int, t: int, sp: bool, unit: int) -> list[ParamSpec]:
+    """``minipar.nn.block.Block``: ln1, attention (QKV column-, projection row-parallel), ln2,
+    MLP (fc column-, projection row-parallel). Under SP the LayerNorms and the row-parallel
+    biases see only this rank's tokens: partial gradients."""
+    n = f"blocks.{i}"
+    return [ParamSpec(name, shape, unit, partial) for name, shape, partial in (
+        (f"{n}.ln1.g", (h,), sp), (f"{n}.ln1.b", (h,), sp),
+        (f"{n}.attn.qkv.w", (h, 3 * h // t), False), (f"{n}.attn.qkv.b", (3 * h // t,), False),
+        (f"{n}.attn.proj.w", (h // t, h), False), (f"{n}.attn.proj.b", (h,), sp),
+        (f"{n}.ln2.g", (h,), sp), (f"{n}.ln2.b", (h,), sp),
+        (f"{n}.mlp.fc.w", (h, f // t), False), (f"{n}.mlp.fc.b", (f // t,), False),
+        (f"{n}.mlp.proj.w", (f // t, h), False), (f"{n}.mlp.proj.b", (h,), sp))]
+
+
+def param_specs(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[ParamSpec]:
+    """Every parameter a rank of pipeline stage ``stage`` holds, in ``Engine.params`` order
+    (each chunk's ``Module.params()``: a module's own Params, then its children's).
+
+    Chunks are ``minipar.nn.model.chunk_specs``; the embedding lists its positions before the
+    vocab-parallel table (its own Param before its child's), and the head's matrix is the
+    embedding's, transposed, when the weights are tied inside one chunk. ``tests`` check this
+    list against the parameters of the built model.
+    """
+    h, f, t, sp = model.d_model, model.ffn, parallel.tp, parallel.sequence_parallel
+    vp = padded_vocab(model.vocab_size, t)
+    out: list[ParamSpec] = []
+    unit = 0
+    for spec in chunk_specs(model, parallel.pp, parallel.virtual_stages, stage):
+        if spec.is_first:
+            if model.pos == "learned":
+                out.append(ParamSpec("pos", (model.seq_len, h), unit, sp))
+            out.append(ParamSpec("embed.w", (vp // t, h), unit))
+            unit += 1
+        for i in range(spec.first_layer, spec.first_layer + spec.n_layers):
+            out += _block_specs(i, h, f, t, sp, unit)
+            unit += 1
+        if spec.is_last:
+            out += [ParamSpec("ln_f.g", (h,), unit, sp), ParamSpec("ln_f.b", (h,), unit, sp)]
+            if not (model.tie_weights and spec.is_first):
+                out.append(ParamSpec("head.w", (h, vp // t), unit))
+            unit += 1
+    return out
+
+
+@lru_cache(maxsize=256)
+def dp_layout(model: ModelConfig, parallel: ParallelConfig, stage: int, dp_rank: int,
+              e: int) -> FlatLayout:
+    """The flat buffer the dp strategy of ``parallel.zero`` builds on this rank, by the
+    runtime's own rules (``GradSync.__init__`` for stages 0-2, ``ZeRO3.install_hooks`` for 3):
+    stages 0-2 one contiguous buffer cut into ``bucket_count`` segments (padded to a multiple of
+    dp when sharded), stage 3 one padded segment per unit that owns parameters."""
+    specs = param_specs(model, parallel, stage)
+    dp = parallel.dp
+    if parallel.zero == 3:
+        groups: dict[int, list] = {}
+        for s in specs:
+            groups.setdefault(s.unit, []).append(s)
+        return FlatLayout.grouped([groups[u] for u in sorted(groups)], dp, dp_rank)
+    n = sum(s.size for s in specs)
+    sharded = parallel.zero > 0
+    padded = -(-n // dp) * dp if sharded else n
+    most = padded // dp if sharded else n
+    segments = bucket_count(padded * e, parallel.bucket_mb, most)
+    return FlatLayout.contiguous(specs, dp, dp_rank, segments, sharded)
 
 
 def _act(model: ModelConfig, b: int, e: int) -> int:
@@ -92,13 +194,27 @@ def chunk_tp(model: ModelConfig, parallel: ParallelConfig, stage: int, chunk: in
     return out
 
 
-def partial_grads_tp(model: ModelConfig, parallel: ParallelConfig, stage: int,
-                     e: int) -> list[Collective]:
-    """Under SP, LayerNorm, row-parallel bias and position gradients are partial sums over tp:
-    one allreduce of all of them, flattened, per step before the dp sync."""
+def partial_elements(model: ModelConfig, parallel: ParallelConfig, stage: int,
+                     dp_rank: int = 0, e: int = 4) -> int:
+    """Elements of tp-partial gradients (LayerNorms, row-parallel biases, positions under SP)
+    that a rank sums over tp once per step. Plain data parallelism sums all of them
+    (``sync_tp_partial_grads``); ZeRO 1-3 only those inside this dp rank's shard of the flat
+    layout (``ShardedState._sync_tp_partial``), which depends on ``dp_rank`` and on the
+    layout (``e``, the element bytes, only matters through bucket sizes)."""
     if parallel.tp == 1 or not parallel.sequence_parallel:
-        return []
-    n = sum(u.partial for chunk in units(model, parallel, stage) for u in chunk)
+        return 0
+    if parallel.zero == 0:
+        return sum(s.size for s in param_specs(model, parallel, stage) if s.tp_partial_grad)
+    runs = dp_layout(model, parallel, stage, dp_rank, e).runs(lambda p: p.tp_partial_grad)
+    return sum(n for partial, _, _, n in runs if partial)
+
+
+def partial_grads_tp(model: ModelConfig, parallel: ParallelConfig, stage: int, e: int,
+                     dp_rank: int = 0) -> list[Collective]:
+    """Under SP, LayerNorm, row-parallel bias and position gradients are partial sums over tp:
+    one allreduce of those this rank syncs (``partial_elements``), flattened, per step after
+    the dp sync; none when there are none."""
+    n = partial_elements(model, parallel, stage, dp_rank, e)
     return [Collective("tp", "allreduce", n * e)] if n else []
 
 
@@ -107,42 +223,32 @@ def step_metrics(parallel: ParallelConfig) -> list[Collective]:
     return [Collective("world", "allreduce", 16)] if parallel.world > 1 else []
 
 
-def _padded(n: int, dp: int) -> int:
-    return -(-n // dp) * dp
+def dp_sync(model: ModelConfig, parallel: ParallelConfig, stage: int, e: int, m: int,
+            dp_rank: int = 0) -> list[Collective]:
+    """Data-parallel traffic of one step, for the ZeRO stage of ``parallel`` (see
+    ``minipar.parallel.data`` and ``minipar.parallel.zero``), segment by segment of
+    ``dp_layout``.
 
-
-def dp_sync(model: ModelConfig, parallel: ParallelConfig, stage: int, e: int,
-            m: int) -> list[Collective]:
-    """Data-parallel gradient sync of one step, for the ZeRO stage of ``parallel``.
-
-    ZeRO-0: allreduce of every gradient (one call; with buckets of ``bucket_mb`` MiB the same
-    bytes in ceil(bytes / bucket) calls). ZeRO-1/2: reduce-scatter of the flat gradient buffer
-    padded to a multiple of dp, then allgather of the updated flat parameters. ZeRO-3: per
-    microbatch an allgather of each unit's parameters before its forward and again before its
-    backward, and a reduce-scatter of each unit's gradients after its backward.
+    ZeRO-0: one allreduce per segment (one segment, or ``bucket_count`` buckets with
+    ``bucket_mb``). ZeRO-1/2: one reduce-scatter per segment of the padded flat gradient (with
+    buckets min(Psi'/dp, ceil(Psi' e / bucket)) calls), then ONE allgather of the updated flat
+    parameters. ZeRO-3: per microbatch an allgather of each unit's padded parameters before its
+    forward and again before its backward, and a reduce-scatter of its gradients after its
+    backward; a tied head uses the embedding's gather, so it is still one per pass.
     """
-    dp = parallel.dp
-    if dp == 1:
+    if parallel.dp == 1:
         return []
-    all_units = [u for chunk in units(model, parallel, stage) for u in chunk]
-    n = sum(u.params for u in all_units)
+    layout = dp_layout(model, parallel, stage, dp_rank, e)
+    sizes = [seg.size * e for seg in layout.segments]
     if parallel.zero == 0:
-        total = n * e
-        calls = 1
-        if parallel.bucket_mb > 0:
-            calls = max(1, math.ceil(total / (parallel.bucket_mb * 2 ** 20)))
-        return [Collective("dp", "allreduce", total // calls)] * (calls - 1) + [
-            Collective("dp", "allreduce", total - (total // calls) * (calls - 1))]
+        return [Collective("dp", "allreduce", n) for n in sizes]
     if parallel.zero in (1, 2):
-        flat = _padded(n, dp) * e
-        return [Collective("dp", "reduce_scatter", flat), Collective("dp", "allgather", flat)]
-    out = []
-    for _ in range(m):
-        for u in all_units:
-            flat = _padded(u.params, dp) * e
-            out += [Collective("dp", "allgather", flat)] * 2
-            out.append(Collective("dp", "reduce_scatter", flat))
-    return out
+        return ([Collective("dp", "reduce_scatter", n) for n in sizes]
+                + [Collective("dp", "allgather", layout.total * e)])
+    per_mb = [c for n in sizes for c in (Collective("dp", "allgather", n),
+                                          Collective("dp", "allgather", n),
+                                          Collective("dp", "reduce_scatter", n))]
+    return per_mb * m
 
 
 def pp_sends(model: ModelConfig, parallel: ParallelConfig, stage: int, b: int, e: int,
@@ -164,8 +270,9 @@ def pp_sends(model: ModelConfig, parallel: ParallelConfig, stage: int, b: int, e
 
 
 def step_collectives(model: ModelConfig, parallel: ParallelConfig, batch_size: int,
-                     dtype_bytes: int, stage: int = 0) -> list[Collective]:
-    """Every collective one rank of pipeline stage ``stage`` issues in one training step."""
+                     dtype_bytes: int, stage: int = 0, dp_rank: int = 0) -> list[Collective]:
+    """Every collective one rank (pipeline stage ``stage``, dp rank ``dp_rank``) issues in
+    one training step."""
     dp, m = parallel.dp, parallel.microbatches
     b = batch_size // (dp * m)
     out: list[Collective] = []
@@ -174,8 +281,8 @@ def step_collectives(model: ModelConfig, parallel: ParallelConfig, batch_size: i
             out += chunk_tp(model, parallel, stage, j, b, dtype_bytes, backward=False)
             out += chunk_tp(model, parallel, stage, j, b, dtype_bytes, backward=True)
     out += pp_sends(model, parallel, stage, b, dtype_bytes, m)
-    out += partial_grads_tp(model, parallel, stage, dtype_bytes)
-    out += dp_sync(model, parallel, stage, dtype_bytes, m)
+    out += partial_grads_tp(model, parallel, stage, dtype_bytes, dp_rank)
+    out += dp_sync(model, parallel, stage, dtype_bytes, m, dp_rank)
     return out + step_metrics(parallel)
 
 
@@ -190,14 +297,18 @@ def tally(collectives: list[Collective]) -> dict:
 
 
 def predict_comm_bytes(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch_size: int,
-                       dtype_bytes: int, stage: int = 0) -> dict:
+                       dtype_bytes: int, stage: int = 0, dp_rank: int = 0) -> dict:
     """Predicted ``CommStats`` of one rank of pipeline stage ``stage`` for one training step.
 
     ``batch_size`` is the global batch (over all dp replicas); each rank's microbatch is
     batch_size / (dp x microbatches). Returns {group: {op: {"calls": .., "bytes": ..}}}.
+    Every rank of a stage records the same, except that under ZeRO 1-3 with sequence
+    parallelism the tp allreduce of partial gradients covers only the ``dp_rank``'s shard.
     """
-    return tally(step_collectives(model_cfg, parallel_cfg, batch_size, dtype_bytes, stage))
+    return tally(step_collectives(model_cfg, parallel_cfg, batch_size, dtype_bytes, stage,
+                                  dp_rank))
 
 
-__all__ = ["Collective", "block_tp", "embed_tp", "head_tp", "chunk_tp", "partial_grads_tp",
-           "dp_sync", "step_metrics", "pp_sends", "step_collectives", "tally", "predict_comm_bytes"]
+__all__ = ["Collective", "ParamSpec", "param_specs", "dp_layout", "block_tp", "embed_tp",
+           "head_tp", "chunk_tp", "partial_elements", "partial_grads_tp", "dp_sync",
+           "step_metrics", "pp_sends", "step_collectives", "tally", "predict_comm_bytes"]
