@@ -113,7 +113,8 @@ class StrictArray:
         self._root: StrictArray | None = None  # the device array owning a view's memory
 
     def _owner(self) -> "StrictArray":
-        return self if self._root is None else self._root
+        """The device array owning this one's memory (itself unless it is a view)."""
+        return self if self._a.base is None else self.base
 
     @property
     def base(self) -> "StrictArray | None":
