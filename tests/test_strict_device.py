@@ -162,7 +162,7 @@ def layouts(draw):
     return cfg, par
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(layouts())
 def test_parallel_steps_on_the_device_equal_numpy_and_serial(layout):
     cfg, par = layout
