@@ -100,13 +100,15 @@ def padded_vocab(vocab: int, tp_size: int) -> int:
 class WeightGradMixin:
     """Lets a layer postpone its weight-gradient GEMM (the "W" pass of zero-bubble pipelines,
     Qi et al. 2023): with ``defer`` set, backward computes only dx and keeps (dy, cache) until
-    ``flush(mb)`` computes dW."""
+    ``flush(mb)`` computes dW. dW = x^T dy needs no weight, so the kept cache drops it: a
+    deferred pass holds activations only, never a (ZeRO-3 gathered) weight."""
 
     defer = False
 
     def _weight_grads(self, dy, cache, mb) -> None:
         if self.defer:
-            self.__dict__.setdefault("_pending", {})[mb] = (dy, cache)
+            x, _, has_bias = cache
+            self.__dict__.setdefault("_pending", {})[mb] = (dy, (x, None, has_bias))
         else:
             self._apply_weight_grads(*F.linear_bwd_weight(dy, cache))
 
@@ -128,7 +130,10 @@ class ColumnParallel(WeightGradMixin, Module):
     the whole sequence without sequence parallelism (f is the identity), only this rank's T/tp
     tokens with it; backward runs the entering collective again to rebuild the full input for
     dW = x^T dy (an allgather under SP, nothing otherwise), as Korthikanti et al. 2022 (4.2.2)
-    do so that no activation of the layer is stored tp times.
+    do so that no activation of the layer is stored tp times. The cache never holds the weight:
+    backward reads it from the Param again, so that ZeRO-3 (Rajbhandari et al. 2019) can free
+    a unit's gathered weights between its forward and its backward (the same holds for every
+    layer here: caches keep activations only).
     """
 
     def _enter_region(self, ctx) -> None:
@@ -143,13 +148,15 @@ class ColumnParallel(WeightGradMixin, Module):
 
     def forward(self, x, mb=0):
         x_full = self.enter[0](x, self.tp)  # (B, T, C): whole sequence on every rank
-        y, cache = F.linear_fwd(x_full, self._weight(), self._bias())  # (B, T, out / tp)
-        self.save(mb, (x, *cache[1:]))  # the kernel's cache, holding the input as given
+        y, (_, _, has_bias) = F.linear_fwd(x_full, self._weight(), self._bias())  # (B, T, out/tp)
+        self.save(mb, (x, has_bias))  # the input as given; the weight is read again in backward
         return y
 
     def backward(self, dy, mb=0):
-        x, *rest = self.pop(mb)
-        cache = (self.enter[0](x, self.tp), *rest)  # the full input again (allgather under SP)
+        x, has_bias = self.pop(mb)
+        # The kernel's cache, rebuilt: the full input again (allgather under SP) and the weight
+        # as it is now (ZeRO-3 gathers it again before backward).
+        cache = (self.enter[0](x, self.tp), self._weight(), has_bias)
         dx = F.linear_bwd_input(dy, cache)  # (B, T, C), partial over tp
         self._weight_grads(dy, cache, mb)
         return self.enter[1](dx, self.tp)
@@ -204,16 +211,16 @@ class RowParallelLinear(WeightGradMixin, Module):
         self.b.tp_partial_grad = ctx.sequence_parallel
 
     def forward(self, x, mb=0):
-        partial, cache = F.linear_fwd(x, self.w.data)  # (B, T, C) partial sum over tp
+        partial, _ = F.linear_fwd(x, self.w.data)  # (B, T, C) partial sum over tp
         y = self.exit[0](partial, self.tp)  # (B, T, C) or (B, T/tp, C) under SP
         y += self.b.data
-        self.save(mb, cache)
+        self.save(mb, x)  # the input only: the weight is read again in backward
         return y
 
     def backward(self, dy, mb=0):
         self.b.accumulate(dy.sum(axis=tuple(range(dy.ndim - 1))))
         dy_full = self.exit[1](dy, self.tp)  # (B, T, C)
-        cache = self.pop(mb)
+        cache = (self.pop(mb), self.w.data, False)  # the kernel's cache, with today's weight
         dx = F.linear_bwd_input(dy_full, cache)
         self._weight_grads(dy_full, cache, mb)
         return dx  # (B, T, in / tp)
