@@ -67,7 +67,9 @@ class CommStats:
         """Count one call of ``op`` (ignored while ``paused()``)."""
         if self._paused:
             return
-        s = self.ops.setdefault(op, OpStats())
+        s = self.ops.get(op)
+        if s is None:  # not setdefault(op, OpStats()): that builds an OpStats on every call
+            s = self.ops[op] = OpStats()
         s.calls += 1
         s.bytes += int(nbytes)
         s.wire_bytes += int(wire_bytes)
