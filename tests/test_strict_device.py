@@ -152,17 +152,20 @@ def layouts(draw):
     schedule = draw(st.sampled_from(SCHEDULE_NAMES))
     m = pp * draw(st.integers(1, 2)) if schedule == "interleaved" else draw(st.integers(1, 2))
     v = draw(st.integers(1, 2)) if schedule == "interleaved" else 1
-    zero = draw(st.sampled_from([0, 1, 2, 3])) if dp > 1 else 0
+    # ZB-H1 defers weight gradients, which ZeRO-3 and buckets sync per unit (config forbids it).
+    zeros = [0, 1, 2] if schedule == "zb-h1" else [0, 1, 2, 3]
+    zero = draw(st.sampled_from(zeros)) if dp > 1 else 0
     bucket = 0.0 if zero == 3 or schedule == "zb-h1" else draw(st.sampled_from([0.0, 1e-4]))
     cfg = ModelConfig(vocab_size=draw(st.integers(6, 12)), seq_len=4, n_layers=pp * v,
                       d_model=8, n_heads=2, pos=draw(st.sampled_from(["learned", "sinusoidal"])))
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=zero, schedule=schedule, microbatches=m,
                          virtual_stages=v, sequence_parallel=tp > 1 and draw(st.booleans()),
                          bucket_mb=bucket)
+    par.validate(cfg, world_size=par.world)  # a drawn layout is always a valid one
     return cfg, par
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(layouts())
 def test_parallel_steps_on_the_device_equal_numpy_and_serial(layout):
     cfg, par = layout
