@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     t.add_argument("--summary", default=None, metavar="FILE", help="write a JSON summary")
     t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
-    t.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    t.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
+                   help="array backend: numpy, cupy (GPU), strict (CPU stand-in for a device)")
+    t.add_argument("--host-staging", action="store_true",
+                   help="with --backend cupy: stage device arrays through host memory even if "
+                        "MPI is CUDA-aware")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--trace", default=None, metavar="FILE",
                    help="write every rank's events as Chrome-trace JSON (open in Perfetto)")
@@ -178,7 +182,8 @@ def main(argv=None) -> int:
         return fail(str(exc))
     from minipar.dist.comm import MPIComm, install_abort_handler
 
-    world = MPIComm.world(check=args.check_collectives)
+    world = MPIComm.world(check=args.check_collectives,
+                          staging=True if args.host_staging else None)
     try:
         cfg, par, task, note = make_configs(args, world.size)
         resume = None

@@ -22,6 +22,13 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _comm_mode(world) -> str:
+    """How device arrays reach MPI (host staging or CUDA-aware), for the banner."""
+    from minipar.dist.mpi_comm import comm_mode
+
+    return comm_mode(getattr(world, "staging", None))
+
+
 def batch_for_rank(task, step: int, batch_size: int, mesh):
     """This dp rank's rows of the global batch of ``step`` and the global scored-token count."""
     inputs, targets = task.dp_rows(step, batch_size, mesh.dp_rank, mesh.dp_size)
@@ -122,8 +129,11 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     mem = engine.memory()
     if rank0:
         print(f"minipar | {mesh.describe().rsplit(' rank', 1)[0]} on {world.size} rank(s)"
-              f"{' (' + note + ')' if note and world.size > 1 else ''} | backend "
-              f"{backend.name()} | {blas_threads or '?'} BLAS thread(s) per rank", file=out)
+              f"{' (' + note + ')' if note and world.size > 1 else ''} | "
+              f"{blas_threads or '?'} BLAS thread(s) per rank", file=out)
+        print(f"backend | {backend.describe()}" + (
+            f"; {_comm_mode(world)}" if world.size > 1 else ""),
+            file=out)
         print(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
               f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {n_params:,} parameters "
               f"({args.dtype})", file=out)
