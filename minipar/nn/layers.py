@@ -230,12 +230,15 @@ class LayerNorm(Module):
         self.b = make_param(ctx, f"{name}.b", (width,), "zeros", decay=False)
 
     def forward(self, x, mb=0):
-        y, cache = F.layernorm_fwd(x, self.g.data, self.b.data)
-        self.save(mb, cache)
+        y, (xhat, rstd, _) = F.layernorm_fwd(x, self.g.data, self.b.data)
+        # Keep activations only: the gain is read again at backward time, so a ZeRO-3 run can
+        # free the gathered parameters between a unit's forward and backward.
+        self.save(mb, (xhat, rstd))
         return y
 
     def backward(self, dy, mb=0):
-        dx, dg, db = F.layernorm_bwd(dy, self.pop(mb))
+        xhat, rstd = self.pop(mb)
+        dx, dg, db = F.layernorm_bwd(dy, (xhat, rstd, self.g.data))
         self.g.accumulate(dg)
         self.b.accumulate(db)
         return dx
