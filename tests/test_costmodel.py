@@ -9,6 +9,7 @@ published runs is a sanity bound (25%), with the time model built from first pri
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -203,6 +204,11 @@ def test_comm_prediction_arithmetic():
     z1 = cm.predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=1), 4, e)["dp"]
     assert z1 == {"reduce_scatter": {"calls": 1, "bytes": flat},
                   "allgather": {"calls": 1, "bytes": flat}}
+    # Bucketed, ZeRO-1/2 reduce-scatter segment by segment: the same bytes in
+    # min(Psi'/dp, ceil(Psi' e / bucket)) calls (each segment holds a multiple of dp elements).
+    zb = cm.predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=2, bucket_mb=0.004), 4, e)["dp"]
+    calls = min(flat // e // 4, math.ceil(flat / (0.004 * 2 ** 20)))
+    assert zb["reduce_scatter"] == {"calls": calls, "bytes": flat} and calls > 1
     z3 = cm.predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=3, microbatches=2), 8, e)["dp"]
     assert z3["allgather"]["calls"] == 2 * 2 * 6  # 2 microbatches x 2 passes x 6 units
     assert cm.predict_comm_bytes(TINY, ParallelConfig(), 4, e) == {}
