@@ -8,16 +8,14 @@ groups ZeRO-3 itself holds (``_live``) are alive. A cache that kept a weight wou
 whole unit alive until the unit's backward, and ``Module.cache_bytes`` would count it as
 activation memory; so the measured activation peak under ZeRO-3 must equal ZeRO-0's.
 
-The linear layers (``minipar.parallel.tensor``) read their weight from the Param in backward;
-``LayerNorm`` (``minipar.nn.layers``) must do the same with its gain, whose cache entry is a
-view of the whole gathered unit. Until it does, the whole-unit test is an expected failure
-(strict: it turns into an error the moment LayerNorm is fixed, so the marker goes too).
+The linear layers (``minipar.parallel.tensor``) read their weight from the Param in backward,
+and ``LayerNorm`` (``minipar.nn.layers``) its gain: one cached gain, a view of the gathered
+unit, would keep the whole unit alive.
 """
 
 from __future__ import annotations
 
 import weakref
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +26,7 @@ from minipar.data import IGNORE
 from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
-from minipar.nn.layers import BuildContext, LayerNorm, arrays_in, held, owner, walk
+from minipar.nn.layers import BuildContext, arrays_in, held, owner, walk
 from minipar.nn.model import Hooks, build_chunks
 from minipar.parallel.tensor import WeightGradMixin
 
@@ -104,12 +102,6 @@ LAYOUTS = [
 ]
 
 
-def _layernorm_keeps_its_gain() -> bool:
-    ln = LayerNorm(BuildContext(0, "float64", SimpleNamespace(size=1, rank=0)), "ln", 4)
-    ln.forward(np.ones((1, 2, 4)), mb=0)
-    return any(owner(a) is owner(ln.g.data) for a in arrays_in(held(ln)))
-
-
 def _cfg(cfg_kw: dict) -> ModelConfig:
     return replace(ModelConfig(vocab_size=11, seq_len=4, n_layers=4, d_model=8, n_heads=2),
                    **cfg_kw)
@@ -126,9 +118,6 @@ def test_linear_caches_hold_no_gathered_weight_under_zero3(cfg_kw, par):
         assert problems["linear"] == [], f"rank {rank}: {problems['linear'][:3]}"
 
 
-@pytest.mark.xfail(_layernorm_keeps_its_gain(), strict=True,
-                   reason="LayerNorm's cache keeps its gain, a view of the gathered unit "
-                          "(minipar/nn/layers.py must read self.g.data in backward)")
 @pytest.mark.parametrize("cfg_kw,par", LAYOUTS, ids=IDS)
 def test_zero3_frees_gathered_weights_and_keeps_the_activation_peak(cfg_kw, par):
     cfg = _cfg(cfg_kw)
