@@ -109,9 +109,11 @@ def test_mpi_suite(n):
 
 
 def test_3d_layouts_at_8_ranks():
-    """dp 2 x tp 2 x pp 2 (1F1B with ZeRO-1, and more) under a real 8-rank mpirun."""
+    """dp 2 x tp 2 x pp 2 (1F1B with ZeRO-1, and more) under a real 8-rank mpirun, and the
+    cost model's predicted bytes against what those ranks record."""
     rc, out, seconds = launch(8, ["-m", "mpi4py", "-m", "pytest", "-x", "-q", "-p",
-                                  "no:cacheprovider", "tests/mpi/test_3d_mpi.py"])
+                                  "no:cacheprovider", "tests/mpi/test_3d_mpi.py",
+                                  "tests/mpi/test_comm_prediction_mpi.py"])
     report = f"mpirun -n 8 (rc {rc}, {seconds:.1f} s) output tail:\n{out[-4000:]}"
     assert rc == 0, report
     assert problems(out, 8) == [], report
