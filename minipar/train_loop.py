@@ -159,7 +159,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         from tqdm import tqdm
 
         bar = tqdm(total=args.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5)
+                   mininterval=0.5 if sys.stderr.isatty() else 5.0)
     losses, evals, comm_total, skipped = [], [], {}, []
     tokens = 0
     if tracer is not None:
@@ -188,7 +188,9 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         tokens += args.batch_size * cfg.seq_len
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / t_train:,.0f}")
+            # refresh=False: let tqdm's mininterval pace the redraws (a log file gets a line per 5 s)
+            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / t_train:,.0f}",
+                            refresh=False)
         last = step == args.steps - 1
         if args.save and ((args.save_every and (step + 1) % args.save_every == 0) or last):
             save_checkpoint(engine, args, cfg, par, task, step + 1)
