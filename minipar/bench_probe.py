@@ -65,16 +65,21 @@ def cores() -> int:
 
 
 # ------------------------------------------------------------------- one-process probes
-def cpu_seconds(fn, reps: int = 5) -> float:
-    """Mean process CPU seconds of one ``fn()`` over ``reps`` calls, after a warm-up call.
+def cpu_seconds(fn, reps: int = 5, before=None) -> float:
+    """Mean process CPU seconds of one ``fn()`` over ``reps`` calls, after a warm-up call;
+    ``before()`` runs untimed ahead of each call.
 
     A mean, like the real runs' per-step times; ``measure_hardware`` takes the best of a few
     such means, as ``bench_validate`` takes the least disturbed of a few runs."""
     fn()
-    t0 = time.process_time()
+    spent = 0.0
     for _ in range(reps):
+        if before is not None:
+            before()
+        t0 = time.process_time()
         fn()
-    return max((time.process_time() - t0) / reps, 1e-9)
+        spent += time.process_time() - t0
+    return max(spent / reps, 1e-9)
 
 
 def keep_freed_memory() -> bool:
@@ -192,25 +197,29 @@ def _family_steps(work: Workload, b: int) -> dict:
             "embedding": embedding, "cross_entropy": cross_entropy}
 
 
-def measure_elementwise(work: Workload, reps: int = 5) -> dict:
+def measure_elementwise(work: Workload, reps: int = 5, flush_bytes: int = 64 << 20) -> dict:
     """Achieved bytes/s per elementwise family: the cost model's bytes of a forward and its
-    backward (2.5x forward) over the CPU time of X
-    sequences. Fresh allocations are charged separately (``measure_first_touch``)."""
+    backward (2.5x forward) over the CPU time of minipar's kernels, at a quarter of the batch
+    and the whole batch, each call on data evicted from the caches first (a step streams its
+    activations through memory: far more than any cache holds). Fresh allocations are charged
+    separately (``measure_first_touch``)."""
     import numpy as np
 
     from minipar.nn.optim import adamw_update
     total: dict = {}
+    flush = np.zeros(flush_bytes // 4, np.float32)
     for b in (max(1, work.batch_size // 4), work.batch_size):
         kernels, steps = _family_kernels(work, b), _family_steps(work, b)
         for fam, fn in steps.items():
-            t = cpu_seconds(fn, reps)
+            t = cpu_seconds(fn, reps, before=lambda: flush.__iadd__(1.0))
             nb, tt = total.get(fam, (0.0, 0.0))
             total[fam] = (nb + 2.5 * kernels[fam].nbytes, tt + t)
     rates = {fam: nb / tt for fam, (nb, tt) in total.items()}
     p = np.ones(work.model().d_model ** 2 * 4, np.float32)  # a 4h x h matrix
     m, v, grad = np.zeros_like(p), np.zeros_like(p), np.full_like(p, 1e-3)
     t = cpu_seconds(lambda: adamw_update(p, grad, m, v, lr=1e-3, beta1=0.9, beta2=0.999,
-                                         eps=1e-8, weight_decay=0.0, step=1), reps)
+                                         eps=1e-8, weight_decay=0.0, step=1), reps,
+                    before=lambda: flush.__iadd__(1.0))
     rates["optimizer"] = 7 * 4 * p.size / t  # bytes as kernels.optimizer_time counts them
     return rates
 
@@ -262,9 +271,11 @@ def measure_op_latency(reps: int = 200) -> float:
     return (time.process_time() - t0) / reps / 9
 
 
-def comm_probe(small_reps: int = 200, nbytes: int = 4 << 20, big_reps: int = 10) -> dict:
+def comm_probe(nbytes: int = 4 << 20, small_reps: int = 200, big_reps: int = 10) -> dict:
     """Collective, under mpirun: ring allreduce latency per step and bandwidth on this world,
-    fitted to the alpha-beta model the cost model uses, from quiet-machine times."""
+    fitted to the alpha-beta model the cost model uses, from quiet-machine times; the large
+    message is ``nbytes`` (one activation), reduced in place: the transfer alone (a forward's
+    collectives return fresh arrays; the cost model charges those as first touches)."""
     import numpy as np
 
     from minipar.dist.comm import MPIComm
@@ -337,8 +348,8 @@ def measure_hardware(work: Workload, path: str, rank_counts=(2, 4), rounds: int 
         data["ranks"] = {}
         for n in rank_counts:
             out = os.path.join(tmp, f"comm{n}.json")
-            mpirun(n, ["-m", "minipar.bench_probe", "--comm-probe", out], stream=False,
-                   timeout=120)
+            mpirun(n, ["-m", "minipar.bench_probe", "--comm-probe", out, "--workload",
+                       json.dumps(asdict(work))], stream=False, timeout=120)
             with open(out) as fh:
                 r = data["ranks"][str(n)] = json.load(fh)
             log(f"allreduce, {n} ranks    {r['latency_s'] * 1e6:.0f} us per ring step, "
@@ -364,7 +375,9 @@ def main(argv=None) -> int:
     if args.local:
         result, path = local_probe(Workload(**json.loads(args.workload)), args.rounds), args.local
     else:
-        result, path = comm_probe(), args.comm_probe
+        work = Workload(**json.loads(args.workload))  # one activation of the whole batch
+        result = comm_probe(work.batch_size * work.seq_len * work.d_model * 4)
+        path = args.comm_probe
     if os.environ.get("PMI_RANK", "0") == "0":
         with open(path, "w") as fh:
             json.dump(result, fh)

@@ -79,34 +79,55 @@ def write_text(path: str, chars: int = 20000, seed: int = 0) -> str:
     return path
 
 
-def _children_cpu() -> float:
+def _children() -> tuple[float, int]:
+    """(CPU seconds, page faults) of the finished child processes (every rank)."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime + r.ru_stime, r.ru_minflt
 
 
 def run_steps(layout: Layout, work: Workload, data: str, steps: int, tmp: str) -> tuple:
-    """(CPU seconds of every rank and launcher, training wall seconds) of one real run."""
+    """(CPU seconds of every rank and the launcher, page faults, training wall seconds) of
+    one real run."""
     from minipar.lessons import mpirun
     summary = os.path.join(tmp, "summary.json")
-    cpu0 = _children_cpu()
+    cpu0, faults0 = _children()
     mpirun(layout.ranks, work.train_args(data, steps, summary) + layout.flags(), stream=False,
            timeout=600)
-    cpu = _children_cpu() - cpu0
+    cpu, faults = _children()
     with open(summary) as fh:
         s = json.load(fh)
     tokens = steps * work.batch_size * work.seq_len
-    return cpu, tokens / s["tokens_per_s"]
+    return cpu - cpu0, faults - faults0, tokens / s["tokens_per_s"]
 
 
 def measure_layout(layout: Layout, work: Workload, data: str, steps: int, tmp: str,
                    repeat: int = 2, warm: int = 2) -> dict:
     """Seconds per step: runs of ``warm`` and ``warm + steps`` steps, differenced, each the
-    least of ``repeat`` runs (the least disturbed by other users of the machine)."""
+    least of ``repeat`` runs (the least disturbed by other users of the machine); and the
+    bytes each rank faulted in per step (pages first touched, as ``getrusage`` counts them)."""
     short = [run_steps(layout, work, data, warm, tmp) for _ in range(repeat)]
     long = [run_steps(layout, work, data, warm + steps, tmp) for _ in range(repeat)]
-    cpu = min(c for c, _ in long) - min(c for c, _ in short)
-    wall = min(w for _, w in long) - min(w for _, w in short)
-    return {"measured_s": cpu / steps / min(layout.ranks, cores()), "wall_s": wall / steps}
+    cpu = min(x[0] for x in long) - min(x[0] for x in short)
+    wall = min(x[2] for x in long) - min(x[2] for x in short)
+    faults = (long[0][1] - short[0][1]) / steps / layout.ranks
+    return {"measured_s": cpu / steps / min(layout.ranks, cores()), "wall_s": wall / steps,
+            "faulted_bytes": max(0.0, faults * resource.getpagesize())}
+
+
+def modelled_fresh_bytes(layout: Layout, work: Workload) -> float:
+    """Bytes per rank per step the cost model has faulted in (mean over pipeline stages): a
+    forward's extra seconds when fresh memory costs one second per byte."""
+    from minipar.sim.costmodel import Workload as Step
+    from minipar.sim.hardware import A100_80GB, replace
+    from minipar.sim.timing import chunk_costs
+    par = layout.parallel()
+    step = Step(global_batch=work.batch_size, dtype="fp32", dropout=False,
+                microbatch_size=work.batch_size // (layout.dp * layout.microbatches))
+    one, free = replace(A100_80GB, first_touch_bw=1.0), A100_80GB
+    return sum(layout.microbatches * sum(a.fwd - b.fwd for a, b in zip(
+        chunk_costs(work.model(), par, step, one, s), chunk_costs(work.model(), par, step,
+                                                                   free, s)))
+        for s in range(layout.pp)) / layout.pp
 
 
 def predict(layout: Layout, work: Workload, hw) -> float:
@@ -116,21 +137,26 @@ def predict(layout: Layout, work: Workload, hw) -> float:
                              hw.shared_by(layout.ranks), "fp32")
 
 
-def row(layout: Layout, measured: dict, predicted: float) -> dict:
+def row(layout: Layout, measured: dict, predicted: float, fresh: float = 0.0) -> dict:
+    """One line of the report; ``fresh``: bytes per rank per step the model faults in."""
     ratio = predicted / measured["measured_s"]
     return {"layout": layout.name, "ranks": layout.ranks, "dp": layout.dp, "tp": layout.tp,
             "pp": layout.pp, "microbatches": layout.microbatches, **measured,
-            "predicted_s": predicted, "ratio": ratio, "within_target": abs(ratio - 1) <= TARGET}
+            "predicted_s": predicted, "modelled_fresh_bytes": fresh, "ratio": ratio,
+            "within_target": abs(ratio - 1) <= TARGET}
 
 
 def table(rows: list[dict]) -> str:
-    """The measured-vs-predicted table, one line per layout."""
+    """The measured-vs-predicted table, one line per layout, with the memory each rank
+    faulted in per step, measured (and as the model has it)."""
     lines = [f"{'layout':<16}{'ranks':>5}{'measured':>11}{'(wall)':>10}{'predicted':>11}"
-             f"{'pred/meas':>11}  within {TARGET:.0%}"]
+             f"{'pred/meas':>11}  within {TARGET:.0%}   faulted MB/rank (model)"]
     for r in rows:
         lines.append(f"{r['layout']:<16}{r['ranks']:>5}{r['measured_s'] * 1e3:>8.0f} ms"
                      f"{r['wall_s'] * 1e3:>7.0f} ms{r['predicted_s'] * 1e3:>8.0f} ms"
-                     f"{r['ratio']:>11.2f}  {'PASS' if r['within_target'] else 'MISS'}")
+                     f"{r['ratio']:>11.2f}  {'PASS' if r['within_target'] else 'MISS':<10}"
+                     f"{r.get('faulted_bytes', 0) / 1e6:>6.0f} "
+                     f"({r.get('modelled_fresh_bytes', 0) / 1e6:.0f})")
     passed = sum(r["within_target"] for r in rows)
     lines.append(f"{passed} of {len(rows)} predictions within {TARGET:.0%} of the measurement")
     return "\n".join(lines)
@@ -157,19 +183,19 @@ def validate(work: Workload, layouts, hw_path: str, steps: int, repeat: int = 2,
         layout.parallel().validate(work.model(), world_size=layout.ranks,
                                    batch_size=work.batch_size)
     rows = []
-    busy0, ours0, wall0 = machine_busy_seconds(), _children_cpu(), time.perf_counter()
+    busy0, ours0, wall0 = machine_busy_seconds(), _children()[0], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data = write_text(os.path.join(tmp, "text.txt"))
         for layout in layouts:
             t0 = time.perf_counter()
             r = row(layout, measure_layout(layout, work, data, steps, tmp, repeat),
-                    predict(layout, work, hw))
+                    predict(layout, work, hw), modelled_fresh_bytes(layout, work))
             rows.append(r)
             log(f"{layout.name:<16} measured {r['measured_s'] * 1e3:.0f} ms, predicted "
                 f"{r['predicted_s'] * 1e3:.0f} ms ({time.perf_counter() - t0:.0f} s)")
     busy1 = machine_busy_seconds()
     other = None if busy0 is None or busy1 is None else max(0.0, (
-        busy1 - busy0 - (_children_cpu() - ours0)) / ((time.perf_counter() - wall0) * cores()))
+        busy1 - busy0 - (_children()[0] - ours0)) / ((time.perf_counter() - wall0) * cores()))
     return {"target": TARGET, "workload": asdict(work), "hardware_file": hw_path,
             "cores": cores(), "steps": steps, "repeat": repeat, "other_load": other,
             "rows": rows}

@@ -23,7 +23,10 @@ from minipar.config import ParallelConfig
 from minipar.sim import kernels as K
 from minipar.sim.costmodel import Workload as SimWorkload
 from minipar.sim.hardware import Hardware
-from minipar.sim.timing import chunk_costs, estimate, first_touch_time, predict_step_time
+from minipar.sim import comm_volume as cv
+from minipar.sim.timing import (
+    chunk_costs, estimate, first_touch_time, fresh_output_time, predict_step_time,
+)
 
 TINY = Workload(layers=2, d_model=16, heads=2, seq_len=8, vocab=256, batch_size=8)
 FAMILIES = ("layernorm", "residual", "gelu", "softmax", "embedding", "cross_entropy",
@@ -79,18 +82,19 @@ def test_row_passes_exactly_within_the_target(measured, ratio):
 
 def test_table_and_json():
     cases = [(0.40, 0.40), (0.20, 0.26), (0.20, 0.148), (0.30, 0.231)]  # 1.0, 1.3, .74, .77
-    rows = [bv.row(x, {"measured_s": m, "wall_s": 2 * m}, p)
+    rows = [bv.row(x, {"measured_s": m, "wall_s": 2 * m, "faulted_bytes": 7e6}, p, 9e6)
             for x, (m, p) in zip(bv.LAYOUTS, cases)]
     lines = bv.table(rows).splitlines()
     assert "measured" in lines[0] and "predicted" in lines[0] and "25%" in lines[0]
     for line, x, verdict in zip(lines[1:], bv.LAYOUTS, ("PASS", "MISS", "MISS", "PASS")):
-        assert line.startswith(x.name) and line.rstrip().endswith(verdict)
+        assert line.startswith(x.name) and line.split()[-3] == verdict
+        assert line.split()[-2:] == ["7", "(9)"]  # MB faulted per rank per step (model)
     assert "400 ms" in lines[1] and "800 ms" in lines[1]  # measured and wall columns
     assert lines[-1].startswith("2 of 4 predictions within 25%")
     back = json.loads(json.dumps(rows))
     assert [r["layout"] for r in back] == [x.name for x in bv.LAYOUTS[:4]]
-    assert {"ranks", "dp", "tp", "pp", "measured_s", "wall_s", "predicted_s", "ratio",
-            "within_target"} <= set(back[0])
+    assert {"ranks", "dp", "tp", "pp", "measured_s", "wall_s", "faulted_bytes", "predicted_s",
+            "modelled_fresh_bytes", "ratio", "within_target"} <= set(back[0])
 
 
 def test_hardware_json_round_trip(tmp_path):
@@ -144,6 +148,16 @@ def test_measured_parameters_enter_the_time_model(tmp_path):
     assert extra == pytest.approx(sum(first_touch_time(model, par, work, touched, u)
                                       for u in kinds))
     assert first_touch_time(model, par, work, plain, "block") == 0.0
+    # a tp forward's collectives return fresh arrays: those bytes are first touches too
+    tp2 = ParallelConfig(tp=2)
+    outs = sum(c.nbytes for kind in kinds + ["embed"] for c in {
+        "block": cv.block_tp, "embed": cv.embed_tp, "head": cv.head_tp}[kind](
+            model, tp2, 8, 4, False))
+    assert outs > 0 and fresh_output_time(cv.block_tp(model, tp2, 8, 4, False), tp2,
+                                          touched) == pytest.approx(2 * 8 * 8 * 16 * 4 / 1.2e9)
+    layout = bv.Layout("tp2", tp=2)
+    assert bv.modelled_fresh_bytes(layout, TINY) == pytest.approx(outs + sum(
+        first_touch_time(model, tp2, work, touched, u) * 1.2e9 for u in kinds))
     assert predict_step_time(model, par, 8, touched) > predict_step_time(model, par, 8, plain)
     # a GPU preset has none of these: its estimate is the one test_costmodel checks exactly
     from minipar.sim.hardware import A100_80GB

@@ -116,6 +116,18 @@ def first_touch_time(model: ModelConfig, parallel: ParallelConfig, work: Workloa
     return kept / hw.first_touch_bw
 
 
+def fresh_output_time(cs: list[cv.Collective], parallel: ParallelConfig, hw: Hardware) -> float:
+    """Seconds to fault in the new arrays a forward's collectives return (minipar's allreduce
+    and allgather write their result into fresh memory; as with activations, backward reuses
+    what it frees). Output bytes per ``CommStats``' rule; 0 where memory is reused."""
+    if hw.first_touch_bw <= 0:
+        return 0.0
+    sizes = {"tp": parallel.tp, "dp": parallel.dp, "pp": parallel.pp}
+    out = sum(c.nbytes // sizes[c.group] if c.op == "reduce_scatter" else c.nbytes
+              for c in cs if sizes[c.group] > 1)
+    return out / hw.first_touch_bw
+
+
 def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw: Hardware,
                 stage: int, layers_only: bool = False) -> list[ChunkCost]:
     """The cost of one microbatch through each local chunk of pipeline stage ``stage``
@@ -143,7 +155,7 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
             c.fwd_compute += first_touch_time(model, parallel, work, hw, u.kind)
             c.bwd_compute += K.total_time(again + bi, hw, dt)
             c.wgrad_compute += K.total_time(bw, hw, dt)
-            c.fwd_comm += comm_time(f_cs, hw, parallel)
+            c.fwd_comm += comm_time(f_cs, hw, parallel) + fresh_output_time(f_cs, parallel, hw)
             c.bwd_comm += comm_time(r_cs + b_cs, hw, parallel)
             c.tp_bytes_fwd += sum(x.nbytes for x in f_cs)
             c.tp_bytes_bwd += sum(x.nbytes for x in r_cs + b_cs)
@@ -336,5 +348,5 @@ def predict_step_time(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batc
 
 
 __all__ = ["group_tier", "collective_time", "comm_time", "ChunkCost", "first_touch_time",
-           "chunk_costs", "p2p_message_time", "sync_and_step", "instruction_costs", "Estimate",
-           "estimate", "predict_step_time"]
+           "fresh_output_time", "chunk_costs", "p2p_message_time", "sync_and_step",
+           "instruction_costs", "Estimate", "estimate", "predict_step_time"]
