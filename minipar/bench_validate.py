@@ -13,7 +13,10 @@ waiting for a core, and N ranks on C cores take (sum of the ranks' CPU seconds) 
 wall time: that is the "measured" step; the wall-clock step is printed beside it, and the two
 agree on a quiet machine. A step is the difference of two runs (K and K + k steps) divided by
 k, so start-up, the first step's warm-up and the final evaluation cancel; each run length is
-the least of ``--repeat`` runs, the one other users disturbed least.
+the least of ``--repeat`` runs, the one other users disturbed least. The last column is the
+memory each rank faulted in per step (``getrusage``'s page faults), beside what the cost model
+charges as first touches: glibc returns the memory of large microbatches to the OS after each
+step but keeps that of small ones, which the model does not know.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class Layout:
 
 
 LAYOUTS = (Layout("serial"), Layout("dp2", dp=2), Layout("dp4", dp=4), Layout("tp2", tp=2),
-           Layout("pp2 1f1b", pp=2, microbatches=4), Layout("tp2 x dp2", dp=2, tp=2),
-           Layout("pp2 x dp2 1f1b", dp=2, pp=2, microbatches=4))
+           Layout("pp2-1f1b", pp=2, microbatches=4), Layout("tp2-dp2", dp=2, tp=2),
+           Layout("pp2-dp2-1f1b", dp=2, pp=2, microbatches=4))
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -208,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  python -m minipar.bench --validate\n  python -m minipar.bench "
                "--measure-hardware --hardware-out runs/this-machine.json\n  python -m "
                "minipar.bench --validate --hardware-file runs/this-machine.json --layouts "
-               "serial,dp2 --json", formatter_class=argparse.RawDescriptionHelpFormatter)
+               "serial,dp2,pp2-1f1b --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--validate", action="store_true", help="run the validation (default)")
     p.add_argument("--measure-hardware", action="store_true",
                    help="only measure this machine and write the hardware JSON")
