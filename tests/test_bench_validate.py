@@ -166,6 +166,13 @@ def test_measured_parameters_enter_the_time_model(tmp_path):
     assert estimate(model, par, replace(work, dtype="bf16"), A100_80GB).step_time_s > 0
 
 
+def test_every_zero_stage_predicts_on_this_machine(tmp_path):
+    hw = Hardware.from_bench_json(hardware_json(tmp_path / "hw.json")).shared_by(4)
+    times = [predict_step_time(TINY.model(), ParallelConfig(dp=4, zero=z), 8, hw)
+             for z in (0, 1, 2, 3)]
+    assert all(t > 0 for t in times)
+
+
 def test_bad_flags_are_one_line_errors(capsys):
     from minipar import bench
     assert bench.main(["--validate", "--layouts", "nope"]) == 2

@@ -160,7 +160,7 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
             c.tp_bytes_fwd += sum(x.nbytes for x in f_cs)
             c.tp_bytes_bwd += sum(x.nbytes for x in r_cs + b_cs)
             if parallel.zero >= 3 and parallel.dp > 1:
-                flat = cv._padded(u.params, parallel.dp) * e
+                flat = -(-u.params // parallel.dp) * parallel.dp * e  # padded to dp shards
                 gather = comm_time([cv.Collective("dp", "allgather", flat)], hw, parallel)
                 scatter = comm_time([cv.Collective("dp", "reduce_scatter", flat)], hw, parallel)
                 c.zero3_fwd += gather
