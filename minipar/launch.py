@@ -5,6 +5,11 @@ ranks fight for the cores: measured here, 4 ranks with default OpenBLAS threads 
 slower than with one thread each. So each rank gets cores / local ranks threads, unless the user
 set ``OMP_NUM_THREADS`` (or ``MINIPAR_THREADS``, or ``--threads N`` on the command line).
 
+It also keeps freed activation memory in the process heap (``keep_freed_memory``): by default
+glibc returns every large block to the kernel on free and maps fresh pages on the next
+allocation, so each training step paid page faults for all of its activations again (measured
+here: the ``small`` preset's step ran about 30% faster with the memory kept).
+
 This module imports nothing heavy; call ``configure_threads()`` first thing in an entry point.
 """
 
@@ -52,8 +57,33 @@ def _argv_threads(argv) -> int | None:
     return None
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve large arrays from the heap and keep freed memory for reuse.
+
+    Returns False (and changes nothing) where there is no glibc or ``MINIPAR_MALLOC=default``.
+    """
+    if os.environ.get("MINIPAR_MALLOC") == "default" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # from glibc's malloc.h
+    # mallopt takes a C int: values must stay below 2**31.
+    ok = libc.mallopt(m_mmap_threshold, 1 << 30)  # arrays below 1 GiB come from the heap
+    ok &= libc.mallopt(m_trim_threshold, (1 << 31) - 1)  # keep up to 2 GiB of freed memory
+    ok &= libc.mallopt(m_top_pad, 256 << 20)  # grow the heap 256 MiB at a time
+    return bool(ok)
+
+
 def configure_threads(argv=None) -> int:
-    """Set the BLAS thread count for this rank before NumPy loads; returns the count chosen."""
+    """Set the BLAS thread count for this rank before NumPy loads; returns the count chosen.
+
+    Also keeps freed memory for reuse (``keep_freed_memory``), which every entry point wants.
+    """
+    keep_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     requested = _argv_threads(argv) or _first_int(("MINIPAR_THREADS",), 0)
     if requested:
