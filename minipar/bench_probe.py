@@ -1,16 +1,17 @@
-"""Measure this machine for the cost model: ``python -m minipar.bench --measure-hardware``.
+"""The probes behind ``python -m minipar.bench --measure-hardware``, run in fresh processes.
 
 Everything the time model (``minipar.sim``) needs to know, one BLAS thread per process: the
 GEMM rate at the model's shapes and that of attention's batched products, the rate each family
-of NumPy elementwise kernels achieves (bytes counted as the cost model counts them), the cost
-of faulting in fresh pages, the Python + NumPy overhead per kernel, the core count, and
-allreduce latency and bandwidth with 2 and 4 ranks (``--comm-probe`` under ``mpirun``). The
-result is a hardware JSON that ``python -m minipar.simulate --hardware this-machine
---hardware-file FILE`` reads (``Hardware.from_bench_json``).
+of NumPy elementwise kernels achieves (bytes counted as the cost model counts them), whether
+freed memory must be faulted in again and at what rate, the Python + NumPy overhead per kernel
+(``--local``: one process), and allreduce latency and bandwidth (``--comm-probe``: every rank
+of ``mpirun -n N``). ``minipar.bench_validate.measure_hardware`` launches them and writes the
+hardware JSON that ``python -m minipar.simulate --hardware this-machine --hardware-file FILE``
+reads (``Hardware.from_bench_json``).
 
-Times are process CPU seconds, each the least of a few tries, so that other users of a shared
-machine disturb them as little as possible; ``python -m minipar.bench --validate`` explains
-why the same clock measures the real runs.
+Times are process CPU seconds, each rate the best of a few rounds, so that other users of a
+shared machine disturb them as little as possible; ``python -m minipar.bench --validate``
+explains why the same clock measures the real runs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 
@@ -231,25 +231,27 @@ def measure_stream(nbytes: int = 1 << 24, reps: int = 5) -> float:
     return 3 * nbytes / cpu_seconds(lambda: a.__imul__(b), reps)
 
 
-def measure_first_touch(total: int = 32 << 20, reps: int = 3) -> float:
-    """Bytes/s of faulting in fresh pages: fill newly mapped memory, minus filling warm memory.
-
-    The cost model charges it for the activations each forward allocates, because glibc hands
-    a step's freed activations back to the OS and the next step maps them again (about one
-    page fault per 4 KiB of activations per step, as ``getrusage`` counts them)."""
-    import mmap
-
+def measure_first_touch(total: int = 64 << 20, piece: int = 1 << 20, reps: int = 3) -> float:
+    """Bytes/s at which this process's allocator hands out memory that must be faulted in
+    again: allocate and fill ``total`` bytes in ``piece``-sized arrays, free them all (as a
+    forward allocates activations and backward frees them), repeat; minus filling the same
+    arrays kept. 0 when freed memory is reused (what ``minipar.launch`` asks glibc for; by
+    default glibc gives large blocks back to the OS and every step faults them in again).
+    Call it before ``keep_freed_memory``, with the allocator as a training rank has it."""
     import numpy as np
+    count = total // piece
 
     def fresh():
-        m = mmap.mmap(-1, total)
-        a = np.frombuffer(m, np.uint8)
-        a.fill(1)
-        del a
-        m.close()
-    warm = np.zeros(total, np.uint8)
-    extra = cpu_seconds(fresh, reps) - cpu_seconds(lambda: warm.fill(1), reps)
-    return total / extra if extra > 0 else 0.0
+        for a in [np.empty(piece // 4, np.float32) for _ in range(count)]:
+            a.fill(1.0)
+    kept = [np.empty(piece // 4, np.float32) for _ in range(count)]
+
+    def refill():
+        for a in kept:
+            a.fill(1.0)
+    fill = cpu_seconds(refill, reps)
+    extra = cpu_seconds(fresh, reps) - fill
+    return total / extra if extra > fill else 0.0  # else within noise: memory is reused
 
 
 def measure_op_latency(reps: int = 200) -> float:
@@ -306,8 +308,7 @@ def _best_rates(work: Workload, rounds: int) -> dict:
     for _ in range(rounds):
         elem = measure_elementwise(work)
         rates = {"gemm_flops": measure_gemm(work), "bmm_flops": measure_bmm(work),
-                 "mem_bytes_per_s": measure_stream(), "first_touch_bytes_per_s":
-                 measure_first_touch(), "per_op_per_s": 1 / measure_op_latency(),
+                 "mem_bytes_per_s": measure_stream(), "per_op_per_s": 1 / measure_op_latency(),
                  **{f"elem:{k}": v for k, v in elem.items()}}
         best = {k: max(v, best.get(k, 0.0)) for k, v in rates.items()}
     return best
@@ -316,55 +317,21 @@ def _best_rates(work: Workload, rounds: int) -> dict:
 def local_probe(work: Workload, rounds: int = 3) -> dict:
     """The one-process part of the hardware JSON, measured in this process (which should have
     one BLAS thread, as ``mpirun`` ranks get from ``minipar.lessons.mpirun``)."""
+    touch = measure_first_touch()  # first: with the allocator as the training ranks have it
     keep_freed_memory()
     best = _best_rates(work, rounds)
     elem = {k[5:]: v for k, v in best.items() if k.startswith("elem:")}
-    data = {k: best[k] for k in ("gemm_flops", "bmm_flops", "mem_bytes_per_s",
-                                 "first_touch_bytes_per_s")}
+    data = {k: best[k] for k in ("gemm_flops", "bmm_flops", "mem_bytes_per_s")}
+    data["first_touch_bytes_per_s"] = touch
     data.update(elem_bytes_per_s=elem, op_latency_s=1 / best["per_op_per_s"], cores=cores(),
                 blas_threads=1, workload=asdict(work))
     return data
 
 
-def measure_hardware(work: Workload, path: str, rank_counts=(2, 4), rounds: int = 3,
-                     log=print) -> dict:
-    """Measure this machine in fresh processes launched as training ranks are (one BLAS
-    thread each): one process for the rates, ``mpirun -n N`` for allreduce; write the
-    hardware JSON to ``path`` and return it."""
-    from minipar.lessons import mpirun
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "local.json")
-        mpirun(1, ["-m", "minipar.bench_probe", "--local", out, "--rounds", str(rounds),
-                   "--workload", json.dumps(asdict(work))], stream=False, timeout=300)
-        with open(out) as fh:
-            data = json.load(fh)
-        elem = data["elem_bytes_per_s"]
-        log(f"GEMM (1 thread)        {data['gemm_flops'] / 1e9:.1f} GFLOP/s, attention's "
-            f"batched {data['bmm_flops'] / 1e9:.1f} GFLOP/s")
-        log("elementwise (GB/s)     " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in elem.items()))
-        log(f"stream {data['mem_bytes_per_s'] / 1e9:.1f} GB/s, first touch "
-            f"{data['first_touch_bytes_per_s'] / 1e9:.2f} GB/s, per-kernel overhead "
-            f"{data['op_latency_s'] * 1e6:.1f} us, {data['cores']} cores")
-        data["ranks"] = {}
-        for n in rank_counts:
-            out = os.path.join(tmp, f"comm{n}.json")
-            mpirun(n, ["-m", "minipar.bench_probe", "--comm-probe", out, "--workload",
-                       json.dumps(asdict(work))], stream=False, timeout=120)
-            with open(out) as fh:
-                r = data["ranks"][str(n)] = json.load(fh)
-            log(f"allreduce, {n} ranks    {r['latency_s'] * 1e6:.0f} us per ring step, "
-                f"{r['allreduce_bytes_per_s'] / 1e9:.2f} GB/s")
-    first = data["ranks"].get(str(min(rank_counts)), {})
-    data.update({k: first[k] for k in ("allreduce_bytes_per_s", "latency_s") if k in first})
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=1)
-    return data
-
-
 def main(argv=None) -> int:
-    """The probes' processes: ``--local FILE`` (one process) or ``--comm-probe FILE`` (every
-    rank of ``mpirun -n N``); rank 0 writes FILE."""
+    """The probes' processes: ``--local FILE`` (each rank measures alone and writes
+    FILE.rank) or ``--comm-probe FILE`` (every rank of ``mpirun -n N`` together; rank 0
+    writes FILE)."""
     p = argparse.ArgumentParser(prog="python -m minipar.bench_probe")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--local", metavar="FILE")
@@ -372,13 +339,13 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workload", default="{}", help="Workload fields as JSON")
     args = p.parse_args(argv)
+    work, rank = Workload(**json.loads(args.workload)), os.environ.get("PMI_RANK", "0")
     if args.local:
-        result, path = local_probe(Workload(**json.loads(args.workload)), args.rounds), args.local
-    else:
-        work = Workload(**json.loads(args.workload))  # one activation of the whole batch
+        result, path = local_probe(work, args.rounds), f"{args.local}.{rank}"
+    else:  # the large message: one activation of the whole batch
         result = comm_probe(work.batch_size * work.seq_len * work.d_model * 4)
-        path = args.comm_probe
-    if os.environ.get("PMI_RANK", "0") == "0":
+        path = args.comm_probe if rank == "0" else None
+    if path:
         with open(path, "w") as fh:
             json.dump(result, fh)
     return 0

@@ -1,7 +1,8 @@
 """``python -m minipar.bench --validate``: the cost model against this machine, layout by layout.
 
 It measures this machine (``minipar.bench_probe``: GEMM and elementwise rates, page faults,
-per-kernel overhead, allreduce at 2 and 4 ranks; written as a hardware JSON), then runs small
+per-kernel overhead, the slowdown when every core is busy, allreduce at 2 and 4 ranks; written
+as a hardware JSON), then runs small
 layouts for real (``python -m minipar.train`` under ``mpirun``: 1, 2 and 4 ranks; DP, TP, PP,
 one BLAS thread per rank) and prints the measured step time beside the cost model's prediction
 (``predict_step_time`` with ``Hardware.shared_by(ranks)``) for each. Target: within 25%.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import sys
@@ -30,7 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from minipar.bench_probe import Workload, cores, measure_hardware
+from minipar.bench_probe import Workload, cores
 from minipar.config import ConfigError
 
 TARGET = 0.25  # |predicted / measured - 1| allowed (issue 7, section 5)
@@ -64,6 +66,64 @@ class Layout:
 LAYOUTS = (Layout("serial"), Layout("dp2", dp=2), Layout("dp4", dp=4), Layout("tp2", tp=2),
            Layout("pp2-1f1b", pp=2, microbatches=4), Layout("tp2-dp2", dp=2, tp=2),
            Layout("pp2-dp2-1f1b", dp=2, pp=2, microbatches=4))
+
+
+# ------------------------------------------------------------------------ this machine
+def _read(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def all_busy_speed(alone: dict, busy: list[dict]) -> float:
+    """A process's speed while every core runs one, relative to alone (they share caches and
+    memory bandwidth): the geometric mean, over every measured rate, of the ranks' mean rate
+    with all cores busy over the rate alone; at most 1."""
+    def rates(d):
+        return {"gemm": d["gemm_flops"], "bmm": d["bmm_flops"], "stream": d["mem_bytes_per_s"],
+                "op": 1 / d["op_latency_s"], **d["elem_bytes_per_s"]}
+    solo = rates(alone)
+    logs = [math.log(sum(rates(d)[k] for d in busy) / len(busy) / v) for k, v in solo.items()]
+    return min(1.0, math.exp(sum(logs) / len(logs)))
+
+
+def measure_hardware(work: Workload, path: str, rank_counts=(2, 4), rounds: int = 3,
+                     log=print) -> dict:
+    """Measure this machine (``minipar.bench_probe``) in fresh processes launched as training
+    ranks are, one BLAS thread each: the rates in one process, then in one per core at once
+    (``all_busy_speed``), allreduce under ``mpirun -n N``; write the hardware JSON to
+    ``path`` and return it."""
+    from minipar.lessons import mpirun
+    spec = ["--workload", json.dumps(asdict(work))]
+    with tempfile.TemporaryDirectory() as tmp:
+        def local(n):  # the one-process probe on each of n ranks at once
+            out = os.path.join(tmp, f"local{n}.json")
+            mpirun(n, ["-m", "minipar.bench_probe", "--local", out, "--rounds", str(rounds),
+                       *spec], stream=False, timeout=300)
+            return [_read(f"{out}.{r}") for r in range(n)]
+        data = local(1)[0]
+        data["all_busy_speed"] = all_busy_speed(data, local(cores())) if cores() > 1 else 1.0
+        touch, elem = data["first_touch_bytes_per_s"], data["elem_bytes_per_s"]
+        log(f"GEMM (1 thread)        {data['gemm_flops'] / 1e9:.1f} GFLOP/s, attention's "
+            f"batched {data['bmm_flops'] / 1e9:.1f} GFLOP/s")
+        log("elementwise (GB/s)     " + ", ".join(f"{k} {v / 1e9:.2f}" for k, v in elem.items()))
+        log(f"stream {data['mem_bytes_per_s'] / 1e9:.1f} GB/s, fresh memory "
+            + (f"faulted in at {touch / 1e9:.2f} GB/s" if touch else "reused (no faults)")
+            + f", {data['op_latency_s'] * 1e6:.1f} us per kernel; {data['cores']} cores, each "
+            f"at {data['all_busy_speed']:.0%} of its speed alone when all are busy")
+        data["ranks"] = {}
+        for n in rank_counts:
+            out = os.path.join(tmp, f"comm{n}.json")
+            mpirun(n, ["-m", "minipar.bench_probe", "--comm-probe", out, *spec], stream=False,
+                   timeout=120)
+            r = data["ranks"][str(n)] = _read(out)
+            log(f"allreduce, {n} ranks    {r['latency_s'] * 1e6:.0f} us per ring step, "
+                f"{r['allreduce_bytes_per_s'] / 1e9:.2f} GB/s")
+    first = data["ranks"].get(str(min(rank_counts)), {})
+    data.update({k: first[k] for k in ("allreduce_bytes_per_s", "latency_s") if k in first})
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+    return data
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -117,9 +177,11 @@ def measure_layout(layout: Layout, work: Workload, data: str, steps: int, tmp: s
             "faulted_bytes": max(0.0, faults * resource.getpagesize())}
 
 
-def modelled_fresh_bytes(layout: Layout, work: Workload) -> float:
-    """Bytes per rank per step the cost model has faulted in (mean over pipeline stages): a
-    forward's extra seconds when fresh memory costs one second per byte."""
+def modelled_fresh_bytes(layout: Layout, work: Workload, hw) -> float:
+    """Bytes per rank per step the cost model has faulted in on ``hw`` (mean over pipeline
+    stages): a forward's extra seconds when fresh memory costs one second per byte."""
+    if hw.first_touch_bw <= 0:  # freed memory is reused: nothing is faulted in
+        return 0.0
     from minipar.sim.costmodel import Workload as Step
     from minipar.sim.hardware import A100_80GB, replace
     from minipar.sim.timing import chunk_costs
@@ -192,7 +254,7 @@ def validate(work: Workload, layouts, hw_path: str, steps: int, repeat: int = 2,
         for layout in layouts:
             t0 = time.perf_counter()
             r = row(layout, measure_layout(layout, work, data, steps, tmp, repeat),
-                    predict(layout, work, hw), modelled_fresh_bytes(layout, work))
+                    predict(layout, work, hw), modelled_fresh_bytes(layout, work, hw))
             rows.append(r)
             log(f"{layout.name:<16} measured {r['measured_s'] * 1e3:.0f} ms, predicted "
                 f"{r['predicted_s'] * 1e3:.0f} ms ({time.perf_counter() - t0:.0f} s)")

@@ -38,7 +38,7 @@ def hardware_json(path, **over) -> str:
     data = {"gemm_flops": 8e10, "bmm_flops": 5e10, "mem_bytes_per_s": 4e10,
             "elem_bytes_per_s": {f: 1e9 * (i + 1) for i, f in enumerate(FAMILIES)},
             "first_touch_bytes_per_s": 1.2e9, "op_latency_s": 6e-6, "cores": 2,
-            "blas_threads": 1, "workload": asdict(TINY),
+            "blas_threads": 1, "workload": asdict(TINY), "all_busy_speed": 0.8,
             "ranks": {"2": {"ranks": 2, "latency_s": 5e-6, "allreduce_bytes_per_s": 2e9},
                       "4": {"ranks": 4, "latency_s": 4e-5, "allreduce_bytes_per_s": 1e9}},
             "allreduce_bytes_per_s": 2e9, "latency_s": 5e-6}
@@ -104,12 +104,16 @@ def test_hardware_json_round_trip(tmp_path):
     assert hw.elem_bw == {f: 1e9 * (i + 1) for i, f in enumerate(FAMILIES)}
     assert hw.links_by_ranks == {2: (2e9, 5e-6), 4: (1e9, 4e-5)}
     two, four = hw.shared_by(2), hw.shared_by(4)
-    # 2 ranks on 2 cores run at full speed, on the links measured with 2 ranks
-    assert two.flops("fp32") == 8e10 and two.elem_bw == hw.elem_bw and two.intra_bw == 2e9
-    # 4 ranks on 2 cores: half of every rate, twice the overhead, the 4-rank links
-    assert four.flops("fp32") == 4e10 and four.bmm_flops == 2.5e10
-    assert four.elem_bw["gelu"] == hw.elem_bw["gelu"] / 2 and four.first_touch_bw == 6e8
-    assert four.kernel_latency == 2 * hw.kernel_latency
+    # 2 ranks on 2 cores: each a core, at its speed with both busy; the 2-rank links
+    assert two.flops("fp32") == pytest.approx(0.8 * 8e10) and two.intra_bw == 2e9
+    assert two.elem_bw == pytest.approx({k: 0.8 * v for k, v in hw.elem_bw.items()})
+    # 4 ranks on 2 cores: half of that, twice the overhead, the 4-rank links
+    assert four.flops("fp32") == pytest.approx(0.4 * 8e10)
+    assert four.bmm_flops == pytest.approx(0.4 * 5e10)
+    assert four.elem_bw["gelu"] == pytest.approx(0.4 * hw.elem_bw["gelu"])
+    assert four.first_touch_bw == pytest.approx(0.4 * 1.2e9)
+    assert four.kernel_latency == pytest.approx(hw.kernel_latency / 0.4)
+    assert hw.shared_by(1) is hw
     assert (four.intra_bw, four.intra_latency) == (1e9, 4e-5) == (four.inter_bw,
                                                                   four.inter_latency)
     # the simulate CLI reads the same file and predicts what the time model predicts
@@ -156,8 +160,9 @@ def test_measured_parameters_enter_the_time_model(tmp_path):
     assert outs > 0 and fresh_output_time(cv.block_tp(model, tp2, 8, 4, False), tp2,
                                           touched) == pytest.approx(2 * 8 * 8 * 16 * 4 / 1.2e9)
     layout = bv.Layout("tp2", tp=2)
-    assert bv.modelled_fresh_bytes(layout, TINY) == pytest.approx(outs + sum(
+    assert bv.modelled_fresh_bytes(layout, TINY, touched) == pytest.approx(outs + sum(
         first_touch_time(model, tp2, work, touched, u) * 1.2e9 for u in kinds))
+    assert bv.modelled_fresh_bytes(layout, TINY, plain) == 0.0
     assert predict_step_time(model, par, 8, touched) > predict_step_time(model, par, 8, plain)
     # a GPU preset has none of these: its estimate is the one test_costmodel checks exactly
     from minipar.sim.hardware import A100_80GB
@@ -189,11 +194,19 @@ def test_local_probe_writes_every_rate(tmp_path):
     proc = run(["-m", "minipar.bench_probe", "--local", str(out), "--rounds", "1",
                 "--workload", json.dumps(asdict(TINY))], n=1)
     assert proc.returncode == 0, proc.stderr
-    data = json.loads(out.read_text())
+    data = json.loads((tmp_path / "local.json.0").read_text())  # one file per rank
     assert set(data["elem_bytes_per_s"]) == set(FAMILIES)
     for key in ("gemm_flops", "bmm_flops", "mem_bytes_per_s", "op_latency_s", "cores"):
         assert data[key] > 0
     assert data["first_touch_bytes_per_s"] >= 0
+    # the same rates twice as fast: the machine runs every process at full speed when busy
+    faster = json.loads(json.dumps(data))
+    for k in ("gemm_flops", "bmm_flops", "mem_bytes_per_s"):
+        faster[k] *= 2
+    faster["op_latency_s"] /= 2
+    faster["elem_bytes_per_s"] = {k: 2 * v for k, v in data["elem_bytes_per_s"].items()}
+    assert bv.all_busy_speed(data, [faster, faster]) == 1.0
+    assert bv.all_busy_speed(faster, [data, faster]) == pytest.approx(0.75)
 
 
 def test_validate_end_to_end(tmp_path):

@@ -12,9 +12,11 @@ and ``Hardware.from_bench_json`` reads it. ``python -m minipar.bench --measure-h
 rate at the model's shapes and of attention's batched products (``bmm_flops``), what NumPy's
 elementwise kernels achieve by kernel family (``elem_bytes_per_s``; a fused GPU kernel streams
 at memory bandwidth, NumPy makes several passes and evaluates transcendentals), the cost of
-faulting in fresh memory (``first_touch_bytes_per_s``: glibc gives a step's freed activations
-back to the OS and the next step faults them in again), the per-kernel Python overhead, the
-core count, and allreduce latency and bandwidth at each local rank count (``ranks``).
+faulting in fresh memory (``first_touch_bytes_per_s``: by default glibc gives a step's freed
+activations back to the OS and the next step faults them in again; 0 where they are reused, as
+``minipar.launch`` arranges), the per-kernel Python overhead, the core count, a process's
+speed while every core is busy (``all_busy_speed``), and allreduce latency and bandwidth at
+each local rank count (``ranks``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Hardware:
     bmm_flops: float = 0.0  # achieved FLOP/s of attention's batched products; 0: as GEMMs
     first_touch_bw: float = 0.0  # bytes/s of faulting in fresh memory; 0: memory is reused
     links_by_ranks: dict = field(default_factory=dict)  # ranks -> (bytes/s, latency) measured
+    all_busy_speed: float = 1.0  # one process's speed while every core runs one (vs alone)
 
     def flops(self, dtype: str) -> float:
         """Peak dense FLOP/s for a dtype name; a clear error for one the device lacks."""
@@ -68,10 +71,14 @@ class Hardware:
         Measured rates describe one process; ``cores`` of them run at once at full speed, so
         each of ``ranks`` processes gets min(1, cores / ranks) of every rate and pays 1/that
         per-kernel overhead (with ``cores`` = 1, a bench that used every core for one process,
-        each gets 1/ranks). Links come from the measurement at this rank count when there is
-        one: oversubscribed, busy-polling ranks wait for the scheduler, not for memory.
+        each gets 1/ranks), times its speed with that many cores busy: ``all_busy_speed``
+        (measured with every core running a process) for all of them, 1 for one, linear in
+        between. Links come from the measurement at this rank count when there is one.
         """
         share = min(1.0, self.cores / ranks) if ranks > 1 else 1.0
+        if ranks > 1 and self.cores > 1:  # busier cores share caches and memory bandwidth
+            busy = (min(ranks, self.cores) - 1) / (self.cores - 1)
+            share *= 1 - (1 - self.all_busy_speed) * busy
         links = self.links_by_ranks.get(ranks)
         if share == 1.0 and not links:
             return self
@@ -114,6 +121,7 @@ class Hardware:
                  and _positive(d.get("allreduce_bytes_per_s")) and _positive(d.get("latency_s"))}
         touch = data.get("first_touch_bytes_per_s")
         bmm = data.get("bmm_flops")
+        busy = data.get("all_busy_speed")
         cores = data.get("cores")
         # The measured GEMM rate already is what is achievable, so efficiencies are 1; every
         # rank of a local run shares one machine, so both link tiers are the same (shared memory).
@@ -129,6 +137,7 @@ class Hardware:
                      "defaults when absent: 2 GB/s allreduce, 20 us latency, 5 GB/s memory"),
             cores=int(cores) if _positive(cores) else 1, elem_bw=elem,
             bmm_flops=float(bmm) if _positive(bmm) else 0.0,
+            all_busy_speed=min(1.0, float(busy)) if _positive(busy) else 1.0,
             first_touch_bw=float(touch) if _positive(touch) else 0.0, links_by_ranks=links)
 
 
