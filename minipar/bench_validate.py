@@ -2,10 +2,10 @@
 
 It measures this machine (``minipar.bench_probe``: GEMM and elementwise rates, page faults,
 per-kernel overhead, the slowdown when every core is busy, allreduce at 2 and 4 ranks; written
-as a hardware JSON), then runs small
-layouts for real (``python -m minipar.train`` under ``mpirun``: 1, 2 and 4 ranks; DP, TP, PP,
-one BLAS thread per rank) and prints the measured step time beside the cost model's prediction
-(``predict_step_time`` with ``Hardware.shared_by(ranks)``) for each. Target: within 25%.
+as a hardware JSON), then runs small layouts for real (``python -m minipar.train`` under
+``mpirun``: 1, 2 and 4 ranks; DP, TP, PP; one BLAS thread per rank) and prints the measured
+step time beside the cost model's prediction (``predict_step_time`` with
+``Hardware.shared_by(ranks)``) for each. Target: within 25%.
 
 Timing on a shared machine. Times are process CPU seconds (user + system) of every rank: other
 users' processes stretch wall time, much less the CPU time a computation needs. MPICH ranks
@@ -16,8 +16,9 @@ agree on a quiet machine. A step is the difference of two runs (K and K + k step
 k, so start-up, the first step's warm-up and the final evaluation cancel; each run length is
 the least of ``--repeat`` runs, the one other users disturbed least. The last column is the
 memory each rank faulted in per step (``getrusage``'s page faults), beside what the cost model
-charges as first touches: glibc returns the memory of large microbatches to the OS after each
-step but keeps that of small ones, which the model does not know.
+charges as first touches. Both are 0 when ``minipar.launch`` keeps freed memory (the
+default); with ``MINIPAR_MALLOC=default`` glibc returns the memory of large microbatches to the
+OS after each step but keeps that of small ones, which the model does not know.
 """
 
 from __future__ import annotations
