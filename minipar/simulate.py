@@ -122,7 +122,10 @@ def resolve(args) -> tuple:
                          microbatches=max(1, work.microbatches(dp)), virtual_stages=v,
                          bucket_mb=args.bucket_mb)
     cm.check_layout(model, par, work, args.gpus)
-    return model, par, work, get_hardware(args.hardware, args.hardware_file)
+    hw = get_hardware(args.hardware, args.hardware_file)
+    if args.hardware == "this-machine":  # every rank of the layout shares this one machine
+        hw = hw.shared_by(par.world)
+    return model, par, work, hw
 
 
 # --------------------------------------------------------------------------------- report
