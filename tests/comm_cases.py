@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minipar.dist.comm import CommError, Request
+from minipar.dist.comm import CommError, Request, run_threads
 from minipar.testing import collective_assert
 
 DTYPES = ("float32", "float64", "int64")
@@ -320,3 +321,17 @@ def check_call_mismatch(comm):
 
 
 CASES.append(Case(check_call_mismatch, None, 1))
+
+
+def run_case(case: Case, size: int) -> None:
+    """Run one shared check on a thread world of ``size`` ranks, drawing its parameters."""
+    if case.params is None:
+        run_threads(case.fn, size, timeout=30)
+        return
+
+    @settings(max_examples=case.examples, deadline=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(params=case.params)
+    def prop(params):
+        run_threads(lambda comm: case.fn(comm, **params), size, timeout=30)
+    prop()

@@ -7,22 +7,16 @@ include ones smaller than the world (empty chunks) and ones not divisible by it.
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
 
+import comm_cases
 import ring_cases
 from minipar.dist.algorithms import chunk_bounds
-from minipar.dist.comm import run_threads
 
 
 @pytest.mark.parametrize("size", (1, 2, 3, 4))
 @pytest.mark.parametrize("case", ring_cases.CASES, ids=lambda c: c.name)
 def test_ring_case_on_threads(case, size):
-    @settings(max_examples=case.examples, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
-    @given(params=case.params)
-    def prop(params):
-        run_threads(lambda comm: case.fn(comm, **params), size, timeout=30)
-    prop()
+    comm_cases.run_case(case, size)
 
 
 @pytest.mark.parametrize("n,p", [(0, 3), (2, 4), (7, 3), (12, 4), (13, 1)])

@@ -11,7 +11,6 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
 
 import accounting_cases
 import comm_cases
@@ -23,24 +22,10 @@ CASES = comm_cases.CASES + accounting_cases.CASES
 SIZES = (1, 2, 4)
 
 
-def run_case(case, size: int) -> None:
-    """Run one shared check on a thread world of ``size`` ranks, drawing its parameters."""
-    if case.params is None:
-        run_threads(case.fn, size, timeout=30)
-        return
-
-    @settings(max_examples=case.examples, deadline=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
-    @given(params=case.params)
-    def prop(params):
-        run_threads(lambda comm: case.fn(comm, **params), size, timeout=30)
-    prop()
-
-
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_shared_case_on_threads(case, size):
-    run_case(case, size)
+    comm_cases.run_case(case, size)
 
 
 def test_cases_cover_the_interface():
