@@ -187,8 +187,9 @@ def mpirun(n: int, args: list[str], *, timeout: float = 300, stream: bool = True
     Each rank gets one BLAS/OpenMP thread (``n`` ranks share the cores; more threads per rank
     slow every rank down); ``env`` adds or overrides variables. With ``stream`` the output is
     printed line by line as it arrives; a rank's line arrives whole when it prints with
-    ``flush=True`` (``PYTHONUNBUFFERED`` is unset for the ranks so that lines do not mix). A non-zero exit or a run past ``timeout`` seconds kills
-    the whole job and raises ``MPIRunError`` with the output.
+    ``flush=True`` (``PYTHONUNBUFFERED`` is unset for the ranks so that lines do not mix).
+    A non-zero exit or a run past ``timeout`` seconds kills the whole job and raises
+    ``MPIRunError`` with the output.
     """
     if not isinstance(n, int) or n <= 0:
         raise ValueError(f"n must be a positive number of ranks, got {n!r}")

@@ -15,11 +15,12 @@ from minipar.nn.optim import lr_at
 
 
 def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n:.1f} GiB"
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}"
 
 
 def _comm_mode(world) -> str:
@@ -139,11 +140,10 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
               f"({args.dtype})", file=out)
         print(f"memory  | rank 0 holds params {_fmt_bytes(mem['params'])}, grads "
               f"{_fmt_bytes(mem['grads'])}, optimizer {_fmt_bytes(mem['optimizer'])}", file=out)
+        schedule = (f", schedule {par.schedule} x {par.microbatches} microbatches"
+                    if par.pp > 1 else "")
         print(f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, "
-              f"lr {args.lr}, schedule {par.schedule} x {par.microbatches} microbatches"
-              if par.pp > 1 else
-              f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, lr {args.lr}",
-              file=out, flush=True)
+              f"lr {args.lr}{schedule}", file=out, flush=True)
         if par.pp > 1:
             from minipar.parallel.partition import partition
 
@@ -158,8 +158,14 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     if rank0 and not args.quiet:
         from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, initial=start, unit="step", file=sys.stderr, dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 5.0)
+        bar = tqdm(total=args.steps, initial=start, unit="step", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5.0)
+
+    def say(msg: str) -> None:
+        """A line from rank 0 that does not tear the progress bar."""
+        if rank0:
+            bar.write(msg) if bar is not None else print(msg, file=out, flush=True)
+
     losses, evals, comm_total, skipped = [], [], {}, []
     tokens = 0
     if tracer is not None:
@@ -180,15 +186,13 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
             _tag_step(tracer, n_events, step + 1)
         if result.skipped:
             skipped.append(step + 1)
-            if rank0:
-                msg = f"step {step + 1}: non-finite loss or gradients, step skipped"
-                (bar.write(msg) if bar is not None else print(msg, file=out, flush=True))
+            say(f"step {step + 1}: non-finite loss or gradients, step skipped")
         merge_stats(comm_total, mesh.stats())
         losses.append(result.loss)
         tokens += args.batch_size * cfg.seq_len
         if bar is not None:
             bar.update(1)
-            # refresh=False: let tqdm's mininterval pace the redraws (a log file gets a line per 5 s)
+            # refresh=False: tqdm's mininterval paces the redraws (a log gets a line per 5 s)
             bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / t_train:,.0f}",
                             refresh=False)
         last = step == args.steps - 1
@@ -197,11 +201,9 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         if (step + 1) % args.eval_every == 0 or last:
             metrics = engine.evaluate(task.eval_batches(args.batch_size))
             evals.append({"step": step + 1, **metrics})
-            if rank0:
-                msg = (f"eval step {step + 1}: exact match {metrics['exact_match']:.3f}"
-                       if task.metric == "exact_match" else
-                       f"eval step {step + 1}: perplexity {metrics['perplexity']:.3f}")
-                (bar.write(msg) if bar is not None else print(msg, file=out, flush=True))
+            say(f"eval step {step + 1}: exact match {metrics['exact_match']:.3f}"
+                if task.metric == "exact_match" else
+                f"eval step {step + 1}: perplexity {metrics['perplexity']:.3f}")
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t_start
@@ -230,8 +232,9 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         summary["eval_perplexity"] = final["perplexity"]
     acc = (f"held-out exact match {final['exact_match']:.3f}" if task.metric == "exact_match"
            else f"held-out perplexity {final['perplexity']:.3f}")
-    print(f"done    | {args.steps - start} steps in {wall:.1f} s, {summary['tokens_per_s']:,.0f} tokens/s,"
-          f" final loss {losses[-1]:.4f}, {acc}", file=out, flush=True)
+    print(f"done    | {args.steps - start} steps in {wall:.1f} s, "
+          f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {losses[-1]:.4f}, {acc}",
+          file=out, flush=True)
     moved = sum(s["bytes"] for ops in comm_total.values() for s in ops.values())
     if moved:
         print(f"comm    | {_fmt_bytes(moved)} moved by rank 0 over the run "

@@ -265,7 +265,7 @@ def merge_heads(x):
 
 
 def mha_fwd(qkv, n_heads: int):
-    """Fused projection output (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D)."""
+    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D)."""
     c = qkv.shape[-1] // 3
     q = split_heads(qkv[..., :c], n_heads)  # (B, H, T, D)
     k = split_heads(qkv[..., c: 2 * c], n_heads)  # (B, H, T, D)

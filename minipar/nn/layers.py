@@ -98,7 +98,8 @@ class Param:
             self.grad += g
 
     def __repr__(self) -> str:
-        shard = "" if self.sharding is None else f", shard {self.sharding.index}/{self.sharding.parts}"
+        sh = self.sharding
+        shard = "" if sh is None else f", shard {sh.index}/{sh.parts}"
         return f"Param({self.name}, {tuple(self.data.shape)}{shard})"
 
 
