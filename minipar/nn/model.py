@@ -203,9 +203,8 @@ class GPTChunk(Module):
 
 
 def _drop_caches(module: Module, mb) -> None:
-    module._cache.pop(mb, None)
-    for child in module.children():
-        _drop_caches(child, mb)
+    for m in walk(module):
+        m._cache.pop(mb, None)
 
 
 def chunk_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[ChunkSpec]:
