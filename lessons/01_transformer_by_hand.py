@@ -151,7 +151,7 @@ assert max(worst, err_x) < 1e-6, "a backward formula is wrong"
 import time
 
 from minipar.config import MODEL_PRESETS, ParallelConfig, replace
-from minipar.data import make_task
+from minipar.tasks import make_task
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
 from minipar.nn.optim import lr_at

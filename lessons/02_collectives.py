@@ -149,7 +149,7 @@ for p in (2, 4, 8):
 #
 # Threads share one address space, so timing them says little about a network. Here are two real
 # processes under `mpirun -n 2` (through `minipar.lessons.mpirun`, which uses the MPI installed
-# next to this Python and kills the job if it fails). `minipar.bench_comm` times minipar's
+# next to this Python and kills the job if it fails). `minipar.bench.comm` times minipar's
 # in-place allreduce (the call data parallelism makes) against the raw mpi4py call on the same
 # buffer, from 4 KiB to 16 MiB. On a laptop or a single node this is shared memory, not a
 # network, but the shape of the curve is the same.
@@ -157,10 +157,10 @@ for p in (2, 4, 8):
 # %%
 import json  # noqa: E402
 
-from minipar.bench_comm import table  # noqa: E402
+from minipar.bench.comm import table  # noqa: E402
 from minipar.lessons import mpirun  # noqa: E402
 
-text = mpirun(2, ["-m", "minipar.bench_comm", "--worker", "--ops", "allreduce_",
+text = mpirun(2, ["-m", "minipar.bench.comm", "--worker", "--ops", "allreduce_",
                   "--min-kib", "4", "--max-mib", "16", "--trials", "3", "--budget", "0.15"],
               stream=False, timeout=120)
 rows = json.loads(next(ln for ln in text.splitlines()

@@ -164,7 +164,7 @@ for fn in (tensor.f_fwd, tensor.f_bwd, tensor.g_fwd, tensor.g_bwd):
 # (B, T, C) forward and one backward.
 
 # %%
-from minipar.nn.layers import BuildContext
+from minipar.nn.module import BuildContext
 from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 
@@ -198,8 +198,8 @@ print("forward (calls, bytes):", fwd, " backward:", bwd, " B*T*C*8 =", B * T * C
 
 # %%
 from minipar.config import ModelConfig
-from minipar.nn.block import Block
-from minipar.nn.layers import init_full
+from minipar.models.blocks import Block
+from minipar.nn.module import init_full
 
 cfg = ModelConfig(vocab_size=11, seq_len=T, n_layers=2, d_model=C, n_heads=4)
 xb = rng.normal(size=(B, T, C))
@@ -243,7 +243,7 @@ for r, (y, dxb, fwd, bwd, w_local, heads) in enumerate(out):
 # slot on the last rank) filled with a large junk value on purpose.
 
 # %%
-from minipar.nn.layers import Sharding
+from minipar.nn.module import Sharding
 from minipar.parallel.tensor import VocabParallelCrossEntropy, padded_vocab
 
 V, TPV = 11, 4
@@ -291,7 +291,7 @@ print(f"3 x (B, T) floats: {3 * 8 * 1024 * 4 / 2**10:.0f} KiB;  (B, T, V) floats
 # %%
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ParallelConfig
-from minipar.parallel.tp_accounting import tp_comm_per_step
+from minipar.sim.tp_traffic import tp_comm_per_step
 
 mcfg = ModelConfig(vocab_size=11, seq_len=8, n_layers=2, d_model=16, n_heads=4,
                    tie_weights=True)

@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minipar.config import ModelConfig
-from minipar.parallel.activations import (block_activation_bytes, block_activation_terms,
+from minipar.sim.activations import (block_activation_bytes, block_activation_terms,
                                           korthikanti_bytes_per_layer,
                                           measure_block_activations)
 
@@ -82,8 +82,8 @@ for name in plain[1]:
 
 # %%
 from minipar.dist.comm import run_threads
-from minipar.nn.block import Block
-from minipar.nn.layers import BuildContext
+from minipar.models.blocks import Block
+from minipar.nn.module import BuildContext
 
 x_full = np.random.default_rng(0).normal(size=(B, s, h))
 
@@ -200,7 +200,7 @@ for sp in (False, True):
 # %%
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ParallelConfig
-from minipar.parallel.tp_accounting import tp_comm_per_step
+from minipar.sim.tp_traffic import tp_comm_per_step
 
 mcfg = ModelConfig(vocab_size=11, seq_len=8, n_layers=2, d_model=16, n_heads=4)
 par = ParallelConfig(dp=2, tp=2, sequence_parallel=True)

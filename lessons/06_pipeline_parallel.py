@@ -48,7 +48,7 @@ import matplotlib.pyplot as plt
 
 from minipar.parallel.program_checks import check_program
 from minipar.parallel.schedules import make_schedule, naive
-from minipar.render import ascii_timeline, plot_timeline
+from minipar.observe.render import ascii_timeline, plot_timeline
 from minipar.sim.simulator import bubble_formula, simulate, unit_cost
 
 out_dir = tempfile.mkdtemp(prefix="minipar-lesson6-")
@@ -165,7 +165,7 @@ for name in programs:
 # %%
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
-from minipar.trace import Tracer, merge
+from minipar.observe.trace import Tracer, merge
 
 COMPUTE = {"fwd", "bwd", "bwd_input", "bwd_weight"}
 big = ModelConfig(vocab_size=16, seq_len=32, n_layers=4, d_model=64, n_heads=4)
@@ -216,7 +216,7 @@ from minipar.config import ModelConfig, ParallelConfig
 from minipar.dist.comm import MPIComm
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
-from minipar.trace import Tracer
+from minipar.observe.trace import Tracer
 
 world = MPIComm.world()
 cfg = ModelConfig(vocab_size=16, seq_len=32, n_layers=4, d_model=128, n_heads=4)
@@ -363,7 +363,7 @@ show(os.path.join(out_dir, "memory.png"))
 
 # %%
 from minipar.config import MODEL_PRESETS, replace
-from minipar.parallel.partition import partition, unit_flops
+from minipar.sim.partition import partition, unit_flops
 
 gpt = replace(MODEL_PRESETS["small"], n_layers=8, vocab_size=32000)
 _, block_flops, head_flops = unit_flops(gpt)

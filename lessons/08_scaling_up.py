@@ -38,7 +38,7 @@ import tempfile
 
 import matplotlib.pyplot as plt
 
-from minipar.config import ParallelConfig, replace
+from minipar.config import ParallelConfig
 from minipar.parallel.schedules import make_schedule
 from minipar.sim import costmodel as cm
 from minipar.sim.hardware import A100_80GB, Hardware
@@ -226,12 +226,12 @@ TRACE = os.path.join(out_dir, "measured.json")
 small = dict(vocab_size=256, seq_len=128, n_layers=4, d_model=256, n_heads=4)
 SCRIPT = f"""
 import json, numpy as np
-from minipar.bench import gemm_flops
+from minipar.bench.step import gemm_flops
 from minipar.config import ModelConfig, ParallelConfig
 from minipar.dist.comm import MPIComm
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
-from minipar.trace import Tracer, merge
+from minipar.observe.trace import Tracer, merge
 world = MPIComm.world()
 cfg = ModelConfig(**{small!r})
 par = ParallelConfig(pp=2, microbatches=4)
@@ -253,7 +253,7 @@ print(f"GEMM per rank: {measured['gemm_flops'] / 1e9:.1f} GFLOP/s")
 
 # %%
 from minipar.config import ModelConfig  # noqa: E402
-from minipar.render import plot_timeline  # noqa: E402
+from minipar.observe.render import plot_timeline  # noqa: E402
 
 bench = os.path.join(out_dir, "bench.json")
 json.dump({"gemm_flops": measured["gemm_flops"]}, open(bench, "w"))

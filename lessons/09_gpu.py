@@ -166,7 +166,7 @@ import json, sys
 from minipar import backend
 from minipar.compare import random_batches
 from minipar.config import ModelConfig, ParallelConfig
-from minipar.data import IGNORE
+from minipar.tasks import IGNORE
 from minipar.dist.mesh import Mesh
 from minipar.dist.mpi_comm import MPIComm, comm_mode
 from minipar.engine import Engine

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy
 
 from minipar.config import ModelConfig, ParallelConfig
-from minipar.data import IGNORE
+from minipar.tasks import IGNORE
 
 
 @dataclass

@@ -15,7 +15,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a decoder-only GPT (Radford et al. 2019) as built by ``minipar.nn.model``."""
+    """Shape of a decoder-only GPT (Radford et al. 2019) as built by ``minipar.models.gpt``."""
 
     vocab_size: int = 16  # tokens in the vocabulary (V)
     seq_len: int = 32  # context length (T): the longest sequence the model sees

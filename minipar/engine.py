@@ -14,12 +14,13 @@ import numpy
 
 from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
-from minipar.nn.layers import BuildContext
-from minipar.nn.model import build_chunks
+from minipar.nn.module import BuildContext
+from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient
 from minipar.parallel.pipeline import PipelineExecutor, StepData
 from minipar.parallel.schedules import chunk_location, make_schedule
-from minipar.trace_comm import traced_mesh
+from minipar.parallel.zero import strategy_class
+from minipar.dist.traced import traced_mesh
 
 
 @dataclass
@@ -28,14 +29,6 @@ class StepResult:
     grad_norm: float  # global gradient norm before clipping
     clip: float  # the factor gradients were scaled by (1.0 when not clipped)
     skipped: bool = False  # the update was skipped (non-finite loss or gradients)
-
-
-def make_data_parallel(zero: int):
-    """The data-parallel strategy class for a ZeRO stage (0 = plain allreduce); the stage was
-    validated with the rest of the configuration."""
-    from minipar.parallel import data
-
-    return data.DataParallel if zero == 0 else data.ZERO_STAGES[zero]
 
 
 class Engine:
@@ -55,7 +48,7 @@ class Engine:
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
         self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
         self.params = [p for c in self.chunks for p in c.params()]
-        dp_class = make_data_parallel(par.zero)
+        dp_class = strategy_class(par.zero)
         kwargs = {"bucket_mb": par.bucket_mb, "microbatches": par.microbatches}
         self.dp = dp_class(self.params, mesh, optimizer=optimizer, lr=lr,
                            weight_decay=weight_decay, **kwargs)

@@ -283,10 +283,10 @@ def _run(args) -> int:
                           "smaller --global-batch or larger --microbatch-size")
     est = estimate(model, par, work, hw, use_simulator=True if want_plot else None)
     if args.timeline:
-        from minipar.render import plot_timeline
+        from minipar.observe.render import plot_timeline
         plot_timeline(est.timeline, args.timeline, f"{args.model}: simulated step")
     if args.trace:
-        from minipar.trace import timeline_events, to_chrome_trace
+        from minipar.observe.trace import timeline_events, to_chrome_trace
         to_chrome_trace(timeline_events(est.timeline), args.trace)
     if args.json:
         print(json.dumps(to_json(args.model, model, par, work, hw, est)))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from comm_cases import Case, assert_raises, raised, rank_data
 from minipar.dist.comm import CommError
 from minipar.dist.mesh import LayoutError, Mesh
-from minipar.testing import collective_assert
+from minipar.dist.assertions import collective_assert
 
 CASES: list[Case] = []
 

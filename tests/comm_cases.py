@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minipar.dist.comm import CommError, Request, run_threads
-from minipar.testing import collective_assert
+from minipar.dist.assertions import collective_assert
 
 DTYPES = ("float32", "float64", "int64")
 LAYOUTS = ("contiguous", "strided", "fortran")

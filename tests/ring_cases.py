@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from comm_cases import Case, assert_same, rank_data, reduced
 from minipar.dist.algorithms import ring_allgather, ring_allreduce, ring_reduce_scatter
-from minipar.testing import collective_assert
+from minipar.dist.assertions import collective_assert
 
 CASES: list[Case] = []
 DTYPES = st.sampled_from(("float32", "float64", "int64"))

@@ -2,7 +2,7 @@
 
 No GPU here: "CuPy installed" is simulated with small fake ``cupy`` modules (in ``sys.modules``
 or on the path of a subprocess), and the staging path runs on the strict backend's stand-in
-device (``minipar.strict``), whose arrays, like CuPy's, MPI cannot read. The real MPI path with
+device (``minipar.backend.strict``), whose arrays, like CuPy's, MPI cannot read. The real MPI path with
 staged device arrays is in ``tests/mpi/test_backend_mpi.py``.
 """
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from minipar import backend
 from minipar.dist.staging import Staging
 from minipar.dist.stats import CommStats, OpStats
-from minipar.strict import StrictArray
+from minipar.backend.strict import StrictArray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOT_INSTALLED = "--backend cupy: CuPy is not installed (pip install -e '.[gpu]')"

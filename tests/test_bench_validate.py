@@ -16,9 +16,9 @@ from cli_util import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipar import bench_validate as bv
+from minipar.bench import validate as bv
 from minipar import simulate
-from minipar.bench_probe import Workload
+from minipar.bench.probe import Workload
 from minipar.config import ParallelConfig
 from minipar.sim import kernels as K
 from minipar.sim.costmodel import Workload as SimWorkload
@@ -61,7 +61,7 @@ def test_layouts_cover_one_two_four_ranks_and_dp_tp_pp():
 
 
 def test_runs_train_the_model_the_cost_model_predicts(tmp_path):
-    from minipar.train import build_parser, make_configs
+    from minipar.train.cli import build_parser, make_configs
     data = bv.write_text(str(tmp_path / "text.txt"))
     for work in (TINY, Workload()):
         for x in bv.LAYOUTS:
@@ -180,7 +180,7 @@ def test_every_zero_stage_predicts_on_this_machine(tmp_path):
 
 
 def test_bad_flags_are_one_line_errors(capsys):
-    from minipar import bench
+    from minipar.bench import step as bench
     assert bench.main(["--validate", "--layouts", "nope"]) == 2
     assert bench.main(["--validate", "--heads", "5"]) == 2
     assert bench.main(["--validate", "--hardware-file", "/nonexistent.json",
@@ -192,7 +192,7 @@ def test_bad_flags_are_one_line_errors(capsys):
 
 def test_local_probe_writes_every_rate(tmp_path):
     out = tmp_path / "local.json"
-    proc = run(["-m", "minipar.bench_probe", "--local", str(out), "--rounds", "1",
+    proc = run(["-m", "minipar.bench.probe", "--local", str(out), "--rounds", "1",
                 "--workload", json.dumps(asdict(TINY))], n=1)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((tmp_path / "local.json.0").read_text())  # one file per rank

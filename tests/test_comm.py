@@ -16,7 +16,7 @@ import accounting_cases
 import comm_cases
 from minipar.dist.comm import (CommAborted, CommDeadlock, CommError, ThreadComm, local_comm,
                                run_threads)
-from minipar.testing import assert_allclose_collective, collective_assert
+from minipar.dist.assertions import assert_allclose_collective, collective_assert
 
 CASES = comm_cases.CASES + accounting_cases.CASES
 SIZES = (1, 2, 4)

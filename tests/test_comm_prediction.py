@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from minipar.compare import random_batches, train_layout
 from minipar.config import ModelConfig, ParallelConfig
 from minipar.dist.comm import run_threads
-from minipar.nn.layers import BuildContext
-from minipar.nn.model import build_chunks
+from minipar.nn.module import BuildContext
+from minipar.models.gpt import build_chunks
 from minipar.parallel.data import unit_owners
 from minipar.sim.comm_volume import param_specs, predict_comm_bytes
 

@@ -17,11 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipar.config import ConfigError, ModelConfig, ParallelConfig, replace
-from minipar.nn.model import count_params
+from minipar.models.gpt import count_params
 from minipar.parallel.program_checks import live_counts
 from minipar.parallel.schedules import make_schedule
 from minipar.sim import costmodel as cm
-from minipar.sim.comm_volume import Collective
+from minipar.sim.comm_volume import Collective, predict_comm_bytes
 from minipar.sim.hardware import A100_80GB, Hardware, get_hardware
 from minipar.sim.presets import GPT3_FAMILY, PTDP_TABLE1, VALIDATION_RUNS
 from minipar.sim.simulator import bubble_formula, simulate
@@ -189,29 +189,29 @@ TINY = ModelConfig(vocab_size=13, seq_len=8, n_layers=4, d_model=16, n_heads=4)
 def test_comm_prediction_arithmetic():
     b, e, s, h = 2, 4, TINY.seq_len, TINY.d_model
     x = b * s * h * e
-    tp = cm.predict_comm_bytes(TINY, ParallelConfig(tp=2), batch_size=b, dtype_bytes=e)
+    tp = predict_comm_bytes(TINY, ParallelConfig(tp=2), batch_size=b, dtype_bytes=e)
     # 4 blocks x 4, embedding 1, head backward 1 of (b, s, h); 3 loss allreduces of (b, s).
     assert tp["tp"]["allreduce"] == {"calls": 4 * 4 + 2 + 3, "bytes": 18 * x + 3 * b * s * e}
-    sp = cm.predict_comm_bytes(TINY, ParallelConfig(tp=2, sequence_parallel=True), b, e)
+    sp = predict_comm_bytes(TINY, ParallelConfig(tp=2, sequence_parallel=True), b, e)
     # The same volume as the allreduces, plus one re-gather per column-parallel matrix in
     # backward (QKV and MLP up per block, the head): 4 x 2 + 1.
     assert sp["tp"]["allgather"]["bytes"] + sp["tp"]["reduce_scatter"]["bytes"] == (
         2 * 18 + 9) * x
-    pp = cm.predict_comm_bytes(TINY, ParallelConfig(pp=2, microbatches=2), 2 * b, e, stage=1)
+    pp = predict_comm_bytes(TINY, ParallelConfig(pp=2, microbatches=2), 2 * b, e, stage=1)
     assert pp["pp"]["send"] == {"calls": 2, "bytes": 2 * x}  # gradients of 2 microbatches
     n = cm.local_param_count(TINY, ParallelConfig(dp=4), 0)
     flat = -(-n // 4) * 4 * e
-    z1 = cm.predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=1), 4, e)["dp"]
+    z1 = predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=1), 4, e)["dp"]
     assert z1 == {"reduce_scatter": {"calls": 1, "bytes": flat},
                   "allgather": {"calls": 1, "bytes": flat}}
     # Bucketed, ZeRO-1/2 reduce-scatter segment by segment: the same bytes in
     # min(Psi'/dp, ceil(Psi' e / bucket)) calls (each segment holds a multiple of dp elements).
-    zb = cm.predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=2, bucket_mb=0.004), 4, e)["dp"]
+    zb = predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=2, bucket_mb=0.004), 4, e)["dp"]
     calls = min(flat // e // 4, math.ceil(flat / (0.004 * 2 ** 20)))
     assert zb["reduce_scatter"] == {"calls": calls, "bytes": flat} and calls > 1
-    z3 = cm.predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=3, microbatches=2), 8, e)["dp"]
+    z3 = predict_comm_bytes(TINY, ParallelConfig(dp=4, zero=3, microbatches=2), 8, e)["dp"]
     assert z3["allgather"]["calls"] == 2 * 2 * 6  # 2 microbatches x 2 passes x 6 units
-    assert cm.predict_comm_bytes(TINY, ParallelConfig(), 4, e) == {}
+    assert predict_comm_bytes(TINY, ParallelConfig(), 4, e) == {}
 
 
 LAYOUTS = [ParallelConfig(dp=2), ParallelConfig(tp=4, sequence_parallel=True),
@@ -244,7 +244,7 @@ def test_predicted_bytes_equal_commstats_of_a_real_step(par):
             if ops:
                 got[g] = {op: {"calls": d["calls"], "bytes": d["bytes"]}
                           for op, d in ops.items()}
-        return got, cm.predict_comm_bytes(TINY, par, batch, 8, stage=mesh.pp_rank)
+        return got, predict_comm_bytes(TINY, par, batch, 8, stage=mesh.pp_rank)
 
     for got, want in run_threads(rank, par.world):
         assert got == want

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipar.config import ConfigError
-from minipar.data import (IGNORE, DataFileError, TextTask, dp_slice, exact_match, make_task)
+from minipar.tasks import (IGNORE, DataFileError, TextTask, dp_slice, exact_match, make_task)
 
 SYNTHETIC = ("sort", "reverse", "add")
 

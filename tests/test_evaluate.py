@@ -3,7 +3,7 @@
 import pytest
 
 from minipar.config import ModelConfig, ParallelConfig
-from minipar.data import make_task
+from minipar.tasks import make_task
 from minipar.dist.comm import run_threads
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine

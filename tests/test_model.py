@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from minipar.config import ModelConfig
 from minipar.dist.comm import local_comm
-from minipar.nn.layers import BuildContext
-from minipar.nn.model import build_chunks, count_params
+from minipar.nn.module import BuildContext
+from minipar.models.gpt import build_chunks, count_params
 from minipar.nn.optim import AdamW, SGD, clip_coefficient, lr_at
 
 
@@ -112,7 +112,7 @@ def test_same_seed_same_weights_other_seed_other_weights():
 
 
 def test_adamw_matches_a_hand_computed_step():
-    from minipar.nn.layers import Param
+    from minipar.nn.module import Param
 
     p = Param("w", np.array([1.0, -2.0]))
     p.grad = np.array([0.5, 0.25])
@@ -134,7 +134,7 @@ def test_adamw_matches_a_hand_computed_step():
 
 
 def test_sgd_momentum_step_and_no_decay_params():
-    from minipar.nn.layers import Param
+    from minipar.nn.module import Param
 
     w = Param("w", np.array([1.0]))
     b = Param("b", np.array([1.0]), decay=False)

@@ -18,16 +18,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "minipar"
 # Whole modules (path patterns under minipar/) that work on the host by design; everything else
 # in minipar/ is scanned.
 HOST_ONLY = {
-    "backend.py": "the backend itself: the host side of every host<->device copy",
-    "strict.py": "the CPU stand-in for a GPU is NumPy behind a wall, by definition",
-    "bench*.py": "measurement tools: host data and timings (bench.py uploads its matrices "
+    "backend/__init__.py": "the backend itself: the host side of every host<->device copy",
+    "backend/devices.py": "the host side of every host<->device copy",
+    "backend/strict.py": "the CPU stand-in for a GPU is NumPy behind a wall, by definition",
+    "bench/*.py": "measurement tools: host data and timings (bench.py uploads its matrices "
                  "with from_host; the others time MPI on host buffers and this CPU's NumPy "
                  "kernels for the cost model, on purpose)",
     "checkpoint.py": "files on disk: full host tensors by name",
     "compare.py": "compares gathered host copies (full_params returns host arrays)",
-    "data.py": "makes host batches; the engine uploads them",
-    "testing.py": "test assertions on host copies (backend.to_host first)",
-    "train.py": "the CLI: numpy.seterr for the host process",
+    "tasks.py": "makes host batches; the engine uploads them",
+    "dist/assertions.py": "test assertions on host copies (backend.to_host first)",
+    "train/cli.py": "the CLI: numpy.seterr for the host process",
 }
 
 # Names that are types, not array work: dtypes for xp calls and isinstance checks.
@@ -37,15 +38,15 @@ TYPE_NAMES = {"ndarray", "dtype", "generic", "floating", "integer", "number", "b
 
 # (module, function qualname, numpy name used, or "*" for any) -> why it is host work.
 ALLOWED = {
-    ("nn/layers.py", "Sharding.local", "numpy"):
+    ("nn/module.py", "Sharding.local", "numpy"):
         "init cuts the host tensor drawn by init_full before the one upload per shard",
-    ("nn/layers.py", "Sharding.full", "numpy"):
+    ("nn/module.py", "Sharding.full", "numpy"):
         "full_params/checkpoints reassemble host copies from every rank's pieces",
-    ("nn/layers.py", "init_full", "numpy.ones"): "layout-independent init runs on the host",
-    ("nn/layers.py", "init_full", "numpy.zeros"): "layout-independent init runs on the host",
-    ("nn/layers.py", "init_full", "numpy.random.default_rng"):
+    ("nn/module.py", "init_full", "numpy.ones"): "layout-independent init runs on the host",
+    ("nn/module.py", "init_full", "numpy.zeros"): "layout-independent init runs on the host",
+    ("nn/module.py", "init_full", "numpy.random.default_rng"):
         "weights drawn from (seed, name) on the host: every backend starts from the same bits",
-    ("nn/layers.py", "make_param", "numpy.ascontiguousarray"):
+    ("nn/module.py", "make_param", "numpy.ascontiguousarray"):
         "the host shard is made contiguous before its upload",
     ("engine.py", "Engine.train_step", "numpy.ascontiguousarray"):
         "the host batch is made contiguous before its upload",
@@ -60,9 +61,9 @@ ALLOWED = {
     ("engine.py", "Engine.evaluate", "*"):
         "host bookkeeping around forward_only (which uploads): padding host batches, host "
         "targets against downloaded predictions, metric counters, perplexity of a float",
-    ("parallel/activations.py", "measure_block_activations", "numpy.random.default_rng"):
+    ("sim/activations.py", "measure_block_activations", "numpy.random.default_rng"):
         "a measurement helper: host random input, uploaded with from_host",
-    ("parallel/activations.py", "measure_block_activations.rank", "numpy.ascontiguousarray"):
+    ("sim/activations.py", "measure_block_activations.rank", "numpy.ascontiguousarray"):
         "the host input shard is made contiguous before its upload",
 }
 
@@ -143,7 +144,7 @@ def test_math_path_uses_the_backend_not_numpy():
 
 def test_the_scan_covers_the_math_path():
     rels = {p.relative_to(PACKAGE).as_posix() for p in scanned_modules()}
-    for needed in ("nn/functional.py", "nn/layers.py", "nn/optim.py", "parallel/tensor.py",
+    for needed in ("nn/functional.py", "nn/module.py", "nn/optim.py", "parallel/tensor.py",
                    "parallel/data.py", "parallel/pipeline.py", "dist/base.py",
                    "dist/threads.py", "dist/mpi_comm.py", "dist/staging.py", "engine.py"):
         assert needed in rels
@@ -186,11 +187,11 @@ def test_the_scanner_finds_each_kind_of_use():
                      ("Layer.forward", "numpy"), ("init_full", "numpy.random.default_rng")}
     # As a module of the math path: dtype names pass, the rest is reported, and an exemption
     # holds only in the function it names.
-    bad = violations("nn/layers.py", SAMPLE)
+    bad = violations("nn/module.py", SAMPLE)
     names = sorted(b.split(": ")[-1] for b in bad)
     assert names == ["numpy", "numpy.exp", "numpy.exp", "numpy.random.rand", "numpy.zeros"]
     assert all("init_full" not in b for b in bad)  # exempt there, by ALLOWED
-    assert any(b.startswith("minipar/nn/layers.py:7 in kernel: ") for b in bad)
+    assert any(b.startswith("minipar/nn/module.py:7 in kernel: ") for b in bad)
 
 
 def test_a_wildcard_exemption_covers_its_function_only():

@@ -14,18 +14,18 @@ from hypothesis import strategies as st
 
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import SCHEDULE_NAMES, ModelConfig, ParallelConfig
-from minipar.data import IGNORE
+from minipar.tasks import IGNORE
 from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
-from minipar.nn.layers import BuildContext
-from minipar.nn.model import build_chunks, count_params
+from minipar.nn.module import BuildContext
+from minipar.models.gpt import build_chunks, count_params
 from minipar.parallel import schedules as S
-from minipar.parallel.partition import balanced_blocks, partition, partition_blocks
+from minipar.sim.partition import balanced_blocks, partition, partition_blocks
 from minipar.parallel.program_checks import check_program
 from minipar.sim.costmodel import model_flops
-from minipar.trace import Tracer, merge, to_chrome_trace
-from minipar.trace_comm import TracedComm
+from minipar.observe.trace import Tracer, merge, to_chrome_trace
+from minipar.dist.traced import TracedComm
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PASS_KINDS = {"fwd", "bwd", "bwd_input", "bwd_weight", "send", "recv", "sync", "step"}
@@ -267,7 +267,7 @@ def test_balanced_blocks_is_the_best_contiguous_split(cfg, data):
 
 # ------------------------------------------------------------------------- CLI under mpirun
 def test_train_cli_writes_trace_and_plots_under_mpirun(tmp_path):
-    from minipar.lessons import mpirun
+    from minipar.dist.mpirun import mpirun
 
     trace, plots, summary = tmp_path / "t.json", tmp_path / "plots", tmp_path / "s.json"
     out = mpirun(2, ["-m", "minipar.train", "--pp", "2", "--model", "tiny", "--steps", "3",

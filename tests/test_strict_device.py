@@ -1,6 +1,6 @@
 """No array silently falls back to NumPy: the kernels and parallel steps on the strict device.
 
-The strict backend (``minipar.strict``) is NumPy behind the wall CuPy puts around GPU memory:
+The strict backend (``minipar.backend.strict``) is NumPy behind the wall CuPy puts around GPU memory:
 implicit conversion to NumPy and any meeting of host and device arrays raise. Running the model
 on it proves on a CPU what a GPU run needs, and since the same NumPy code runs behind the wall,
 the results must equal the numpy backend's bit for bit.
@@ -24,7 +24,7 @@ from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
 from minipar.nn import functional as F
 from minipar.nn import optim
-from minipar.strict import StrictArray
+from minipar.backend.strict import StrictArray
 
 
 @pytest.fixture()

@@ -17,15 +17,15 @@ from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.stats import wire_bytes
 from minipar.nn import functional as F
-from minipar.nn.block import Block
-from minipar.nn.layers import BuildContext, Module, Sharding
-from minipar.parallel.activations import (activation_breakdown, block_activation_bytes,
+from minipar.models.blocks import Block
+from minipar.nn.module import BuildContext, Module, Sharding
+from minipar.sim.activations import (activation_breakdown, block_activation_bytes,
                                           block_activation_terms, korthikanti_bytes_per_layer,
                                           measure_block_activations)
 from minipar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear,
                                      VocabParallelCrossEntropy, padded_vocab,
                                      vocab_parallel_argmax)
-from minipar.parallel.tp_accounting import tp_comm_per_step, tp_partial_grad_elements
+from minipar.sim.tp_traffic import tp_comm_per_step, tp_partial_grad_elements
 
 RTOL = 1e-9
 E = 8  # float64
@@ -293,7 +293,7 @@ def test_formula_is_the_paper_without_dropout_plus_layernorm_rstd(tp, sp):
 
 def test_breakdown_counts_each_buffer_once_and_no_parameters():
     """Views of one buffer count as that buffer once; a weight named in a cache is not counted."""
-    from minipar.nn.layers import Param
+    from minipar.nn.module import Param
 
     class Holder(Module):
         def __init__(self):

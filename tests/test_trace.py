@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from minipar.config import SCHEDULE_NAMES
 from minipar.parallel.schedules import gpipe, make_schedule, one_f_one_b
-from minipar.render import ascii_timeline, plot_losses, plot_timeline
+from minipar.observe.render import ascii_timeline, plot_losses, plot_timeline
 from minipar.sim.simulator import simulate, unit_cost
-from minipar.trace import Tracer, merge, timeline_events, to_chrome_trace
+from minipar.observe.trace import Tracer, merge, timeline_events, to_chrome_trace
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

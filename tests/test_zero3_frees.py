@@ -9,7 +9,7 @@ whole unit alive until the unit's backward, and ``Module.cache_bytes`` would cou
 activation memory; so the measured activation peak under ZeRO-3 must equal ZeRO-0's.
 
 The linear layers (``minipar.parallel.tensor``) read their weight from the Param in backward,
-and ``LayerNorm`` (``minipar.nn.layers``) its gain: one cached gain, a view of the gathered
+and ``LayerNorm`` (``minipar.nn.module``) its gain: one cached gain, a view of the gathered
 unit, would keep the whole unit alive.
 """
 
@@ -22,12 +22,13 @@ import pytest
 
 from minipar.compare import random_batches
 from minipar.config import ModelConfig, ParallelConfig, replace
-from minipar.data import IGNORE
+from minipar.tasks import IGNORE
 from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
-from minipar.nn.layers import BuildContext, arrays_in, held, owner, walk
-from minipar.nn.model import Hooks, build_chunks
+from minipar.nn.module import BuildContext, arrays_in, held, owner, walk
+from minipar.models.gpt import build_chunks
+from minipar.nn.module import Hooks
 from minipar.parallel.tensor import WeightGradMixin
 
 BATCH = 8

@@ -29,7 +29,7 @@ sequence-parallel regions, Korthikanti et al. 2022) are allreduced over tp once 
 the dp sync (sums over dp and over tp commute).
 
 ZeRO stages 1-3 (``minipar.parallel.zero``) reuse ``FlatLayout`` and the bucket machinery here;
-``ZERO_STAGES`` maps a stage to its class for the engine.
+``minipar.parallel.zero.strategy_class`` picks the class for a ZeRO stage.
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ from itertools import accumulate
 
 from minipar import backend
 from minipar.dist.algorithms import chunk_bounds
-from minipar.nn.layers import Param
-from minipar.nn.model import Hooks
+from minipar.nn.module import Hooks, Param
 from minipar.nn.optim import local_grad_sq, make_optimizer
 
 MIB = 2 ** 20  # bucket_mb counts MiB, as the cost model (minipar.sim.comm_volume) does
@@ -413,12 +412,3 @@ class DataParallel(GradSync):
             "grads": int(self.flat_grad.nbytes),
             "optimizer": self.optimizer.state_bytes(),
         }
-
-
-def __getattr__(name: str):
-    # ZeRO lives in its own module, which imports this one; resolve the table lazily.
-    if name == "ZERO_STAGES":
-        from minipar.parallel.zero import ZERO_STAGES  # noqa: PLC0415
-
-        return ZERO_STAGES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from minipar import backend
-from minipar.nn.layers import arrays_in, owner, unique_bytes, walk
+from minipar.nn.module import arrays_in, owner, unique_bytes, walk
 from minipar.parallel import schedules as S
 
 TAG_ACT, TAG_GRAD = 1, 2

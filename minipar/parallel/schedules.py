@@ -208,9 +208,24 @@ class Program:
     stages: list[list[Instr]]
 
     def __str__(self) -> str:
-        from minipar.render import ascii_timeline  # render imports this module
+        return self.text()
 
-        return ascii_timeline(self)
+    def text(self, width: int | None = None, comm: bool = False) -> str:
+        """One row per stage in execution order: ``stage 0 | F0 F1 F2 F3 B0 B1 B2 B3``, with the
+        sends and receives when ``comm``; rows cut at ``width`` characters."""
+        rows = [[self.label(i) for i in lst if comm or i.kind in COMPUTE_KINDS]
+                for lst in self.stages]
+        cell = max((len(x) for r in rows for x in r), default=1)
+        head = (f"{self.name}: {self.n_stages} stages, {self.n_microbatches} microbatches"
+                + (f", {self.n_chunks} chunks per stage" if self.n_chunks > 1 else ""))
+        lines = [head]
+        for s, r in enumerate(rows):
+            name = f"stage {s:<{len(str(self.n_stages - 1))}} | "
+            line = name + " ".join(x.ljust(cell) for x in r)
+            if width is not None and len(line) > width:
+                line = line[:width - 3] + "..."
+            lines.append(line.rstrip())
+        return "\n".join(lines)
 
     def label(self, instr: Instr) -> str:
         """Label of ``instr`` in this program (chunk shown when v > 1)."""

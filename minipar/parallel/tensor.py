@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from minipar import backend
 from minipar.nn import functional as F
-from minipar.nn.layers import Module, Param, Sharding, make_param
+from minipar.nn.module import Module, Param, Sharding, make_param
 
 SEQ_AXIS = 1  # activations are (B, T, C); sequence parallelism splits T
 

@@ -40,9 +40,9 @@ from __future__ import annotations
 
 from minipar import backend
 from minipar.config import ConfigError
-from minipar.nn.model import Hooks
+from minipar.nn.module import Hooks
 from minipar.nn.optim import make_optimizer
-from minipar.parallel.data import FlatLayout, GradSync, params_used, unit_owners
+from minipar.parallel.data import DataParallel, FlatLayout, GradSync, params_used, unit_owners
 
 
 class ShardOptimizer:
@@ -416,3 +416,9 @@ class ZeRO3(ShardedState):
 
 
 ZERO_STAGES = {1: ZeRO1, 2: ZeRO2, 3: ZeRO3}
+
+
+def strategy_class(zero: int) -> type:
+    """The data-parallel strategy for a ZeRO stage (0 = plain allreduce, no sharding); the stage
+    was validated with the rest of the configuration."""
+    return DataParallel if zero == 0 else ZERO_STAGES[zero]

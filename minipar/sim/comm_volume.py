@@ -27,7 +27,7 @@ from functools import lru_cache
 from math import prod
 
 from minipar.config import ModelConfig, ParallelConfig
-from minipar.nn.model import chunk_specs
+from minipar.models.gpt import chunk_specs
 from minipar.parallel.data import FlatLayout, bucket_count
 from minipar.parallel.tensor import padded_vocab
 from minipar.sim.costmodel import units
@@ -68,7 +68,7 @@ class ParamSpec:
 
 
 def _block_specs(i: int, h: int, f: int, t: int, sp: bool, unit: int) -> list[ParamSpec]:
-    """``minipar.nn.block.Block``: ln1, attention (QKV column-, projection row-parallel), ln2,
+    """``minipar.models.blocks.Block``: ln1, attention (QKV column-, projection row-parallel), ln2,
     MLP (fc column-, projection row-parallel). Under SP the LayerNorms and the row-parallel
     biases see only this rank's tokens: partial gradients."""
     n = f"blocks.{i}"
@@ -85,7 +85,7 @@ def param_specs(model: ModelConfig, parallel: ParallelConfig, stage: int) -> lis
     """Every parameter a rank of pipeline stage ``stage`` holds, in ``Engine.params`` order
     (each chunk's ``Module.params()``: a module's own Params, then its children's).
 
-    Chunks are ``minipar.nn.model.chunk_specs``; the embedding lists its positions before the
+    Chunks are ``minipar.models.gpt.chunk_specs``; the embedding lists its positions before the
     vocab-parallel table (its own Param before its child's), and the head's matrix is the
     embedding's, transposed, when the weights are tied inside one chunk. ``tests`` check this
     list against the parameters of the built model.

@@ -107,7 +107,7 @@ def block_param_count(model: ModelConfig) -> int:
 
 
 def param_count(model: ModelConfig) -> int:
-    """All parameters of the unsharded model (equals ``minipar.nn.model.count_params``)."""
+    """All parameters of the unsharded model (equals ``minipar.models.gpt.count_params``)."""
     h, v = model.d_model, model.vocab_size
     embed = v * h + (model.seq_len * h if model.pos == "learned" else 0)
     head = 2 * h + (0 if model.tie_weights else h * v)
@@ -303,25 +303,7 @@ def memory_per_gpu(model: ModelConfig, parallel: ParallelConfig, work: Workload)
     return best
 
 
-# ------------------------------------------------------- entry points for other modules
-def predict_comm_bytes(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch_size: int,
-                       dtype_bytes: int, stage: int = 0) -> dict:
-    """Predicted ``CommStats`` totals of one step: {group: {op: {"calls", "bytes"}}}.
-
-    See ``minipar.sim.comm_volume`` for the collective-by-collective accounting.
-    """
-    from minipar.sim.comm_volume import predict_comm_bytes as predict
-    return predict(model_cfg, parallel_cfg, batch_size, dtype_bytes, stage)
-
-
-def predict_step_time(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch_size: int,
-                      hardware, dtype: str = "fp32") -> float:
-    """Predicted seconds per step of minipar itself; see ``minipar.sim.timing``."""
-    from minipar.sim.timing import predict_step_time as predict
-    return predict(model_cfg, parallel_cfg, batch_size, hardware, dtype)
-
-
-__all__ = ["predict_comm_bytes", "predict_step_time", "DTYPE_BYTES", "RECOMPUTE", "Workload",
+__all__ = ["DTYPE_BYTES", "RECOMPUTE", "Workload",
            "Unit", "canonical_dtype", "dtype_bytes",
            "optimizer_bytes_per_param", "check_layout", "ptdp_param_count", "block_param_count",
            "param_count", "units", "local_param_count", "layer_forward_flops",

@@ -8,13 +8,13 @@ once per device, never fitted to a particular published run.
 "this-machine" is measured, not looked up: ``python -m minipar.bench --json`` writes
 ``gemm_flops`` (and optionally ``allreduce_bytes_per_s``, ``latency_s``, ``mem_bytes_per_s``)
 and ``Hardware.from_bench_json`` reads it. ``python -m minipar.bench --measure-hardware``
-(``minipar.bench_validate``) measures more, each with one BLAS thread per process: the GEMM
+(``minipar.bench.validate``) measures more, each with one BLAS thread per process: the GEMM
 rate at the model's shapes and of attention's batched products (``bmm_flops``), what NumPy's
 elementwise kernels achieve by kernel family (``elem_bytes_per_s``; a fused GPU kernel streams
 at memory bandwidth, NumPy makes several passes and evaluates transcendentals), the cost of
 faulting in fresh memory (``first_touch_bytes_per_s``: by default glibc gives a step's freed
 activations back to the OS and the next step faults them in again; 0 where they are reused, as
-``minipar.launch`` arranges), the per-kernel Python overhead, the core count, a process's
+``minipar.dist.launch`` arranges), the per-kernel Python overhead, the core count, a process's
 speed while every core is busy (``all_busy_speed``), and allreduce latency and bandwidth at
 each local rank count (``ranks``).
 """

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from minipar.config import ModelConfig, ParallelConfig
+from minipar.config import ModelConfig, ParallelConfig, replace
 from minipar.parallel.schedules import (
     Bwd, BwdInput, BwdWeight, Fwd, Step, SyncGrads, make_schedule,
 )
@@ -297,7 +297,6 @@ def estimate(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw: H
 
 
 def _with_m(parallel: ParallelConfig, m: int) -> ParallelConfig:
-    from minipar.config import replace
     return parallel if parallel.microbatches == m else replace(parallel, microbatches=m)
 
 

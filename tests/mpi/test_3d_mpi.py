@@ -11,7 +11,7 @@ import pytest
 
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ModelConfig, ParallelConfig
-from minipar.testing import collective_assert
+from minipar.dist.assertions import collective_assert
 
 CFG = ModelConfig(vocab_size=13, seq_len=8, n_layers=4, d_model=16, n_heads=4)
 

@@ -16,8 +16,8 @@ from minipar.compare import mismatches, random_batches, serial_reference, train_
 from minipar.config import ModelConfig, ParallelConfig
 from minipar.dist.mpi_comm import MPIComm, comm_mode, device_transport, query_cuda_support
 from minipar.dist.stats import CommStats
-from minipar.strict import StrictArray
-from minipar.testing import collective_assert
+from minipar.backend.strict import StrictArray
+from minipar.dist.assertions import collective_assert
 
 
 @pytest.fixture()

@@ -15,7 +15,7 @@ import accounting_cases
 import comm_cases
 import ring_cases
 from minipar.dist.comm import MPIComm
-from minipar.testing import collective_assert
+from minipar.dist.assertions import collective_assert
 
 CASES = comm_cases.CASES + accounting_cases.CASES + ring_cases.CASES
 

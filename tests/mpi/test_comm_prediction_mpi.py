@@ -13,7 +13,7 @@ from hypothesis import given, settings
 
 from test_comm_prediction import NAMED, comm_problems, draw_layout, run
 from minipar.config import replace
-from minipar.testing import collective_assert
+from minipar.dist.assertions import collective_assert
 
 
 def _check(world, case: dict) -> None:

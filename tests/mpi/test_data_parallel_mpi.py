@@ -17,7 +17,7 @@ from minipar.compare import random_batches, serial_reference
 from minipar.config import ModelConfig, ParallelConfig
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
-from minipar.testing import collective_assert
+from minipar.dist.assertions import collective_assert
 
 
 def test_data_parallel_equals_serial_under_mpi(world):

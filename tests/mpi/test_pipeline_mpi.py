@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import SCHEDULE_NAMES, ModelConfig, ParallelConfig
-from minipar.testing import collective_assert
+from minipar.dist.assertions import collective_assert
 
 TINY = ModelConfig(vocab_size=12, seq_len=6, n_layers=4, d_model=8, n_heads=2)
 

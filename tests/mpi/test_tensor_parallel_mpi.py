@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ModelConfig, ParallelConfig
-from minipar.parallel.tp_accounting import tp_comm_per_step
-from minipar.testing import collective_assert
+from minipar.sim.tp_traffic import tp_comm_per_step
+from minipar.dist.assertions import collective_assert
 
 
 def check_tp(world, cfg: ModelConfig, sp: bool, microbatches: int, rows: int, seed: int) -> None:

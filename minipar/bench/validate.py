@@ -1,6 +1,6 @@
 """``python -m minipar.bench --validate``: the cost model against this machine, layout by layout.
 
-It measures this machine (``minipar.bench_probe``: GEMM and elementwise rates, page faults,
+It measures this machine (``minipar.bench.probe``: GEMM and elementwise rates, page faults,
 per-kernel overhead, the slowdown when every core is busy, allreduce at 2 and 4 ranks; written
 as a hardware JSON), then runs small layouts for real (``python -m minipar.train`` under
 ``mpirun``: 1, 2 and 4 ranks; DP, TP, PP; one BLAS thread per rank) and prints the measured
@@ -16,7 +16,7 @@ agree on a quiet machine. A step is the difference of two runs (K and K + k step
 k, so start-up, the first step's warm-up and the final evaluation cancel; each run length is
 the least of ``--repeat`` runs, the one other users disturbed least. The last column is the
 memory each rank faulted in per step (``getrusage``'s page faults), beside what the cost model
-charges as first touches. Both are 0 when ``minipar.launch`` keeps freed memory (the
+charges as first touches. Both are 0 when ``minipar.dist.launch`` keeps freed memory (the
 default); with ``MINIPAR_MALLOC=default`` glibc returns the memory of large microbatches to the
 OS after each step but keeps that of small ones, which the model does not know.
 """
@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-from minipar.bench_probe import Workload, cores
+from minipar.bench.probe import Workload, cores
 from minipar.config import ConfigError
 
 TARGET = 0.25  # |predicted / measured - 1| allowed (issue 7, section 5)
@@ -89,16 +89,16 @@ def all_busy_speed(alone: dict, busy: list[dict]) -> float:
 
 def measure_hardware(work: Workload, path: str, rank_counts=(2, 4), rounds: int = 3,
                      log=print) -> dict:
-    """Measure this machine (``minipar.bench_probe``) in fresh processes launched as training
+    """Measure this machine (``minipar.bench.probe``) in fresh processes launched as training
     ranks are, one BLAS thread each: the rates in one process, then in one per core at once
     (``all_busy_speed``), allreduce under ``mpirun -n N``; write the hardware JSON to
     ``path`` and return it."""
-    from minipar.lessons import mpirun
+    from minipar.dist.mpirun import mpirun
     spec = ["--workload", json.dumps(asdict(work))]
     with tempfile.TemporaryDirectory() as tmp:
         def local(n):  # the one-process probe on each of n ranks at once
             out = os.path.join(tmp, f"local{n}.json")
-            mpirun(n, ["-m", "minipar.bench_probe", "--local", out, "--rounds", str(rounds),
+            mpirun(n, ["-m", "minipar.bench.probe", "--local", out, "--rounds", str(rounds),
                        *spec], stream=False, timeout=300)
             return [_read(f"{out}.{r}") for r in range(n)]
         data = local(1)[0]
@@ -114,7 +114,7 @@ def measure_hardware(work: Workload, path: str, rank_counts=(2, 4), rounds: int 
         data["ranks"] = {}
         for n in rank_counts:
             out = os.path.join(tmp, f"comm{n}.json")
-            mpirun(n, ["-m", "minipar.bench_probe", "--comm-probe", out, *spec], stream=False,
+            mpirun(n, ["-m", "minipar.bench.probe", "--comm-probe", out, *spec], stream=False,
                    timeout=120)
             r = data["ranks"][str(n)] = _read(out)
             log(f"allreduce, {n} ranks    {r['latency_s'] * 1e6:.0f} us per ring step, "
@@ -152,7 +152,7 @@ def _children() -> tuple[float, int]:
 def run_steps(layout: Layout, work: Workload, data: str, steps: int, tmp: str) -> tuple:
     """(CPU seconds of every rank and the launcher, page faults, training wall seconds) of
     one real run."""
-    from minipar.lessons import mpirun
+    from minipar.dist.mpirun import mpirun
     summary = os.path.join(tmp, "summary.json")
     cpu0, faults0 = _children()
     mpirun(layout.ranks, work.train_args(data, steps, summary) + layout.flags(), stream=False,

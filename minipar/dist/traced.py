@@ -1,7 +1,7 @@
 """Communication events in a trace: a ``Comm`` that records a span around every collective.
 
 ``TracedComm`` wraps a communicator and forwards everything to it; each collective call also
-becomes an event of ``minipar.trace.Tracer`` (kind ``allreduce``, ``allgather``, ...; name
+becomes an event of ``minipar.observe.trace.Tracer`` (kind ``allreduce``, ``allgather``, ...; name
 ``allreduce tp``; args: group and payload bytes). Semantics and byte accounting are the wrapped
 Comm's own: the wrapper calls the same method and shares its ``stats``. Point-to-point calls
 pass through untraced: the pipeline executor already records each send and receive with the
@@ -18,7 +18,7 @@ from typing import Any
 
 from minipar.dist.base import Request
 
-# Comm method -> event kind (the names minipar.trace puts on the communication row).
+# Comm method -> event kind (the names minipar.observe.trace puts on the communication row).
 TRACED = {
     "allreduce": "allreduce", "allreduce_": "allreduce", "iallreduce_": "allreduce",
     "allgather": "allgather", "reduce_scatter": "reduce_scatter", "broadcast": "broadcast",

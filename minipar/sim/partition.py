@@ -1,7 +1,7 @@
 """How the model is cut into pipeline stages, and what each stage costs: the partition report.
 
 minipar splits the blocks into ``pp x virtual_stages`` contiguous chunks of equal block counts
-(``minipar.nn.model.chunk_specs``, the single source of the split); the embedding goes with the
+(``minipar.models.gpt.chunk_specs``, the single source of the split); the embedding goes with the
 first chunk, the final LayerNorm, LM head and loss with the last. Rank s holds global chunks
 s, s + pp, ... (interleaving, Narayanan et al. 2021). Equal block counts are not equal work:
 the first stage also looks up embeddings (no FLOPs, many parameters) and the last computes the
@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from minipar.config import ModelConfig
-from minipar.nn.model import chunk_specs
+from minipar.models.gpt import chunk_specs
 from minipar.sim.costmodel import block_param_count, layer_forward_flops, logit_forward_flops
 
 

@@ -12,7 +12,7 @@ Speed targets are checked here, by measurement, never by timed tests.
 
 from __future__ import annotations
 
-from minipar.launch import configure_threads
+from minipar.dist.launch import configure_threads
 
 BLAS_THREADS = configure_threads()
 
@@ -53,7 +53,7 @@ def _sync() -> None:
 
 def model_flops_per_token(cfg) -> float:
     """6 N + 12 L T C: N = weights in matrix products (blocks and LM head, not lookups)."""
-    from minipar.nn.model import count_params
+    from minipar.models.gpt import count_params
 
     lookups = cfg.vocab_size * cfg.d_model + (cfg.seq_len * cfg.d_model
                                               if cfg.pos == "learned" else 0)
@@ -90,11 +90,11 @@ def bench_step(preset: str, batch: int, dtype: str, steps: int, warmup: int = 2)
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--collectives" in argv:  # collectives and dp scaling under mpirun: their own module
-        from minipar import bench_comm
+        from minipar.bench import comm as bench_comm
 
         return bench_comm.main(argv)
     if "--validate" in argv or "--measure-hardware" in argv:  # cost model vs this machine
-        from minipar import bench_validate
+        from minipar.bench import validate as bench_validate
 
         return bench_validate.main(argv)
     parser = argparse.ArgumentParser(
@@ -149,7 +149,3 @@ def main(argv=None) -> int:
               f"{step['tokens_per_s']:,.0f} tokens/s, {step['achieved_flops'] / 1e9:.1f} "
               f"GFLOP/s = {result['ratio']:.0%} of the GEMM peak")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,7 +5,7 @@ GEMM rate at the model's shapes and that of attention's batched products, the ra
 of NumPy elementwise kernels achieves (bytes counted as the cost model counts them), whether
 freed memory must be faulted in again and at what rate, the Python + NumPy overhead per kernel
 (``--local``: one process), and allreduce latency and bandwidth (``--comm-probe``: every rank
-of ``mpirun -n N``). ``minipar.bench_validate.measure_hardware`` launches them and writes the
+of ``mpirun -n N``). ``minipar.bench.validate.measure_hardware`` launches them and writes the
 hardware JSON that ``python -m minipar.simulate --hardware this-machine --hardware-file FILE``
 reads (``Hardware.from_bench_json``).
 
@@ -16,7 +16,7 @@ explains why the same clock measures the real runs.
 
 from __future__ import annotations
 
-from minipar.launch import configure_threads
+from minipar.dist.launch import configure_threads
 
 if __name__ == "__main__":
     configure_threads()  # before NumPy: the probe must run as the training ranks do
@@ -235,7 +235,7 @@ def measure_first_touch(total: int = 64 << 20, piece: int = 1 << 20, reps: int =
     """Bytes/s at which this process's allocator hands out memory that must be faulted in
     again: allocate and fill ``total`` bytes in ``piece``-sized arrays, free them all (as a
     forward allocates activations and backward frees them), repeat; minus filling the same
-    arrays kept. 0 when freed memory is reused (what ``minipar.launch`` asks glibc for; by
+    arrays kept. 0 when freed memory is reused (what ``minipar.dist.launch`` asks glibc for; by
     default glibc gives large blocks back to the OS and every step faults them in again).
     Call it before ``keep_freed_memory``, with the allocator as a training rank has it."""
     import numpy as np
@@ -316,7 +316,7 @@ def _best_rates(work: Workload, rounds: int) -> dict:
 
 def local_probe(work: Workload, rounds: int = 3) -> dict:
     """The one-process part of the hardware JSON, measured in this process (which should have
-    one BLAS thread, as ``mpirun`` ranks get from ``minipar.lessons.mpirun``)."""
+    one BLAS thread, as ``mpirun`` ranks get from ``minipar.dist.mpirun``)."""
     touch = measure_first_touch()  # first: with the allocator as the training ranks have it
     keep_freed_memory()
     best = _best_rates(work, rounds)
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     """The probes' processes: ``--local FILE`` (each rank measures alone and writes
     FILE.rank) or ``--comm-probe FILE`` (every rank of ``mpirun -n N`` together; rank 0
     writes FILE)."""
-    p = argparse.ArgumentParser(prog="python -m minipar.bench_probe")
+    p = argparse.ArgumentParser(prog="python -m minipar.bench.probe")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--local", metavar="FILE")
     what.add_argument("--comm-probe", metavar="FILE")

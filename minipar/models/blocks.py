@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 from minipar.nn import functional as F
-from minipar.nn.layers import LayerNorm, Module
+from minipar.nn.module import LayerNorm, Module
 from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 INIT_STD = 0.02  # GPT-2's weight scale (Radford et al. 2019)

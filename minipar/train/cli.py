@@ -10,14 +10,13 @@ collective and reported once, as one line that names the flag.
 
 from __future__ import annotations
 
-from minipar.launch import configure_threads, env_rank
+from minipar.dist.launch import configure_threads, env_rank
 
 BLAS_THREADS = configure_threads()  # before NumPy is imported anywhere
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 EPILOG = """examples:
   python -m minipar.train                                   sort digits, serial (the default)
@@ -130,7 +129,7 @@ def pick_layout(args, world: int) -> tuple[int, int, int, str]:
 def make_configs(args, world: int):
     """Validated (ModelConfig, ParallelConfig, task) or ConfigError; no collective involved."""
     from minipar.config import MODEL_PRESETS, ConfigError, ModelConfig, ParallelConfig, replace
-    from minipar.data import make_task
+    from minipar.tasks import make_task
 
     if args.model not in MODEL_PRESETS:
         raise ConfigError(f"--model: unknown preset {args.model!r} "
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
         return fail(str(exc))
     if world.size > 1:
         install_abort_handler(world)
-    from minipar.train_loop import run
+    from minipar.train.loop import run
 
     import numpy
 
@@ -216,8 +215,3 @@ def main(argv=None) -> int:
         with open(args.summary, "w") as fh:
             json.dump(summary, fh, indent=1)
     return 0
-
-
-if __name__ == "__main__":
-    t0 = time.perf_counter()
-    sys.exit(main())

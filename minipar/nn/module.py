@@ -180,6 +180,15 @@ class Module:
         return unique_bytes(arrays_in([held(m) for m in walk(self)]), exclude=params)
 
 
+class Hooks:
+    """Called around every unit; data parallelism overrides these (ZeRO-3, overlap)."""
+
+    def pre_forward(self, unit: Module, mb) -> None: ...
+    def post_forward(self, unit: Module, mb) -> None: ...
+    def pre_backward(self, unit: Module, mb) -> None: ...
+    def post_backward(self, unit: Module, mb) -> None: ...
+
+
 def walk(module: Module):
     """``module`` and every module below it, depth first, in attribute order."""
     yield module

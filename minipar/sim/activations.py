@@ -31,7 +31,7 @@ fraction 1/h of the rest). Tests check the measured bytes equal these terms, ten
 from __future__ import annotations
 
 from minipar.config import ModelConfig
-from minipar.nn.layers import Module, Param, arrays_in, held, owner, unique_bytes
+from minipar.nn.module import Module, Param, arrays_in, held, owner, unique_bytes
 
 
 def _walk(module: Module, path: str = ""):
@@ -119,8 +119,8 @@ def measure_block_activations(cfg: ModelConfig, tp: int, sequence_parallel: bool
 
     from minipar import backend
     from minipar.dist.comm import run_threads
-    from minipar.nn.block import Block
-    from minipar.nn.layers import BuildContext
+    from minipar.models.blocks import Block
+    from minipar.nn.module import BuildContext
 
     full = numpy.random.default_rng(seed).normal(size=(rows, cfg.seq_len, cfg.d_model))
 

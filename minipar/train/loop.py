@@ -10,7 +10,7 @@ import sys
 import time
 
 from minipar import backend
-from minipar.nn.model import count_params
+from minipar.models.gpt import count_params
 from minipar.nn.optim import lr_at
 
 
@@ -76,7 +76,8 @@ def _write_trace(tracer, world, args, par, losses, out) -> None:
     """Collective: rank 0 gathers every rank's events, writes --trace and the --plot PNGs."""
     import os
 
-    from minipar import render, trace
+    from minipar.observe import render
+    from minipar.observe import trace
 
     with world.stats.paused():  # the trace's own traffic is not the run's
         events = trace.merge(world.allgather_obj(tracer.events))
@@ -114,7 +115,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     rank0 = world.rank == 0
     tracer = None
     if getattr(args, "trace", None) or getattr(args, "plot", None):
-        from minipar.trace import Tracer
+        from minipar.observe.trace import Tracer
 
         tracer = Tracer(rank=world.rank)
     engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
@@ -145,7 +146,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         print(f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, "
               f"lr {args.lr}{schedule}", file=out, flush=True)
         if par.pp > 1:
-            from minipar.parallel.partition import partition
+            from minipar.sim.partition import partition
 
             for line in partition(cfg, par.pp, par.virtual_stages).lines():
                 print(line, file=out, flush=True)

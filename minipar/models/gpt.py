@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from minipar import backend
 from minipar.config import ModelConfig
 from minipar.nn import functional as F
-from minipar.nn.block import INIT_STD, Block
-from minipar.nn.layers import BuildContext, LayerNorm, Module, make_param, walk
+from minipar.models.blocks import INIT_STD, Block
+from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
 from minipar.parallel.tensor import (
     SEQ_AXIS, VocabParallelCrossEntropy, WeightGradMixin, VocabParallelEmbedding, VocabParallelHead,
     vocab_parallel_argmax,
@@ -97,15 +97,6 @@ class Head(Module):
             nll = float(self.loss.forward(logits, targets, normalizer=1.0, mb="_eval"))
             self.loss.pop("_eval")
         return preds, nll
-
-
-class Hooks:
-    """Called around every unit; the data-parallel engine overrides these (ZeRO-3, overlap)."""
-
-    def pre_forward(self, unit: Module, mb) -> None: ...
-    def post_forward(self, unit: Module, mb) -> None: ...
-    def pre_backward(self, unit: Module, mb) -> None: ...
-    def post_backward(self, unit: Module, mb) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 ``ascii_timeline`` shows a program as the order of passes per stage, or a timeline on a time
 grid with idle cells as dots. ``plot_timeline`` draws a timeline or a list of trace events
-(``minipar.trace``) with matplotlib, one row per stage or rank. matplotlib is imported inside
+(``minipar.observe.trace``) with matplotlib, one row per stage or rank. matplotlib is imported inside
 the plotting functions (Agg backend), so importing this module stays cheap.
 """
 
@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from minipar.parallel.schedules import COMPUTE_KINDS, Program
-from minipar.trace import kind_group, timeline_events
+from minipar.observe.trace import kind_group, timeline_events
 
 # One colour per kind, chosen to read in greyscale too (dark forward, mid backward, light W).
 COLORS = {
@@ -42,23 +42,8 @@ def ascii_timeline(program_or_timeline: Any, width: int | None = None,
     cell and blanks after, an idle cell shows ``..``.
     """
     if isinstance(program_or_timeline, Program):
-        return _ascii_program(program_or_timeline, width, comm)
+        return program_or_timeline.text(width, comm)
     return _ascii_grid(program_or_timeline, 160 if width is None else width)
-
-
-def _ascii_program(prog: Program, width: int | None, comm: bool) -> str:
-    rows = [[prog.label(i) for i in lst if comm or i.kind in COMPUTE_KINDS]
-            for lst in prog.stages]
-    cell = max((len(x) for r in rows for x in r), default=1)
-    head = (f"{prog.name}: {prog.n_stages} stages, {prog.n_microbatches} microbatches"
-            + (f", {prog.n_chunks} chunks per stage" if prog.n_chunks > 1 else ""))
-    lines = [head]
-    for s, r in enumerate(rows):
-        line = f"stage {s:<{len(str(prog.n_stages - 1))}} | " + " ".join(x.ljust(cell) for x in r)
-        if width is not None and len(line) > width:
-            line = line[:width - 3] + "..."
-        lines.append(line.rstrip())
-    return "\n".join(lines)
 
 
 def _ascii_grid(tl: Any, width: int) -> str:

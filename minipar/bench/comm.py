@@ -168,7 +168,7 @@ def verdict(rows: list[dict]) -> dict:
 
 def run_scaling(args) -> dict:
     """tokens/s of ``minipar.train`` at mpirun -n 1 and -n 2, one BLAS thread per rank."""
-    from minipar.lessons import mpirun
+    from minipar.dist.mpirun import mpirun
 
     out: dict = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
                  "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
@@ -224,7 +224,7 @@ def main(argv=None) -> int:
         if rows:
             print("MINIPAR_BENCH " + json.dumps(rows), flush=True)
         return 0
-    from minipar.lessons import MPIRunError, mpirun
+    from minipar.dist.mpirun import MPIRunError, mpirun
 
     if any(n < 2 for n in args.ranks):
         print("minipar.bench: error: --ranks must be >= 2", file=sys.stderr)
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     result: dict = {"collectives": {}}
     try:
         for n in [] if args.scaling_only else args.ranks:
-            text = mpirun(n, ["-m", "minipar.bench_comm", "--worker", *_forward(args)],
+            text = mpirun(n, ["-m", "minipar.bench.comm", "--worker", *_forward(args)],
                           stream=False, timeout=args.timeout)
             line = next((ln for ln in text.splitlines() if ln.startswith("MINIPAR_BENCH ")),
                         None)

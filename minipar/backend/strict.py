@@ -33,7 +33,7 @@ from types import ModuleType
 
 import numpy
 
-from minipar.backend import Device
+from minipar.backend.devices import Device
 
 _IMPLICIT = ("implicit conversion of a strict-device array to a NumPy array is not allowed "
              "(as with CuPy): use backend.to_host(a) explicitly")
@@ -265,7 +265,7 @@ class Namespace(ModuleType):
     _UPLOADS = ("asarray", "array")
 
     def __init__(self, np_module: ModuleType = numpy) -> None:
-        super().__init__(f"minipar.strict[{np_module.__name__}]")
+        super().__init__(f"minipar.backend.strict[{np_module.__name__}]")
         self._np = np_module
         self.ndarray = StrictArray
 
