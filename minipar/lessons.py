@@ -33,6 +33,16 @@ LESSONS_DIR = REPO_ROOT / "lessons"
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 LESSON_GLOB = "[0-9][0-9]_*.py"
 SYNC_COMMAND = "python -m minipar.lessons sync"
+OUT_DIR = LESSONS_DIR / "out"  # figures and files the lessons write (ignored by git)
+
+
+def out_dir(lesson: str) -> Path:
+    """The folder where lesson ``lesson`` (its number, ``"03"``) saves its figures and files:
+    ``lessons/out/03/``, the same on every run, created if missing. Run again, a lesson
+    overwrites its own files and leaves nothing in the temporary folder."""
+    path = OUT_DIR / lesson
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 # -- lessons -> notebooks ---------------------------------------------------------------------
