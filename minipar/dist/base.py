@@ -294,6 +294,20 @@ class Comm(ABC):
         self._record("recv", out.nbytes, t0)
         return out
 
+    def recv_any(self, shape, dtype, tag: int = 0):
+        """Receive the next message with ``tag`` from whichever rank sent one first
+        (``MPI_ANY_SOURCE``); returns ``(array, source)``. A parameter server uses it to serve
+        workers in the order they arrive, with no barrier."""
+        shape, dtype = _shape(shape), backend.xp().dtype(dtype)
+        if self.size == 1:
+            raise CommError(f"{self!r}: recv_any: a group of one has nobody to receive from")
+        if not isinstance(tag, int) or tag < 0:
+            raise CommError(f"{self!r}: recv_any: tag must be an int >= 0, got {tag!r}")
+        t0 = perf_counter()
+        out, source = self._recv_any(shape, dtype, tag)
+        self._record("recv", out.nbytes, t0)
+        return out, source
+
     def isend(self, x, dest: int, tag: int = 0) -> Request:
         """Start a send; ``wait()`` returns None once ``x`` may be reused."""
         x = _as_array(x)
@@ -371,6 +385,9 @@ class Comm(ABC):
     def _send(self, x, dest: int, tag: int) -> None: ...
     @abstractmethod
     def _recv(self, shape: tuple, dtype, source: int, tag: int): ...
+    @abstractmethod
+    def _recv_any(self, shape: tuple, dtype, tag: int): ...  # -> (array, source)
+
     @abstractmethod
     def _isend(self, x, dest: int, tag: int) -> Callable[[], None]: ...
     @abstractmethod

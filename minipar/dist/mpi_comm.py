@@ -210,6 +210,17 @@ class MPIComm(Comm):
         self._check_count(status, out, source, tag)
         return finish()
 
+    def _recv_any(self, shape, dtype, tag):
+        out, finish = self.wire.incoming(shape, dtype)
+        status = MPI.Status()
+        try:
+            self.mpi.Recv(out, source=MPI.ANY_SOURCE, tag=tag, status=status)
+        except MPI.Exception as exc:
+            raise self._recv_error(shape, dtype, "any", tag, str(exc)) from exc
+        source = status.Get_source()
+        self._check_count(status, out, source, tag)
+        return finish(), source
+
     def _irecv(self, shape, dtype, source, tag):
         out, finish_copy = self.wire.incoming(shape, dtype)
         req = self.mpi.Irecv(out, source=source, tag=tag)

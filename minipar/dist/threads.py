@@ -80,6 +80,7 @@ class _Channel:
     """Messages from one rank to another with one tag; ticket i takes the i-th message sent."""
 
     messages: dict = field(default_factory=dict)
+    sent_at: dict = field(default_factory=dict)  # message index -> world-wide send order
     sent: int = 0
     tickets: int = 0
 
@@ -233,6 +234,7 @@ class ThreadComm(Comm):
             self._alive("send")
             ch = self._group.channel(self.rank, dest, tag)
             ch.messages[ch.sent] = x.copy()
+            ch.sent_at[ch.sent] = self._world.next_id()
             ch.sent += 1
             self._world.cond.notify_all()
 
@@ -252,6 +254,7 @@ class ThreadComm(Comm):
                 self._wait(lambda: ticket in ch.messages,
                            f"recv(source={source}, tag={tag}) message #{ticket}", lambda: [source])
                 msg = ch.messages.pop(ticket)
+                ch.sent_at.pop(ticket, None)
             if msg.dtype != dtype or msg.size != _count(shape):
                 raise CommError(f"{self!r}: recv(source={source}, tag={tag}) expected "
                                 f"{shape} {dtype}, but the message is {msg.shape} {msg.dtype}")
@@ -260,6 +263,32 @@ class ThreadComm(Comm):
 
     def _recv(self, shape, dtype, source, tag):
         return self._irecv(shape, dtype, source, tag)()
+
+    def _recv_any(self, shape, dtype, tag):
+        g, me = self._group, self.rank
+
+        def first_sent():  # the channel whose next unclaimed message was sent earliest
+            heads = [(ch.sent_at[ch.tickets], src, ch) for (src, dst, t), ch in g.channels.items()
+                     if dst == me and t == tag and ch.tickets in ch.messages]
+            return min(heads, key=lambda h: h[0], default=None)
+
+        others = [r for r in range(self.size) if r != me]
+
+        def waits_on() -> list[int]:  # a deadlock only once every possible sender has returned
+            done = self._world.finished
+            return others if all(g.members[r] in done for r in others) else []
+
+        with self._world.cond:
+            self._alive("recv_any")
+            self._wait(lambda: first_sent() is not None, f"recv_any(tag={tag})", waits_on)
+            _, source, ch = first_sent()
+            msg = ch.messages.pop(ch.tickets)
+            del ch.sent_at[ch.tickets]
+            ch.tickets += 1
+        if msg.dtype != dtype or msg.size != _count(shape):
+            raise CommError(f"{self!r}: recv_any(tag={tag}) expected {shape} {dtype}, but the "
+                            f"message from rank {source} is {msg.shape} {msg.dtype}")
+        return msg.reshape(shape), source
 
 
 def _reduce(values: list, op: str, out=None):

@@ -1,0 +1,42 @@
+"""Local SGD (periodic model averaging): every rank steps its own copy, the copies meet every H.
+
+Between synchronous data parallelism (average the *gradients* every step) and a parameter
+server (never wait) sits local SGD (Zinkevich et al. 2010; Lin et al. 2020, "Don't use large
+mini-batches, use local SGD"): each rank trains its own copy of the model on its own batches
+with no communication at all, and every ``H`` steps the ranks average their *weights* with one
+allreduce. ``H = 1`` with plain SGD is synchronous data parallelism again: the average of
+``w - lr g_i`` is ``w - lr mean(g_i)`` (equal up to the order of the additions); a large ``H``
+communicates ``H`` times less, and lets the copies drift apart in between.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from minipar.dist.comm import Comm
+from minipar.parallel.param_server import GradFn, RankTimes
+
+
+def run_local_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
+                  sync_every: int, delay: Callable[[float], float] | None = None) -> tuple:
+    """Collective over ``comm``: plain SGD on this rank's copy of ``weights`` (the same flat
+    array on every rank at the start), averaged over the ranks every ``sync_every`` steps and
+    after the last. Returns (the averaged weights, this rank's losses, its RankTimes)."""
+    if sync_every < 1:
+        raise ValueError(f"--sync-every must be >= 1, got {sync_every}")
+    w = weights.copy()  # (size,) this rank's own copy
+    losses, times = [], RankTimes()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        loss, grad = grad_fn(comm.rank, step, w)
+        if delay is not None:  # a straggler: its compute takes `factor` times longer
+            time.sleep(delay(time.perf_counter() - t0))
+        w -= lr * grad
+        losses.append(float(loss))
+        times.busy_s += time.perf_counter() - t0
+        if (step + 1) % sync_every == 0 or step + 1 == steps:
+            t1 = time.perf_counter()
+            comm.allreduce_(w, op="avg")  # the copies meet: every rank now holds the mean
+            times.wait_s += time.perf_counter() - t1
+    return w, losses, times
