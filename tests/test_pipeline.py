@@ -19,11 +19,11 @@ from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
 from minipar.nn.module import BuildContext
-from minipar.models.gpt import build_chunks, count_params
+from minipar.models.gpt import build_chunks
 from minipar.parallel import schedules as S
 from minipar.sim.partition import balanced_blocks, partition, partition_blocks
 from minipar.parallel.program_checks import check_program
-from minipar.sim.costmodel import model_flops
+from minipar.sim.costmodel import model_flops, param_count
 from minipar.observe.trace import Tracer, merge, to_chrome_trace
 from minipar.dist.traced import TracedComm
 
@@ -236,7 +236,7 @@ def test_partition_counts_what_each_stage_builds(cfg, data):
         built = build_chunks(cfg, ctx, pp, chunks // pp, s)
         assert report.stage_params(s) == sum(int(np.prod(p.full_shape))
                                              for c in built for p in c.params())
-    assert sum(report.stage_params(s) for s in range(pp)) == count_params(cfg)
+    assert sum(report.stage_params(s) for s in range(pp)) == param_count(cfg)
     assert sum(report.stage_flops(s) for s in range(pp)) == pytest.approx(model_flops(cfg, 1))
     lines = report.lines()
     assert len(lines) == pp + 1 and lines[-1].startswith("balance |")

@@ -210,12 +210,3 @@ def build_chunks(cfg: ModelConfig, ctx: BuildContext, pp: int = 1, virtual: int 
                  stage: int = 0) -> list[GPTChunk]:
     """This rank's model chunks. The serial model is ``build_chunks(cfg, ctx)[0]``."""
     return [GPTChunk(cfg, ctx, spec) for spec in chunk_specs(cfg, pp, virtual, stage)]
-
-
-def count_params(cfg: ModelConfig) -> int:
-    """Parameters of the full (unsharded) model."""
-    c, f, v, t, L = cfg.d_model, cfg.ffn, cfg.vocab_size, cfg.seq_len, cfg.n_layers
-    block = (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c) + 4 * c
-    emb = v * c + (t * c if cfg.pos == "learned" else 0)
-    head = 0 if cfg.tie_weights else c * v
-    return L * block + emb + 2 * c + head
