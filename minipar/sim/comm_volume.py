@@ -2,10 +2,12 @@
 
 Each function below names one place where minipar's parallel code communicates and returns the
 collectives it issues there, so the prediction can be compared with a real run exactly and
-changed in one place if the implementation does something else. Accounting (``CommStats``):
-allreduce bytes = input nbytes; allgather = output nbytes; reduce_scatter = input nbytes;
-send = message nbytes; a group of one rank records nothing. The time model
-(``minipar.sim.timing``) prices these same lists.
+changed in one place if the implementation does something else. This is the only statement of
+minipar's traffic: the tensor-, data- and pipeline-parallel tests and lessons 04 and 05 compare
+``CommStats`` with ``predict_comm_bytes`` (its "tp" entry is the tensor-parallel traffic).
+Accounting (``CommStats``): allreduce bytes = input nbytes; allgather = output nbytes;
+reduce_scatter = input nbytes; send = message nbytes; a group of one rank records nothing. The
+time model (``minipar.sim.timing``) prices these same lists.
 
 The data-parallel part does not re-derive the runtime's buffers: ``param_specs`` lists the
 parameters a rank holds (name, tp-local shape, owner unit, tp-partial gradient) in the order

@@ -1,7 +1,11 @@
-"""What a training step costs, counted: parameters, FLOPs, memory per device, bytes per collective.
+"""What a training step costs, counted: parameters, FLOPs, memory per device.
 
-Everything here is exact arithmetic on a model config x layout; the time it all takes lives in
-``minipar.sim.timing``. The formulas come from the papers and are cited where used:
+Everything here is exact arithmetic on a model config x layout, and each number is written once:
+the parameter count (``param_count``, per unit ``units``), the FLOPs, the ZeRO model states and
+the activation table (``block_activation_terms``), used alike by the runtime's tests, the train
+banner, the benchmark, the simulator and the lessons. The bytes per collective are in
+``minipar.sim.comm_volume``; the time it all takes in ``minipar.sim.timing``. The formulas come
+from the papers and are cited where used:
 
 * PTD-P: Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters
   Using Megatron-LM" (eq. 2 parameters, eq. 3 FLOPs with full recomputation, eq. 4 time).
