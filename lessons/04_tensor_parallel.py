@@ -146,12 +146,14 @@ for label, kw in [("f and g (Megatron)", {}), ("no g", {"g_forward": False}),
 # Without g each rank's output is only a partial sum (and the error reaches the loss). Without
 # f each rank's input gradient misses the other ranks' columns. With g summing in backward as
 # well, the gradient arrives tp times: it is exactly `TP x` too large. minipar writes the four
-# halves as small named functions in `minipar/parallel/tensor.py`:
+# halves as small named functions in `minipar/parallel/tensor.py`, with Megatron's names:
+# f is `copy_to_tp`, g is `reduce_from_tp`:
 
 # %%
 from minipar.parallel import tensor
 
-for fn in (tensor.f_fwd, tensor.f_bwd, tensor.g_fwd, tensor.g_bwd):
+for fn in (tensor.copy_to_tp_fwd, tensor.copy_to_tp_bwd, tensor.reduce_from_tp_fwd,
+           tensor.reduce_from_tp_bwd):
     print(f"{fn.__name__}: {fn.__doc__}")
 
 # %% [markdown]

@@ -19,12 +19,13 @@ from minipar.dist.stats import wire_bytes
 from minipar.nn import functional as F
 from minipar.models.blocks import Block
 from minipar.nn.module import BuildContext, Module, Sharding
+from minipar.parallel.deferral import DeferredWeightGrads
+from minipar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear,
+                                     VocabParallelCrossEntropy, VocabParallelHead,
+                                     padded_vocab, vocab_parallel_argmax)
 from minipar.sim.activations import activation_breakdown, measure_block_activations
 from minipar.sim.comm_volume import partial_elements, predict_comm_bytes
 from minipar.sim.costmodel import activation_bytes_per_layer, block_activation_terms
-from minipar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear,
-                                     VocabParallelCrossEntropy, padded_vocab,
-                                     vocab_parallel_argmax)
 
 RTOL = 1e-9
 E = 8  # float64
@@ -192,6 +193,60 @@ def test_column_then_row_equals_one_serial_linear_pair(tp, sp, b, t_per, c, f_pe
         else:  # replicated: whole on every rank, or a partial sum over tp under SP
             g = sum(pieces) if p.tp_partial_grad else pieces[0]
         np.testing.assert_allclose(g, g_ref, rtol=RTOL, atol=1e-12, err_msg=p.name)
+
+
+class _Pair(Module):
+    """Column-parallel, row-parallel, then the vocab-parallel head: the three linears."""
+
+    def __init__(self, ctx, c, f, v):
+        super().__init__()
+        self.col = ColumnParallelLinear(ctx, "fc", c, f, 0.5)
+        self.row = RowParallelLinear(ctx, "proj", f, c, 0.5)
+        self.head = VocabParallelHead(ctx, "head", c, v, 0.5)
+
+    def forward(self, x, mb=0):
+        return self.head.forward(self.row.forward(self.col.forward(x, mb), mb), mb)
+
+    def backward(self, dy, mb=0):
+        return self.col.backward(self.row.backward(self.head.backward(dy, mb), mb), mb)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("sp", [False, True])
+def test_deferred_weight_grads_equal_the_immediate_ones_and_move_no_bytes(tp, sp):
+    """Zero-bubble's split (``parallel.deferral``): the B pass leaves every weight gradient
+    unset, the W pass fills it with exactly the immediate backward's values and, since the
+    SP allgather of the input already ran in B, moves no bytes; the layers are left as built."""
+    b, t, c, f, v = 2, 4, 3, 4, 6
+    rng = np.random.default_rng(0)
+    x, dlogits = rng.normal(size=(b, t, c)), rng.normal(size=(b, t, v))
+
+    def rank(comm, defer):
+        pair = _Pair(BuildContext(0, "float64", comm, sp), c, f, v)
+        tl = t // comm.size if sp else t
+        lo = comm.rank * tl if sp else 0
+        pair.forward(x[:, lo:lo + tl].copy())
+        cols = v // comm.size
+        dy = dlogits[..., comm.rank * cols:(comm.rank + 1) * cols]  # (b, t, v/tp)
+        if not defer:
+            return pair.backward(dy.copy()), [p.grad for p in pair.params()]
+        deferred = DeferredWeightGrads()
+        with deferred.collect(pair, 0):
+            dx = pair.backward(dy.copy())
+        assert all(p.grad is None for p in (pair.col.w, pair.col.b, pair.row.w, pair.head.w))
+        assert len(deferred._pending[0]) == 3
+        assert not any("weight_grads" in vars(m) for m in (pair.col, pair.row, pair.head))
+        comm.stats.reset()
+        deferred.run(0)
+        assert comm.stats.as_dict() == {} and deferred._pending == {}
+        return dx, [p.grad for p in pair.params()]
+
+    now = run_threads(lambda comm: rank(comm, False), tp)
+    later = run_threads(lambda comm: rank(comm, True), tp)
+    for (dx0, g0), (dx1, g1) in zip(now, later):
+        np.testing.assert_array_equal(dx1, dx0)
+        for a, g in zip(g1, g0):
+            np.testing.assert_array_equal(a, g)
 
 
 # -------------------------------------------------------------- vocab-parallel loss, argmax
