@@ -39,7 +39,8 @@ from minipar.nn.optim import local_grad_sq, make_optimizer
 from minipar.parallel.flat import FlatLayout, bucket_count
 
 __all__ = ["DataParallelStrategy", "DataParallel", "BucketedDataParallel", "Buckets",
-           "allreduce_views", "unit_owners", "params_used", "FlatLayout", "bucket_count"]
+           "allreduce_views", "state_of", "unit_owners", "params_used", "FlatLayout",
+           "bucket_count"]
 
 
 class DataParallelStrategy(ABC):
@@ -93,8 +94,8 @@ class DataParallelStrategy(ABC):
 
     @abstractmethod
     def load_local(self, params: dict, optim: dict, optimizer_steps: int) -> None:
-        """Take this rank's part of tp-local tensors given as ``local_params`` and
-        ``local_optimizer_state`` return them (a checkpoint from any layout)."""
+        """Take this rank's part of tp-local tensors given in the forms ``local_params`` and
+        ``local_optimizer_state`` return (a checkpoint saved by any layout)."""
 
     @property
     def optimizer_steps(self) -> int:

@@ -169,4 +169,3 @@ def _segments(spans, offsets, sizes, dp) -> list[Segment]:
         segs.append(Segment(start, size, shard, overlap))
         shard += size // dp
     return segs
-
