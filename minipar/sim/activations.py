@@ -10,42 +10,7 @@ minipar's choices: no dropout, LayerNorm's 1/std kept, e bytes per value).
 from __future__ import annotations
 
 from minipar.config import ModelConfig
-from minipar.nn.module import Module, Param, arrays_in, held, owner, unique_bytes
-
-
-def _walk(module: Module, path: str = ""):
-    yield path, module
-    for name, value in vars(module).items():
-        items = value if isinstance(value, (list, tuple)) else [value]
-        for i, v in enumerate(items):
-            if isinstance(v, Module):
-                sub = name if v is value else f"{name}.{i}"
-                yield from _walk(v, f"{path}.{sub}" if path else sub)
-
-
-def activation_breakdown(module: Module) -> dict[str, int]:
-    """Bytes held for backward, by sub-module path ("" is ``module`` itself), in walk order.
-
-    Every buffer is counted once, at the first module that holds it, by the array that owns
-    its memory (the Q, K and V head views are one [Q|K|V] buffer). Parameter storage is not
-    activation memory and is left out (a linear's kernel cache names its weight). Both module
-    caches and deferred weight-gradient inputs (zero-bubble W passes) count.
-    """
-    walked = list(_walk(module))
-    params = {id(owner(v.data)) for _, m in walked for v in vars(m).values()
-              if isinstance(v, Param)}
-    seen: set[int] = set()
-    out: dict[str, int] = {}
-    for path, m in walked:
-        total = unique_bytes(arrays_in(held(m)), exclude=params, seen=seen)
-        if total:
-            out[path] = total
-    return out
-
-
-def activation_bytes(module: Module) -> int:
-    """Unique bytes ``module`` and its children keep for backward (see ``activation_breakdown``)."""
-    return sum(activation_breakdown(module).values())
+from minipar.nn.memory import activation_breakdown, activation_bytes  # the one meter
 
 
 def measure_block_activations(cfg: ModelConfig, tp: int, sequence_parallel: bool, rows: int,
