@@ -146,12 +146,14 @@ for label, kw in [("f and g (Megatron)", {}), ("no g", {"g_forward": False}),
 # Without g each rank's output is only a partial sum (and the error reaches the loss). Without
 # f each rank's input gradient misses the other ranks' columns. With g summing in backward as
 # well, the gradient arrives tp times: it is exactly `TP x` too large. minipar writes the four
-# halves as small named functions in `minipar/parallel/tensor.py`:
+# halves as small named functions in `minipar/parallel/tensor.py`, with Megatron's names:
+# f is `copy_to_tp`, g is `reduce_from_tp`:
 
 # %%
 from minipar.parallel import tensor
 
-for fn in (tensor.f_fwd, tensor.f_bwd, tensor.g_fwd, tensor.g_bwd):
+for fn in (tensor.copy_to_tp_fwd, tensor.copy_to_tp_bwd, tensor.reduce_from_tp_fwd,
+           tensor.reduce_from_tp_bwd):
     print(f"{fn.__name__}: {fn.__doc__}")
 
 # %% [markdown]
@@ -284,14 +286,14 @@ print(f"3 x (B, T) floats: {3 * 8 * 1024 * 4 / 2**10:.0f} KiB;  (B, T, V) floats
 # `minipar.compare.train_layout` trains any layout on the same batches as the serial run and
 # returns losses, full (gathered) parameters and gradients, and each step's collectives.
 # With tp = 2 (weights tied, a vocabulary that 2 does not divide) the two runs agree to
-# float64 rounding, and the tp group moves exactly what `tp_comm_per_step` predicts: per
+# float64 rounding, and the tp group moves exactly what `predict_comm_bytes` predicts: per
 # microbatch 4 allreduces of (B, T, C) per block, one for the embedding, one for the head,
 # and the loss's three of (B, T).
 
 # %%
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ParallelConfig
-from minipar.sim.tp_traffic import tp_comm_per_step
+from minipar.sim.comm_volume import predict_comm_bytes
 
 mcfg = ModelConfig(vocab_size=11, seq_len=8, n_layers=2, d_model=16, n_heads=4,
                    tie_weights=True)
@@ -303,7 +305,7 @@ print("losses  tp=2:", np.round(result.losses, 10))
 print("losses serial:", np.round(reference.losses, 10))
 print("differences beyond 1e-9:", mismatches(result, reference, rtol=1e-9))
 got = {op: (s["calls"], s["bytes"]) for op, s in result.comm[0]["tp"].items()}
-want = {op: (s["calls"], s["bytes"]) for op, s in tp_comm_per_step(mcfg, par, 4, 1, 8).items()}
+want = {op: (s["calls"], s["bytes"]) for op, s in predict_comm_bytes(mcfg, par, 4, 8)["tp"].items()}
 print("tp traffic of one step:", got, " formula:", want)
 
 # %% [markdown]

@@ -34,13 +34,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from minipar.config import ModelConfig
-from minipar.sim.activations import (block_activation_bytes, block_activation_terms,
-                                          korthikanti_bytes_per_layer,
-                                          measure_block_activations)
+from minipar.sim.activations import measure_block_activations
+from minipar.sim.costmodel import activation_bytes_per_layer, block_activation_terms
 
 out_dir = tempfile.mkdtemp(prefix="minipar-lesson5-")
 cfg = ModelConfig(vocab_size=16, seq_len=16, n_layers=1, d_model=32, n_heads=8)
 B, E = 2, 8  # sequences per microbatch; bytes per float64 value
+OURS = {"value_bytes": E, "dropout": False, "layernorm_rstd": True}  # what minipar's Block keeps
 s, h, a = cfg.seq_len, cfg.d_model, cfg.n_heads
 sbh = s * B * h
 
@@ -125,8 +125,9 @@ for sp in (False, True):
 # %%
 measured = {sp: [sum(measure_block_activations(cfg, t, sp, B)[0].values()) for t in TPS]
             for sp in (False, True)}
-formula = {sp: [block_activation_bytes(cfg, B, t, sp, E) for t in TPS] for sp in (False, True)}
-paper = {sp: [korthikanti_bytes_per_layer(cfg, B, t, sp, dropout=False) * E / 2 for t in TPS]
+formula = {sp: [activation_bytes_per_layer(cfg, B, t, sp, **OURS) for t in TPS]
+           for sp in (False, True)}
+paper = {sp: [activation_bytes_per_layer(cfg, B, t, sp, dropout=False) * E / 2 for t in TPS]
          for sp in (False, True)}
 print(f"{'tp':>3s} {'TP measured':>12s} {'formula':>9s} {'paper':>9s}   "
       f"{'TP+SP measured':>14s} {'formula':>9s} {'paper':>9s}   SP/TP")
@@ -176,16 +177,15 @@ print(f"{'width h':>8s} {'ours':>8s} {'paper (no dropout)':>19s} {'paper (dropou
 for width in (32, 256, 2048, 12288):
     wide = ModelConfig(vocab_size=16, seq_len=2048, n_layers=1, d_model=width,
                        n_heads=max(width // 128, 8))
-    ours = block_activation_bytes(wide, 1, 8, True, 2) / block_activation_bytes(wide, 1, 8,
-                                                                                False, 2)
-    nd = (korthikanti_bytes_per_layer(wide, 1, 8, True, dropout=False)
-          / korthikanti_bytes_per_layer(wide, 1, 8, False, dropout=False))
-    wd = korthikanti_bytes_per_layer(wide, 1, 8, True) / korthikanti_bytes_per_layer(wide, 1, 8,
-                                                                                    False)
+    ours = (activation_bytes_per_layer(wide, 1, 8, True, **OURS)
+            / activation_bytes_per_layer(wide, 1, 8, False, **OURS))
+    nd = (activation_bytes_per_layer(wide, 1, 8, True, dropout=False)
+          / activation_bytes_per_layer(wide, 1, 8, False, dropout=False))
+    wd = activation_bytes_per_layer(wide, 1, 8, True) / activation_bytes_per_layer(wide, 1, 8)
     print(f"{width:8d} {ours:8.4f} {nd:19.4f} {wd:16.4f}")
 gpt3 = ModelConfig(vocab_size=16, seq_len=2048, n_layers=1, d_model=12288, n_heads=96)
 for sp in (False, True):
-    per = korthikanti_bytes_per_layer(gpt3, 1, 8, sp) / (2048 * 12288)
+    per = activation_bytes_per_layer(gpt3, 1, 8, sp) / (2048 * 12288)
     print(f"GPT-3, t = 8, sequence parallel {sp}: {per:.1f} sbh bytes per layer")
 
 # %% [markdown]
@@ -193,14 +193,14 @@ for sp in (False, True):
 #
 # Sequence parallelism changes where tokens live, not what is computed. Trained with tp = 2,
 # sequence parallelism on and a data-parallel pair, the model matches the serial run to
-# float64 rounding, and its tp group moves exactly what `tp_comm_per_step` predicts. The
+# float64 rounding, and its tp group moves exactly what `predict_comm_bytes` predicts. The
 # LayerNorm, bias and position gradients are now partial sums (each rank saw only its tokens):
 # one extra allreduce per step adds them up.
 
 # %%
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ParallelConfig
-from minipar.sim.tp_traffic import tp_comm_per_step
+from minipar.sim.comm_volume import predict_comm_bytes
 
 mcfg = ModelConfig(vocab_size=11, seq_len=8, n_layers=2, d_model=16, n_heads=4)
 par = ParallelConfig(dp=2, tp=2, sequence_parallel=True)
@@ -209,10 +209,12 @@ result = run_threads(lambda w: train_layout(w, mcfg, par, batches, seed=1), par.
 print("differences beyond 1e-9:", mismatches(result, serial_reference(mcfg, batches, seed=1),
                                             rtol=1e-9))
 got = {op: (d["calls"], d["bytes"]) for op, d in result.comm[0]["tp"].items()}
-want = {op: (d["calls"], d["bytes"]) for op, d in tp_comm_per_step(mcfg, par, 2, 1, 8).items()}
+predicted = predict_comm_bytes(mcfg, par, batch_size=4, dtype_bytes=8)["tp"]
+want = {op: (d["calls"], d["bytes"]) for op, d in predicted.items()}
 print("tp traffic of one step:", dict(sorted(got.items())))
 print("formula:               ", dict(sorted(want.items())), got == want)
-print("terms of one block, tp = 2 with SP (bytes):", block_activation_terms(mcfg, 2, 2, True, 8))
+print("terms of one block, tp = 2 with SP (bytes):",
+      block_activation_terms(mcfg, 2, 2, True, **OURS))
 
 # %% [markdown]
 # ## What to remember

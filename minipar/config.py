@@ -6,7 +6,7 @@ the first collective so that every rank fails the same way and nothing hangs.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 
 
 class ConfigError(ValueError):
@@ -143,9 +143,5 @@ class ParallelConfig:
                 "on different stages")
 
 
-def to_dict(cfg) -> dict:
-    return asdict(cfg)
-
-
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "MODEL_PRESETS", "SCHEDULE_NAMES",
-           "replace", "field", "to_dict"]
+           "replace"]

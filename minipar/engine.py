@@ -1,13 +1,17 @@
 """The training engine: one code path for every layout.
 
 ``Engine`` builds this rank's model chunks from the layout-independent initialisation, wraps the
-parameters in the data-parallel strategy (plain or ZeRO), and runs each step as a pipeline
-program through the executor. A serial run is the same engine on a 1 x 1 x 1 mesh: a 1-stage
-program, a tp group of one, a dp group of one, and every collective a no-op.
+parameters in the data-parallel strategy (plain or ZeRO, ``minipar.parallel.data``), and runs
+each step (``train_step``, one screen): the executor runs the pipeline program's passes, then
+the engine syncs the gradients, measures the global norm, clips and steps. A serial run is the
+same engine on a 1 x 1 x 1 mesh: a 1-stage program, a tp group of one, a dp group of one, and
+every collective a no-op.
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy
@@ -17,9 +21,10 @@ from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.nn.module import BuildContext
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient
+from minipar.parallel.data import DataParallelStrategy
 from minipar.parallel.pipeline import PipelineExecutor, StepData
-from minipar.parallel.schedules import chunk_location, make_schedule
-from minipar.parallel.zero import strategy_class
+from minipar.parallel.schedules import Instr, Step, SyncGrads, chunk_location, make_schedule
+from minipar.parallel.zero import make_strategy
 from minipar.dist.traced import traced_mesh
 
 
@@ -48,17 +53,18 @@ class Engine:
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
         self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
         self.params = [p for c in self.chunks for p in c.params()]
-        dp_class = strategy_class(par.zero)
-        kwargs = {"bucket_mb": par.bucket_mb, "microbatches": par.microbatches}
-        self.dp = dp_class(self.params, mesh, optimizer=optimizer, lr=lr,
-                           weight_decay=weight_decay, **kwargs)
-        self.dp.install_hooks(self.chunks)
+        # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
+        self.dp: DataParallelStrategy = make_strategy(
+            par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
         self.program = make_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
+        self.executor = PipelineExecutor(self.program, self.chunks, mesh, dtype, tracer)
         self.step_count = 0
         self._lr = lr
         # Activation memory is measured on the first step (every step has the same shapes, so
-        # the same peak); set True to measure, and keep memory_log, on every step.
+        # the same peak), a resumed run's included; set True to measure, and keep memory_log,
+        # on every step.
         self.measure_activations = False
+        self._measured = False
         self.peak_activation_bytes = 0  # this stage's peak over the steps run so far
         self.memory_log: list = []  # the last step's MemorySample per pass
 
@@ -76,8 +82,30 @@ class Engine:
         """One optimizer step on this dp rank's rows of the global batch.
 
         ``normalizer`` is the number of scored tokens in the whole global batch, so that the
-        sum over ranks and microbatches equals the serial mean loss.
+        sum over ranks and microbatches equals the serial mean loss. The executor runs the
+        program's passes; its last two instructions, SyncGrads and Step, are the code below.
         """
+        data = self._microbatches(inputs, targets, normalizer)
+        self.dp.zero_grad()
+        loss_here = self._run_passes(data)  # this rank's share of the loss (0 off the last stage)
+        with self._span(SyncGrads()):
+            self.dp.sync_grads()  # sum over dp (buckets may have started during the backward)
+            loss, grad_norm = self._loss_and_norm(loss_here)  # the step's one world allreduce
+        self.step_count += 1
+        clip = clip_coefficient(grad_norm, self.grad_clip)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # alike on every rank
+        if not finite and not skip_nonfinite:
+            raise FloatingPointError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) "
+                                     f"at step {self.step_count}")
+        with self._span(Step()):
+            if finite:
+                if clip != 1.0:
+                    self.dp.scale_grads(clip)  # clip to the global norm (Pascanu et al. 2013)
+                self.dp.step(self._lr if lr is None else lr)
+        return StepResult(loss, grad_norm, clip, skipped=not finite)
+
+    def _microbatches(self, inputs, targets, normalizer: float) -> StepData:
+        """This rank's rows as the step's microbatches, on the device."""
         m = self.par.microbatches
         if len(inputs) % m:
             raise ConfigError(f"this rank's {len(inputs)} rows are not divisible by "
@@ -87,43 +115,34 @@ class Engine:
         xtg = backend.from_host(numpy.ascontiguousarray(targets))
         # Each microbatch gets its own buffers, so what a microbatch's caches keep alive is its
         # own rows, not the whole step's batch (views would pin the full array).
-        data = StepData([xin[i * rows:(i + 1) * rows].copy() for i in range(m)],
-                        [xtg[i * rows:(i + 1) * rows].copy() for i in range(m)], float(normalizer))
-        lr = self._lr if lr is None else lr
-        result: dict = {}
+        return StepData([xin[i * rows:(i + 1) * rows].copy() for i in range(m)],
+                        [xtg[i * rows:(i + 1) * rows].copy() for i in range(m)],
+                        float(normalizer), self.act_shape(rows))
 
-        def on_sync(loss_local: float) -> None:
-            self.dp.sync_grads()
-            owns_loss = self.mesh.is_last_stage and self.mesh.tp_rank == 0
-            metrics = numpy.array([loss_local if owns_loss else 0.0, self.dp.grad_sq()])
-            metrics = backend.to_host(self.mesh.world.allreduce(backend.from_host(metrics)))
-            norm = float(numpy.sqrt(metrics[1]))
-            result.update(loss=float(metrics[0]), grad_norm=norm,
-                          clip=clip_coefficient(norm, self.grad_clip))
+    def _run_passes(self, data: StepData) -> float:
+        """The program's forward and backward passes (and sends), measuring activation memory
+        on this engine's first step or, with ``measure_activations``, on every step."""
+        measure = self.measure_activations or not self._measured
+        loss = self.executor.run(data, measure_memory=measure)
+        self.memory_log = self.executor.memory_log  # empty when not measured
+        self.peak_activation_bytes = max([self.peak_activation_bytes,
+                                          *(s.bytes for s in self.memory_log)])
+        self._measured = True
+        return loss
 
-        def on_step() -> None:
-            # Every rank sees the same allreduced loss and norm, so all decide alike.
-            if not numpy.isfinite(result["loss"]) or not numpy.isfinite(result["grad_norm"]):
-                if skip_nonfinite:
-                    result["skipped"] = True
-                    return
-                raise FloatingPointError(
-                    f"non-finite loss ({result['loss']}) or gradient norm "
-                    f"({result['grad_norm']}) at step {self.step_count + 1}")
-            self.dp.step(lr, result["clip"])
+    def _loss_and_norm(self, loss_here: float) -> tuple[float, float]:
+        """The global loss and gradient norm, from ONE allreduce of two floats over the world:
+        the last stage's tp rank 0 adds the loss, every rank its share of the squared norm."""
+        owns_loss = self.mesh.is_last_stage and self.mesh.tp_rank == 0
+        metrics = numpy.array([loss_here if owns_loss else 0.0, self.dp.grad_sq()])
+        metrics = backend.to_host(self.mesh.world.allreduce(backend.from_host(metrics)))
+        return float(metrics[0]), float(numpy.sqrt(metrics[1]))
 
-        self.dp.zero_grad()
-        executor = PipelineExecutor(self.program, self.chunks, self.mesh, self.act_shape(rows),
-                                    self.dtype, on_sync, on_step, self.tracer,
-                                    measure_memory=self.measure_activations
-                                    or self.step_count == 0)
-        executor.run(data)
-        self.memory_log = executor.memory_log
-        self.peak_activation_bytes = max(self.peak_activation_bytes,
-                                         executor.peak_activation_bytes)
-        self.step_count += 1
-        return StepResult(result["loss"], result["grad_norm"], result["clip"],
-                          result.get("skipped", False))
+    def _span(self, instr: Instr):
+        """A trace span named as the program prints ``instr`` (nothing without a tracer)."""
+        if self.tracer is None:
+            return nullcontext()
+        return self.tracer.span(self.program.label(instr), instr.kind)
 
     # -- evaluation -----------------------------------------------------------------------------
 
@@ -205,27 +224,16 @@ class Engine:
         """Every full (unsharded) parameter or gradient by name, on every rank (collective).
 
         Used by tests (parallel == serial) and checkpoints: the result does not depend on the
-        layout. Gathers over tp (shards) and then over the world (pipeline stages).
+        layout. Gathers over dp (ZeRO shards), tp (tensor shards) and the world (stages).
         """
-        self.dp.materialize()
-        try:
-            local = {p.name: backend.to_host(p.grad if grads else p.data) for p in self.params}
-        finally:
-            self.dp.release()
-        return self._gather_full(local)
-
-    def _optimizer_state_local(self) -> dict:
-        """{param name: {state name: tp-local array}} (ZeRO gathers its dp shards first)."""
-        if hasattr(self.dp, "optimizer_state_local"):
-            return self.dp.optimizer_state_local()
-        return {name: dict(st) for name, st in self.dp.optimizer.state.items()}
+        return self._gather_full(self.dp.local_params(grads))
 
     def full_optimizer_state(self) -> dict:
         """{"<param>/<state>": full array} for the whole model, on every rank (collective)."""
         by_state: dict = {}
-        for name, states in self._optimizer_state_local().items():
+        for name, states in self.dp.local_optimizer_state().items():
             for key, arr in states.items():
-                by_state.setdefault(key, {})[name] = backend.to_host(arr)
+                by_state.setdefault(key, {})[name] = arr
         out = {}
         for key in sorted(by_state):
             for name, arr in self._gather_full(by_state[key]).items():
@@ -233,7 +241,7 @@ class Engine:
         return out
 
     def optimizer_steps(self) -> int:
-        return int(getattr(self.dp, "optimizer_steps", None) or self.dp.optimizer.step_count)
+        return self.dp.optimizer_steps
 
     def load_full_state(self, params: dict, optim: dict, optimizer_steps: int) -> None:
         """Cut this rank's shards out of full tensors (a checkpoint from any layout)."""
@@ -251,16 +259,9 @@ class Engine:
             states = {k.split("/")[-1]: v for k, v in optim.items()
                       if k.rsplit("/", 1)[0] == p.name}
             local_optim[p.name] = {k: cut(v).astype(self.dtype) for k, v in states.items()}
-        if hasattr(self.dp, "load_local"):
-            self.dp.load_local(local_params, local_optim, optimizer_steps)
-            return
-        for p in self.params:
-            p.data[...] = backend.from_host(local_params[p.name])
-            for key, arr in self.dp.optimizer.state[p.name].items():
-                arr[...] = backend.from_host(local_optim[p.name][key])
-        self.dp.optimizer.step_count = optimizer_steps
+        self.dp.load_local(local_params, local_optim, optimizer_steps)
 
     def memory(self) -> dict:
         mem = dict(self.dp.memory())
-        mem["activations_peak"] = getattr(self, "peak_activation_bytes", 0)
+        mem["activations_peak"] = self.peak_activation_bytes
         return mem

@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipar.config import ConfigError, ModelConfig, ParallelConfig, replace
-from minipar.models.gpt import count_params
+from minipar.dist.comm import local_comm
+from minipar.models.gpt import build_chunks
+from minipar.nn.module import BuildContext
 from minipar.parallel.program_checks import live_counts
 from minipar.parallel.schedules import make_schedule
 from minipar.sim import costmodel as cm
@@ -114,6 +116,35 @@ def test_activation_memory_korthikanti_table2(t, b, s, ah):
 
 
 @settings(max_examples=60, deadline=None)
+@given(st.sampled_from([1, 2, 4]), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3),
+       st.integers(1, 4), st.sampled_from([0, 1, 3]), st.booleans(), st.sampled_from([2, 4, 8]))
+def test_activation_terms_are_the_closed_forms(t, b, seq_per, heads_per, d_head, ff_per, sp, e):
+    """The per-tensor table sums to the closed forms written out by hand, for any MLP width F:
+    the paper's sbh (10 + (8 + 4F/h)/t + 5as/(ht)) bytes (TP + SP: sbh (18 + 4F/h + 5as/h)/t),
+    and minipar's e [sbh (4 + (4 + 2F/h)/t + as/(ht)) + 2sb] (TP + SP: the serial count / t)."""
+    from fractions import Fraction as Q
+
+    a = heads_per * t
+    m = ModelConfig(vocab_size=7, seq_len=seq_per * t, n_layers=1, d_model=a * d_head,
+                    n_heads=a, d_ff=ff_per * t)
+    s, h, f = m.seq_len, m.d_model, m.ffn
+    sbh, att = s * b * h, Q(a * s, h)
+    paper = sbh * ((18 + Q(4 * f, h) + 5 * att) / t if sp
+                   else 10 + (8 + Q(4 * f, h)) / t + 5 * att / t)
+    assert cm.activation_bytes_per_layer(m, b, t, sp) == paper
+    ours = e * (sbh * ((8 + Q(2 * f, h) + att) / t if sp else 4 + (4 + Q(2 * f, h) + att) / t)
+                + Q(2 * s * b, t if sp else 1))
+    got = cm.activation_bytes_per_layer(m, b, t, sp, value_bytes=e, dropout=False,
+                                        layernorm_rstd=True)
+    assert got == ours
+    # Selective recomputation removes exactly the a s^2 terms: 5 bytes (ours: e) per score.
+    scores = b * a * s * s // t
+    assert cm.activation_bytes_per_layer(m, b, t, sp, "selective") == paper - 5 * scores
+    assert cm.activation_bytes_per_layer(m, b, t, sp, "selective", value_bytes=e,
+                                         dropout=False, layernorm_rstd=True) == ours - e * scores
+
+
+@settings(max_examples=60, deadline=None)
 @given(st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1"]), st.integers(1, 8),
        st.integers(1, 6), st.integers(1, 3))
 def test_peak_live_matches_the_programs(schedule, p, k, v):
@@ -127,18 +158,22 @@ def test_peak_live_matches_the_programs(schedule, p, k, v):
 # --------------------------------------------------------------------- parameters and memory
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 6), st.sampled_from([8, 16, 32]), st.sampled_from([1, 2, 4]),
-       st.integers(2, 50), st.booleans(), st.sampled_from(["learned", "sinusoidal"]))
-def test_param_count_matches_the_model_and_its_shards(layers, h, tp, vocab, tie, pos):
+       st.integers(2, 50), st.booleans(), st.sampled_from(["learned", "sinusoidal"]),
+       st.sampled_from([0, 8, 24]))
+def test_param_count_is_the_built_model_and_its_shards(layers, h, tp, vocab, tie, pos, d_ff):
+    """The one parameter count equals the sizes of the serial model's parameters as built, and
+    the tp shards hold every split parameter once, replicated ones t times, padding extra."""
     m = ModelConfig(vocab_size=vocab, seq_len=8, n_layers=layers, d_model=h, n_heads=4,
-                    tie_weights=tie, pos=pos)
-    assert cm.param_count(m) == count_params(m)
-    # The tp shards hold every split parameter once, replicated ones t times, padding extra.
+                    tie_weights=tie, pos=pos, d_ff=d_ff)
+    serial = build_chunks(m, BuildContext(0, "float64", local_comm(), False))[0]
+    built = sum(p.data.size for p in serial.params())
+    assert cm.param_count(m) == built
     par = ParallelConfig(tp=tp)
     local = cm.local_param_count(m, par, 0)
     vp = -(-vocab // tp) * tp
     replicated = layers * 6 * h + 2 * h + (8 * h if pos == "learned" else 0)
     padding = (vp - vocab) * h * (1 if tie else 2)
-    assert tp * local == count_params(m) + (tp - 1) * replicated + padding
+    assert tp * local == built + (tp - 1) * replicated + padding
 
 
 def test_memory_per_stage_by_hand():

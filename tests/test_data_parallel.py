@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
-from minipar.dist.comm import run_threads
+from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
+from minipar.models.gpt import build_chunks
+from minipar.nn.module import BuildContext
 from minipar.sim.comm_volume import predict_comm_bytes
 from minipar.sim.costmodel import units
 
@@ -275,6 +277,42 @@ def test_zero3_holds_only_the_running_unit():
     for seen, freed, again, names in run_threads(job, 2):
         assert seen == [True, True] and freed and again
         assert "embed.w" in names and not any(n.startswith("head.w") for n in names)
+
+
+@pytest.mark.parametrize("par", [
+    ParallelConfig(dp=2, microbatches=2),
+    ParallelConfig(dp=2, microbatches=2, bucket_mb=SMALL_BUCKET_MB),
+    ParallelConfig(dp=2, zero=1),
+    ParallelConfig(dp=2, zero=2, microbatches=2, bucket_mb=SMALL_BUCKET_MB),
+    ParallelConfig(dp=2, zero=3, microbatches=2),
+    ParallelConfig(dp=2, tp=2, zero=1, sequence_parallel=True),
+], ids=["dp", "buckets", "zero1", "zero2-buckets", "zero3", "zero1-tp-sp"])
+def test_step_clips_to_the_global_norm(par):
+    """One SGD step equals p - lr c g with g, its norm and c = max / (norm + 1e-6) computed
+    here from one serial forward and backward of the model's chunk, no engine involved."""
+    cfg = ModelConfig(vocab_size=11, seq_len=4, n_layers=2, d_model=8, n_heads=2)
+    (x, y), = random_batches(cfg, 1, BATCH, seed=5)
+    scored = float((y >= 0).sum())
+    chunk = build_chunks(cfg, BuildContext(0, "float64", local_comm()))[0]
+    start = {p.name: p.data.copy() for p in chunk.params()}
+    chunk.forward(x, 0, y, scored)
+    chunk.backward(None, 0)
+    grads = {p.name: p.grad for p in chunk.params()}
+    norm = math.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    max_norm, lr = norm / 4, 0.1
+    clip = max_norm / (norm + 1e-6)
+
+    def job(world):
+        mesh, engine = _engine(world, cfg, par, optimizer="sgd", lr=lr, grad_clip=max_norm)
+        rows = BATCH // par.dp
+        lo = mesh.dp_rank * rows
+        return engine.train_step(x[lo:lo + rows], y[lo:lo + rows], scored), engine.full_params()
+
+    for result, params in run_threads(job, par.world):
+        assert result.grad_norm == pytest.approx(norm, rel=RTOL)
+        assert result.clip == pytest.approx(clip, rel=RTOL) and not result.skipped
+        for name, p0 in start.items():
+            assert _relative_error(params[name], p0 - lr * clip * grads[name]) < RTOL, name
 
 
 def _relative_error(a, b) -> float:

@@ -9,9 +9,11 @@ from hypothesis import strategies as st
 
 from minipar.config import ModelConfig
 from minipar.dist.comm import local_comm
+from minipar.nn.memory import live_microbatches
 from minipar.nn.module import BuildContext
-from minipar.models.gpt import build_chunks, count_params
+from minipar.models.gpt import build_chunks
 from minipar.nn.optim import AdamW, SGD, clip_coefficient, lr_at
+from minipar.sim.costmodel import param_count
 
 
 def build(cfg, dtype="float64", seed=0):
@@ -44,9 +46,9 @@ def test_model_gradients_match_central_differences(b, t, heads, d_head, layers, 
     y[rng.random((b, t)) < 0.3] = -100
     model.forward(x, 0, y)
     model.backward(None, 0)
-    assert model.live_microbatches() == 0  # every cache freed by backward
+    assert live_microbatches(model) == 0  # every cache freed by backward
     params = model.params()
-    assert sum(p.data.size for p in params) == count_params(cfg)
+    assert sum(p.data.size for p in params) == param_count(cfg)
     # Directional derivative along a random direction over all parameters at once...
     eps = 1e-6
     dirs = [rng.normal(size=p.data.shape) for p in params]

@@ -48,14 +48,12 @@ ALLOWED = {
         "weights drawn from (seed, name) on the host: every backend starts from the same bits",
     ("nn/module.py", "make_param", "numpy.ascontiguousarray"):
         "the host shard is made contiguous before its upload",
-    ("engine.py", "Engine.train_step", "numpy.ascontiguousarray"):
+    ("engine.py", "Engine._microbatches", "numpy.ascontiguousarray"):
         "the host batch is made contiguous before its upload",
-    ("engine.py", "Engine.train_step.on_sync", "numpy.array"):
+    ("engine.py", "Engine._loss_and_norm", "numpy.array"):
         "two host floats (loss, grad_sq) packed for the one world allreduce of metrics",
-    ("engine.py", "Engine.train_step.on_sync", "numpy.sqrt"):
+    ("engine.py", "Engine._loss_and_norm", "numpy.sqrt"):
         "the global norm from the downloaded host sum of squares",
-    ("engine.py", "Engine.train_step.on_step", "numpy.isfinite"):
-        "a check of two host floats",
     ("engine.py", "Engine.forward_only", "numpy.ascontiguousarray"):
         "the host batch is made contiguous before its upload",
     ("engine.py", "Engine.evaluate", "*"):

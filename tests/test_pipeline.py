@@ -18,12 +18,13 @@ from minipar.tasks import IGNORE
 from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
+from minipar.nn.memory import activation_bytes, live_microbatches
 from minipar.nn.module import BuildContext
-from minipar.models.gpt import build_chunks, count_params
+from minipar.models.gpt import build_chunks
 from minipar.parallel import schedules as S
 from minipar.sim.partition import balanced_blocks, partition, partition_blocks
 from minipar.parallel.program_checks import check_program
-from minipar.sim.costmodel import model_flops
+from minipar.sim.costmodel import model_flops, param_count
 from minipar.observe.trace import Tracer, merge, to_chrome_trace
 from minipar.dist.traced import TracedComm
 
@@ -119,7 +120,8 @@ def test_caches_are_freed_when_their_backward_is_done(name, pp, k, v):
         assert log == _expected_live(eng.program, stage)
         assert max(s.live for s in eng.memory_log) == report.peak_live[stage]
         assert max(s.live_full for s in eng.memory_log) == report.peak_full[stage]
-        assert all(c.live_microbatches() == 0 and c.cache_bytes() == 0 for c in eng.chunks)
+        assert all(live_microbatches(c) == 0 for c in eng.chunks)
+        assert activation_bytes(*eng.chunks) == 0
         assert eng.memory_log[-1].bytes == 0
 
 
@@ -236,7 +238,7 @@ def test_partition_counts_what_each_stage_builds(cfg, data):
         built = build_chunks(cfg, ctx, pp, chunks // pp, s)
         assert report.stage_params(s) == sum(int(np.prod(p.full_shape))
                                              for c in built for p in c.params())
-    assert sum(report.stage_params(s) for s in range(pp)) == count_params(cfg)
+    assert sum(report.stage_params(s) for s in range(pp)) == param_count(cfg)
     assert sum(report.stage_flops(s) for s in range(pp)) == pytest.approx(model_flops(cfg, 1))
     lines = report.lines()
     assert len(lines) == pp + 1 and lines[-1].startswith("balance |")

@@ -19,16 +19,23 @@ from minipar.dist.stats import wire_bytes
 from minipar.nn import functional as F
 from minipar.models.blocks import Block
 from minipar.nn.module import BuildContext, Module, Sharding
-from minipar.sim.activations import (activation_breakdown, block_activation_bytes,
-                                          block_activation_terms, korthikanti_bytes_per_layer,
-                                          measure_block_activations)
+from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear,
-                                     VocabParallelCrossEntropy, padded_vocab,
-                                     vocab_parallel_argmax)
-from minipar.sim.tp_traffic import tp_comm_per_step, tp_partial_grad_elements
+                                     VocabParallelCrossEntropy, VocabParallelHead,
+                                     padded_vocab, vocab_parallel_argmax)
+from minipar.sim.activations import activation_breakdown, measure_block_activations
+from minipar.sim.comm_volume import partial_elements, predict_comm_bytes
+from minipar.sim.costmodel import activation_bytes_per_layer, block_activation_terms
 
 RTOL = 1e-9
 E = 8  # float64
+MINIPAR = {"value_bytes": E, "dropout": False, "layernorm_rstd": True}  # what a Block keeps
+
+
+def tp_traffic(cfg: ModelConfig, par: ParallelConfig, batch: int, stage: int = 0,
+               dp_rank: int = 0) -> dict:
+    """The cost model's tp-group traffic of one step for a rank (global batch ``batch``)."""
+    return predict_comm_bytes(cfg, par, batch, E, stage, dp_rank).get("tp", {})
 
 
 def calls_and_bytes(stats: dict) -> dict:
@@ -45,7 +52,7 @@ def calls_and_bytes(stats: dict) -> dict:
 def test_tensor_parallel_training_equals_serial(tp, dp, sp, tie, vocab, pos, d_model, seq, mbs,
                                                 rows, seed):
     """Losses of every step, full gradients and parameters after 2 AdamW steps equal the serial
-    run, and every rank's tp traffic each step is exactly ``tp_comm_per_step``."""
+    run, and every rank's tp traffic each step is exactly the cost model's (``tp_traffic``)."""
     if dp * tp > 8:
         dp = 8 // tp
     cfg = ModelConfig(vocab_size=vocab, seq_len=seq, n_layers=2, d_model=d_model, n_heads=4,
@@ -54,7 +61,7 @@ def test_tensor_parallel_training_equals_serial(tp, dp, sp, tie, vocab, pos, d_m
     batches = random_batches(cfg, steps=2, batch=dp * mbs * rows, seed=seed)
     results = run_threads(lambda w: train_layout(w, cfg, par, batches, seed=seed), par.world)
     assert mismatches(results[0], serial_reference(cfg, batches, seed=seed), RTOL) == []
-    want = tp_comm_per_step(cfg, par, rows, mbs, E)
+    want = tp_traffic(cfg, par, dp * mbs * rows)
     for r in results:
         for step in r.comm:
             assert calls_and_bytes(step.get("tp", {})) == want
@@ -86,15 +93,16 @@ def test_tp_traffic_of_every_pipeline_stage_is_the_formula(par):
     out = run_threads(rank, par.world)
     assert mismatches(out[0][1], serial_reference(cfg, batches, seed=3), RTOL) == []
     for stage, r in out:
-        want = tp_comm_per_step(cfg, par, rows, par.microbatches, E, stage=stage)
+        want = tp_traffic(cfg, par, par.dp * par.microbatches * rows, stage)
         assert calls_and_bytes(r.comm[0]["tp"]) == want
 
 
 @pytest.mark.parametrize("zero", [1, 2, 3])
 def test_under_zero_each_dp_rank_sums_its_shard_of_the_partial_gradients(zero):
     """ZeRO keeps a dp shard of the flat gradient, and sums over tp only the tp-partial entries
-    of that shard: the activation traffic is unchanged, and the dp ranks' partial-gradient
-    allreduces together cover every partial entry exactly once."""
+    of that shard: the activation traffic is unchanged, each rank's is the prediction for its dp
+    rank, and the dp ranks' partial-gradient allreduces together cover every partial entry
+    exactly once."""
     cfg = ModelConfig(vocab_size=11, seq_len=4, n_layers=2, d_model=8, n_heads=2)
     par = ParallelConfig(dp=2, tp=2, zero=zero, sequence_parallel=True)
     batches = random_batches(cfg, steps=1, batch=4, seed=5)
@@ -102,14 +110,14 @@ def test_under_zero_each_dp_rank_sums_its_shard_of_the_partial_gradients(zero):
     assert mismatches(results[0], serial_reference(cfg, batches, seed=5), RTOL) == []
     loss_bytes = 3 * 2 * cfg.seq_len * E  # the cross-entropy's three (b, s) allreduces
     shard_elements = []
-    for r in results:
+    for rank, r in enumerate(results):
         got = calls_and_bytes(r.comm[0]["tp"])
-        n = (got["allreduce"]["bytes"] - loss_bytes) // E
-        shard_elements.append(n)
-        assert got == tp_comm_per_step(cfg, par, 2, 1, E, partial_grad_elements=n)
+        shard_elements.append((got["allreduce"]["bytes"] - loss_bytes) // E)
+        assert got == tp_traffic(cfg, par, 4, dp_rank=rank // par.tp)
     # world rank = dp_rank * tp + tp_rank: ranks 0 and 2 are the two dp shards of tp rank 0
-    assert shard_elements[0] + shard_elements[2] == tp_partial_grad_elements(cfg, par)
-    assert shard_elements[1] + shard_elements[3] == tp_partial_grad_elements(cfg, par)
+    every = partial_elements(cfg, ParallelConfig(dp=2, tp=2, sequence_parallel=True), 0)
+    assert shard_elements[0] + shard_elements[2] == every
+    assert shard_elements[1] + shard_elements[3] == every
 
 
 # ------------------------------------------------------------------------------ one block
@@ -187,6 +195,60 @@ def test_column_then_row_equals_one_serial_linear_pair(tp, sp, b, t_per, c, f_pe
         np.testing.assert_allclose(g, g_ref, rtol=RTOL, atol=1e-12, err_msg=p.name)
 
 
+class _Pair(Module):
+    """Column-parallel, row-parallel, then the vocab-parallel head: the three linears."""
+
+    def __init__(self, ctx, c, f, v):
+        super().__init__()
+        self.col = ColumnParallelLinear(ctx, "fc", c, f, 0.5)
+        self.row = RowParallelLinear(ctx, "proj", f, c, 0.5)
+        self.head = VocabParallelHead(ctx, "head", c, v, 0.5)
+
+    def forward(self, x, mb=0):
+        return self.head.forward(self.row.forward(self.col.forward(x, mb), mb), mb)
+
+    def backward(self, dy, mb=0):
+        return self.col.backward(self.row.backward(self.head.backward(dy, mb), mb), mb)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("sp", [False, True])
+def test_deferred_weight_grads_equal_the_immediate_ones_and_move_no_bytes(tp, sp):
+    """Zero-bubble's split (``parallel.deferral``): the B pass leaves every weight gradient
+    unset, the W pass fills it with exactly the immediate backward's values and, since the
+    SP allgather of the input already ran in B, moves no bytes; the layers are left as built."""
+    b, t, c, f, v = 2, 4, 3, 4, 6
+    rng = np.random.default_rng(0)
+    x, dlogits = rng.normal(size=(b, t, c)), rng.normal(size=(b, t, v))
+
+    def rank(comm, defer):
+        pair = _Pair(BuildContext(0, "float64", comm, sp), c, f, v)
+        tl = t // comm.size if sp else t
+        lo = comm.rank * tl if sp else 0
+        pair.forward(x[:, lo:lo + tl].copy())
+        cols = v // comm.size
+        dy = dlogits[..., comm.rank * cols:(comm.rank + 1) * cols]  # (b, t, v/tp)
+        if not defer:
+            return pair.backward(dy.copy()), [p.grad for p in pair.params()]
+        deferred = DeferredWeightGrads()
+        with deferred.collect(pair, 0):
+            dx = pair.backward(dy.copy())
+        assert all(p.grad is None for p in (pair.col.w, pair.col.b, pair.row.w, pair.head.w))
+        assert len(deferred._pending[0]) == 3
+        assert not any("weight_grads" in vars(m) for m in (pair.col, pair.row, pair.head))
+        comm.stats.reset()
+        deferred.run(0)
+        assert comm.stats.as_dict() == {} and deferred._pending == {}
+        return dx, [p.grad for p in pair.params()]
+
+    now = run_threads(lambda comm: rank(comm, False), tp)
+    later = run_threads(lambda comm: rank(comm, True), tp)
+    for (dx0, g0), (dx1, g1) in zip(now, later):
+        np.testing.assert_array_equal(dx1, dx0)
+        for a, g in zip(g1, g0):
+            np.testing.assert_array_equal(a, g)
+
+
 # -------------------------------------------------------------- vocab-parallel loss, argmax
 def _vocab_slices(full, tp, junk):
     """Each rank's (B, T, V/tp) slice of the padded logits, padding filled with ``junk``."""
@@ -248,7 +310,7 @@ def test_vocab_parallel_argmax_equals_argmax_ties_included(tp, vocab, b, t, seed
 @pytest.mark.parametrize("sp", [False, True])
 def test_block_activation_bytes_are_the_formula_tensor_by_tensor(tp, sp):
     cfg = ModelConfig(vocab_size=7, seq_len=8, n_layers=2, d_model=16, n_heads=4)
-    want = block_activation_terms(cfg, 3, tp, sp, E)
+    want = block_activation_terms(cfg, 3, tp, sp, **MINIPAR)
     for got in measure_block_activations(cfg, tp, sp, rows=3):
         assert got == want
 
@@ -265,30 +327,14 @@ def test_activation_formula_holds_over_shapes_and_sp_divides_everything(tp, head
     cfg = ModelConfig(vocab_size=7, seq_len=seq_per * tp, n_layers=1, d_model=heads * d_head,
                       n_heads=heads, d_ff=d_ff_per * tp)
     s, h = cfg.seq_len, cfg.d_model
-    serial = block_activation_bytes(cfg, rows, 1, False, E)
-    with_sp = block_activation_bytes(cfg, rows, tp, True, E)
-    without = block_activation_bytes(cfg, rows, tp, False, E)
+    serial = activation_bytes_per_layer(cfg, rows, 1, False, **MINIPAR)
+    with_sp = activation_bytes_per_layer(cfg, rows, tp, True, **MINIPAR)
+    without = activation_bytes_per_layer(cfg, rows, tp, False, **MINIPAR)
     assert with_sp * tp == serial
     assert (without - with_sp) * tp == (4 * s * rows * h + 2 * s * rows) * E * (tp - 1)
     for sp in (False, True):
         for got in measure_block_activations(cfg, tp, sp, rows):
             assert sum(got.values()) == (with_sp if sp else without)
-
-
-@pytest.mark.parametrize("tp", [1, 2, 4, 8])
-@pytest.mark.parametrize("sp", [False, True])
-def test_formula_is_the_paper_without_dropout_plus_layernorm_rstd(tp, sp):
-    """Korthikanti et al. table 2 with dropout removed, at 2 bytes a value, is minipar's count
-    in values (MLP width 4h) except LayerNorm's 1/std, 2 sb values (sharded under SP)."""
-    cfg = ModelConfig(vocab_size=7, seq_len=16, n_layers=1, d_model=32, n_heads=8)
-    rows, s = 2, cfg.seq_len
-    ours = block_activation_bytes(cfg, rows, tp, sp, 1)
-    paper = korthikanti_bytes_per_layer(cfg, rows, tp, sp, dropout=False) / 2
-    assert ours - paper == 2 * s * rows / (tp if sp else 1)
-    with_dropout = korthikanti_bytes_per_layer(cfg, rows, tp, sp)
-    sbh = s * rows * cfg.d_model
-    want = sbh * (34 / tp if sp else 10 + 24 / tp) + 5 * 8 * s * s * rows / tp
-    assert with_dropout == pytest.approx(want)
 
 
 def test_breakdown_counts_each_buffer_once_and_no_parameters():

@@ -4,9 +4,10 @@ A unit's parameters are gathered before its forward, freed after it, gathered ag
 backward and freed after that. That only saves memory if nothing else keeps the gathered buffer
 alive: layer caches must hold activations, never weights. The test watches every gathered
 buffer with a weak reference and, after every hook of every unit, requires that exactly the
-groups ZeRO-3 itself holds (``_live``) are alive. A cache that kept a weight would keep its
-whole unit alive until the unit's backward, and ``Module.cache_bytes`` would count it as
-activation memory; so the measured activation peak under ZeRO-3 must equal ZeRO-0's.
+segments ZeRO-3 itself holds (``_live``) are alive. A cache that kept a weight would keep its
+whole unit alive until the unit's backward, and the activation meter (``minipar.nn.memory``)
+would count it as activation memory; so the measured activation peak under ZeRO-3 must equal
+ZeRO-0's.
 
 The linear layers (``minipar.parallel.tensor``) read their weight from the Param in backward,
 and ``LayerNorm`` (``minipar.nn.module``) its gain: one cached gain, a view of the gathered
@@ -26,10 +27,11 @@ from minipar.tasks import IGNORE
 from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
-from minipar.nn.module import BuildContext, arrays_in, held, owner, walk
+from minipar.nn.memory import arrays_in, held, owner
+from minipar.nn.module import BuildContext, walk
 from minipar.models.gpt import build_chunks
 from minipar.nn.module import Hooks
-from minipar.parallel.tensor import WeightGradMixin
+from minipar.parallel.deferral import LINEARS
 
 BATCH = 8
 
@@ -41,16 +43,16 @@ class Watch(Hooks):
         self.inner, self.zero3, self.gathered, self.problems = inner, zero3, gathered, problems
 
     def _check(self, when: str, unit) -> None:
-        alive = {g: ref() for g, ref in self.gathered.items() if ref() is not None}
-        live = {g for g, n in enumerate(self.zero3._live) if n > 0}
+        alive = {k: ref() for k, ref in self.gathered.items() if ref() is not None}
+        live = {k for k, n in enumerate(self.zero3._live) if n > 0}
         if set(alive) != live:
             self.problems["unit"].append(
-                f"after {when} of {type(unit).__name__}: gathered groups {sorted(alive)} "
+                f"after {when} of {type(unit).__name__}: gathered segments {sorted(alive)} "
                 f"alive, ZeRO-3 holds {sorted(live)}")
         buffers = {id(b) for b in alive.values()}
         for m in walk(unit):
-            if isinstance(m, WeightGradMixin) and any(
-                    id(owner(a)) in buffers for a in arrays_in(held(m))):
+            if isinstance(m, LINEARS) and any(
+                    id(owner(a)) in buffers for a in arrays_in([kept for _, kept, _ in held(m)])):
                 self.problems["linear"].append(f"after {when}: {type(m).__name__} of "
                                                f"{type(unit).__name__} caches a weight")
 
@@ -80,9 +82,9 @@ def _train(world, cfg: ModelConfig, par: ParallelConfig, watch: bool):
         zero3, gathered = engine.dp, {}
         gather = zero3._gather_slice
 
-        def spy(shard, g):
-            full = gather(shard, g)
-            gathered[g] = weakref.ref(owner(full))  # the buffer, not a view of it
+        def spy(shard, k):
+            full = gather(shard, k)
+            gathered[k] = weakref.ref(owner(full))  # the buffer, not a view of it
             return full
         zero3._gather_slice = spy
         for chunk in engine.chunks:
@@ -141,11 +143,11 @@ def test_deferred_weight_pass_keeps_no_weight():
         chunk = build_chunks(cfg, ctx)[0]
         chunk.forward(x, 0, y, float((y != IGNORE).sum()))
         chunk.backward(None, 0, defer_weight_grads=defer)
-        layers = [m for m in walk(chunk) if isinstance(m, WeightGradMixin)]
+        layers = [m for m in walk(chunk) if isinstance(m, LINEARS)]
         if defer:
             weights = {id(owner(p.data)) for p in chunk.params()}
-            assert all(len(m._pending) == 1 for m in layers)
-            kept = [a for m in layers for a in arrays_in(held(m))]
+            assert len(chunk.deferred._pending[0]) == len(layers)
+            kept = list(arrays_in([kept for _, kept, _ in held(chunk.deferred)]))
             assert kept and not any(id(owner(a)) in weights for a in kept)
             chunk.backward_weights(0)
         grads.append({p.name: p.grad for p in chunk.params()})

@@ -16,6 +16,8 @@ Three backends:
 Besides ``xp()``, a backend knows how to move data between host and device; the MPI world uses
 that to stage device arrays through host buffers when MPI cannot read device memory
 (``minipar.dist.staging``).
+
+The bottom layer, beside ``minipar.config``: it imports nothing else from minipar.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Default: the GEMM FLOP/s this machine reaches (the practical peak for our kernels), then the
 forward + backward + optimizer step of a model preset on one rank, reported as tokens/s,
 achieved model FLOP/s and their ratio to the GEMM peak. Model FLOPs per token are
-6 N + 12 L T C (Kaplan et al. 2020; the second term is attention's QK^T and AV, which the causal
-kernel computes in full), where N counts the weights used in matrix products (not the embedding
-lookup tables).
+``minipar.sim.costmodel.model_flops``: 6 N + 12 L T C (Kaplan et al. 2020; the second term is
+attention's QK^T and AV, which the causal kernel computes in full), where N counts the weights of
+the matrix products (not biases, LayerNorms or the embedding lookup tables).
 
 Speed targets are checked here, by measurement, never by timed tests.
 """
@@ -52,14 +52,11 @@ def _sync() -> None:
 
 
 def model_flops_per_token(cfg) -> float:
-    """6 N + 12 L T C: N = weights in matrix products (blocks and LM head, not lookups)."""
-    from minipar.models.gpt import count_params
+    """The matrix products' FLOPs of forward + backward per token: ``costmodel.model_flops``
+    (Korthikanti et al. 2022 eq. 7; 6 N + 12 L T C with N the weights in matrix products)."""
+    from minipar.sim.costmodel import model_flops
 
-    lookups = cfg.vocab_size * cfg.d_model + (cfg.seq_len * cfg.d_model
-                                              if cfg.pos == "learned" else 0)
-    head = cfg.vocab_size * cfg.d_model if cfg.tie_weights else 0  # tied head still multiplies
-    n_matmul = count_params(cfg) - lookups + head
-    return 6.0 * n_matmul + 12.0 * cfg.n_layers * cfg.seq_len * cfg.d_model
+    return model_flops(cfg, 1) / cfg.seq_len
 
 
 def bench_step(preset: str, batch: int, dtype: str, steps: int, warmup: int = 2) -> dict:

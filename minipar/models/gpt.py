@@ -9,6 +9,7 @@ backward is done).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from minipar import backend
@@ -16,8 +17,9 @@ from minipar.config import ModelConfig
 from minipar.nn import functional as F
 from minipar.models.blocks import INIT_STD, Block
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
+from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import (
-    SEQ_AXIS, VocabParallelCrossEntropy, WeightGradMixin, VocabParallelEmbedding, VocabParallelHead,
+    SEQ_AXIS, VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead,
     vocab_parallel_argmax,
 )
 
@@ -130,6 +132,7 @@ class GPTChunk(Module):
         tied = self.embed.tok.w if (cfg.tie_weights and spec.is_first) else None
         self.head = Head(ctx, cfg, tied) if spec.is_last else None
         self.units = [u for u in [self.embed, *self.blocks, self.head] if u is not None]
+        self.deferred = DeferredWeightGrads()  # zero-bubble W passes waiting to run
         self.hooks = Hooks()
 
     def forward(self, x, mb=0, targets=None, normalizer=None):
@@ -147,30 +150,21 @@ class GPTChunk(Module):
     def backward(self, dy=None, mb=0, defer_weight_grads: bool = False):
         """Gradient of the loss w.r.t. this chunk's input (None for the first chunk).
 
-        With ``defer_weight_grads`` the weight GEMMs wait for ``backward_weights(mb)``: the
-        B/W split of zero-bubble schedules (LayerNorm and bias gradients are cheap and are
-        computed at once).
+        With ``defer_weight_grads`` the linears' weight GEMMs wait for ``backward_weights(mb)``:
+        the B/W split of zero-bubble schedules (``minipar.parallel.deferral``; LayerNorm,
+        embedding and row-parallel bias gradients are cheap and are computed at once).
         """
         g = 1.0 if self.head is not None else dy
-        for layer in self._weight_layers():
-            layer.defer = defer_weight_grads
-        try:
+        with self.deferred.collect(self, mb) if defer_weight_grads else nullcontext():
             for unit in reversed(self.units):
                 self.hooks.pre_backward(unit, mb)
                 g = unit.backward(g, mb)
                 self.hooks.post_backward(unit, mb)
-        finally:
-            for layer in self._weight_layers():
-                layer.defer = False
         return g
 
     def backward_weights(self, mb=0) -> None:
         """The deferred weight-gradient pass of microbatch ``mb`` (zero-bubble "W")."""
-        for layer in self._weight_layers():
-            layer.flush(mb)
-
-    def _weight_layers(self) -> list:
-        return [m for m in walk(self) if isinstance(m, WeightGradMixin)]
+        self.deferred.run(mb)
 
     def predict(self, x):
         """This chunk's output activations with no caches kept (evaluation, not the last chunk)."""
@@ -210,12 +204,3 @@ def build_chunks(cfg: ModelConfig, ctx: BuildContext, pp: int = 1, virtual: int 
                  stage: int = 0) -> list[GPTChunk]:
     """This rank's model chunks. The serial model is ``build_chunks(cfg, ctx)[0]``."""
     return [GPTChunk(cfg, ctx, spec) for spec in chunk_specs(cfg, pp, virtual, stage)]
-
-
-def count_params(cfg: ModelConfig) -> int:
-    """Parameters of the full (unsharded) model."""
-    c, f, v, t, L = cfg.d_model, cfg.ffn, cfg.vocab_size, cfg.seq_len, cfg.n_layers
-    block = (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c) + 4 * c
-    emb = v * c + (t * c if cfg.pos == "learned" else 0)
-    head = 0 if cfg.tie_weights else c * v
-    return L * block + emb + 2 * c + head

@@ -165,20 +165,6 @@ class Module:
             raise RuntimeError(f"{type(self).__name__}: backward for microbatch {mb} without its "
                                "forward") from None
 
-    def live_microbatches(self) -> int:
-        return max([len(self._cache)] + [c.live_microbatches() for c in self.children()])
-
-    def cache_bytes(self) -> int:
-        """Bytes this module and its children keep alive for pending backward passes.
-
-        Every buffer counts once, by the array that owns its memory (the Q, K and V head views
-        are one [Q|K|V] buffer), and parameter storage is left out (a linear's kernel cache names
-        its weight, which is not activation memory). Deferred weight-gradient inputs of
-        zero-bubble W passes count too.
-        """
-        params = {id(owner(p.data)) for p in self.params()}
-        return unique_bytes(arrays_in([held(m) for m in walk(self)]), exclude=params)
-
 
 class Hooks:
     """Called around every unit; data parallelism overrides these (ZeRO-3, overlap)."""
@@ -194,41 +180,6 @@ def walk(module: Module):
     yield module
     for child in module.children():
         yield from walk(child)
-
-
-def held(module: Module) -> list:
-    """What one module keeps for backward: its caches and deferred weight-gradient inputs."""
-    return list(module._cache.values()) + list(module.__dict__.get("_pending", {}).values())
-
-
-def owner(a):
-    """The array that owns ``a``'s memory (``a`` itself unless it is a view)."""
-    while getattr(a, "base", None) is not None:
-        a = a.base
-    return a
-
-
-def arrays_in(obj):
-    """Every array inside nested tuples and lists."""
-    if hasattr(obj, "nbytes") and hasattr(obj, "dtype"):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for o in obj:
-            yield from arrays_in(o)
-
-
-def unique_bytes(arrays, exclude=frozenset(), seen: set | None = None) -> int:
-    """Bytes of the distinct memory owners of ``arrays``, skipping owners whose id is in
-    ``exclude``; ``seen`` carries the owners already counted across calls."""
-    seen = set() if seen is None else seen
-    total = 0
-    for a in arrays:
-        o = owner(a)
-        if id(o) in exclude or id(o) in seen:
-            continue
-        seen.add(id(o))
-        total += int(o.nbytes)
-    return total
 
 
 class LayerNorm(Module):

@@ -5,210 +5,181 @@ Why a sum and not an average: each microbatch loss is already divided by the num
 tokens in the *global* batch (see ``VocabParallelCrossEntropy``), so the sum over ranks and
 microbatches of the gradients is exactly the gradient of the serial mean loss.
 
-Gradients live in one flat buffer: each ``Param.grad`` is a view into it (as PyTorch DDP's
-gradient-as-bucket-view), so the sync needs no copy. ``FlatLayout`` says where each parameter
-sits in that buffer and cuts it into *segments*, the pieces synced as one collective.
+Read in this order:
 
-Two modes (``bucket_mb``):
-
-- 0, the default and the one to read first: after the whole backward, ONE allreduce of the flat
-  gradient over dp.
-- > 0, bucketed overlap: the flat buffer is cut into ceil(bytes / bucket) near-equal segments
-  (buckets of at most ``bucket_mb`` MiB). Backward produces gradients from the last unit to the
-  first, so buckets are launched from the end of the buffer: as soon as every parameter touching
-  a bucket has had its last backward of the step, a non-blocking ``iallreduce_`` starts on it
+- ``DataParallelStrategy``: what the engine asks of data parallelism, plain or ZeRO
+  (``minipar.parallel.zero`` holds stages 1-3).
+- ``DataParallel``, the default: gradients live in one flat buffer (each ``Param.grad`` is a
+  view into it, ``minipar.parallel.flat``), and after the whole backward ONE allreduce of that
+  buffer over dp makes every replica's gradient the serial one.
+- The extension, ``BucketedDataParallel`` (``bucket_mb`` > 0): the flat buffer is cut into
+  ceil(bytes / bucket) near-equal buckets. Backward produces gradients from the last unit to the
+  first, so buckets start from the end of the buffer: as soon as every parameter touching a
+  bucket has had its last backward of the step, a non-blocking ``iallreduce_`` starts on it
   while the backward of earlier units goes on; ``sync_grads`` waits for them all. With gradient
-  accumulation, buckets launch only during the LAST microbatch's backward (one sync per step).
-  The same bytes as the plain allreduce, in more calls. Knowing which microbatch is the last
-  needs the count (``microbatches=``); without it the first step counts the backward passes
-  and syncs all buckets in ``sync_grads``, later steps overlap. (ZeRO-1/2 reduce-scatter each
-  bucket instead, with a blocking call: ``Comm`` has no non-blocking reduce-scatter.)
+  accumulation, buckets start only during the LAST microbatch's backward (one sync per step).
+  The same bytes as the plain allreduce, in more calls (PyTorch DDP, Li et al. 2020). Knowing
+  which microbatch is the last needs the count (``microbatches``); without it the first step
+  counts the backward passes and syncs every bucket in ``sync_grads``, later steps overlap.
+  ZeRO-1/2 reuse ``Buckets`` to reduce-scatter each bucket instead (a blocking call: ``Comm``
+  has no non-blocking reduce-scatter).
 
 Parameters whose gradient is a partial sum over the tp group (LayerNorm, biases and positions in
 sequence-parallel regions, Korthikanti et al. 2022) are allreduced over tp once per step, after
 the dp sync (sums over dp and over tp commute).
-
-ZeRO stages 1-3 (``minipar.parallel.zero``) reuse ``FlatLayout`` and the bucket machinery here;
-``minipar.parallel.zero.strategy_class`` picks the class for a ZeRO stage.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from itertools import accumulate
+from abc import ABC, abstractmethod
 
 from minipar import backend
-from minipar.dist.algorithms import chunk_bounds
 from minipar.nn.module import Hooks, Param
 from minipar.nn.optim import local_grad_sq, make_optimizer
+from minipar.parallel.flat import FlatLayout, bucket_count
 
-MIB = 2 ** 20  # bucket_mb counts MiB, as the cost model (minipar.sim.comm_volume) does
-
-
-def flatten(arrays, dtype):
-    """One contiguous buffer holding ``arrays`` back to back."""
-    xp = backend.xp()
-    sizes = [a.size for a in arrays]
-    flat = xp.empty(sum(sizes), dtype=dtype)
-    offset = 0
-    for a, n in zip(arrays, sizes):
-        flat[offset:offset + n] = a.reshape(-1)
-        offset += n
-    return flat
+__all__ = ["DataParallelStrategy", "DataParallel", "BucketedDataParallel", "Buckets",
+           "allreduce_views", "state_of", "unit_owners", "params_used", "FlatLayout",
+           "bucket_count"]
 
 
-def unflatten_into(flat, arrays) -> None:
-    """Copy slices of ``flat`` back into ``arrays`` (in place)."""
-    offset = 0
-    for a in arrays:
-        a[...] = flat[offset:offset + a.size].reshape(a.shape)
-        offset += a.size
+class DataParallelStrategy(ABC):
+    """What the engine asks of data parallelism: one object per rank that owns the gradients
+    and optimizer state of the rank's parameters (plain, bucketed, or ZeRO 1/2/3).
 
-
-def sync_tp_partial_grads(params, tp) -> None:
-    """Allreduce over tp the gradients that each tp rank holds only a partial sum of."""
-    partial = [p for p in params if p.tp_partial_grad]
-    if tp.size == 1 or not partial:
-        return
-    for p in partial:
-        if p.grad is None:
-            p.grad = backend.xp().zeros_like(p.data)
-    flat = flatten([p.grad for p in partial], partial[0].grad.dtype)
-    tp.allreduce_(flat)
-    unflatten_into(flat, [p.grad for p in partial])
-
-
-def bucket_count(nbytes: int, bucket_mb: float, most: int) -> int:
-    """How many segments a buffer of ``nbytes`` is cut into: ceil(nbytes / bucket), 1..most."""
-    if bucket_mb <= 0:
-        return 1
-    return max(1, min(most, math.ceil(nbytes / (bucket_mb * MIB))))
-
-
-# -- where parameters live in a flat buffer ----------------------------------------------------
-
-@dataclass(frozen=True)
-class Segment:
-    """Elements [start, start + size) of the flat buffer, synced by one collective.
-
-    In a sharded layout ``size`` is a multiple of dp and dp rank r owns the r-th of its dp equal
-    slices; ``shard_start`` is where that slice begins in the rank's shard (its owned slices of
-    all segments, back to back).
+    A step: ``zero_grad``; the program's passes (hooks the strategy put on the chunks may start
+    syncing during backward); ``sync_grads``; ``grad_sq`` (summed over the world into the
+    global norm); ``scale_grads`` (clipping); ``step``. The rest serves checkpoints, tests and
+    the banner.
     """
 
-    start: int
-    size: int
-    shard_start: int
-    params: tuple[int, ...]  # indices of the parameters that overlap the segment
+    params: list[Param]  # this rank's (tp-local) parameters, in the chunks' order
+    optimizer: object  # its update rule and state (``step_count`` counts the updates)
+    microbatches: int | None = None  # backward passes per step, when the strategy counts them
+
+    @abstractmethod
+    def zero_grad(self) -> None:
+        """Start the step's gradients at zero."""
+
+    @abstractmethod
+    def sync_grads(self) -> None:
+        """After the passes: make this rank's gradients (or its shard of them) the serial run's
+        gradient, summed over dp, and over tp where tp ranks hold partial sums."""
+
+    @abstractmethod
+    def grad_sq(self) -> float:
+        """This rank's share of the squared global gradient norm; summed over the world, every
+        element of the model counts once."""
+
+    @abstractmethod
+    def scale_grads(self, factor: float) -> None:
+        """Multiply the gradients the next ``step`` applies by ``factor`` (clipping)."""
+
+    @abstractmethod
+    def step(self, lr: float) -> None:
+        """One optimizer update of this rank's parameters (or its shard of them)."""
+
+    @abstractmethod
+    def memory(self) -> dict[str, int]:
+        """Bytes this rank keeps across steps: {"params", "grads", "optimizer"}."""
+
+    @abstractmethod
+    def local_params(self, grads: bool = False) -> dict:
+        """{name: host array}: every tp-local parameter (or gradient), whole over dp (a
+        collective over dp when dp ranks hold shards)."""
+
+    @abstractmethod
+    def local_optimizer_state(self) -> dict:
+        """{param name: {state name: host array}}, tp-local, whole over dp (collective)."""
+
+    @abstractmethod
+    def load_local(self, params: dict, optim: dict, optimizer_steps: int) -> None:
+        """Take this rank's part of tp-local tensors given in the forms ``local_params`` and
+        ``local_optimizer_state`` return (a checkpoint saved by any layout)."""
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Updates taken so far (AdamW's bias correction counts them)."""
+        return self.optimizer.step_count
 
 
-class FlatLayout:
-    """The offset of every parameter in one flat (padded) buffer, and its segments.
-
-    ``contiguous``: parameters back to back in the given order; sharded, the buffer is padded at
-    the end to a multiple of dp. ``grouped``: one segment per group of parameters, each padded
-    on its own (ZeRO-3's units, so a unit can be gathered by itself).
-    """
-
-    def __init__(self, params, offsets: list[int], total: int, segments: list[Segment],
-                 dp: int, rank: int):
-        self.params = list(params)
-        self.offsets = offsets
-        self.sizes = [int(p.data.size) for p in self.params]
-        self.shapes = [tuple(p.data.shape) for p in self.params]
-        self.numel = sum(self.sizes)
-        self.total = total
-        self.segments = segments
-        self.dp, self.rank = dp, rank
-        self.shard_size = sum(s.size // dp for s in segments)
-
-    @classmethod
-    def contiguous(cls, params, dp: int, rank: int, n_segments: int = 1,
-                   sharded: bool = False) -> "FlatLayout":
-        sizes = [int(p.data.size) for p in params]
-        offsets = [0, *accumulate(sizes)][:-1]
-        numel = sum(sizes)
-        if not sharded:  # nobody owns a slice: every rank holds the whole buffer
-            bounds = chunk_bounds(numel, max(1, min(n_segments, numel)))
-            spans = [(b.start, b.stop - b.start) for b in bounds]
-            return cls(params, offsets, numel, _segments(spans, offsets, sizes, 1), 1, 0)
-        rows = -(-numel // dp)  # each segment is rows x dp elements, padding at the very end
-        bounds = chunk_bounds(rows, max(1, min(n_segments, rows)))
-        spans = [(b.start * dp, (b.stop - b.start) * dp) for b in bounds]
-        return cls(params, offsets, rows * dp, _segments(spans, offsets, sizes, dp), dp, rank)
-
-    @classmethod
-    def grouped(cls, groups: list[list], dp: int, rank: int) -> "FlatLayout":
-        params, offsets, spans, start = [], [], [], 0
-        for group in groups:
-            offset = start
-            for p in group:
-                params.append(p)
-                offsets.append(offset)
-                offset += int(p.data.size)
-            size = -(-(offset - start) // dp) * dp
-            spans.append((start, size))
-            start += size
-        sizes = [int(p.data.size) for p in params]
-        return cls(params, offsets, start, _segments(spans, offsets, sizes, dp), dp, rank)
-
-    def view(self, flat, i: int, origin: int = 0):
-        """Parameter i's elements of ``flat``, shaped like the parameter (a view, no copy).
-        ``flat`` may be a piece of the buffer that starts at element ``origin``."""
-        lo = self.offsets[i] - origin
-        return flat[lo:lo + self.sizes[i]].reshape(self.shapes[i])
-
-    def local(self, k: int) -> slice:
-        """This rank's slice of segment k, in flat-buffer coordinates."""
-        seg = self.segments[k]
-        c = seg.size // self.dp
-        return slice(seg.start + self.rank * c, seg.start + (self.rank + 1) * c)
-
-    def shard_of(self, flat):
-        """This rank's shard of a full flat buffer (a new array)."""
-        xp = backend.xp()
-        return xp.concatenate([flat[self.local(k)] for k in range(len(self.segments))])
-
-    def unshard(self, gathered, out) -> None:
-        """Fill the flat buffer ``out`` from every rank's shard, ``gathered`` (dp * shard,)."""
-        rows = gathered.reshape(self.dp, self.shard_size)  # (dp, shard)
-        for seg in self.segments:
-            block = rows[:, seg.shard_start:seg.shard_start + seg.size // self.dp]  # (dp, c)
-            out[seg.start:seg.start + seg.size] = block.reshape(-1)
-
-    def runs(self, value_of) -> list[tuple]:
-        """Maximal runs of this rank's shard lying in parameters with the same
-        ``value_of(param)``: (value, flat start, shard start, size); padding is left out."""
-        out: list[list] = []
-        for k, seg in enumerate(self.segments):
-            mine = self.local(k)
-            for i in seg.params:
-                lo = max(mine.start, self.offsets[i])
-                hi = min(mine.stop, self.offsets[i] + self.sizes[i])
-                if lo >= hi:
-                    continue
-                value, shard = value_of(self.params[i]), seg.shard_start + lo - mine.start
-                last = out[-1] if out else None
-                if (last and last[0] == value and last[1] + last[3] == lo
-                        and last[2] + last[3] == shard):
-                    last[3] += hi - lo
-                else:
-                    out.append([value, lo, shard, hi - lo])
-        return [tuple(r) for r in out]
+def allreduce_views(comm, views: list) -> None:
+    """Sum ``views`` over ``comm`` in place: one allreduce of them back to back."""
+    flat = backend.xp().concatenate([v.reshape(-1) for v in views])
+    comm.allreduce_(flat)
+    offset = 0
+    for v in views:
+        v[...] = flat[offset:offset + v.size].reshape(v.shape)
+        offset += v.size
 
 
-def _segments(spans, offsets, sizes, dp) -> list[Segment]:
-    segs, shard = [], 0
-    for start, size in spans:
-        overlap = tuple(i for i, (o, n) in enumerate(zip(offsets, sizes))
-                        if o < start + size and o + n > start)
-        segs.append(Segment(start, size, shard, overlap))
-        shard += size // dp
-    return segs
+def state_of(optim: dict, name: str, key: str):
+    """Optimizer state ``key`` of parameter ``name`` in ``load_local``'s ``optim``."""
+    try:
+        return optim[name][key]
+    except KeyError:
+        raise ValueError(f"checkpoint lacks optimizer state {key!r} for {name}") from None
 
 
-# -- which unit finishes which parameter ---------------------------------------------------------
+# -- plain data parallelism ----------------------------------------------------------------------
+
+class DataParallel(DataParallelStrategy):
+    """Plain data parallelism (ZeRO stage 0): ONE allreduce of the flat gradient after the whole
+    backward; every replica keeps the full parameters, gradients and optimizer state."""
+
+    def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
+                 weight_decay: float = 0.0):
+        self.params = [p for c in chunks for p in c.params()]
+        self.mesh = mesh
+        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay)
+        self.layout = FlatLayout.contiguous(self.params, 1, 0)  # one segment, no padding
+        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.params[0].data.dtype)
+        self._grads = self.layout.bind_grads(self.flat_grad)  # p.grad: views of flat_grad
+
+    def zero_grad(self) -> None:
+        self.flat_grad.fill(0)
+        self._grads = self.layout.bind_grads(self.flat_grad)
+
+    def sync_grads(self) -> None:
+        self.layout.adopt_grads(self._grads, range(len(self.params)))
+        self.mesh.dp.allreduce_(self.flat_grad)  # the sum over dp: the serial gradient
+        self._sync_tp_partial()
+
+    def _sync_tp_partial(self) -> None:
+        partial = [p.grad for p in self.params if p.tp_partial_grad]
+        if self.mesh.tp.size > 1 and partial:
+            allreduce_views(self.mesh.tp, partial)
+
+    def grad_sq(self) -> float:
+        """Replicas hold identical gradients, so only dp rank 0 contributes."""
+        return 0.0 if self.mesh.dp_rank else local_grad_sq(self.params, self.mesh.tp_rank)
+
+    def scale_grads(self, factor: float) -> None:
+        self.flat_grad *= factor
+
+    def step(self, lr: float) -> None:
+        self.optimizer.step(lr)
+
+    def memory(self) -> dict[str, int]:
+        return {"params": sum(int(p.data.nbytes) for p in self.params),
+                "grads": int(self.flat_grad.nbytes), "optimizer": self.optimizer.state_bytes()}
+
+    def local_params(self, grads: bool = False) -> dict:
+        return {p.name: backend.to_host(p.grad if grads else p.data) for p in self.params}
+
+    def local_optimizer_state(self) -> dict:
+        return {name: {key: backend.to_host(a) for key, a in states.items()}
+                for name, states in self.optimizer.state.items()}
+
+    def load_local(self, params: dict, optim: dict, optimizer_steps: int) -> None:
+        for p in self.params:
+            p.data[...] = backend.from_host(params[p.name])
+            for key, arr in self.optimizer.state[p.name].items():
+                arr[...] = backend.from_host(state_of(optim, p.name, key))
+        self.optimizer.step_count = optimizer_steps
+
+
+# -- the extension: buckets that start during backward -------------------------------------------
 
 def params_used(unit) -> list:
     """Every Param a unit reads, its own and borrowed ones (a tied head reads the embedding)."""
@@ -249,166 +220,96 @@ def unit_owners(chunks, params) -> tuple[list, dict[int, int]]:
 
 
 class BackwardHooks(Hooks):
-    """Tells a data-parallel strategy when a unit's backward of a microbatch has ended."""
+    """Tells a ``Buckets`` strategy when a unit's backward of a microbatch has ended."""
 
-    def __init__(self, strategy):
+    def __init__(self, strategy: "Buckets"):
         self.strategy = strategy
 
     def post_backward(self, unit, mb) -> None:
         self.strategy.unit_backward_done(unit, mb)
 
 
-# -- plain data parallelism (ZeRO-0) and the bucket machinery ZeRO-1/2 share --------------------
+class Buckets:
+    """Starts syncing each bucket (segment) of the flat gradient as soon as the step's backward
+    has finished every parameter in it; mixed into bucketed DP and ZeRO-1/2.
 
-class GradSync:
-    """Flat gradient buffer, segments, and launching segments as backward finishes them.
-
-    Subclasses say how a segment is synced (``_sync_segment``) and what happens once all are
-    (``_after_sync``).
+    The strategy provides ``params``, ``layout`` (its segments are the buckets), ``_grads``
+    (the views ``bind_grads`` returned) and ``_sync_bucket(k)``, the collective on bucket k.
     """
 
-    zero = 0
-    sharded = False
-
-    def __init__(self, params, mesh, bucket_mb: float = 0.0, microbatches: int | None = None):
-        self.params = list(params)
-        self.mesh = mesh
-        self.bucket_mb = float(bucket_mb)
+    def _watch(self, chunks, microbatches: int | None, overlap: bool) -> None:
+        """With ``overlap``, hook every unit's backward; without, buckets start in sync_grads."""
         self.microbatches = microbatches  # None: learned from the first step's backward passes
-        self.dtype = self.params[0].data.dtype
-        n = sum(int(p.data.size) for p in self.params)
-        padded = -(-n // mesh.dp.size) * mesh.dp.size if self.sharded else n
-        most = padded // mesh.dp.size if self.sharded else n
-        self.layout = FlatLayout.contiguous(
-            self.params, mesh.dp.size, mesh.dp_rank,
-            bucket_count(padded * self.dtype.itemsize, self.bucket_mb, most), self.sharded)
-        self._units: dict[int, int] = {}  # id(unit) -> index, set by install_hooks
-        self._owned: list[list[int]] = []  # unit index -> indices of the params it finishes
-        self._reset_step()
+        self._unit_index: dict[int, int] = {}  # id(unit) -> its index in forward order
+        self._owned: list[list[int]] = []  # unit index -> the parameters it finishes
+        if overlap:
+            units, owner = unit_owners(chunks, self.params)
+            self._unit_index = {id(u): i for i, u in enumerate(units)}
+            self._owned = [[] for _ in units]
+            for i, p in enumerate(self.layout.params):
+                self._owned[owner[id(p)]].append(i)
+            for chunk in chunks:
+                chunk.hooks = BackwardHooks(self)
+        self._new_step()
 
-    # -- hooks ---------------------------------------------------------------------------------
-
-    def install_hooks(self, chunks) -> None:
-        """Bucketed mode watches every unit's backward; the plain mode needs no hooks."""
-        if self.bucket_mb <= 0:
-            return
-        units, owner = unit_owners(chunks, self.params)
-        self._units = {id(u): i for i, u in enumerate(units)}
-        self._owned = [[] for _ in units]
-        for i, p in enumerate(self.layout.params):
-            self._owned[owner[id(p)]].append(i)
-        for chunk in chunks:
-            chunk.hooks = BackwardHooks(self)
+    def _new_step(self) -> None:
+        self._backwards: dict[int, int] = {}  # unit index -> backward passes this step
+        self._finished: set[int] = set()  # parameters whose gradient is final
+        self._next = len(self.layout.segments) - 1  # buckets start from the end of the buffer
 
     def unit_backward_done(self, unit, mb) -> None:
-        """A unit's backward of microbatch ``mb`` ended: launch every bucket it completed."""
-        u = self._units[id(unit)]
+        """A unit's backward of microbatch ``mb`` ended: start every bucket it completed."""
+        u = self._unit_index[id(unit)]
         self._backwards[u] = self._backwards.get(u, 0) + 1
         if self.microbatches is None or self._backwards[u] != self.microbatches:
-            return
-        self._done.update(self._owned[u])
-        while self._next >= 0 and self._done.issuperset(self.layout.segments[self._next].params):
-            self._launch(self._next, overlap=True)
-            self._next -= 1
+            return  # not the last microbatch: its gradients are still accumulating
+        self._finished.update(self._owned[u])
+        while self._next >= 0 and self._finished.issuperset(
+                self.layout.segments[self._next].params):
+            self._start_next_bucket()
 
-    def _reset_step(self) -> None:
-        self._backwards: dict[int, int] = {}
-        self._done: set[int] = set()
-        self._next = len(self.layout.segments) - 1  # buckets launch from the end of the buffer
-        self._pending: list = []
+    def _start_next_bucket(self) -> None:
+        k = self._next
+        self.layout.adopt_grads(self._grads, self.layout.segments[k].params)
+        self._sync_bucket(k)
+        self._next -= 1
 
-    # -- the step --------------------------------------------------------------------------------
-
-    def _bind_grads(self, flat) -> None:
-        self._grad_views = [self.layout.view(flat, i) for i in range(len(self.layout.params))]
-        for p, v in zip(self.layout.params, self._grad_views):
-            p.grad = v
-
-    def _adopt(self, k: int) -> None:
-        """Make sure segment k's parameters accumulated into the flat buffer (code that replaced
-        ``p.grad`` by a new array, or set it to None, is copied back in)."""
-        for i in self.layout.segments[k].params:
-            p, view = self.layout.params[i], self._grad_views[i]
-            if p.grad is not view:
-                view[...] = 0 if p.grad is None else p.grad
-                p.grad = view
-
-    def _launch(self, k: int, overlap: bool) -> None:
-        self._adopt(k)
-        self._sync_segment(k, overlap)
-
-    def sync_grads(self) -> None:
-        """Make every rank's gradients the gradient of the serial global-batch loss."""
+    def _sync_remaining_buckets(self) -> None:
+        """Start every bucket the backward did not (all of them without overlap)."""
         if self.microbatches is None and self._backwards:
             self.microbatches = max(self._backwards.values())
-        overlap = self.bucket_mb > 0
         while self._next >= 0:
-            self._launch(self._next, overlap)
-            self._next -= 1
-        for req in self._pending:
-            req.wait()
-        self._after_sync()
-        self._reset_step()
+            self._start_next_bucket()
+        self._new_step()
 
-    def _sync_segment(self, k: int, overlap: bool) -> None:
-        raise NotImplementedError
-
-    def _after_sync(self) -> None:
+    def _sync_bucket(self, k: int) -> None:
         raise NotImplementedError
 
 
-class DataParallel(GradSync):
-    """Plain data parallelism (ZeRO stage 0): allreduce of all gradients (one call, or one per
-    bucket), every replica keeps the full parameters, gradients and optimizer state."""
+class BucketedDataParallel(Buckets, DataParallel):
+    """Data parallelism whose allreduce is cut into buckets of at most ``bucket_mb`` MiB, each
+    started, non-blocking, as soon as the backward has finished it (see the module doc)."""
 
-    zero = 0
-
-    def __init__(self, params, mesh, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0, bucket_mb: float = 0.0,
-                 microbatches: int | None = None):
-        super().__init__(params, mesh, bucket_mb, microbatches)
-        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay)
-        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.dtype)
-        self._bind_grads(self.flat_grad)
+    def __init__(self, chunks, mesh, *, bucket_mb: float, microbatches: int | None = None,
+                 **optimizer):
+        super().__init__(chunks, mesh, **optimizer)
+        n = bucket_count(self.flat_grad.nbytes, bucket_mb, self.flat_grad.size)
+        self.layout = FlatLayout.contiguous(self.params, 1, 0, n)  # the same buffer, in n
+        self._grads = self.layout.bind_grads(self.flat_grad)
+        self._requests: list = []  # the buckets' non-blocking allreduces
+        self._watch(chunks, microbatches, overlap=True)
 
     def zero_grad(self) -> None:
-        self.flat_grad.fill(0)
-        self._bind_grads(self.flat_grad)
-        self._reset_step()
+        super().zero_grad()
+        self._new_step()
 
-    def materialize(self) -> None:
-        """Make every Param hold its full (tp-local) data and gradient; ZeRO-3 gathers here."""
+    def _sync_bucket(self, k: int) -> None:
+        bucket = self.flat_grad[self.layout.segments[k].span]
+        self._requests.append(self.mesh.dp.iallreduce_(bucket))
 
-    def release(self) -> None:
-        """Undo ``materialize`` (ZeRO-3 frees the gathered parameters again)."""
-
-    def _sync_segment(self, k: int, overlap: bool) -> None:
-        seg = self.layout.segments[k]
-        buf = self.flat_grad[seg.start:seg.start + seg.size]
-        if overlap:
-            self._pending.append(self.mesh.dp.iallreduce_(buf))
-        else:
-            self.mesh.dp.allreduce_(buf)
-
-    def _after_sync(self) -> None:
-        sync_tp_partial_grads(self.params, self.mesh.tp)
-
-    def grad_sq(self) -> float:
-        """This rank's share of the global squared gradient norm (summed over the world later):
-        replicas hold identical gradients, so only dp rank 0 contributes."""
-        if self.mesh.dp_rank != 0:
-            return 0.0
-        return local_grad_sq(self.params, self.mesh.tp_rank)
-
-    def step(self, lr: float, clip_coef: float = 1.0) -> None:
-        if clip_coef != 1.0:
-            self.flat_grad *= clip_coef
-        self.optimizer.step(lr)
-
-    def memory(self) -> dict:
-        """Bytes this rank keeps across steps: parameters, the flat gradient, optimizer state."""
-        return {
-            "params": sum(int(p.data.nbytes) for p in self.params),
-            "grads": int(self.flat_grad.nbytes),
-            "optimizer": self.optimizer.state_bytes(),
-        }
+    def sync_grads(self) -> None:
+        self._sync_remaining_buckets()
+        for request in self._requests:
+            request.wait()
+        self._requests.clear()
+        self._sync_tp_partial()

@@ -5,21 +5,26 @@ Megatron splits each MLP and attention block into a column-parallel linear (ever
 some output columns: some MLP units, some heads) followed by a row-parallel linear (every rank
 owns the matching input rows and produces a partial sum). Two conjugate operators glue them:
 
-    f: identity forward, allreduce backward   (before the column-parallel linear)
-    g: allreduce forward, identity backward   (after the row-parallel linear)
+    f = copy_to_tp:      identity forward, allreduce backward   (before the column-parallel linear)
+    g = reduce_from_tp:  allreduce forward, identity backward   (after the row-parallel linear)
 
 so a block costs exactly 2 allreduces forward and 2 backward. Sequence parallelism notices that
-the allreduce after g is immediately followed by work (LayerNorm, residual) that every rank repeats
+the allreduce of g is immediately followed by work (LayerNorm, residual) that every rank repeats
 on the full sequence; it replaces
 
-    g  by a reduce-scatter along T   (each rank keeps T/tp tokens of the sum)
-    f  by an allgather along T       (the column-parallel linear needs every token)
+    g  by reduce_scatter_seq: a reduce-scatter along T (each rank keeps T/tp tokens of the sum)
+    f  by gather_seq:         an allgather along T (the column-parallel linear needs every token)
 
 which moves the same bytes but stores the LayerNorm/residual activations once, not tp times.
 A column-parallel linear under sequence parallelism caches only this rank's T/tp tokens of its
 input and allgathers them again in backward for the weight gradient (Korthikanti et al. 2022,
 section 4.2.2): one extra allgather per column-parallel linear in backward buys a layer whose
 every cached activation is divided by tp, the paper's sbh (34/t + 5as/(ht)).
+
+Every layer here caches activations only and reads its weight from the Param again in backward,
+so ZeRO-3 may free a unit's gathered weights between its passes. Each linear ends its backward
+with ``weight_grads(x, dy)``, the dW = x^T dy GEMM that needs no weight; zero-bubble schedules
+postpone that call (``minipar.parallel.deferral``), the layers themselves never do.
 
 With a tp group of one rank every collective is a no-op: the serial model is this code on a
 1 x 1 x 1 mesh.
@@ -35,57 +40,47 @@ SEQ_AXIS = 1  # activations are (B, T, C); sequence parallelism splits T
 
 
 # --------------------------------------------------------------------------------------------
-# The conjugate operators, as kernel pairs (forward, backward).
+# Megatron's f and g and their sequence-parallel forms, as kernel pairs (forward, backward).
 
 
-def f_fwd(x, tp):
-    """Megatron's f, forward: identity. Every tp rank already holds the full input."""
+def copy_to_tp_fwd(x, tp):
+    """f, forward: identity. Every tp rank already holds the full input."""
     return x
 
 
-def f_bwd(dx, tp):
-    """Megatron's f, backward: allreduce. Each rank's column slice contributed part of dx."""
+def copy_to_tp_bwd(dx, tp):
+    """f, backward: allreduce. Each rank's column slice contributed part of dx."""
     return tp.allreduce(dx)
 
 
-def g_fwd(y, tp):
-    """Megatron's g, forward: allreduce the row-parallel partial sums into the full output."""
+def reduce_from_tp_fwd(y, tp):
+    """g, forward: allreduce the row-parallel partial sums into the full output."""
     return tp.allreduce(y)
 
 
-def g_bwd(dy, tp):
-    """Megatron's g, backward: identity. The output gradient is already whole on every rank."""
+def reduce_from_tp_bwd(dy, tp):
+    """g, backward: identity. The output gradient is already whole on every rank."""
     return dy
 
 
-def f_sp_fwd(x, tp):
-    """Sequence-parallel f, forward: allgather the T/tp token shards into the full sequence."""
+def gather_seq_fwd(x, tp):
+    """f under sequence parallelism, forward: allgather the T/tp token shards along T."""
     return tp.allgather(x, axis=SEQ_AXIS)
 
 
-def f_sp_bwd(dx, tp):
-    """Sequence-parallel f, backward: reduce-scatter, each rank keeps the sum for its tokens."""
+def gather_seq_bwd(dx, tp):
+    """f under sequence parallelism, backward: reduce-scatter, each rank keeps its tokens' sum."""
     return tp.reduce_scatter(dx, axis=SEQ_AXIS)
 
 
-def g_sp_fwd(y, tp):
-    """Sequence-parallel g, forward: reduce-scatter the partial sums along the sequence."""
+def reduce_scatter_seq_fwd(y, tp):
+    """g under sequence parallelism, forward: reduce-scatter the partial sums along T."""
     return tp.reduce_scatter(y, axis=SEQ_AXIS)
 
 
-def g_sp_bwd(dy, tp):
-    """Sequence-parallel g, backward: allgather the token shards of the gradient."""
+def reduce_scatter_seq_bwd(dy, tp):
+    """g under sequence parallelism, backward: allgather the token shards of the gradient."""
     return tp.allgather(dy, axis=SEQ_AXIS)
-
-
-def _enter(ctx):
-    """The (forward, backward) pair in front of a column-parallel linear."""
-    return (f_sp_fwd, f_sp_bwd) if ctx.sequence_parallel else (f_fwd, f_bwd)
-
-
-def _exit(ctx):
-    """The (forward, backward) pair after a row-parallel linear or the vocab-parallel lookup."""
-    return (g_sp_fwd, g_sp_bwd) if ctx.sequence_parallel else (g_fwd, g_bwd)
 
 
 def padded_vocab(vocab: int, tp_size: int) -> int:
@@ -97,135 +92,87 @@ def padded_vocab(vocab: int, tp_size: int) -> int:
 # Linear layers.
 
 
-class WeightGradMixin:
-    """Lets a layer postpone its weight-gradient GEMM (the "W" pass of zero-bubble pipelines,
-    Qi et al. 2023): with ``defer`` set, backward computes only dx and keeps (dy, cache) until
-    ``flush(mb)`` computes dW. dW = x^T dy needs no weight, so the kept cache drops it: a
-    deferred pass holds activations only, never a (ZeRO-3 gathered) weight."""
-
-    defer = False
-
-    def _weight_grads(self, dy, cache, mb) -> None:
-        if self.defer:
-            x, _, has_bias = cache
-            self.__dict__.setdefault("_pending", {})[mb] = (dy, (x, None, has_bias))
-        else:
-            self._apply_weight_grads(*F.linear_bwd_weight(dy, cache))
-
-    def flush(self, mb) -> None:
-        pending = self.__dict__.get("_pending", {})
-        if mb in pending:
-            dy, cache = pending.pop(mb)
-            self._apply_weight_grads(*F.linear_bwd_weight(dy, cache))
-
-    def pending_bytes(self) -> int:
-        return sum(int(dy.nbytes) for dy, _ in self.__dict__.get("_pending", {}).values())
-
-
-class ColumnParallel(WeightGradMixin, Module):
-    """Forward and backward of every column-parallel matrix: y = f(x) W[:, cols] (+ b[cols]).
-
-    Subclasses say where the weight and bias live (``_weight``, ``_bias``) and where their
-    gradients go (``_apply_weight_grads``). The cache keeps the input this rank was *given*:
-    the whole sequence without sequence parallelism (f is the identity), only this rank's T/tp
-    tokens with it; backward runs the entering collective again to rebuild the full input for
-    dW = x^T dy (an allgather under SP, nothing otherwise), as Korthikanti et al. 2022 (4.2.2)
-    do so that no activation of the layer is stored tp times. The cache never holds the weight:
-    backward reads it from the Param again, so that ZeRO-3 (Rajbhandari et al. 2019) can free
-    a unit's gathered weights between its forward and its backward (the same holds for every
-    layer here: caches keep activations only).
-    """
-
-    def _enter_region(self, ctx) -> None:
-        self.tp = ctx.tp
-        self.enter = _enter(ctx)
-
-    def _weight(self):
-        raise NotImplementedError
-
-    def _bias(self):
-        return None
-
-    def forward(self, x, mb=0):
-        x_full = self.enter[0](x, self.tp)  # (B, T, C): whole sequence on every rank
-        y, (_, _, has_bias) = F.linear_fwd(x_full, self._weight(), self._bias())  # (B, T, out/tp)
-        self.save(mb, (x, has_bias))  # the input as given; the weight is read again in backward
-        return y
-
-    def backward(self, dy, mb=0):
-        x, has_bias = self.pop(mb)
-        # The kernel's cache, rebuilt: the full input again (allgather under SP) and the weight
-        # as it is now (ZeRO-3 gathers it again before backward).
-        cache = (self.enter[0](x, self.tp), self._weight(), has_bias)
-        dx = F.linear_bwd_input(dy, cache)  # (B, T, C), partial over tp
-        self._weight_grads(dy, cache, mb)
-        return self.enter[1](dx, self.tp)
-
-
-class ColumnParallelLinear(ColumnParallel):
-    """y[:, cols of this rank] = f(x) W[:, cols] + b[cols]. Output stays split over tp.
+class ColumnParallelLinear(Module):
+    """y[:, cols of this rank] = f(x) W[:, cols] + b[cols]. The output stays split over tp.
 
     ``blocks`` cuts a fused weight block-wise (the [Q|K|V] projection: each rank takes the
-    Q, K and V columns of its own heads).
+    Q, K and V columns of its own heads). Backward hands the serial kernels their cache
+    (input, weight, has bias) rebuilt: the input kept at forward, the weight read now.
     """
 
-    def __init__(self, ctx, name: str, d_in: int, d_out: int, std: float, bias: bool = True,
-                 blocks: int = 1):
+    def __init__(self, ctx, name: str, d_in: int, d_out: int, std: float, blocks: int = 1):
         super().__init__()
-        self._enter_region(ctx)
-        tp = ctx.tp
+        self.tp, self.sp = ctx.tp, ctx.sequence_parallel
+        axis, parts, index = (2 if blocks > 1 else 1), ctx.tp.size, ctx.tp.rank
         w_view = (d_in, blocks, d_out // blocks) if blocks > 1 else None
         b_view = (blocks, d_out // blocks) if blocks > 1 else None
         self.w = make_param(ctx, f"{name}.w", (d_in, d_out), std,
-                            Sharding(axis=2 if blocks > 1 else 1, parts=tp.size, index=tp.rank,
-                                     view=w_view))
+                            Sharding(axis, parts, index, view=w_view))  # (C, out/tp)
         self.b = make_param(ctx, f"{name}.b", (d_out,), "zeros",
-                            Sharding(axis=1 if blocks > 1 else 0, parts=tp.size, index=tp.rank,
-                                     view=b_view), decay=False) if bias else None
-
-    def _weight(self):
-        return self.w.data  # (C, out / tp)
-
-    def _bias(self):
-        return None if self.b is None else self.b.data
-
-    def _apply_weight_grads(self, dw, db) -> None:
-        self.w.accumulate(dw)
-        if self.b is not None:
-            self.b.accumulate(db)
-
-
-class RowParallelLinear(WeightGradMixin, Module):
-    """y = g(x[:, rows of this rank] W[rows, :]) + b. Input arrives split over tp."""
-
-    def __init__(self, ctx, name: str, d_in: int, d_out: int, std: float):
-        super().__init__()
-        tp = ctx.tp
-        self.tp = tp
-        self.exit = _exit(ctx)
-        self.w = make_param(ctx, f"{name}.w", (d_in, d_out), std,
-                            Sharding(axis=0, parts=tp.size, index=tp.rank))
-        # The bias is added after the reduction, so it is replicated; under sequence parallelism
-        # each rank adds it to its own tokens only and its gradient is a partial sum over tp.
-        self.b = make_param(ctx, f"{name}.b", (d_out,), "zeros", decay=False)
-        self.b.tp_partial_grad = ctx.sequence_parallel
+                            Sharding(axis - 1, parts, index, view=b_view), decay=False)
 
     def forward(self, x, mb=0):
-        partial, _ = F.linear_fwd(x, self.w.data)  # (B, T, C) partial sum over tp
-        y = self.exit[0](partial, self.tp)  # (B, T, C) or (B, T/tp, C) under SP
-        y += self.b.data
-        self.save(mb, x)  # the input only: the weight is read again in backward
+        if self.sp:
+            x_full = gather_seq_fwd(x, self.tp)  # (B, T, C): allgather of every (B, T/tp, C)
+        else:
+            x_full = copy_to_tp_fwd(x, self.tp)  # (B, T, C): f is the identity forward
+        y, _ = F.linear_fwd(x_full, self.w.data, self.b.data)  # (B, T, out/tp)
+        self.save(mb, x)  # the input as given (T/tp tokens under SP), never the weight
         return y
 
     def backward(self, dy, mb=0):
-        self.b.accumulate(dy.sum(axis=tuple(range(dy.ndim - 1))))
-        dy_full = self.exit[1](dy, self.tp)  # (B, T, C)
-        cache = (self.pop(mb), self.w.data, False)  # the kernel's cache, with today's weight
-        dx = F.linear_bwd_input(dy_full, cache)
-        self._weight_grads(dy_full, cache, mb)
-        return dx  # (B, T, in / tp)
+        x = self.pop(mb)
+        x_full = gather_seq_fwd(x, self.tp) if self.sp else x  # (B, T, C) again, for dW
+        dx = F.linear_bwd_input(dy, (x_full, self.w.data, True))  # (B, T, C), partial over tp
+        self.weight_grads(x_full, dy)
+        if self.sp:
+            return gather_seq_bwd(dx, self.tp)  # (B, T/tp, C): reduce-scatter along T
+        return copy_to_tp_bwd(dx, self.tp)  # (B, T, C): f allreduces the partial sums
 
-    def _apply_weight_grads(self, dw, db) -> None:
+    def weight_grads(self, x, dy) -> None:
+        """dW = x^T dy and db = sum of dy over the full input (B, T, C); needs no weight."""
+        dw, db = F.linear_bwd_weight(dy, (x, None, True))  # (C, out/tp), (out/tp,)
+        self.w.accumulate(dw)
+        self.b.accumulate(db)
+
+
+class RowParallelLinear(Module):
+    """y = g(x[:, rows of this rank] W[rows, :]) + b. The input arrives split over tp."""
+
+    def __init__(self, ctx, name: str, d_in: int, d_out: int, std: float):
+        super().__init__()
+        self.tp, self.sp = ctx.tp, ctx.sequence_parallel
+        self.w = make_param(ctx, f"{name}.w", (d_in, d_out), std,
+                            Sharding(axis=0, parts=ctx.tp.size, index=ctx.tp.rank))  # (in/tp, C)
+        # The bias is added after the reduction, so it is replicated; under sequence parallelism
+        # each rank adds it to its own tokens only and its gradient is a partial sum over tp.
+        self.b = make_param(ctx, f"{name}.b", (d_out,), "zeros", decay=False)
+        self.b.tp_partial_grad = self.sp
+
+    def forward(self, x, mb=0):
+        partial, _ = F.linear_fwd(x, self.w.data)  # (B, T, C): a partial sum over tp
+        if self.sp:
+            y = reduce_scatter_seq_fwd(partial, self.tp)  # (B, T/tp, C): this rank's tokens
+        else:
+            y = reduce_from_tp_fwd(partial, self.tp)  # (B, T, C): g allreduces the sums
+        y += self.b.data  # once, after the sum
+        self.save(mb, x)  # the input only, never the weight
+        return y
+
+    def backward(self, dy, mb=0):
+        x = self.pop(mb)  # (B, T, in/tp)
+        self.b.accumulate(dy.sum(axis=(0, 1)))  # (C,), over this rank's tokens under SP
+        if self.sp:
+            dy_full = reduce_scatter_seq_bwd(dy, self.tp)  # (B, T, C): allgather along T
+        else:
+            dy_full = reduce_from_tp_bwd(dy, self.tp)  # (B, T, C): g is the identity backward
+        dx = F.linear_bwd_input(dy_full, (x, self.w.data, False))  # (B, T, in/tp)
+        self.weight_grads(x, dy_full)
+        return dx
+
+    def weight_grads(self, x, dy) -> None:
+        """dW = x^T dy for this rank's input rows; needs no weight."""
+        dw, _ = F.linear_bwd_weight(dy, (x, None, False))  # (in/tp, C)
         self.w.accumulate(dw)
 
 
@@ -239,60 +186,87 @@ class VocabParallelEmbedding(Module):
 
     def __init__(self, ctx, name: str, vocab: int, width: int, std: float):
         super().__init__()
-        tp = ctx.tp
-        self.tp = tp
-        self.exit = _exit(ctx)
-        self.vocab = vocab
-        self.rows = padded_vocab(vocab, tp.size) // tp.size
-        self.start = tp.rank * self.rows
+        self.tp, self.sp = ctx.tp, ctx.sequence_parallel
+        self.rows = padded_vocab(vocab, self.tp.size) // self.tp.size
+        self.start = self.tp.rank * self.rows
         self.w = make_param(ctx, f"{name}.w", (vocab, width), std,
-                            Sharding(axis=0, parts=tp.size, index=tp.rank,
-                                     padded=padded_vocab(vocab, tp.size)))
+                            Sharding(axis=0, parts=self.tp.size, index=self.tp.rank,
+                                     padded=padded_vocab(vocab, self.tp.size)))  # (V/tp, C)
 
     def forward(self, ids, mb=0):
-        valid = None
-        local = ids
+        local, valid = ids, None
         if self.tp.size > 1:
             local = ids - self.start  # (B, T)
-            valid = (local >= 0) & (local < self.rows)  # (B, T)
+            valid = (local >= 0) & (local < self.rows)  # (B, T): ids in this rank's rows
         y, cache = F.embedding_fwd(local, self.w.data, valid)  # (B, T, C) partial over tp
         self.save(mb, cache)
-        return self.exit[0](y, self.tp)
+        if self.sp:
+            return reduce_scatter_seq_fwd(y, self.tp)  # (B, T/tp, C)
+        return reduce_from_tp_fwd(y, self.tp)  # (B, T, C)
 
     def backward(self, dy, mb=0):
-        dy_full = self.exit[1](dy, self.tp)  # (B, T, C)
-        self.w.accumulate(F.embedding_bwd(dy_full, self.pop(mb)))
+        if self.sp:
+            dy = reduce_scatter_seq_bwd(dy, self.tp)  # (B, T, C)
+        else:
+            dy = reduce_from_tp_bwd(dy, self.tp)  # (B, T, C)
+        self.w.accumulate(F.embedding_bwd(dy, self.pop(mb)))
         return None
 
 
-class VocabParallelHead(ColumnParallel):
-    """Logits over this rank's slice of the vocabulary: a column-parallel linear with no bias.
-
-    With weight tying the head reuses the embedding's (V/tp, C) rows, transposed.
-    """
+class VocabParallelHead(Module):
+    """Logits over this rank's V/tp slice of the vocabulary: a column-parallel linear with no
+    bias. With weight tying it reads the embedding's (V/tp, C) rows, transposed."""
 
     def __init__(self, ctx, name: str, width: int, vocab: int, std: float,
                  tied: Param | None = None):
         super().__init__()
-        self._enter_region(ctx)
-        tp = ctx.tp
+        self.tp, self.sp = ctx.tp, ctx.sequence_parallel
         self.tied = tied
         if tied is None:
             self.w = make_param(ctx, f"{name}.w", (width, vocab), std,
-                                Sharding(axis=1, parts=tp.size, index=tp.rank,
-                                         padded=padded_vocab(vocab, tp.size)))
+                                Sharding(axis=1, parts=self.tp.size, index=self.tp.rank,
+                                         padded=padded_vocab(vocab, self.tp.size)))
 
-    def _weight(self):
+    def weight(self):
         return self.tied.data.T if self.tied is not None else self.w.data  # (C, V/tp)
 
-    def _apply_weight_grads(self, dw, db) -> None:
+    def forward(self, x, mb=0):
+        if self.sp:
+            x_full = gather_seq_fwd(x, self.tp)  # (B, T, C)
+        else:
+            x_full = copy_to_tp_fwd(x, self.tp)  # (B, T, C)
+        logits, _ = F.linear_fwd(x_full, self.weight())  # (B, T, V/tp)
+        self.save(mb, x)  # the input as given, never the weight
+        return logits
+
+    def backward(self, dlogits, mb=0):
+        x = self.pop(mb)
+        x_full = gather_seq_fwd(x, self.tp) if self.sp else x  # (B, T, C)
+        dx = F.linear_bwd_input(dlogits, (x_full, self.weight(), False))  # (B, T, C) partial
+        self.weight_grads(x_full, dlogits)
+        if self.sp:
+            return gather_seq_bwd(dx, self.tp)  # (B, T/tp, C)
+        return copy_to_tp_bwd(dx, self.tp)  # (B, T, C)
+
+    def weight_grads(self, x, dlogits) -> None:
+        """dW = x^T dlogits; a tied weight receives it transposed, as embedding rows."""
+        dw, _ = F.linear_bwd_weight(dlogits, (x, None, False))  # (C, V/tp)
         if self.tied is not None:
             self.tied.accumulate(dw.T.copy())
         else:
             self.w.accumulate(dw)
 
     def params(self) -> list[Param]:
-        return [] if self.tied is not None else [self.w]
+        return [] if self.tied is not None else [self.w]  # a tied weight is the embedding's
+
+
+def mask_padding(logits, tp, vocab: int):
+    """Set this rank's columns past the real vocabulary to -inf, in place; returns ``logits``."""
+    cols = logits.shape[-1]  # V/tp
+    first_pad = vocab - tp.rank * cols  # local index of the first padded column
+    if first_pad < cols:
+        logits[..., max(first_pad, 0):] = -backend.xp().inf
+    return logits
 
 
 class VocabParallelCrossEntropy(Module):
@@ -307,28 +281,21 @@ class VocabParallelCrossEntropy(Module):
         super().__init__()
         self.tp = ctx.tp
         self.vocab = vocab
-        self.cols = padded_vocab(vocab, self.tp.size) // self.tp.size
-        self.start = self.tp.rank * self.cols
         self.ignore_index = ignore_index
-
-    def _mask_padding(self, logits):
-        pad = self.start + self.cols - self.vocab
-        if pad > 0:
-            logits[..., self.cols - min(pad, self.cols):] = -backend.xp().inf
 
     def forward(self, logits, targets, normalizer=None, mb=0):
         """logits (B, T, V/tp), targets (B, T) -> scalar loss (same on every tp rank)."""
-        xp = backend.xp()
-        tp = self.tp
-        self._mask_padding(logits)
+        xp, tp = backend.xp(), self.tp
+        mask_padding(logits, tp, self.vocab)
         valid = targets != self.ignore_index  # (B, T)
         norm = float(valid.sum() if normalizer is None else normalizer)
         gmax = tp.allreduce(logits.max(axis=-1), op="max")  # (B, T)
         logits -= gmax[..., None]  # shifted logits, in place: the head's output is not reused
         exps = xp.exp(logits)  # (B, T, V/tp)
         sumexp = tp.allreduce(exps.sum(axis=-1))  # (B, T)
-        local = targets - self.start  # (B, T)
-        mine = valid & (local >= 0) & (local < self.cols)  # (B, T)
+        cols = logits.shape[-1]
+        local = targets - tp.rank * cols  # (B, T)
+        mine = valid & (local >= 0) & (local < cols)  # (B, T): targets in this rank's slice
         safe = xp.where(mine, local, 0)  # (B, T)
         picked = xp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]  # (B, T)
         # where, not a product: on a rank whose slice is all padding the pick is -inf, and
@@ -353,18 +320,12 @@ class VocabParallelCrossEntropy(Module):
 def vocab_parallel_argmax(logits, tp, vocab: int):
     """The predicted token ids (B, T) when each tp rank holds a slice of the logits."""
     xp = backend.xp()
-    cols = logits.shape[-1]
-    start = tp.rank * cols
-    masked = logits
-    pad = start + cols - vocab
-    if pad > 0:
-        masked = logits.copy()
-        masked[..., cols - min(pad, cols):] = -xp.inf
+    masked = mask_padding(logits.copy(), tp, vocab)  # (B, T, V/tp)
     idx = masked.argmax(axis=-1)  # (B, T)
     if tp.size == 1:
         return idx
     best = xp.take_along_axis(masked, idx[..., None], axis=-1)[..., 0]  # (B, T)
     all_best = tp.allgather(best[None], axis=0)  # (tp, B, T)
-    all_idx = tp.allgather((idx + start)[None], axis=0)  # (tp, B, T)
+    all_idx = tp.allgather((idx + tp.rank * logits.shape[-1])[None], axis=0)  # (tp, B, T)
     winner = all_best.argmax(axis=0)  # (B, T): the first rank wins ties, as a serial argmax
     return xp.take_along_axis(all_idx, winner[None], axis=0)[0]

@@ -24,10 +24,11 @@ microbatches):
   reduce-scatter), then ONE allgather of the updated parameters (Psi' e). Each rank updates only
   its slice, with the same ``adamw_update``/``sgd_update`` arithmetic as the unsharded
   optimizer, so the run equals the serial one to float64 rounding.
-- stage 3: the unit is the granule (the embedding, each block, the head): per microbatch an
-  allgather of each unit's padded parameters before its forward and again before its backward,
-  and a reduce-scatter of its gradients right after its backward (each ceil(n_u/dp) dp e), added
-  into the rank's gradient shard; no allgather after the step. A tied LM head borrows the
+- stage 3: the unit is the granule (the embedding, each block, the head), and the parameters
+  each unit finishes are one *segment*: per microbatch an allgather of each unit's padded
+  segment before its forward and again before its backward, and a reduce-scatter of its
+  gradients right after its backward (each ceil(n_u/dp) dp e), added into the rank's gradient
+  shard; no allgather after the step. A tied LM head borrows the
   embedding's matrix: the embedding's gather stays alive from the embedding's forward through the
   head's, and from the head's backward through the embedding's, so it is still one gather per
   pass; its gradient is reduced after the embedding's backward, the last to add to it.
@@ -38,11 +39,16 @@ allreduced over tp once per step, only over this rank's shard of them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from minipar import backend
-from minipar.config import ConfigError
 from minipar.nn.module import Hooks
 from minipar.nn.optim import make_optimizer
-from minipar.parallel.data import DataParallel, FlatLayout, GradSync, params_used, unit_owners
+from minipar.parallel.data import (
+    BucketedDataParallel, Buckets, DataParallel, DataParallelStrategy, allreduce_views,
+    params_used, state_of, unit_owners,
+)
+from minipar.parallel.flat import FlatLayout, bucket_count
 
 
 class ShardOptimizer:
@@ -71,14 +77,20 @@ class ShardOptimizer:
         return sum(int(a.nbytes) for a in self.state.values())
 
 
-class ShardedState:
-    """What every ZeRO stage does with its shard: clip, update, norm, tp sync, checkpoints."""
+class ShardedState(DataParallelStrategy):
+    """What every ZeRO stage does with the shard it owns: norm, clipping, update, tp sync,
+    checkpoints. A stage says where its shard lives: ``_param_view``/``_grad_view`` (a run of
+    the shard, by its flat-buffer and shard coordinates), ``_param_shard``/``_grad_shard``
+    (the whole shard) and ``_load_params`` (a full flat buffer in)."""
 
     layout: FlatLayout
     optimizer: ShardOptimizer
 
     def _param_view(self, flat: int, shard: int, n: int): ...
     def _grad_view(self, flat: int, shard: int, n: int): ...
+    def _param_shard(self): ...
+    def _grad_shard(self): ...
+    def _load_params(self, flat) -> None: ...
 
     def _plan_runs(self) -> None:
         tp_rank = self.mesh.tp_rank
@@ -89,16 +101,9 @@ class ShardedState:
         self._partial_runs = [r for r in self.layout.runs(lambda p: p.tp_partial_grad) if r[0]]
 
     def _sync_tp_partial(self) -> None:
-        tp = self.mesh.tp
-        if tp.size == 1 or not self._partial_runs:
-            return
-        views = [self._grad_view(*r[1:]) for r in self._partial_runs]
-        flat = backend.xp().concatenate(views)
-        tp.allreduce_(flat)
-        offset = 0
-        for v in views:
-            v[...] = flat[offset:offset + v.size]
-            offset += v.size
+        """Sum over tp the tp-partial gradients in this rank's shard (the rest is not ours)."""
+        if self.mesh.tp.size > 1 and self._partial_runs:
+            allreduce_views(self.mesh.tp, [self._grad_view(*r[1:]) for r in self._partial_runs])
 
     def grad_sq(self) -> float:
         """This rank's share of the global squared gradient norm: its own gradient shard."""
@@ -108,26 +113,32 @@ class ShardedState:
             total += float((g * g).sum())
         return total
 
-    def _update_shard(self, lr: float, clip_coef: float) -> None:
+    def scale_grads(self, factor: float) -> None:
+        for _, flat, shard, n in self._decay_runs:
+            g = self._grad_view(flat, shard, n)
+            g *= factor
+
+    def _update_shard(self, lr: float) -> None:
         self.optimizer.step_count += 1
         for decay, flat, shard, n in self._decay_runs:
-            g = self._grad_view(flat, shard, n)
-            if clip_coef != 1.0:
-                g *= clip_coef
-            self.optimizer.update(self._param_view(flat, shard, n), g, shard, decay, lr)
+            self.optimizer.update(self._param_view(flat, shard, n),
+                                  self._grad_view(flat, shard, n), shard, decay, lr)
 
-    @property
-    def optimizer_steps(self) -> int:
-        return self.optimizer.step_count
+    def _by_name(self, shard) -> dict:
+        """{name: host array} of the full tensors whose shards every dp rank holds (allgather)."""
+        flat = backend.xp().zeros(self.layout.total, dtype=shard.dtype)
+        self.layout.unshard(self.mesh.dp.allgather(shard), flat)
+        return {p.name: backend.to_host(self.layout.view(flat, i))
+                for i, p in enumerate(self.layout.params)}
 
-    def optimizer_state_local(self) -> dict:
-        """{param name: {state name: tp-local array}}: the dp shards gathered (collective)."""
+    def local_params(self, grads: bool = False) -> dict:
+        return self._by_name(self._grad_shard() if grads else self._param_shard())
+
+    def local_optimizer_state(self) -> dict:
         out: dict = {p.name: {} for p in self.layout.params}
         for key, shard in self.optimizer.state.items():
-            flat = backend.xp().zeros(self.layout.total, dtype=shard.dtype)
-            self.layout.unshard(self.mesh.dp.allgather(shard), flat)
-            for i, p in enumerate(self.layout.params):
-                out[p.name][key] = self.layout.view(flat, i).copy()
+            for name, arr in self._by_name(shard).items():
+                out[name][key] = arr
         return out
 
     def _flat_from(self, arrays: dict):
@@ -136,229 +147,234 @@ class ShardedState:
             self.layout.view(flat, i)[...] = backend.from_host(arrays[p.name])
         return flat
 
-    def load_local(self, local_params: dict, local_optim: dict, optimizer_steps: int) -> None:
-        """Take this rank's shards of full tp-local tensors (from a checkpoint of any layout)."""
-        self._load_params(self._flat_from(local_params))
+    def load_local(self, params: dict, optim: dict, optimizer_steps: int) -> None:
+        self._load_params(self._flat_from(params))
         for key, shard in self.optimizer.state.items():
-            try:
-                states = {p.name: local_optim[p.name][key] for p in self.layout.params}
-            except KeyError as exc:
-                raise ValueError(f"checkpoint lacks optimizer state {key!r} for {exc}") from None
+            states = {p.name: state_of(optim, p.name, key) for p in self.layout.params}
             shard[...] = self.layout.shard_of(self._flat_from(states))
         self.optimizer.step_count = optimizer_steps
 
 
-class ZeRO1(ShardedState, GradSync):
-    """ZeRO stage 1: optimizer state sharded; full parameters and gradients on every rank."""
+# -- stages 1 and 2: the flat buffers of data parallelism, reduce-scattered --------------------
 
-    zero = 1
-    sharded = True
+class ZeRO1(Buckets, ShardedState):
+    """ZeRO stage 1: optimizer state sharded; every rank keeps the full parameters and the full
+    flat gradient. The gradient is reduce-scattered (a rank receives the dp sum of its slice),
+    each rank updates its slice, and one allgather shares the updated parameters."""
 
-    def __init__(self, params, mesh, optimizer: str = "adamw", lr: float = 1e-3,
+    def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, bucket_mb: float = 0.0,
                  microbatches: int | None = None):
-        super().__init__(params, mesh, bucket_mb, microbatches)
-        xp, lay = backend.xp(), self.layout
-        self.flat_param = xp.zeros(lay.total, dtype=self.dtype)
-        for i, p in enumerate(lay.params):
-            view = lay.view(self.flat_param, i)
+        self.params = [p for c in chunks for p in c.params()]
+        self.mesh = mesh
+        self.dtype = self.params[0].data.dtype
+        dp = mesh.dp.size
+        padded = -(-sum(int(p.data.size) for p in self.params) // dp) * dp
+        n = bucket_count(padded * self.dtype.itemsize, bucket_mb, padded // dp)
+        self.layout = FlatLayout.contiguous(self.params, dp, mesh.dp_rank, n, sharded=True)
+        self.flat_param = backend.xp().zeros(self.layout.total, dtype=self.dtype)
+        for i, p in enumerate(self.layout.params):
+            view = self.layout.view(self.flat_param, i)
             view[...] = p.data
             p.data = view  # parameters live in the flat buffer the allgather refills
-        self.optimizer = ShardOptimizer(optimizer, lay.shard_size, self.dtype, lr, weight_decay)
-        self.flat_grad = None
-        self.grad_shard = None if self.zero == 1 else xp.zeros(lay.shard_size, dtype=self.dtype)
-        if self.zero == 1:
-            self._new_flat_grad()
+        self.optimizer = ShardOptimizer(optimizer, self.layout.shard_size, self.dtype, lr,
+                                        weight_decay)
+        self._keep_grads()
         self._plan_runs()
+        self._watch(chunks, microbatches, overlap=bucket_mb > 0)
 
-    def _new_flat_grad(self) -> None:
+    def _keep_grads(self) -> None:
+        """The full flat gradient lives across steps; a rank's reduced slice is written in it."""
         self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.dtype)
-        self._bind_grads(self.flat_grad)
+        self._grads = self.layout.bind_grads(self.flat_grad)
 
     def zero_grad(self) -> None:
-        if self.flat_grad is None:
-            self._new_flat_grad()
-        else:
-            self.flat_grad.fill(0)
-            self._bind_grads(self.flat_grad)
-        self._reset_step()
+        self.flat_grad.fill(0)
+        self._grads = self.layout.bind_grads(self.flat_grad)
+        self._new_step()
 
-    def _adopt(self, k: int) -> None:
-        if self.flat_grad is None:  # backward ran without zero_grad: start from zeros
-            self._new_flat_grad()
-        super()._adopt(k)
-
-    def _sync_segment(self, k: int, overlap: bool) -> None:
+    def _sync_bucket(self, k: int) -> None:
+        """Reduce-scatter bucket k: this rank receives the dp sum of its slice of it."""
         seg = self.layout.segments[k]
-        mine = self.mesh.dp.reduce_scatter(self.flat_grad[seg.start:seg.start + seg.size])
+        mine = self.mesh.dp.reduce_scatter(self.flat_grad[seg.span])
         self._grad_view(self.layout.local(k).start, seg.shard_start, mine.size)[...] = mine
 
-    def _after_sync(self) -> None:
+    def sync_grads(self) -> None:
+        self._sync_remaining_buckets()
         self._sync_tp_partial()
-        if self.zero >= 2:  # keep only the shard: the full gradient is dropped
-            self._drop_flat_grad()
 
-    def _drop_flat_grad(self) -> None:
-        self.flat_grad = None
-        for p in self.layout.params:
-            p.grad = None
+    def step(self, lr: float) -> None:
+        """Update this rank's slice, then allgather every rank's slice into the full buffer."""
+        self._update_shard(lr)
+        gathered = self.mesh.dp.allgather(self.layout.shard_of(self.flat_param))
+        self.layout.unshard(gathered, self.flat_param)
 
     def _param_view(self, flat: int, shard: int, n: int):
         return self.flat_param[flat:flat + n]
 
     def _grad_view(self, flat: int, shard: int, n: int):
-        if self.grad_shard is not None:
-            return self.grad_shard[shard:shard + n]
         return self.flat_grad[flat:flat + n]
 
-    def step(self, lr: float, clip_coef: float = 1.0) -> None:
-        """Update this rank's slice, then allgather every rank's slice into the full buffer."""
-        self._update_shard(lr, clip_coef)
-        gathered = self.mesh.dp.allgather(self.layout.shard_of(self.flat_param))
-        self.layout.unshard(gathered, self.flat_param)
+    def _param_shard(self):
+        return self.layout.shard_of(self.flat_param)
 
-    def materialize(self) -> None:
-        """Full (dp-summed) gradients in ``p.grad`` for inspection (parameters are always full)."""
-        if self.grad_shard is None:
-            mine = self.layout.shard_of(self.flat_grad)
-        else:
-            mine = self.grad_shard
-            self._new_flat_grad()
-        self.layout.unshard(self.mesh.dp.allgather(mine), self.flat_grad)
-
-    def release(self) -> None:
-        if self.zero >= 2:
-            self._drop_flat_grad()
+    def _grad_shard(self):
+        return self.layout.shard_of(self.flat_grad)
 
     def _load_params(self, flat) -> None:
         self.flat_param[...] = flat
 
-    def memory(self) -> dict:
-        grads = self.flat_grad if self.grad_shard is None else self.grad_shard
-        return {"params": int(self.flat_param.nbytes), "grads": int(grads.nbytes),
+    def memory(self) -> dict[str, int]:
+        return {"params": int(self.flat_param.nbytes), "grads": int(self.flat_grad.nbytes),
                 "optimizer": self.optimizer.state_bytes()}
 
 
 class ZeRO2(ZeRO1):
-    """ZeRO stage 2: gradients sharded too; after the reduce-scatter only the shard is kept."""
+    """ZeRO stage 2: gradients sharded too. The full flat gradient exists only from
+    ``zero_grad`` to the end of ``sync_grads``; across steps a rank keeps its reduced slice."""
 
-    zero = 2
+    def _keep_grads(self) -> None:
+        self.grad_shard = backend.xp().zeros(self.layout.shard_size, dtype=self.dtype)
+        self.flat_grad = None
+
+    def zero_grad(self) -> None:
+        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.dtype)
+        self._grads = self.layout.bind_grads(self.flat_grad)
+        self._new_step()
+
+    def sync_grads(self) -> None:
+        super().sync_grads()
+        self.flat_grad = None  # the full gradient is dropped: only the shard is kept
+        for p in self.params:
+            p.grad = None
+
+    def _grad_view(self, flat: int, shard: int, n: int):
+        return self.grad_shard[shard:shard + n]
+
+    def _grad_shard(self):
+        return self.grad_shard
+
+    def memory(self) -> dict[str, int]:
+        return {"params": int(self.flat_param.nbytes), "grads": int(self.grad_shard.nbytes),
+                "optimizer": self.optimizer.state_bytes()}
+
+
+# -- stage 3: parameters sharded, each unit's segment gathered while it runs -------------------
+
+@dataclass(frozen=True)
+class UnitSegments:
+    """The segments one unit gathers, frees and reduces (ZeRO-3). In forward a unit gathers the
+    segments it is the first of its chunk to use and frees those it is the last to use;
+    backward runs the other way round."""
+
+    first: tuple[int, ...]  # segments this unit is the first in its chunk to use in forward
+    last: tuple[int, ...]  # segments this unit is the last in its chunk to use in forward
+    owned: tuple[int, ...]  # the segment of the parameters whose gradient it finishes
 
 
 class ZeRO3Hooks(Hooks):
-    """Gather a unit's parameters before it runs, free them after, reduce its gradients."""
+    """Gather a unit's segments before it runs, free them after, reduce its gradients."""
 
-    def __init__(self, strategy: "ZeRO3"):
-        self.strategy = strategy
+    def __init__(self, zero3: "ZeRO3"):
+        self.zero3 = zero3
 
     def pre_forward(self, unit, mb) -> None:
-        self.strategy.acquire(self.strategy.plan[id(unit)]["first_fwd"])
+        self.zero3.acquire_segments(self.zero3.plan[id(unit)].first)
 
     def post_forward(self, unit, mb) -> None:
-        self.strategy.release_groups(self.strategy.plan[id(unit)]["last_fwd"])
+        self.zero3.release_segments(self.zero3.plan[id(unit)].last)
 
     def pre_backward(self, unit, mb) -> None:
-        self.strategy.acquire(self.strategy.plan[id(unit)]["last_fwd"])
+        self.zero3.acquire_segments(self.zero3.plan[id(unit)].last)
 
     def post_backward(self, unit, mb) -> None:
-        plan = self.strategy.plan[id(unit)]
-        for g in plan["owned"]:
-            self.strategy.reduce_group(g)
-        self.strategy.release_groups(plan["first_fwd"])
+        plan = self.zero3.plan[id(unit)]
+        for k in plan.owned:
+            self.zero3.reduce_segment(k)
+        self.zero3.release_segments(plan.first)
 
 
 class ZeRO3(ShardedState):
-    """ZeRO stage 3: parameters sharded too; each unit is gathered only while it runs.
+    """ZeRO stage 3: parameters sharded too; each unit's segment is gathered only while it runs.
 
-    Between uses a Param holds no data (``p.data is None``) and no gradient; ``materialize``
-    gathers everything for inspection and ``release`` frees it again. The layout needs the
-    model's units, so it is built in ``install_hooks`` (the engine calls it right away).
+    Between uses a Param holds no data (``p.data is None``) and no gradient: the rank keeps only
+    its shards of the parameters, gradients and optimizer state.
     """
 
-    zero = 3
-
-    def __init__(self, params, mesh, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0, bucket_mb: float = 0.0,
-                 microbatches: int | None = None):
-        if bucket_mb > 0:
-            raise ConfigError("--bucket-mb applies to --zero 0, 1, 2: --zero 3 already "
-                              "reduce-scatters each unit's gradients as its backward ends")
-        self.params = list(params)
+    def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
+                 weight_decay: float = 0.0):
+        self.params = [p for c in chunks for p in c.params()]
         self.mesh = mesh
         self.dtype = self.params[0].data.dtype
-        self._optimizer_args = (optimizer, lr, weight_decay)
-        self.layout = None
-
-    def install_hooks(self, chunks) -> None:
         units, owner = unit_owners(chunks, self.params)
-        groups = [[p for p in self.params if owner[id(p)] == u] for u in range(len(units))]
-        kept = [u for u in range(len(units)) if groups[u]]
-        self.layout = FlatLayout.grouped([groups[u] for u in kept], self.mesh.dp.size,
-                                         self.mesh.dp_rank)
+        finished_by = [[p for p in self.params if owner[id(p)] == u] for u in range(len(units))]
+        self.layout = FlatLayout.segmented([ps for ps in finished_by if ps], mesh.dp.size,
+                                           mesh.dp_rank)
         full = backend.xp().zeros(self.layout.total, dtype=self.dtype)
         for i, p in enumerate(self.layout.params):
             self.layout.view(full, i)[...] = p.data
         self.param_shard = self.layout.shard_of(full)
         self.grad_shard = backend.xp().zeros(self.layout.shard_size, dtype=self.dtype)
-        self.optimizer = ShardOptimizer(self._optimizer_args[0], self.layout.shard_size,
-                                        self.dtype, *self._optimizer_args[1:])
+        self.optimizer = ShardOptimizer(optimizer, self.layout.shard_size, self.dtype, lr,
+                                        weight_decay)
         for p in self.params:
             p.data, p.grad = None, None
-        self._live = [0] * len(self.layout.segments)
-        self.plan = self._make_plan(chunks, units, {u: g for g, u in enumerate(kept)})
+        self._live = [0] * len(self.layout.segments)  # units using each gathered segment
+        self.plan = self._plan(chunks, owner)
         for chunk in chunks:
             chunk.hooks = ZeRO3Hooks(self)
         self._plan_runs()
 
-    def _make_plan(self, chunks, units, group_of_unit) -> dict:
-        """Per unit: the groups it gathers first and frees last in forward (backward reverses
-        both), and the group whose gradients it reduces."""
-        segment_of = {id(self.layout.params[i]): g for g, seg in enumerate(self.layout.segments)
+    def _plan(self, chunks, owner: dict[int, int]) -> dict[int, UnitSegments]:
+        """{id(unit): UnitSegments}; ``owner`` maps id(param) to the unit finishing it."""
+        segment_of = {id(self.layout.params[i]): k for k, seg in enumerate(self.layout.segments)
                       for i in seg.params}
         plan, u = {}, 0
         for chunk in chunks:
             first, last = {}, {}
             for unit in chunk.units:
-                for g in sorted({segment_of[id(p)] for p in params_used(unit)}):
-                    first.setdefault(g, id(unit))
-                    last[g] = id(unit)
+                for k in sorted({segment_of[id(p)] for p in params_used(unit)}):
+                    first.setdefault(k, id(unit))
+                    last[k] = id(unit)
             for unit in chunk.units:
-                plan[id(unit)] = {
-                    "first_fwd": [g for g, who in first.items() if who == id(unit)],
-                    "last_fwd": [g for g, who in last.items() if who == id(unit)],
-                    "owned": [group_of_unit[u]] if u in group_of_unit else []}
+                owned = {segment_of[id(p)] for p in self.params if owner[id(p)] == u}
+                plan[id(unit)] = UnitSegments(
+                    tuple(k for k, who in first.items() if who == id(unit)),
+                    tuple(k for k, who in last.items() if who == id(unit)), tuple(sorted(owned)))
                 u += 1
         return plan
 
     # -- gather, free, reduce --------------------------------------------------------------------
 
-    def acquire(self, groups) -> None:
-        for g in groups:
-            self._live[g] += 1
-            if self._live[g] == 1:
-                self._gather(g)
+    def acquire_segments(self, segments) -> None:
+        """A unit starts using ``segments``: gather those no running unit holds yet."""
+        for k in segments:
+            self._live[k] += 1
+            if self._live[k] == 1:
+                self._gather_segment(k)
 
-    def release_groups(self, groups) -> None:
-        for g in groups:
-            self._live[g] -= 1
-            if self._live[g] == 0:
-                for i in self.layout.segments[g].params:
+    def release_segments(self, segments) -> None:
+        """A unit is done with ``segments``: free those no other running unit uses."""
+        for k in segments:
+            self._live[k] -= 1
+            if self._live[k] == 0:
+                for i in self.layout.segments[k].params:
                     self.layout.params[i].data = None
 
-    def _gather(self, g: int) -> None:
-        full = self._gather_slice(self.param_shard, g)
-        start = self.layout.segments[g].start
-        for i in self.layout.segments[g].params:
+    def _gather_segment(self, k: int) -> None:
+        full = self._gather_slice(self.param_shard, k)
+        start = self.layout.segments[k].start
+        for i in self.layout.segments[k].params:
             self.layout.params[i].data = self.layout.view(full, i, start)
 
-    def _gather_slice(self, shard, g: int):
-        seg = self.layout.segments[g]
+    def _gather_slice(self, shard, k: int):
+        seg = self.layout.segments[k]
         c = seg.size // self.layout.dp
         return self.mesh.dp.allgather(shard[seg.shard_start:seg.shard_start + c])  # (size,)
 
-    def reduce_group(self, g: int) -> None:
-        """Reduce-scatter group g's gradients into the shard and drop the full ones."""
-        seg = self.layout.segments[g]
+    def reduce_segment(self, k: int) -> None:
+        """Reduce-scatter segment k's gradients into the shard and drop the full ones."""
+        seg = self.layout.segments[k]
         buf = backend.xp().zeros(seg.size, dtype=self.dtype)
         for i in seg.params:
             p = self.layout.params[i]
@@ -378,10 +394,14 @@ class ZeRO3(ShardedState):
     def sync_grads(self) -> None:
         """Units reduced their gradients during backward; reduce any left (a unit that had no
         backward), then sum the tp-partial ones over tp."""
-        for g, seg in enumerate(self.layout.segments):
+        for k, seg in enumerate(self.layout.segments):
             if any(self.layout.params[i].grad is not None for i in seg.params):
-                self.reduce_group(g)
+                self.reduce_segment(k)
         self._sync_tp_partial()
+
+    def step(self, lr: float) -> None:
+        """Update the shard; the next forward gathers the new parameters."""
+        self._update_shard(lr)
 
     def _param_view(self, flat: int, shard: int, n: int):
         return self.param_shard[shard:shard + n]
@@ -389,36 +409,28 @@ class ZeRO3(ShardedState):
     def _grad_view(self, flat: int, shard: int, n: int):
         return self.grad_shard[shard:shard + n]
 
-    def step(self, lr: float, clip_coef: float = 1.0) -> None:
-        """Update the shard; the next forward gathers the new parameters."""
-        self._update_shard(lr, clip_coef)
+    def _param_shard(self):
+        return self.param_shard
 
-    def materialize(self) -> None:
-        """Gather every unit's parameters and gradients (for inspection and checkpoints)."""
-        self.acquire(range(len(self.layout.segments)))
-        for g, seg in enumerate(self.layout.segments):
-            full = self._gather_slice(self.grad_shard, g)
-            for i in seg.params:
-                self.layout.params[i].grad = self.layout.view(full, i, seg.start)
-
-    def release(self) -> None:
-        """Free what ``materialize`` gathered."""
-        self.release_groups(range(len(self.layout.segments)))
-        for p in self.params:
-            p.grad = None
+    def _grad_shard(self):
+        return self.grad_shard
 
     def _load_params(self, flat) -> None:
         self.param_shard[...] = self.layout.shard_of(flat)
 
-    def memory(self) -> dict:
+    def memory(self) -> dict[str, int]:
         return {"params": int(self.param_shard.nbytes), "grads": int(self.grad_shard.nbytes),
                 "optimizer": self.optimizer.state_bytes()}
 
 
-ZERO_STAGES = {1: ZeRO1, 2: ZeRO2, 3: ZeRO3}
-
-
-def strategy_class(zero: int) -> type:
-    """The data-parallel strategy for a ZeRO stage (0 = plain allreduce, no sharding); the stage
-    was validated with the rest of the configuration."""
-    return DataParallel if zero == 0 else ZERO_STAGES[zero]
+def make_strategy(par, chunks, mesh, **optimizer) -> DataParallelStrategy:
+    """This rank's data-parallel strategy for the layout ``par`` (its ZeRO stage and buckets,
+    validated with the rest of the configuration); ``optimizer``: name, lr, weight_decay."""
+    if par.zero == 3:
+        return ZeRO3(chunks, mesh, **optimizer)
+    buckets = {"bucket_mb": par.bucket_mb, "microbatches": par.microbatches}
+    if par.zero in (1, 2):
+        return (ZeRO1 if par.zero == 1 else ZeRO2)(chunks, mesh, **buckets, **optimizer)
+    if par.bucket_mb > 0:
+        return BucketedDataParallel(chunks, mesh, **buckets, **optimizer)
+    return DataParallel(chunks, mesh, **optimizer)

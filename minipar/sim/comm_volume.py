@@ -2,10 +2,12 @@
 
 Each function below names one place where minipar's parallel code communicates and returns the
 collectives it issues there, so the prediction can be compared with a real run exactly and
-changed in one place if the implementation does something else. Accounting (``CommStats``):
-allreduce bytes = input nbytes; allgather = output nbytes; reduce_scatter = input nbytes;
-send = message nbytes; a group of one rank records nothing. The time model
-(``minipar.sim.timing``) prices these same lists.
+changed in one place if the implementation does something else. This is the only statement of
+minipar's traffic: the tensor-, data- and pipeline-parallel tests and lessons 04 and 05 compare
+``CommStats`` with ``predict_comm_bytes`` (its "tp" entry is the tensor-parallel traffic).
+Accounting (``CommStats``): allreduce bytes = input nbytes; allgather = output nbytes;
+reduce_scatter = input nbytes; send = message nbytes; a group of one rank records nothing. The
+time model (``minipar.sim.timing``) prices these same lists.
 
 The data-parallel part does not re-derive the runtime's buffers: ``param_specs`` lists the
 parameters a rank holds (name, tp-local shape, owner unit, tp-partial gradient) in the order
@@ -28,7 +30,7 @@ from math import prod
 
 from minipar.config import ModelConfig, ParallelConfig
 from minipar.models.gpt import chunk_specs
-from minipar.parallel.data import FlatLayout, bucket_count
+from minipar.parallel.flat import FlatLayout, bucket_count
 from minipar.parallel.tensor import padded_vocab
 from minipar.sim.costmodel import units
 
@@ -115,7 +117,7 @@ def param_specs(model: ModelConfig, parallel: ParallelConfig, stage: int) -> lis
 def dp_layout(model: ModelConfig, parallel: ParallelConfig, stage: int, dp_rank: int,
               e: int) -> FlatLayout:
     """The flat buffer the dp strategy of ``parallel.zero`` builds on this rank, by the
-    runtime's own rules (``GradSync.__init__`` for stages 0-2, ``ZeRO3.install_hooks`` for 3):
+    runtime's own rules (``BucketedDataParallel``, ``ZeRO1`` and ``ZeRO3`` construct them):
     stages 0-2 one contiguous buffer cut into ``bucket_count`` segments (padded to a multiple of
     dp when sharded), stage 3 one padded segment per unit that owns parameters."""
     specs = param_specs(model, parallel, stage)
@@ -124,7 +126,7 @@ def dp_layout(model: ModelConfig, parallel: ParallelConfig, stage: int, dp_rank:
         groups: dict[int, list] = {}
         for s in specs:
             groups.setdefault(s.unit, []).append(s)
-        return FlatLayout.grouped([groups[u] for u in sorted(groups)], dp, dp_rank)
+        return FlatLayout.segmented([groups[u] for u in sorted(groups)], dp, dp_rank)
     n = sum(s.size for s in specs)
     sharded = parallel.zero > 0
     padded = -(-n // dp) * dp if sharded else n

@@ -1,7 +1,11 @@
-"""What a training step costs, counted: parameters, FLOPs, memory per device, bytes per collective.
+"""What a training step costs, counted: parameters, FLOPs, memory per device.
 
-Everything here is exact arithmetic on a model config x layout; the time it all takes lives in
-``minipar.sim.timing``. The formulas come from the papers and are cited where used:
+Everything here is exact arithmetic on a model config x layout, and each number is written once:
+the parameter count (``param_count``, per unit ``units``), the FLOPs, the ZeRO model states and
+the activation table (``block_activation_terms``), used alike by the runtime's tests, the train
+banner, the benchmark, the simulator and the lessons. The bytes per collective are in
+``minipar.sim.comm_volume``; the time it all takes in ``minipar.sim.timing``. The formulas come
+from the papers and are cited where used:
 
 * PTD-P: Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters
   Using Megatron-LM" (eq. 2 parameters, eq. 3 FLOPs with full recomputation, eq. 4 time).
@@ -100,32 +104,25 @@ def ptdp_param_count(layers: int, hidden: int, vocab: int, seq_len: int) -> int:
     return 12 * layers * hidden ** 2 + 13 * layers * hidden + (vocab + seq_len) * hidden
 
 
-def block_param_count(model: ModelConfig) -> int:
-    """One Transformer block of minipar's GPT: LayerNorms, QKV, projection, MLP, biases."""
+def block_param_count(model: ModelConfig, tp: int = 1) -> int:
+    """One Transformer block of minipar's GPT as one of ``tp`` ranks holds it.
+
+    The QKV and first MLP matrices are split by columns (with their biases), the two
+    projections by rows; the six h-vectors (two LayerNorms' gain and bias, the projections'
+    biases) are replicated on every tp rank (Megatron-LM, Shoeybi et al. 2019).
+    """
     h, f = model.d_model, model.ffn
-    return 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
-
-
-def param_count(model: ModelConfig) -> int:
-    """All parameters of the unsharded model (equals ``minipar.models.gpt.count_params``)."""
-    h, v = model.d_model, model.vocab_size
-    embed = v * h + (model.seq_len * h if model.pos == "learned" else 0)
-    head = 2 * h + (0 if model.tie_weights else h * v)
-    return model.n_layers * block_param_count(model) + embed + head
+    split = (3 * h * h + 3 * h) + h * h + (h * f + f) + f * h  # QKV, proj, MLP fc, MLP proj
+    return split // tp + 6 * h
 
 
 @dataclass(frozen=True)
 class Unit:
-    """A piece of a stage's model that ZeRO-3 gathers as one: the embedding, a block, the head.
-
-    ``params`` are the elements one tp rank holds; ``partial`` of them are replicated
-    parameters whose gradients are partial sums over tp under sequence parallelism.
-    """
+    """A piece of a stage's model that ZeRO-3 gathers as one: the embedding, a block, the head;
+    ``params`` are the elements one tp rank holds."""
 
     kind: str
     params: int
-    partial: int
-    n_partial: int  # how many such parameter tensors
 
 
 def units(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[list[Unit]]:
@@ -133,20 +130,16 @@ def units(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[list
 
     Rank s holds global chunks s, s + p, ... (PTD-P interleaving); the first global chunk starts
     with the embedding and the last ends with the head (which keeps its own copy of a tied
-    embedding when it sits on another stage, as Megatron-LM does).
+    embedding when it sits on another stage, as Megatron-LM does). The vocabulary is padded to a
+    multiple of tp and split over it; learned positions and the final LayerNorm are replicated.
     """
-    h, f, t = model.d_model, model.ffn, parallel.tp
+    h, t = model.d_model, parallel.tp
     vp = padded_vocab(model.vocab_size, t)
-    sp = parallel.sequence_parallel
-    learned = model.pos == "learned"
-    per_tp = (3 * h * h + 3 * h + h * h + h * f + f + f * h) // t
-    block = Unit("block", per_tp + 6 * h, 6 * h if sp else 0, 6 if sp else 0)
-    embed = Unit("embed", vp * h // t + (model.seq_len * h if learned else 0),
-                 model.seq_len * h if (sp and learned) else 0, 1 if (sp and learned) else 0)
+    block = Unit("block", block_param_count(model, t))
+    embed = Unit("embed", vp * h // t + (model.seq_len * h if model.pos == "learned" else 0))
     n_chunks = parallel.pp * parallel.virtual_stages
     tied_here = model.tie_weights and n_chunks == 1
-    head = Unit("head", 2 * h + (0 if tied_here else h * vp // t), 2 * h if sp else 0,
-                2 if sp else 0)
+    head = Unit("head", 2 * h + (0 if tied_here else h * vp // t))
     per_chunk = model.n_layers // n_chunks
     out = []
     for g in range(stage, n_chunks, parallel.pp):
@@ -158,6 +151,15 @@ def units(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[list
 def local_param_count(model: ModelConfig, parallel: ParallelConfig, stage: int) -> int:
     """Parameters one rank of pipeline stage ``stage`` holds before any ZeRO sharding."""
     return sum(u.params for chunk in units(model, parallel, stage) for u in chunk)
+
+
+def param_count(model: ModelConfig) -> int:
+    """All parameters of the unsharded model: what the one rank of the serial layout holds.
+
+    The one parameter count of minipar (the train banner, the benchmark, the simulator and the
+    tests use it); ``tests/test_costmodel.py`` checks it against the built model's parameters.
+    """
+    return local_param_count(model, ParallelConfig(), 0)
 
 
 # ---------------------------------------------------------------------------------- FLOPs
@@ -229,25 +231,63 @@ def zero_model_state_bytes(n_params: float, dp: int, zero: int, dtype: str = "bf
             "optimizer": k * n_params / (dp if zero >= 1 else 1)}
 
 
-def activation_bytes_per_layer(model: ModelConfig, b: int, tp: int = 1,
-                               sequence_parallel: bool = False,
-                               recompute: str = "none") -> float:
-    """Activation bytes one block keeps per microbatch: Korthikanti et al. table 2.
+def block_activation_terms(model: ModelConfig, b: int, tp: int = 1,
+                           sequence_parallel: bool = False, recompute: str = "none", *,
+                           value_bytes: int = 2, dropout: bool = True,
+                           layernorm_rstd: bool = False) -> dict[str, int]:
+    """Bytes one block keeps for its backward per microbatch of b sequences, on one tp rank,
+    tensor by tensor: Korthikanti et al. 2022, section 4.1 and table 2.
 
-    sbh (34 + 5as/h) with nothing parallel; TP: sbh (10 + 24/t + 5as/(ht)); TP + SP:
-    sbh (34/t + 5as/(ht)); selective recomputation drops the 5as/h attention term; full
-    recomputation keeps only the block input, 2sbh. The 10 are the LayerNorm inputs, dropout
-    masks and the inputs of the QKV and MLP matrices (replicated over tp); the 24 are split.
-    With an MLP f wide instead of 4h the MLP's 16 sbh becomes 4 f/h sbh. 16-bit activations.
+    The keys are the sub-modules of ``minipar.models.blocks.Block`` that hold each tensor, so a
+    test compares them with what the runtime's caches measure (``minipar.sim.activations``):
+
+        ln1, ln2     the normalised input, T h values (and 1/std, T values, if layernorm_rstd)
+        attn.qkv     the QKV matrix's input, T h      mlp.fc     the first MLP matrix's input, T h
+        attn         the fused [Q|K|V], 3 s h/t, and the softmax, (a/t) s^2 (per sequence)
+        attn.proj    the merged heads, s h/t          mlp        GELU's input, s F/t
+        mlp.proj     GELU's output, s F/t
+
+    times b and ``value_bytes``, where T is s/t in the sequence-parallel regions and s otherwise.
+    With ``dropout`` (1-byte masks) attn also keeps the attention dropout's mask and output,
+    (a/t) s^2 (1 + value_bytes), and attn and mlp each the mask of the dropout after their
+    row-parallel matrix, T h. Selective recomputation drops every (a/t) s^2 term; full
+    recomputation keeps only the block's input, s h (the table's 2sbh, sequence parallel or not).
+
+    The defaults are the paper's table 2 (16-bit values, dropout, no 1/std): with MLP width F,
+    sbh (10 + (8 + 4F/h)/t + 5as/(ht)), or sbh (18 + 4F/h + 5as/h)/t under sequence parallelism;
+    F = 4h gives its sbh (10 + 24/t + 5as/(ht)) and sbh (34 + 5as/h)/t. minipar's block has no
+    dropout and keeps LayerNorm's 1/std (``value_bytes=e, dropout=False, layernorm_rstd=True``):
+    e [sbh (4 + (4 + 2F/h)/t + as/(ht)) + 2sb], or e [sbh (8 + 2F/h + as/h) + 2sb] / t; with
+    F = 4h, 4 + 12/t and (16 + as/h)/t values per sbh.
     """
-    s, h, a = model.seq_len, model.d_model, model.n_heads
-    sbh = s * b * h
+    s, h, f, e = model.seq_len, model.d_model, model.ffn, value_bytes
     if recompute == "full":
-        return 2.0 * sbh
-    replicated, split = 10.0, 8.0 + 4.0 * model.ffn / h
-    base = (replicated + split) / tp if sequence_parallel else replicated + split / tp
-    attention = 0.0 if recompute == "selective" else 5.0 * a * s / (h * tp)
-    return sbh * (base + attention)
+        return {"input": e * s * b * h}
+    tokens = s // tp if sequence_parallel else s  # per sequence in the LayerNorm/residual regions
+    scores = 0 if recompute == "selective" else b * (model.n_heads // tp) * s * s
+    ln = e * b * tokens * (h + (1 if layernorm_rstd else 0))
+    mask = b * tokens * h if dropout else 0  # the dropout after a row-parallel matrix
+    return {
+        "ln1": ln,
+        "attn.qkv": e * b * tokens * h,
+        "attn": e * 3 * b * s * h // tp + e * scores + ((1 + e) * scores + mask if dropout else 0),
+        "attn.proj": e * b * s * h // tp,
+        "ln2": ln,
+        "mlp.fc": e * b * tokens * h,
+        "mlp": e * b * s * f // tp + mask,
+        "mlp.proj": e * b * s * f // tp,
+    }
+
+
+def activation_bytes_per_layer(model: ModelConfig, b: int, tp: int = 1,
+                               sequence_parallel: bool = False, recompute: str = "none", *,
+                               value_bytes: int = 2, dropout: bool = True,
+                               layernorm_rstd: bool = False) -> int:
+    """Activation bytes one block keeps per microbatch: the sum of ``block_activation_terms``
+    (by default Korthikanti et al. 2022, table 2)."""
+    return sum(block_activation_terms(model, b, tp, sequence_parallel, recompute,
+                                      value_bytes=value_bytes, dropout=dropout,
+                                      layernorm_rstd=layernorm_rstd).values())
 
 
 def peak_live(schedule: str, p: int, m: int, v: int, stage: int) -> int:
@@ -303,10 +343,10 @@ def memory_per_gpu(model: ModelConfig, parallel: ParallelConfig, work: Workload)
     return best
 
 
-__all__ = ["DTYPE_BYTES", "RECOMPUTE", "Workload",
-           "Unit", "canonical_dtype", "dtype_bytes",
+__all__ = ["DTYPE_BYTES", "RECOMPUTE", "Workload", "Unit", "canonical_dtype", "dtype_bytes",
            "optimizer_bytes_per_param", "check_layout", "ptdp_param_count", "block_param_count",
-           "param_count", "units", "local_param_count", "layer_forward_flops",
+           "units", "local_param_count", "param_count", "layer_forward_flops",
            "logit_forward_flops", "model_flops", "hardware_flops", "ptdp_flops_eq3",
            "korthikanti_flops", "training_days", "zero_model_state_bytes",
-           "activation_bytes_per_layer", "peak_live", "memory_per_stage", "memory_per_gpu"]
+           "block_activation_terms", "activation_bytes_per_layer", "peak_live",
+           "memory_per_stage", "memory_per_gpu"]

@@ -10,8 +10,8 @@ import sys
 import time
 
 from minipar import backend
-from minipar.models.gpt import count_params
 from minipar.nn.optim import lr_at
+from minipar.sim.costmodel import param_count
 
 
 def _fmt_bytes(n: float) -> str:
@@ -127,7 +127,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         engine.load_full_state(params, optim, meta["optimizer_steps"])
         start = int(meta["step"])
         engine.step_count = start
-    n_params = count_params(cfg)
+    n_params = param_count(cfg)
     mem = engine.memory()
     if rank0:
         print(f"minipar | {mesh.describe().rsplit(' rank', 1)[0]} on {world.size} rank(s)"

@@ -2,8 +2,8 @@
 
 tp = 2 and dp = world // 2. Every rank trains the layout, computes the serial reference
 locally, and asserts collectively that losses, full gradients and parameters match, and that
-its tp group recorded exactly ``tp_comm_per_step`` in every step (the MPI path counts bytes the
-same way as the thread world).
+its tp group recorded exactly the cost model's traffic (``predict_comm_bytes``) in every step
+(the MPI path counts bytes the same way as the thread world).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ModelConfig, ParallelConfig
-from minipar.sim.tp_traffic import tp_comm_per_step
+from minipar.sim.comm_volume import predict_comm_bytes
 from minipar.dist.assertions import collective_assert
 
 
@@ -24,7 +24,7 @@ def check_tp(world, cfg: ModelConfig, sp: bool, microbatches: int, rows: int, se
     batches = random_batches(cfg, 2, par.dp * microbatches * rows, seed=seed)
     result = train_layout(world, cfg, par, batches, seed=seed)
     bad = mismatches(result, serial_reference(cfg, batches, seed=seed), rtol=1e-9)
-    want = tp_comm_per_step(cfg, par, rows, microbatches, 8)
+    want = predict_comm_bytes(cfg, par, par.dp * microbatches * rows, 8).get("tp", {})
     for i, step in enumerate(result.comm):
         got = {op: {"calls": d["calls"], "bytes": d["bytes"]} for op, d in step["tp"].items()}
         if got != want:
