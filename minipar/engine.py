@@ -85,9 +85,7 @@ class Engine:
         sum over ranks and microbatches equals the serial mean loss. The executor runs the
         program's passes; its last two instructions, SyncGrads and Step, are the code below.
         """
-        data = self._microbatches(inputs, targets, normalizer)
-        self.dp.zero_grad()
-        loss_here = self._run_passes(data)  # this rank's share of the loss (0 off the last stage)
+        loss_here = self.gradients(inputs, targets, normalizer)  # 0 off the last stage
         with self._span(SyncGrads()):
             self.dp.sync_grads()  # sum over dp (buckets may have started during the backward)
             loss, grad_norm = self._loss_and_norm(loss_here)  # the step's one world allreduce
@@ -103,6 +101,15 @@ class Engine:
                     self.dp.scale_grads(clip)  # clip to the global norm (Pascanu et al. 2013)
                 self.dp.step(self._lr if lr is None else lr)
         return StepResult(loss, grad_norm, clip, skipped=not finite)
+
+    def gradients(self, inputs, targets, normalizer: float) -> float:
+        """Forward and backward only: every ``Param.grad`` holds this rank's gradient of the
+        step's loss, not yet synced over dp; returns this rank's share of the loss. A training
+        step continues with the sync and the update; an asynchronous worker sends the gradient
+        to a parameter server instead."""
+        data = self._microbatches(inputs, targets, normalizer)
+        self.dp.zero_grad()
+        return self._run_passes(data)
 
     def _microbatches(self, inputs, targets, normalizer: float) -> StepData:
         """This rank's rows as the step's microbatches, on the device."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy
 
 from minipar import backend
-from minipar.parallel.local_sgd import run_local_sgd
+from minipar.parallel.local_sgd import run_local_sgd, run_sync_sgd
 from minipar.parallel.param_server import replay_reference, run_parameter_server
 
 SIZE, ROWS = 7, 5
@@ -53,11 +53,11 @@ HAND_ORDER = [("pull", 0), ("pull", 1), ("push", 0), ("push", 1)]
 
 
 def ps_case(comm, steps: int, lr: float, servers: int, staleness, order=None,
-            staleness_lr: bool = False):
+            staleness_lr: bool = False, optimizer: str = "sgd"):
     w0 = backend.from_host(start())
     final, result = run_parameter_server(comm, w0, grad_fn, steps, lr, n_servers=servers,
                                          staleness=staleness, order=order,
-                                         staleness_lr=staleness_lr)
+                                         staleness_lr=staleness_lr, optimizer=optimizer)
     return backend.to_host(final), result
 
 
@@ -77,6 +77,12 @@ def local_sgd_reference(workers: int, steps: int, lr: float, sync_every: int) ->
     return copies[0]
 
 
-def reference_of(order: list, workers: int, lr: float, staleness_lr: bool = False):
+def reference_of(order: list, workers: int, lr: float, staleness_lr: bool = False,
+                 optimizer: str = "sgd"):
     return backend.to_host(replay_reference(backend.from_host(start()), grad_fn, order, workers,
-                                            lr, staleness_lr))
+                                            lr, staleness_lr, optimizer))
+
+
+def sync_case(comm, steps: int, lr: float):
+    w, _, _ = run_sync_sgd(comm, backend.from_host(start()), grad_fn, steps, lr)
+    return backend.to_host(w)

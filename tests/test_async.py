@@ -86,3 +86,18 @@ def test_a_replay_that_disagrees_with_the_workers_is_refused():
 def test_every_rank_a_server_is_refused():
     with pytest.raises(CommError, match="--servers 2"):
         run_threads(lambda c: C.ps_case(c, 1, LR, 2, None), 2)
+
+
+def test_sync_sgd_equals_its_written_out_reference():
+    out = run_threads(lambda c: C.sync_case(c, 4, LR), 3)
+    for final in out:
+        numpy.testing.assert_allclose(final, C.sync_sgd(3, 4, LR), rtol=1e-12, atol=1e-14)
+
+
+def test_adamw_on_the_server_replays_bit_for_bit():
+    free = run_threads(lambda c: C.ps_case(c, 3, LR, 2, 1, optimizer="adamw"), 4)
+    order = free[0][1].order
+    again = run_threads(lambda c: C.ps_case(c, 3, LR, 2, 1, order=order, optimizer="adamw"), 4)
+    reference = C.reference_of(order, 2, LR, optimizer="adamw")
+    for final, _ in again:
+        numpy.testing.assert_array_equal(final, reference)

@@ -15,28 +15,54 @@ import time
 from typing import Callable
 
 from minipar.dist.comm import Comm
-from minipar.parallel.param_server import GradFn, RankTimes
+from minipar.parallel.param_server import GradFn, RankTimes, Update
 
 
 def run_local_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
-                  sync_every: int, delay: Callable[[float], float] | None = None) -> tuple:
-    """Collective over ``comm``: plain SGD on this rank's copy of ``weights`` (the same flat
-    array on every rank at the start), averaged over the ranks every ``sync_every`` steps and
-    after the last. Returns (the averaged weights, this rank's losses, its RankTimes)."""
+                  sync_every: int, delay: Callable[[float], float] | None = None,
+                  optimizer: str = "sgd") -> tuple:
+    """Collective over ``comm``: ``optimizer`` steps on this rank's copy of ``weights`` (the
+    same flat array on every rank at the start), the copies averaged over the ranks every
+    ``sync_every`` steps and after the last. Returns (the averaged weights, this rank's losses,
+    its RankTimes)."""
     if sync_every < 1:
         raise ValueError(f"--sync-every must be >= 1, got {sync_every}")
     w = weights.copy()  # (size,) this rank's own copy
+    update = Update(optimizer, w.size, w.dtype, n_workers=1)  # its own state, its own steps
     losses, times = [], RankTimes()
     for step in range(steps):
         t0 = time.perf_counter()
         loss, grad = grad_fn(comm.rank, step, w)
         if delay is not None:  # a straggler: its compute takes `factor` times longer
             time.sleep(delay(time.perf_counter() - t0))
-        w -= lr * grad
+        update(w, grad, lr)
         losses.append(float(loss))
         times.busy_s += time.perf_counter() - t0
         if (step + 1) % sync_every == 0 or step + 1 == steps:
             t1 = time.perf_counter()
             comm.allreduce_(w, op="avg")  # the copies meet: every rank now holds the mean
             times.wait_s += time.perf_counter() - t1
+    return w, losses, times
+
+
+def run_sync_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
+                 delay: Callable[[float], float] | None = None, optimizer: str = "sgd") -> tuple:
+    """Synchronous data parallelism on the same terms, for comparison: every step the ranks
+    average their *gradients* (one allreduce, the slowest rank sets the pace), then all take
+    the same step. Returns (weights, this rank's losses, its RankTimes)."""
+    w = weights.copy()  # (size,) identical on every rank, step after step
+    update = Update(optimizer, w.size, w.dtype, n_workers=1)
+    losses, times = [], RankTimes()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        loss, grad = grad_fn(comm.rank, step, w)
+        if delay is not None:
+            time.sleep(delay(time.perf_counter() - t0))
+        t1 = time.perf_counter()
+        comm.allreduce_(grad, op="avg")  # wait for everyone, then the mean gradient
+        t2 = time.perf_counter()
+        update(w, grad, lr)
+        losses.append(float(loss))
+        times.busy_s += (t1 - t0) + (time.perf_counter() - t2)
+        times.wait_s += t2 - t1
     return w, losses, times

@@ -45,6 +45,7 @@ import numpy
 from minipar import backend
 from minipar.dist.algorithms import chunk_bounds
 from minipar.dist.comm import Comm, CommError
+from minipar.nn.optim import adamw_update
 
 TAG_HEADER, TAG_GRAD, TAG_VERSION, TAG_WEIGHTS = 40, 41, 42, 43
 PULL, PUSH, DONE = 0, 1, 2
@@ -107,6 +108,28 @@ def check_order(order: list, n_workers: int, steps: int) -> None:
         raise CommError(f"replay order: every worker needs {steps} pulls and pushes")
 
 
+class Update:
+    """How a gradient changes a flat vector of weights: plain SGD, or AdamW with its own moment
+    state (a server keeps it for its shard; a local-SGD rank for its copy). The gradient of one
+    worker's batch is divided by the ``n_workers`` whose batches make up one synchronous step."""
+
+    def __init__(self, kind: str, size: int, dtype, n_workers: int) -> None:
+        if kind not in ("sgd", "adamw"):
+            raise ValueError(f"--optimizer {kind!r}: asynchronous modes support sgd or adamw")
+        self.kind, self.n_workers, self.steps = kind, n_workers, 0
+        if kind == "adamw":
+            xp = backend.xp()
+            self.m, self.v = xp.zeros(size, dtype=dtype), xp.zeros(size, dtype=dtype)  # (size,)
+
+    def __call__(self, w, grad, lr: float) -> None:
+        self.steps += 1
+        if self.kind == "sgd":
+            w -= (lr / self.n_workers) * grad  # (size,)
+        else:
+            adamw_update(w, grad / self.n_workers, self.m, self.v, lr=lr, beta1=0.9, beta2=0.999,
+                         eps=1e-8, weight_decay=0.0, step=self.steps)
+
+
 class Server:
     """One server rank: owns ``shard`` (updated in place) and answers workers' messages.
 
@@ -118,8 +141,9 @@ class Server:
     """
 
     def __init__(self, comm: Comm, roles: Roles, shard, lr: float, staleness: int | None = None,
-                 staleness_lr: bool = False) -> None:
+                 staleness_lr: bool = False, optimizer: str = "sgd") -> None:
         self.comm, self.roles, self.shard = comm, roles, shard
+        self.update = Update(optimizer, shard.size, shard.dtype, roles.n_workers)
         self.lr, self.bound, self.staleness_lr = lr, staleness, staleness_lr
         self.version = 0  # updates applied so far
         self.applied = [0] * roles.n_workers  # each worker's updates applied
@@ -189,7 +213,7 @@ class Server:
         t0 = time.perf_counter()
         stale = self.version - version
         lr = self.lr / (1 + stale) if self.staleness_lr else self.lr
-        self.shard -= (lr / self.roles.n_workers) * grad  # (n_shard,)
+        self.update(self.shard, grad, lr)
         self.version += 1
         self.applied[worker] += 1
         self.result.order.append(("push", worker))
@@ -249,7 +273,8 @@ class Worker:
 def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
                          n_servers: int = 1, staleness: int | None = None,
                          staleness_lr: bool = False, order: list | None = None,
-                         delay: Callable[[float], float] | None = None) -> tuple:
+                         delay: Callable[[float], float] | None = None,
+                         optimizer: str = "sgd") -> tuple:
     """Collective over ``comm``: train ``weights`` (the same flat array on every rank) for
     ``steps`` pushes per worker. Returns (final weights on every rank, this rank's result)."""
     if not 1 <= n_servers < comm.size:
@@ -261,7 +286,8 @@ def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: f
     if comm.rank < n_servers:
         lo, hi = roles.bounds(comm.rank)
         shard = weights[lo:hi].copy()  # (n_shard,)
-        result = Server(comm, roles, shard, lr, staleness, staleness_lr).run(order)
+        server = Server(comm, roles, shard, lr, staleness, staleness_lr, optimizer)
+        result = server.run(order)
         mine = backend.to_host(shard)
     else:
         worker = Worker(comm, roles, comm.rank - n_servers, grad_fn, weights.dtype, delay)
@@ -273,10 +299,11 @@ def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: f
 
 
 def replay_reference(weights, grad_fn: GradFn, order: list, n_workers: int, lr: float,
-                     staleness_lr: bool = False):
+                     staleness_lr: bool = False, optimizer: str = "sgd"):
     """What a parameter-server run handling ``order`` computes, in one process and one loop:
     each pull snapshots the weights, each push applies the gradient of that snapshot."""
     w = weights.copy()  # (size,)
+    update = Update(optimizer, w.size, w.dtype, n_workers)
     snapshot: dict[int, tuple] = {}
     steps = [0] * n_workers
     version = 0
@@ -286,8 +313,7 @@ def replay_reference(weights, grad_fn: GradFn, order: list, n_workers: int, lr: 
             continue
         seen, seen_version = snapshot.pop(worker)
         _, grad = grad_fn(worker, steps[worker], seen)
-        step_lr = lr / (1 + version - seen_version) if staleness_lr else lr
-        w -= (step_lr / n_workers) * grad
+        update(w, grad, lr / (1 + version - seen_version) if staleness_lr else lr)
         version += 1
         steps[worker] += 1
     return w
