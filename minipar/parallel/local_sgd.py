@@ -20,11 +20,11 @@ from minipar.parallel.param_server import GradFn, RankTimes, Update
 
 def run_local_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
                   sync_every: int, delay: Callable[[float], float] | None = None,
-                  optimizer: str = "sgd") -> tuple:
+                  optimizer: str = "sgd", on_update: Callable | None = None) -> tuple:
     """Collective over ``comm``: ``optimizer`` steps on this rank's copy of ``weights`` (the
     same flat array on every rank at the start), the copies averaged over the ranks every
     ``sync_every`` steps and after the last. Returns (the averaged weights, this rank's losses,
-    its RankTimes)."""
+    its RankTimes). ``on_update(batches, weights)`` sees the averaged weights at each meeting."""
     if sync_every < 1:
         raise ValueError(f"--sync-every must be >= 1, got {sync_every}")
     w = weights.copy()  # (size,) this rank's own copy
@@ -42,11 +42,14 @@ def run_local_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
             t1 = time.perf_counter()
             comm.allreduce_(w, op="avg")  # the copies meet: every rank now holds the mean
             times.wait_s += time.perf_counter() - t1
+            if on_update is not None:  # batches consumed so far, over all ranks
+                on_update((step + 1) * comm.size, w)
     return w, losses, times
 
 
 def run_sync_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
-                 delay: Callable[[float], float] | None = None, optimizer: str = "sgd") -> tuple:
+                 delay: Callable[[float], float] | None = None, optimizer: str = "sgd",
+                 on_update: Callable | None = None) -> tuple:
     """Synchronous data parallelism on the same terms, for comparison: every step the ranks
     average their *gradients* (one allreduce, the slowest rank sets the pace), then all take
     the same step. Returns (weights, this rank's losses, its RankTimes)."""
@@ -65,4 +68,6 @@ def run_sync_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
         losses.append(float(loss))
         times.busy_s += (t1 - t0) + (time.perf_counter() - t2)
         times.wait_s += t2 - t1
+        if on_update is not None:  # batches consumed so far, over all ranks
+            on_update((step + 1) * comm.size, w)
     return w, losses, times

@@ -141,8 +141,10 @@ class Server:
     """
 
     def __init__(self, comm: Comm, roles: Roles, shard, lr: float, staleness: int | None = None,
-                 staleness_lr: bool = False, optimizer: str = "sgd") -> None:
+                 staleness_lr: bool = False, optimizer: str = "sgd",
+                 on_update: Callable | None = None) -> None:
         self.comm, self.roles, self.shard = comm, roles, shard
+        self.on_update = on_update  # called with (updates applied, shard) after each update
         self.update = Update(optimizer, shard.size, shard.dtype, roles.n_workers)
         self.lr, self.bound, self.staleness_lr = lr, staleness, staleness_lr
         self.version = 0  # updates applied so far
@@ -219,6 +221,8 @@ class Server:
         self.result.order.append(("push", worker))
         self.result.staleness.append(stale)
         self.result.times.busy_s += time.perf_counter() - t0
+        if self.on_update is not None:
+            self.on_update(self.version, self.shard)
 
 
 class Worker:
@@ -274,9 +278,10 @@ def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: f
                          n_servers: int = 1, staleness: int | None = None,
                          staleness_lr: bool = False, order: list | None = None,
                          delay: Callable[[float], float] | None = None,
-                         optimizer: str = "sgd") -> tuple:
+                         optimizer: str = "sgd", on_update: Callable | None = None) -> tuple:
     """Collective over ``comm``: train ``weights`` (the same flat array on every rank) for
-    ``steps`` pushes per worker. Returns (final weights on every rank, this rank's result)."""
+    ``steps`` pushes per worker. Returns (final weights on every rank, this rank's result).
+    With one server, ``on_update(updates, weights)`` sees the weights after each update."""
     if not 1 <= n_servers < comm.size:
         raise CommError(f"--servers {n_servers}: needs 1 <= servers < ranks ({comm.size}), "
                         "so that at least one rank is a worker")
@@ -286,7 +291,8 @@ def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: f
     if comm.rank < n_servers:
         lo, hi = roles.bounds(comm.rank)
         shard = weights[lo:hi].copy()  # (n_shard,)
-        server = Server(comm, roles, shard, lr, staleness, staleness_lr, optimizer)
+        server = Server(comm, roles, shard, lr, staleness, staleness_lr, optimizer,
+                        on_update if n_servers == 1 else None)  # a whole model on one server
         result = server.run(order)
         mine = backend.to_host(shard)
     else:
