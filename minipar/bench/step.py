@@ -90,6 +90,10 @@ def main(argv=None) -> int:
         from minipar.bench import comm as bench_comm
 
         return bench_comm.main(argv)
+    if "--async" in argv:  # synchronous vs asynchronous training under mpirun
+        from minipar.bench import asyncbench
+
+        return asyncbench.main(argv)
     if "--validate" in argv or "--measure-hardware" in argv:  # cost model vs this machine
         from minipar.bench import validate as bench_validate
 
@@ -114,6 +118,10 @@ def main(argv=None) -> int:
     parser.add_argument("--validate", action="store_true",
                         help="instead: measured vs predicted step time of small layouts under "
                              "mpirun (see python -m minipar.bench --validate --help)")
+    parser.add_argument("--async", action="store_true", dest="async_",
+                        help="instead: sync vs parameter server vs SSP vs local SGD under "
+                             "mpirun, with a straggler (see python -m minipar.bench --async "
+                             "--help)")
     parser.add_argument("--measure-hardware", action="store_true",
                         help="instead: measure this machine for the cost model (hardware JSON)")
     args = parser.parse_args(argv)
