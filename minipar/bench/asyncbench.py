@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m minipar.bench --async --ranks 3 --steps 40 --straggler 1:4 "
                "--plot async.png")
     p.add_argument("--async", action="store_true", dest="async_", help=argparse.SUPPRESS)
-    p.add_argument("--ranks", type=int, default=4, help="MPI ranks: 1 server/idle + workers")
+    p.add_argument("--ranks", type=int, default=3, help="MPI ranks: 1 server (or idle) + workers")
     p.add_argument("--steps", type=int, default=150, help="steps per worker")
     p.add_argument("--model", default="default", help="preset: tiny, default, small")
     p.add_argument("--batch-size", type=int, default=64, help="global batch over the workers")
@@ -59,6 +60,11 @@ def _check(args) -> str | None:
         return f"--batch-size {args.batch_size} must divide over the {args.ranks - 1} workers"
     if not 0 < args.target <= 1:
         return "--target must be in (0, 1]"
+    for flag, path in (("--plot", args.plot), ("--json", args.json)):
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if path and (os.path.isdir(path) or not os.path.isdir(parent)
+                     or not os.access(parent, os.W_OK)):
+            return f"{flag} {path}: not a writable file path (is its folder there?)"
     from minipar.config import MODEL_PRESETS
     from minipar.parallel.stragglers import parse_straggler
 
@@ -189,7 +195,7 @@ def plot(rows: list, path: str, target: float) -> str:
         label = row["mode"] + ("" if row["straggler"] is None else " (straggler)")
         ax_t.plot(secs, metric, style, color=colors[row["mode"]], label=label)
         ax_b.plot(batches, metric, style, color=colors[row["mode"]], label=label)
-    for ax, xlabel in ((ax_t, "wall time (s)"), (ax_b, "batches consumed (all workers)")):
+    for ax, xlabel in ((ax_t, "wall time (s)"), (ax_b, "worker batches used (B / workers rows each)")):
         ax.axhline(target, color="#999999", lw=0.8, ls=":")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -200,6 +206,16 @@ def plot(rows: list, path: str, target: float) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return path
+
+
+def run_benchmark(argv: list[str], ranks: int, timeout: float = 1200) -> list[dict]:
+    """Launch the benchmark job (``mpirun -n ranks``) with these flags; its rows, one per run."""
+    from minipar.dist.mpirun import mpirun
+
+    cmd = ["-m", "minipar.bench.asyncbench", "--worker"] + [a for a in argv if a != "--async"]
+    out = mpirun(ranks, cmd, timeout=timeout, stream=False)
+    line = next(ln for ln in out.splitlines() if ln.startswith("MINIPAR_ASYNC_JSON "))
+    return json.loads(line.split(" ", 1)[1])
 
 
 def main(argv=None) -> int:
@@ -213,18 +229,14 @@ def main(argv=None) -> int:
     if problem:
         print(f"minipar.bench: error: {problem}", file=sys.stderr)
         return 2
-    from minipar.dist.mpirun import MPIRunError, mpirun
+    from minipar.dist.mpirun import MPIRunError
 
-    cmd = ["-m", "minipar.bench.asyncbench", "--worker"] + [
-        a for a in argv if a not in ("--async",)]
     try:
-        out = mpirun(args.ranks, cmd, timeout=args.timeout, stream=False)
+        rows = run_benchmark(argv, args.ranks, args.timeout)
     except MPIRunError as exc:
         print(f"minipar.bench: error: the benchmark job failed: {str(exc)[-2000:]}",
               file=sys.stderr)
         return 1
-    line = next(ln for ln in out.splitlines() if ln.startswith("MINIPAR_ASYNC_JSON "))
-    rows = json.loads(line.split(" ", 1)[1])
     print(f"{args.ranks} ranks (1 server or idle + {args.ranks - 1} workers), {args.model} "
           f"model on sort, batch {args.batch_size}, {args.steps} steps per worker, AdamW lr "
           f"{args.lr:g}; ssp s=2, local-sgd H=4; EM = held-out exact match")
