@@ -93,19 +93,21 @@ class WorkerResult:
     times: RankTimes = field(default_factory=RankTimes)
 
 
-def check_order(order: list, n_workers: int, steps: int) -> None:
-    """A replay order must give each worker exactly ``steps`` pull-then-push pairs, in turn."""
-    expect = [0] * n_workers  # next expected event index per worker: even pull, odd push
+def check_order(order: list, n_workers: int, budget: int) -> None:
+    """A replay order gives each worker pull, push, pull, push ... (ending on a push), and
+    ``budget`` pushes in all."""
+    pulled = [False] * n_workers  # does the worker hold an unanswered pull?
     for i, (kind, w) in enumerate(order):
         if not 0 <= w < n_workers or kind not in ("pull", "push"):
             raise CommError(f"replay order: event {i} {(kind, w)} names no worker/kind")
-        want = "pull" if expect[w] % 2 == 0 else "push"
-        if kind != want or expect[w] >= 2 * steps:
+        if (kind == "pull") == pulled[w]:
             raise CommError(f"replay order: event {i} is a {kind} of worker {w}, which "
-                            f"must {want if expect[w] < 2 * steps else 'be done'} next")
-        expect[w] += 1
-    if any(e != 2 * steps for e in expect):
-        raise CommError(f"replay order: every worker needs {steps} pulls and pushes")
+                            f"must {'push' if pulled[w] else 'pull'} next")
+        pulled[w] = kind == "pull"
+    pushes = sum(kind == "push" for kind, _ in order)
+    if any(pulled) or pushes != budget:
+        raise CommError(f"replay order: needs {budget} pushes, each after its pull; it has "
+                        f"{pushes}")
 
 
 class Update:
@@ -142,14 +144,16 @@ class Server:
 
     def __init__(self, comm: Comm, roles: Roles, shard, lr: float, staleness: int | None = None,
                  staleness_lr: bool = False, optimizer: str = "sgd",
-                 on_update: Callable | None = None) -> None:
+                 on_update: Callable | None = None, budget: int | None = None) -> None:
         self.comm, self.roles, self.shard = comm, roles, shard
+        self.budget = budget  # server 0 only: pulls to answer in all, then STOP
         self.on_update = on_update  # called with (updates applied, shard) after each update
         self.update = Update(optimizer, shard.size, shard.dtype, roles.n_workers)
         self.lr, self.bound, self.staleness_lr = lr, staleness, staleness_lr
         self.version = 0  # updates applied so far
         self.applied = [0] * roles.n_workers  # each worker's updates applied
         self.read = [0] * roles.n_workers  # each worker's pulls answered
+        self.stopped: set[int] = set()  # workers told to stop: they read and push no more
         self.pulls: list[int] = []  # workers whose pull waits for the bound
         self.pushes: list[tuple] = []  # (worker, step, version, grad) waiting for the bound
         self.sends: list = []  # replies in flight (the shard changes under them: copies)
@@ -171,11 +175,14 @@ class Server:
             self.result.times.wait_s += time.perf_counter() - t0
             kind, step, version = (int(v) for v in backend.to_host(header))
             worker = src - self.roles.n_servers
-            if order is not None and KIND_NAMES.get(kind, "done") != want:
+            if kind == PULL and self._spent():  # the budget is used up: this worker stops
+                self._stop(worker)
+            elif order is not None and KIND_NAMES.get(kind, "done") != want:
                 raise CommError(f"replay diverged: worker {worker} sent a "
                                 f"{KIND_NAMES.get(kind, 'done')} where the order has a {want}")
-            if kind == DONE:
+            elif kind == DONE:
                 done += 1
+                self.stopped.add(worker)  # (servers other than 0 learn it here)
             elif kind == PULL:
                 self.pulls.append(worker)
             else:
@@ -186,19 +193,34 @@ class Server:
             request.wait()
         return self.result
 
+    def _spent(self) -> bool:
+        return self.budget is not None and sum(self.read) >= self.budget
+
+    def _stop(self, worker: int) -> None:
+        self.stopped.add(worker)
+        stop = backend.from_host(numpy.array([-1], dtype=numpy.int64))
+        self.sends.append(self.comm.isend(stop, self.roles.rank_of_worker(worker), TAG_VERSION))
+
     def _release(self, bounded: bool) -> None:
         """Answer the pulls and apply the pushes the bound allows, until nothing changes."""
         s = self.bound if bounded else None
         progress = True
         while progress:
             progress = False
+            active = [w for w in range(self.roles.n_workers) if w not in self.stopped]
+            slowest_applied = min((self.applied[w] for w in active), default=1 << 60)
+            slowest_read = min((self.read[w] for w in active), default=1 << 60)
             for worker in list(self.pulls):
-                if s is None or min(self.applied) >= self.read[worker] - s:
+                if self._spent():
+                    self.pulls.remove(worker)
+                    self._stop(worker)
+                    progress = True
+                elif s is None or slowest_applied >= self.read[worker] - s:
                     self.pulls.remove(worker)
                     self._answer(worker)
                     progress = True
             for push in list(self.pushes):
-                if s is None or min(self.read) >= push[1] - s + 1:
+                if s is None or slowest_read >= push[1] - s + 1:
                     self.pushes.remove(push)
                     self._apply(*push)
                     progress = True
@@ -237,13 +259,22 @@ class Worker:
     def _header(self, kind: int, step: int, version: int):
         return backend.from_host(numpy.array([kind, step, version], dtype=numpy.int64))
 
-    def pull(self, step: int) -> tuple:
-        for k in range(self.roles.n_servers):
+    def pull(self, step: int) -> tuple | None:
+        """The current weights and each server's version, or None when server 0 says STOP."""
+        self.comm.send(self._header(PULL, step, -1), 0, TAG_HEADER)
+        first = int(backend.to_host(self.comm.recv((1,), "int64", 0, TAG_VERSION))[0])
+        if first < 0:
+            return None
+        for k in range(1, self.roles.n_servers):
             self.comm.send(self._header(PULL, step, -1), k, TAG_HEADER)
         pieces, versions = [], []
         for k in range(self.roles.n_servers):
             lo, hi = self.roles.bounds(k)
-            versions.append(int(backend.to_host(self.comm.recv((1,), "int64", k, TAG_VERSION))[0]))
+            if k:
+                versions.append(
+                    int(backend.to_host(self.comm.recv((1,), "int64", k, TAG_VERSION))[0]))
+            else:
+                versions.append(first)
             pieces.append(self.comm.recv((hi - lo,), self.dtype, k, TAG_WEIGHTS))
         return backend.xp().concatenate(pieces), versions  # (size,)
 
@@ -253,24 +284,30 @@ class Worker:
             self.comm.send(self._header(PUSH, step, versions[k]), k, TAG_HEADER)
             self.comm.send(grad[lo:hi], k, TAG_GRAD)
 
-    def run(self, steps: int) -> WorkerResult:
-        t = self.result.times
-        for step in range(steps):
+    def run(self) -> WorkerResult:
+        """Pull, compute, push until server 0 says the budget of updates is spent."""
+        t, step = self.result.times, 0
+        while True:
             t0 = time.perf_counter()
-            weights, versions = self.pull(step)
+            pulled = self.pull(step)
             t1 = time.perf_counter()
+            t.wait_s += t1 - t0
+            if pulled is None:
+                break
+            weights, versions = pulled
             loss, grad = self.grad_fn(self.worker, step, weights)
             t2 = time.perf_counter()
             if self.delay is not None:  # a straggler: its compute takes `factor` times longer
                 time.sleep(self.delay(t2 - t1))
             t3 = time.perf_counter()
             self.push(step, grad, versions)
-            t.wait_s += (t1 - t0) + (time.perf_counter() - t3)
+            t.wait_s += time.perf_counter() - t3
             t.busy_s += t3 - t1
             self.result.losses.append(float(loss))
             self.result.versions.append(versions[0])
+            step += 1
         for k in range(self.roles.n_servers):
-            self.comm.send(self._header(DONE, steps, -1), k, TAG_HEADER)
+            self.comm.send(self._header(DONE, step, -1), k, TAG_HEADER)
         return self.result
 
 
@@ -279,25 +316,29 @@ def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: f
                          staleness_lr: bool = False, order: list | None = None,
                          delay: Callable[[float], float] | None = None,
                          optimizer: str = "sgd", on_update: Callable | None = None) -> tuple:
-    """Collective over ``comm``: train ``weights`` (the same flat array on every rank) for
-    ``steps`` pushes per worker. Returns (final weights on every rank, this rank's result).
+    """Collective over ``comm``: train ``weights`` (the same flat array on every rank) with
+    ``steps x workers`` updates in all, as many as ``steps`` synchronous steps make; a fast
+    worker makes more of them than a slow one. Returns (final weights on every rank, this
+    rank's result).
     With one server, ``on_update(updates, weights)`` sees the weights after each update."""
     if not 1 <= n_servers < comm.size:
         raise CommError(f"--servers {n_servers}: needs 1 <= servers < ranks ({comm.size}), "
                         "so that at least one rank is a worker")
     roles = Roles(n_servers, comm.size - n_servers, int(weights.size))
+    budget = steps * roles.n_workers  # updates in all: as many as synchronous steps would make
     if order is not None:
-        check_order(order, roles.n_workers, steps)
+        check_order(order, roles.n_workers, budget)
     if comm.rank < n_servers:
         lo, hi = roles.bounds(comm.rank)
         shard = weights[lo:hi].copy()  # (n_shard,)
         server = Server(comm, roles, shard, lr, staleness, staleness_lr, optimizer,
-                        on_update if n_servers == 1 else None)  # a whole model on one server
+                        on_update if n_servers == 1 else None,  # a whole model on one server
+                        budget if comm.rank == 0 else None)
         result = server.run(order)
         mine = backend.to_host(shard)
     else:
         worker = Worker(comm, roles, comm.rank - n_servers, grad_fn, weights.dtype, delay)
-        result = worker.run(steps)
+        result = worker.run()
         mine = None
     pieces = comm.allgather_obj(mine)  # the one collective: assemble the servers' shards
     final = backend.from_host(numpy.concatenate([p for p in pieces[:n_servers]]))
