@@ -93,6 +93,8 @@ class ShardedState(DataParallelStrategy):
     def _load_params(self, flat) -> None: ...
 
     def _plan_runs(self) -> None:
+        """Runs of the shard (``FlatLayout.runs``) by weight decay (every element: update and
+        clipping), by counting in the norm, and the tp-partial ones."""
         tp_rank = self.mesh.tp_rank
         self._decay_runs = self.layout.runs(lambda p: bool(p.decay))
         # A tensor replicated over tp counts towards the norm on tp rank 0 only.
