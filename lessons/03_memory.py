@@ -92,12 +92,13 @@ assert cm.zero_model_state_bytes(n_params, 1, 0, "fp32") == {
 #
 # The executor measures, after every forward and backward pass, the bytes that the module
 # caches keep alive (each buffer counted once, weights excluded); `Engine.memory()` reports the
-# peak as `activations_peak`. The sequence-parallelism lesson derives the exact bytes one block keeps (no tensor
-# parallelism: e [sbh (8 + 3F/h) + 2sb + as^2 b], with e bytes per value and F the MLP width);
-# `block_activation_bytes` is that formula. The rest sits in the embedding and the head: per
-# token the final LayerNorm's input and 1/std (h + 1 values), the head's input (h), the
-# exponentiated logits and their sum (V + 1), plus 18 bytes of integers and masks (the int64 token ids, the int64 target index, two
-# boolean masks). `activation_breakdown` shows each piece:
+# peak as `activations_peak`. The sequence-parallelism lesson derives the exact bytes one
+# block keeps (no tensor parallelism: e [sbh (8 + 3F/h) + 2sb + as^2 b], with e bytes per
+# value and F the MLP width); `block_activation_bytes` is that formula. The rest sits in the
+# embedding and the head: per token the final LayerNorm's input and 1/std (h + 1 values), the
+# head's input (h), the exponentiated logits and their sum (V + 1), plus 18 bytes of integers
+# and masks (the int64 token ids, the int64 target index, two boolean masks).
+# `activation_breakdown` shows each piece:
 
 # %%
 def activation_formula(cfg: ModelConfig, batch: int, e: int) -> dict:
