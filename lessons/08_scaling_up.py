@@ -14,9 +14,9 @@
 # # Lesson 8: scaling up, from this machine to a GPT-3-size run
 #
 # **Prerequisites.** The memory lesson (16 bytes of model state per parameter, activations per
-# microbatch), data parallelism and ZeRO, tensor and sequence parallelism, pipeline schedules
-# and their bubble, and the 3D mesh (lessons 3 to 7). No MPI needed except in the last section,
-# which runs 2 ranks under `mpirun`.
+# microbatch), data parallelism and ZeRO, tensor and sequence parallelism, pipeline schedules and
+# their bubble, and the 3D mesh (the lessons before this one). No MPI needed except in the last
+# section, which runs 2 ranks under `mpirun`.
 #
 # Our real runs use 2 to 8 ranks. The runs in the papers use thousands of GPUs. We cannot run
 # those, but we can *count* them: every byte of memory and every collective a layout needs
@@ -31,11 +31,11 @@
 # * `kernels` + `timing`: a roofline time per kernel, an alpha-beta time per collective, and the
 #   very pipeline program the executor runs, timed by the discrete-event simulator.
 #
-# We look at memory per GPU by ZeRO stage, activation memory, what MFU measures, the bubble
-# against the number of microbatches, how the predictions compare with published
-# measurements, and a predicted and a measured timeline of a small layout on this machine, on
-# one time axis. Lesson 10 searches the layouts of GPT-3 175B on 1024 GPUs and turns all of
-# this into a procedure for choosing one.
+# We look at memory per GPU by ZeRO stage, activation memory, what MFU measures, the bubble against
+# the number of microbatches, how the predictions compare with published measurements, and a
+# predicted and a measured timeline of a small layout on this machine, on one time axis. Lesson 10
+# (choosing a layout) searches the layouts of GPT-3 175B on 1024 GPUs and turns all of this into a
+# procedure for choosing one.
 
 # %%
 import json
@@ -310,13 +310,13 @@ assert max(ptdp) < 1.25 and min(ptdp) > 1 and max(korth) < 1 and min(zero3) > 1.
 # %% [markdown]
 # What this says, honestly (the ranges are the numbers printed above, the asserts keep them so):
 #
-# * PTD-P's own runs (tables 1 and 2) are all predicted *faster* than measured, by a margin
-#   that stays in the printed range from 32 to 2240 GPUs: the model's shape is right, and the systematic gap is what it
-#   leaves out (kernels below 80% of peak on small shapes, the data loader, imbalanced stages,
-#   network congestion).
-# * Korthikanti et al.'s step times are all predicted *shorter* too, and the model gets the
-#   gain of sequence parallelism + selective recomputation over full recomputation within 5
-#   points of the published one, from first principles: less recomputed work, fewer memory-bound passes.
+# * PTD-P's own runs (tables 1 and 2) are all predicted *faster* than measured, by a margin that
+#   stays in the printed range from 32 to 2240 GPUs: the model's shape is right, and the systematic
+#   gap is what it leaves out (kernels below 80% of peak on small shapes, the data loader,
+#   imbalanced stages, network congestion).
+# * Korthikanti et al.'s step times are all predicted *shorter* too, and the model gets the gain of
+#   sequence parallelism + selective recomputation over full recomputation within 5 points of the
+#   published one, from first principles: less recomputed work, fewer memory-bound passes.
 # * The ZeRO-3 rows miss badly (more than 1.5 x too optimistic). The model assumes parameter
 #   gathers are perfectly prefetched behind compute and that a ring over 1536 ranks runs at link
 #   speed. DeepSpeed's 2021 ZeRO-3 did neither at that scale: PTD-P measured it falling from
@@ -435,6 +435,6 @@ print(f"On one time axis the predicted step is {abs(1 - ratio):.0%} {gap} than t
 # layouts against their measurement. Calibrating against this machine is how we learn what the
 # model leaves out.
 #
-# Try: `python -m minipar.simulate --model ptdp-1t`, then change `--tp`, `--pp`,
-# `--virtual-stages`, `--recompute` and `--sequence-parallel` and watch memory, bubble and
-# throughput move. Lesson 10 turns these numbers into a procedure for choosing a layout.
+# Try: `python -m minipar.simulate --model ptdp-1t`, then change `--tp`, `--pp`, `--virtual-stages`,
+# `--recompute` and `--sequence-parallel` and watch memory, bubble and throughput move. Lesson 10
+# (choosing a layout) turns these numbers into a procedure for choosing a layout.
