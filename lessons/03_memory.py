@@ -42,7 +42,8 @@ from minipar.dist.mesh import Mesh
 from minipar.engine import Engine
 from minipar.lessons import out_dir
 from minipar.sim import costmodel as cm
-from minipar.sim.activations import activation_breakdown, block_activation_bytes
+from minipar.sim.activations import activation_breakdown
+from minipar.sim.costmodel import activation_bytes_per_layer
 
 OUT = out_dir("03")
 MiB = 2 ** 20
@@ -94,7 +95,8 @@ assert cm.zero_model_state_bytes(n_params, 1, 0, "fp32") == {
 # caches keep alive (each buffer counted once, weights excluded); `Engine.memory()` reports the
 # peak as `activations_peak`. The sequence-parallelism lesson derives the exact bytes one
 # block keeps (no tensor parallelism: e [sbh (8 + 3F/h) + 2sb + as^2 b], with e bytes per
-# value and F the MLP width); `block_activation_bytes` is that formula. The rest sits in the
+# value and F the MLP width); `activation_bytes_per_layer` is that formula (with minipar's
+# choices: e bytes a value, no dropout, LayerNorm's 1/std kept). The rest sits in the
 # embedding and the head: per token the final LayerNorm's input and 1/std (h + 1 values), the
 # head's input (h), the exponentiated logits and their sum (V + 1), plus 18 bytes of integers
 # and masks (the int64 token ids, the int64 target index, two boolean masks).
@@ -104,7 +106,8 @@ assert cm.zero_model_state_bytes(n_params, 1, 0, "fp32") == {
 def activation_formula(cfg: ModelConfig, batch: int, e: int) -> dict:
     """Bytes the caches of a serial step keep at their peak (after the forward pass)."""
     tokens = batch * cfg.seq_len
-    blocks = cfg.n_layers * block_activation_bytes(cfg, batch, 1, False, e)
+    blocks = cfg.n_layers * activation_bytes_per_layer(
+        cfg, batch, 1, False, value_bytes=e, dropout=False, layernorm_rstd=True)
     ends = tokens * (e * (2 * cfg.d_model + cfg.vocab_size + 2) + 18)
     return {"blocks": blocks, "embedding + head": ends}
 
