@@ -22,7 +22,7 @@ minipar has no dropout and keeps these caches per layer (e bytes per value, F th
     mlp             the GELU input bsF/t (tanh is recomputed in backward)
     mlp.proj        the GELU output bsF/t
 
-so e [sbh (4 + (4 + 3F/h)/t + as/(ht)) + 2sb] without SP and e [sbh (8 + 3F/h + as/h) + 2sb]/t
+so e [sbh (4 + (4 + 2F/h)/t + as/(ht)) + 2sb] without SP and e [sbh (8 + 2F/h + as/h) + 2sb]/t
 with it. With F = 4h that is the paper's count without dropout (4 + 12/t + as/(ht) values per
 sbh instead of 10 + 24/t + 5as/(ht) bytes) plus the two LayerNorms' 1/std (2sb values, a
 fraction 1/h of the rest). Tests check the measured bytes equal these terms, tensor by tensor.
@@ -91,8 +91,9 @@ def block_activation_terms(cfg: ModelConfig, rows: int, tp: int, sequence_parall
 
 def block_activation_bytes(cfg: ModelConfig, rows: int, tp: int, sequence_parallel: bool,
                            dtype_bytes: int) -> int:
-    """Total of ``block_activation_terms``: e [sbh (4 + (4 + 3F/h)/t + as/(ht)) + 2sb] without
-    sequence parallelism, e [sbh (8 + 3F/h + as/h) + 2sb] / t with it."""
+    """Total of ``block_activation_terms``: e [sbh (4 + (4 + 2F/h)/t + as/(ht)) + 2sb] without
+    sequence parallelism, e [sbh (8 + 2F/h + as/h) + 2sb] / t with it (F = 4h: 4 + 12/t and
+    16 + as/h)."""
     return sum(block_activation_terms(cfg, rows, tp, sequence_parallel, dtype_bytes).values())
 
 
