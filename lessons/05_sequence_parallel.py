@@ -201,6 +201,24 @@ for name in units:
         assert np.isclose(units[name], base[name])
 print(f"only attn changed: {base['attn']:.3f} -> {units['attn']:.3f} sbh (as/(ht) = "
       f"{a * S_TRY / (h * 4):.3f})")
+
+# %% [markdown]
+# ### Try: many more ranks
+#
+# With 16 heads the block splits over up to 16 ranks. Expect TP+SP to keep exactly the serial
+# bytes / t at every t, while plain TP approaches the replicated 4 sbh + 2 sb and its share of
+# the total grows. Change `T_TRY`.
+
+# %%
+T_TRY = 16  # Try: 2, 4, 8 (must divide the 16 heads and the 16 tokens)
+cfg16 = ModelConfig(vocab_size=16, seq_len=s, n_layers=1, d_model=h, n_heads=16)
+serial16 = sum(measure_block_activations(cfg16, 1, False, B)[0].values())
+sp16 = sum(measure_block_activations(cfg16, T_TRY, True, B)[0].values())
+tp16 = sum(measure_block_activations(cfg16, T_TRY, False, B)[0].values())
+replicated = E * (4 * sbh + 2 * s * B)
+print(f"t={T_TRY}: TP+SP {sp16:,d} B = serial {serial16:,d} B / {serial16 / sp16:g}; plain TP "
+      f"{tp16:,d} B, of which {replicated / tp16:.0%} is the replicated 4 sbh + 2 sb")
+assert sp16 * T_TRY == serial16 and tp16 == block_activation_bytes(cfg16, B, T_TRY, False, E)
 #
 # ## 4. The ratio, ours and the paper's
 #
