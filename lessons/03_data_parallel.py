@@ -62,6 +62,7 @@ print("dp=4 losses:  ", np.round(dp4.losses, 12))
 worst = max(np.abs(dp4.params[k] - v).max() / np.abs(v).max() for k, v in serial.params.items())
 print(f"largest relative difference in any parameter after 3 steps: {worst:.1e}")
 print("mismatches at rtol 1e-9:", mismatches(dp4, serial, 1e-9))
+assert not mismatches(dp4, serial, 1e-9)
 
 # %% [markdown]
 # The differences are float64 rounding (the sum over ranks adds in another order). What did each
@@ -137,6 +138,8 @@ par = ParallelConfig(dp=2, microbatches=2)
 acc = run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)[0]
 print("mismatches:", mismatches(acc, serial, 1e-9))
 print("dp allreduce calls per step:", [c["dp"]["allreduce"]["calls"] for c in acc.comm])
+assert not mismatches(acc, serial, 1e-9) and all(c["dp"]["allreduce"]["calls"] == 1
+                                                 for c in acc.comm)
 
 # %% [markdown]
 # ## 3. ZeRO: stop storing everything dp times
@@ -168,6 +171,7 @@ for zero in (1, 2, 3):
     wire[zero] = sum(s["wire_bytes"] for s in ops.values())
     calls = " + ".join(f"{s['calls']} x {op} {s['wire_bytes']:,d} B" for op, s in ops.items())
     print(f"ZeRO-{zero:<2d} {str(mismatches(res, serial, 1e-9)):>10s}  {calls} = {wire[zero]:,d} B")
+    assert not mismatches(res, serial, 1e-9)
 assert wire[1] == wire[2] == wire[0]  # 7,232 parameters: dp = 4 divides them, no padding
 print(f"ZeRO-3 moves {wire[3] / wire[0]:.2f}x the bytes of plain data parallelism with "
       f"{par.microbatches} microbatches")
@@ -393,9 +397,9 @@ def optimizer_bytes(dp):
 
 psi = formula(0)[0]
 padded = -(-psi // DP_TRY) * DP_TRY
-print(f"dp={DP_TRY}: optimizer {optimizer_bytes(DP_TRY):,d} B per rank, formula "
-      f"{2 * padded // DP_TRY * B:,d} B")
-assert optimizer_bytes(DP_TRY) == 2 * padded // DP_TRY * B
+got = optimizer_bytes(DP_TRY)
+print(f"dp={DP_TRY}: optimizer {got:,d} B per rank, formula {2 * padded // DP_TRY * B:,d} B")
+assert got == 2 * padded // DP_TRY * B
 
 par = ParallelConfig(dp=2, microbatches=4)  # Try: 1, 2, 4 (each rank has 4 rows)
 acc4 = run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)[0]

@@ -75,6 +75,7 @@ print(ascii_timeline(prog))
 tl = simulate(prog, unit_cost())
 print(ascii_timeline(tl))
 print(f"idle fraction {float(tl.bubble_fraction):.3f} = (p-1)/p = {(P - 1) / P:.3f}")
+assert abs(float(tl.bubble_fraction) - (P - 1) / P) < 1e-12
 
 # %% [markdown]
 # Every stage is idle three quarters of the time: at any moment exactly one stage works.
