@@ -13,6 +13,14 @@
 # %% [markdown]
 # # Lesson 2: collectives, and what they cost
 #
+# **Prerequisites.** NumPy, and the idea of a process (a running program with its own memory).
+# No MPI knowledge: this lesson introduces it. Lesson 1 is not needed here, but lesson 3 uses
+# both.
+#
+# **You will be able to** say what allreduce, reduce-scatter and allgather compute, build an
+# allreduce from sends and receives as a ring, predict its bytes per rank exactly, and fit and
+# use the alpha-beta model of its time.
+#
 # Every kind of parallelism in this course is the serial model plus a few *collectives*: calls
 # that every rank of a group makes together. Data parallelism sums gradients with an
 # **allreduce**; ZeRO cuts that allreduce into a **reduce-scatter** and an **allgather**;
@@ -24,15 +32,11 @@
 # 4. how fast this machine moves them, measured under a real `mpirun -n 2`.
 
 # %%
-import os
-import tempfile
-
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minipar.dist.comm import run_threads
-
-out_dir = tempfile.mkdtemp(prefix="minipar-lesson2-")
+from minipar.lessons import out_dir, save_figure
 
 # %% [markdown]
 # ## 1. Four ranks in one notebook
@@ -113,6 +117,35 @@ print("ring == library allreduce on every rank:",
       all(np.allclose(y, lib) for (y, _), lib in zip(ring, library)))
 print("bytes sent per rank, ring: ", [b for _, b in ring])
 print("2 (p-1)/p x n =", 2 * (P - 1) * N * 8 // P)
+assert all(b == 2 * (P - 1) * N * 8 // P for _, b in ring)
+
+# %% [markdown]
+# ### Try: a vector that p does not divide
+#
+# With n = 10 elements on p = 3 ranks the chunks are 4, 3 and 3 elements long. The ring is
+# still exact. Every chunk still makes 2(p-1) hops, so together the ranks send 2(p-1) n
+# elements; but a rank that forwards the long chunk more often sends a little more than the
+# others, never more than 2(p-1) times the longest chunk. Change `P_TRY` and `N_TRY`: the
+# checks hold for any sizes.
+
+# %%
+P_TRY, N_TRY = 3, 10  # Try: other values (N_TRY >= P_TRY)
+
+
+def ring_try(comm):
+    x = np.arange(N_TRY, dtype=float) * (comm.rank + 1)  # (N_TRY,)
+    comm.stats.reset()
+    y = ring_allreduce(comm, x)
+    return y, comm.stats.ops["send"].bytes
+
+
+got = run_threads(ring_try, P_TRY)
+total = np.arange(N_TRY) * sum(range(1, P_TRY + 1))
+sizes = [b.stop - b.start for b in chunk_bounds(N_TRY, P_TRY)]
+print("chunk sizes:", sizes, " bytes sent per rank:", [b for _, b in got])
+assert all(np.allclose(y, total) for y, _ in got)
+assert max(b for _, b in got) <= 2 * (P_TRY - 1) * max(sizes) * 8
+assert sum(b for _, b in got) == 2 * (P_TRY - 1) * N_TRY * 8  # every chunk, 2(p-1) hops
 
 # %% [markdown]
 # ## 3. The cost in bytes, for any p
@@ -137,13 +170,39 @@ for p in (2, 4, 8):
 # %% [markdown]
 # The ring's bytes per rank approach 2n as p grows: they barely grow at all, which is why data
 # parallelism scales to thousands of GPUs. What does grow is the number of steps, 2(p-1), each
-# paying the network's *latency*. So the time of an allreduce is roughly
+# paying the network's *latency*. So the time of a ring allreduce is
 #
-#     t(n) = alpha + 2 (p-1)/p x n / beta
+#     t(n) = 2 (p-1) alpha + 2 (p-1)/p x n / beta
 #
-# with alpha the latency and beta the bandwidth of one link. Small messages are latency-bound,
-# big ones bandwidth-bound. That is why lesson 3 sends gradients in buckets of megabytes, not
-# one tensor at a time.
+# with alpha the latency of one step and beta the bandwidth of one link (Thakur et al. 2005;
+# `minipar.sim.timing.collective_time` uses exactly this). A reduce-scatter or an allgather is
+# half of it: (p-1) alpha + (p-1)/p x n / beta. Small messages are latency-bound, big ones
+# bandwidth-bound: the two terms are equal at n_1/2 = p alpha beta, where the achieved
+# bandwidth is half of beta. That is why lesson 3 sends gradients in buckets much larger than
+# n_1/2, not one tensor at a time.
+#
+# ### Try: reduce-scatter then allgather is an allreduce
+#
+# Check it for any p, and check what `CommStats` records: the two halves' wire bytes add up to
+# the allreduce's.
+
+# %%
+P_TRY = 5  # Try: 2, 3, 8
+
+
+def halves(comm):
+    x = np.random.default_rng(comm.rank).normal(size=P_TRY * 6)  # (6p,) divisible by p
+    full = comm.allreduce(x)
+    both = comm.allgather(comm.reduce_scatter(x))
+    ops = comm.stats.ops
+    return full, both, ops["allreduce"].wire_bytes, (ops["reduce_scatter"].wire_bytes
+                                                     + ops["allgather"].wire_bytes)
+
+
+for full, both, w_ar, w_halves in run_threads(halves, P_TRY):
+    assert np.allclose(full, both) and w_ar == w_halves
+print(f"p = {P_TRY}: allgather(reduce_scatter(x)) == allreduce(x) on every rank, "
+      f"{w_ar:,d} wire bytes either way")
 #
 # ## 4. This machine, measured
 #
@@ -168,36 +227,115 @@ rows = json.loads(next(ln for ln in text.splitlines()
 print(table(rows))
 
 # %% [markdown]
-# Fit the alpha-beta model to the measured times (least squares on t = alpha + w / beta, w the
-# wire bytes per rank) and plot the bandwidth each size achieves:
+# Fit the alpha-beta model to the measured times. The times span three orders of magnitude,
+# so an ordinary least-squares fit would serve the largest messages and ignore the small ones
+# (it can even give a negative alpha). We fit the *relative* error instead, minimising
+# sum((model / measured - 1)^2), so every size counts the same. Then we plot the bandwidth each
+# size achieves, "bus bandwidth" = wire bytes per rank / time, which would be flat at beta if
+# there were no latency.
 
 # %%
-size = np.array([r["bytes"] for r in rows], dtype=float)
+from minipar.sim.comm_volume import Collective  # noqa: E402
+from minipar.sim.timing import collective_time  # noqa: E402
+
+p = 2
+size = np.array([r["bytes"] for r in rows], dtype=float)  # n, the buffer each rank holds
 t = np.array([r["minipar_s"] for r in rows])
-wire = size * 2 * (2 - 1) / 2  # p = 2
-inv_beta, alpha = np.polyfit(wire, t, 1)
-print(f"latency alpha ~ {alpha * 1e6:.1f} us, bandwidth beta ~ {1 / inv_beta / 1e9:.2f} GB/s")
+wire = 2 * (p - 1) / p * size  # bytes each rank sends
+design = np.stack([np.full_like(t, 2 * (p - 1)), wire], axis=1) / t[:, None]
+(alpha, inv_beta), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+assert alpha > 0 and inv_beta > 0, "timings too noisy for a fit: run the cell again"
+beta = 1 / inv_beta
+fit = np.array([collective_time(Collective("dp", "allreduce", int(n)), p, (beta, alpha))
+                for n in size])
+off = fit / t
+n_half = p * alpha * beta
+print(f"latency alpha ~ {alpha * 1e6:.1f} us per step, bandwidth beta ~ {beta / 1e9:.2f} GB/s, "
+      f"n_1/2 = p alpha beta ~ {n_half / 1024:.0f} KiB")
+print("fit / measured time per size:", " ".join(f"{o:.2f}" for o in off))
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 ax.plot(size, wire / t / 1e9, "o-", label="minipar allreduce_ (measured)")
 ax.plot(size, [r["raw_busbw"] / 1e9 for r in rows], "x--", label="raw mpi4py (measured)")
-ax.plot(size, wire / (alpha + wire * inv_beta) / 1e9, ":", label="alpha-beta fit")
+ax.plot(size, wire / fit / 1e9, ":", label="alpha-beta fit")
+ax.axhline(beta / 1e9, color="gray", lw=0.8)
+ax.annotate("beta (fit)", (size[-1], beta / 1e9), ha="right", va="bottom")
 ax.set_xscale("log", base=2)
-ax.set_xlabel("message size (bytes)")
+ax.set_xlabel("buffer size per rank n (bytes)")
 ax.set_ylabel("bus bandwidth (GB/s)")
 ax.set_title("allreduce on 2 ranks of this machine")
-ax.legend()
+ax.legend(loc="upper left", fontsize=8)
 fig.tight_layout()
-fig.savefig(os.path.join(out_dir, "bandwidth.png"), dpi=120)
-plt.show()
+save_figure(fig, "02", "bandwidth.png")
+
+# %%
+bw = wire / t / 1e9  # measured bus bandwidth, GB/s
+peak = int(np.argmax(bw))
+
+
+def kib(n):
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n / 1024:g} KiB"
+
+
+shape = ("keeps rising up to the largest size" if peak == len(bw) - 1 else
+         f"peaks at {kib(size[peak])} and falls to {bw[-1]:.2f} GB/s at {kib(size[-1])} (on one "
+         "machine the 'network' is memory copies, which slow down once buffers outgrow the "
+         "CPU caches)")
+print(f"Measured: {bw[0]:.2f} GB/s at {kib(size[0])}, where latency dominates; the bandwidth "
+      f"then {shape}. The fit puts n_1/2 at {n_half / 1024:.0f} KiB and stays within "
+      f"{max(off.max(), 1 / off.min()):.1f}x of every measured time.")
 
 # %% [markdown]
-# Small messages reach a fraction of the bandwidth: their time is mostly alpha. From about a
-# megabyte on, the curve flattens at beta. For the full table (allgather and reduce-scatter too,
-# 4 KiB to 64 MiB, 2 and 4 ranks) run
+# The model is two numbers, so it cannot follow every wiggle of a real machine; what it gets
+# right is the order of magnitude at every size, which is what planning needs. For the full
+# table (allgather and reduce-scatter too, 4 KiB to 64 MiB, 2 and 4 ranks) run
 #
 #     python -m minipar.bench --collectives --ranks 2 4
 #
+# ### Try: how big must a bucket be?
+#
+# To reach 90% of beta, the bandwidth term must be 9 times the latency term:
+# 2(p-1)/p n / beta = 9 x 2(p-1) alpha, so n = 9 p alpha beta: it grows with p, because the
+# latency term does. Change `P_BUCKET` and `FRACTION`; the check computes the achieved
+# bandwidth with the simulator's formula.
+
+# %%
+P_BUCKET, FRACTION = 8, 0.9  # Try: 64 ranks; 0.5 (that is n_1/2)
+n_bucket = FRACTION / (1 - FRACTION) * P_BUCKET * alpha * beta
+t_bucket = collective_time(Collective("dp", "allreduce", int(n_bucket)), P_BUCKET,
+                           (beta, alpha))
+achieved = 2 * (P_BUCKET - 1) / P_BUCKET * n_bucket / t_bucket
+print(f"p = {P_BUCKET}: buckets of {n_bucket / 2**20:.2f} MiB reach {achieved / beta:.0%} of beta")
+assert abs(achieved / beta - FRACTION) < 1e-3
+
+# %% [markdown]
+# ## Break it: ranks that disagree on a collective
+#
+# Every rank of a group must make the same collective call with the same shape. If one rank
+# passes 4 numbers and another 5, plain MPI may hang, crash, or silently return garbage.
+# minipar can check every call first (`--check-collectives` on the train command, or
+# `MINIPAR_COMM_CHECK=1`; the thread world always checks) and then fails on every rank with
+# the same message, naming each rank's call and where it was made:
+
+# %%
+from minipar.lessons import MPIRunError  # noqa: E402
+
+bad_script = out_dir("02") / "mismatch.py"
+bad_script.write_text("""import numpy as np
+from minipar.dist.mpi_comm import MPIComm
+world = MPIComm.world(check=True)  # what --check-collectives turns on
+n = 4 if world.rank == 0 else 5  # the bug: rank 1 has a different shape
+world.allreduce(np.ones(n))
+""")
+try:
+    mpirun(2, [bad_script], stream=False, timeout=60)
+    raise RuntimeError("the mismatched allreduce was not caught")
+except MPIRunError as exc:
+    first = next(ln for ln in str(exc).splitlines() if "CommError" in ln)
+    print(first.split("CommError: ", 1)[1])
+    assert "disagrees" in first
+
+# %% [markdown]
 # **Takeaways.** A collective is one call that every rank of a group makes. An allreduce is a
 # reduce-scatter plus an allgather; the ring does each in p-1 steps and sends 2(p-1)/p x n bytes
 # per rank, nearly independent of p. Its time is latency plus bytes over bandwidth, so big

@@ -13,6 +13,13 @@
 # %% [markdown]
 # # Lesson 3: data parallelism and ZeRO
 #
+# **Prerequisites.** Lesson 1 (a training step: forward, backward, gradients, AdamW) and lesson
+# 2 (allreduce = reduce-scatter + allgather, bytes on the wire per rank, the alpha-beta model).
+#
+# **You will be able to** explain why data-parallel ranks *sum* their gradients, check a layout
+# against the serial run, predict the memory per rank of ZeRO stages 1-3 from the paper's
+# formulas and the bytes each stage moves, and choose a bucket size for overlapping the sync.
+#
 # Data parallelism is the first thing anyone does with a second GPU: every rank holds the whole
 # model, takes a different slice of the batch, and the ranks sum their gradients before the
 # optimizer step. In this lesson we
@@ -24,17 +31,14 @@
 # 4. overlap the gradient sync with the backward pass by sending it in buckets.
 
 # %%
-import os
-import tempfile
-
 import matplotlib.pyplot as plt
 import numpy as np
 
 from minipar.compare import mismatches, random_batches, serial_reference, train_layout
 from minipar.config import ModelConfig, ParallelConfig
 from minipar.dist.comm import run_threads
+from minipar.lessons import save_figure, short_run_note
 
-out_dir = tempfile.mkdtemp(prefix="minipar-lesson3-")
 cfg = ModelConfig(vocab_size=16, seq_len=8, n_layers=2, d_model=16, n_heads=2)
 batches = random_batches(cfg, steps=3, batch=8, seed=0)  # 3 global batches of 8 sequences
 
@@ -58,6 +62,7 @@ print("dp=4 losses:  ", np.round(dp4.losses, 12))
 worst = max(np.abs(dp4.params[k] - v).max() / np.abs(v).max() for k, v in serial.params.items())
 print(f"largest relative difference in any parameter after 3 steps: {worst:.1e}")
 print("mismatches at rtol 1e-9:", mismatches(dp4, serial, 1e-9))
+assert not mismatches(dp4, serial, 1e-9)
 
 # %% [markdown]
 # The differences are float64 rounding (the sum over ranks adds in another order). What did each
@@ -74,6 +79,51 @@ for group, ops in step.items():
         print(f"  {group:5s} {op:10s} calls {s['calls']}  bytes {s['bytes']:>7,d}  "
               f"wire bytes per rank {s['wire_bytes']:>7,d}")
 print("ring theory, 2 (p-1)/p x bytes:", 2 * 3 * n_params * 8 // 4)
+dp_wire = step["dp"]["allreduce"]["wire_bytes"]
+assert dp_wire == 2 * 3 * n_params * 8 // 4
+
+# %% [markdown]
+# ### Break it: average the ranks' mean losses
+#
+# The tempting alternative is for each rank to divide its loss by its *own* number of scored
+# tokens, and then average the ranks' gradients. That is the mean of the ranks' means, and it
+# equals the global mean only when every rank scores the same number of tokens. Here some
+# targets are ignored (padding, or the prompt of a task), so the two halves of the batch score
+# different numbers of tokens. minipar's tests compare every layout with the serial run; this
+# is the report they would give:
+
+# %%
+from minipar.compare import RunResult  # noqa: E402
+from minipar.dist.mesh import Mesh  # noqa: E402
+from minipar.engine import Engine  # noqa: E402
+
+
+x0, y0 = batches[0]
+y0 = y0.copy()
+y0[4:, :4] = -100  # rank 1's sequences score fewer tokens (say, longer prompts)
+
+
+def one_step(world, own_mean):
+    mesh = Mesh(world, dp=2)
+    engine = Engine(cfg, ParallelConfig(dp=2), mesh, dtype="float64", lr=1e-2,
+                    weight_decay=0.01, grad_clip=1.0)  # train_layout's settings
+    rows = slice(0, 4) if mesh.dp_rank == 0 else slice(4, 8)
+    mine, everyone = int((y0[rows] >= 0).sum()), int((y0 >= 0).sum())
+    # BUG when own_mean: divide by this rank's own tokens (x dp: the sum of the ranks'
+    # gradients is then the mean of their mean-loss gradients)
+    loss = engine.train_step(x0[rows], y0[rows], mine * 2 if own_mean else everyone).loss
+    return mine, RunResult([loss], engine.full_params(), engine.full_params(grads=True))
+
+
+reference = serial_reference(cfg, [(x0, y0)])
+(tokens0, broken), (tokens1, _) = run_threads(lambda w: one_step(w, own_mean=True), 2)
+right = run_threads(lambda w: one_step(w, own_mean=False), 2)[0][1]
+report = mismatches(broken, reference, 1e-9)
+print(f"scored tokens: rank 0 {tokens0}, rank 1 {tokens1}")
+print("global normaliser:", mismatches(right, reference, 1e-9) or "no differences")
+print("mean of means:    \n  " + "\n  ".join(report[:4])
+      + f"\n  ... {len(report)} differences from the serial run")
+assert tokens0 != tokens1 and report and not mismatches(right, reference, 1e-9)
 
 # %% [markdown]
 # ## 2. Gradient accumulation
@@ -88,6 +138,8 @@ par = ParallelConfig(dp=2, microbatches=2)
 acc = run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)[0]
 print("mismatches:", mismatches(acc, serial, 1e-9))
 print("dp allreduce calls per step:", [c["dp"]["allreduce"]["calls"] for c in acc.comm])
+assert not mismatches(acc, serial, 1e-9) and all(c["dp"]["allreduce"]["calls"] == 1
+                                                 for c in acc.comm)
 
 # %% [markdown]
 # ## 3. ZeRO: stop storing everything dp times
@@ -108,18 +160,34 @@ print("dp allreduce calls per step:", [c["dp"]["allreduce"]["calls"] for c in ac
 # Every stage is still the serial run:
 
 # %%
+print(f"{'layout':7s} {'mismatches':>10s}  dp traffic per step, per rank: calls x op, bytes on "
+      "the wire")
+print(f"{'DP':7s} {'[]':>10s}  1 x allreduce {dp_wire:,d} B")
+wire = {0: dp_wire}
 for zero in (1, 2, 3):
     par = ParallelConfig(dp=4, zero=zero, microbatches=2)
     res = run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)[0]
-    dp_ops = {op: (s["calls"], s["bytes"]) for op, s in res.comm[0]["dp"].items()}
-    print(f"ZeRO-{zero}: mismatches {mismatches(res, serial, 1e-9)}  dp traffic per step "
-          f"(calls, bytes) {dp_ops}")
+    ops = res.comm[0]["dp"]
+    wire[zero] = sum(s["wire_bytes"] for s in ops.values())
+    calls = " + ".join(f"{s['calls']} x {op} {s['wire_bytes']:,d} B" for op, s in ops.items())
+    print(f"ZeRO-{zero:<2d} {str(mismatches(res, serial, 1e-9)):>10s}  {calls} = {wire[zero]:,d} B")
+    assert not mismatches(res, serial, 1e-9)
+assert wire[1] == wire[2] == wire[0]  # 7,232 parameters: dp = 4 divides them, no padding
+print(f"ZeRO-3 moves {wire[3] / wire[0]:.2f}x the bytes of plain data parallelism with "
+      f"{par.microbatches} microbatches")
+assert abs(wire[3] / wire[0] - 1.5 * par.microbatches) < 0.05
 
 # %% [markdown]
-# ZeRO-1 and 2 move exactly the bytes of plain data parallelism (the padded gradient once in the
-# reduce-scatter, the padded parameters once in the allgather: together one allreduce). ZeRO-3
-# gathers the parameters twice per microbatch (forward and backward) and reduce-scatters the
-# gradients once per microbatch: 1.5x the bytes per microbatch, so 3x here with 2 microbatches.
+# (`CommStats` records two numbers per call: `bytes`, the size of the array passed in, and
+# `wire_bytes`, what this rank sends with the bandwidth-optimal ring of lesson 2. Compare wire
+# bytes: an allreduce's array is the whole gradient, a reduce-scatter's too, but the
+# reduce-scatter sends half as much.)
+#
+# ZeRO-1 and 2 move exactly the bytes of plain data parallelism: the reduce-scatter of the
+# padded gradient and the allgather of the padded parameters each send (p-1)/p x n per rank,
+# together 2(p-1)/p x n, one allreduce. ZeRO-3 gathers the parameters twice per microbatch
+# (forward and backward) and reduce-scatters the gradients once per microbatch: 1.5x the bytes
+# per microbatch, so 3x here with 2 microbatches.
 #
 # ### Memory per rank, measured against the formula
 #
@@ -137,8 +205,6 @@ for zero in (1, 2, 3):
 # where S = sum over units of ceil(n_unit / dp), because stage 3 pads each unit on its own.
 
 # %%
-from minipar.dist.mesh import Mesh  # noqa: E402
-from minipar.engine import Engine  # noqa: E402
 from minipar.sim.costmodel import units  # noqa: E402
 
 big = ModelConfig(vocab_size=64, seq_len=16, n_layers=4, d_model=64, n_heads=4)
@@ -169,6 +235,7 @@ for zero in range(4):
     expect = [n * B for n in formula(zero)]
     print(f"{zero:5d} " + " ".join(f"{mem[zero][k]:>16,d} / {e:<15,d}"
                                    for k, e in zip(kinds, expect)))
+    assert [mem[zero][k] for k in kinds] == expect
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 bottom = np.zeros(4)
@@ -176,20 +243,66 @@ for kind, colour in zip(kinds, ("tab:blue", "tab:orange", "tab:green")):
     values = np.array([mem[z][kind] for z in range(4)]) / 1024
     ax.bar(range(4), values, bottom=bottom, color=colour, label=f"{kind} (measured)")
     bottom += values
-ax.plot(range(4), [sum(formula(z)) * B / 1024 for z in range(4)], "k_", markersize=40,
-        mew=2, label="ZeRO formula, total")
+ax.hlines([sum(formula(z)) * B / 1024 for z in range(4)], np.arange(4) - 0.4,
+          np.arange(4) + 0.4, colors="k", lw=2, label="ZeRO formula, total")
 ax.set_xticks(range(4), [f"ZeRO-{z}" for z in range(4)])
+ax.set_xlabel("stage (what a rank keeps between steps)")
 ax.set_ylabel("KiB per rank")
 ax.set_title(f"model states per rank: dp={DP}, {formula(0)[0]:,d} parameters, AdamW, float64")
 ax.legend()
 fig.tight_layout()
-fig.savefig(os.path.join(out_dir, "zero_memory.png"), dpi=120)
-plt.show()
+save_figure(fig, "03", "zero_memory.png")
 
 # %% [markdown]
 # From 4 Psi b to about 4 Psi b / dp. What this chart leaves out is *activation* memory, which
-# ZeRO does not touch (lessons 5 and 6 do), and ZeRO-3's transient buffers: the unit being
-# gathered lives only while it runs.
+# ZeRO does not touch (lessons 5 and 6 do), and the buffers that live only *during* a step:
+# ZeRO-3's gathered unit while it runs, and ZeRO-2's full gradient.
+#
+# ### Between steps is not the peak: ZeRO-2's gradient
+#
+# `memory()` reports what a rank keeps *between* steps. Within a step, minipar's ZeRO-2 still
+# needs somewhere for backward to add the full gradient: it allocates the full flat gradient
+# at the start of the step and drops it once the reduce-scatter has filled the rank's shard.
+# So at the moment of the sync a ZeRO-2 rank holds the full gradient *and* its shard: its peak
+# gradient memory is ZeRO-1's plus 1/dp, and the saving is between steps only. (The paper's
+# stage 2 goes further: it reduces each bucket as soon as backward has produced it and frees
+# it, so the full gradient never exists at once.) Let us measure the gradient buffers a rank
+# holds right when `sync_grads` starts:
+
+# %%
+def grad_bytes_held(dp):
+    """The gradient buffers a rank holds now: the full flat gradient while it exists, and
+    ZeRO-2's shard."""
+    held = (dp.flat_grad, getattr(dp, "grad_shard", None))
+    return sum(int(a.nbytes) for a in held if a is not None)
+
+
+def grad_peak(zero):
+    def rank(world):
+        engine = Engine(big, ParallelConfig(dp=DP, zero=zero), Mesh(world, dp=DP),
+                        dtype="float64")
+        at_sync, sync = [], engine.dp.sync_grads
+
+        def sync_grads():
+            at_sync.append(grad_bytes_held(engine.dp))
+            sync()
+        engine.dp.sync_grads = sync_grads
+        x, y = random_batches(big, 1, B, seed=1)[0]
+        rows = slice(engine.mesh.dp_rank * 2, engine.mesh.dp_rank * 2 + 2)
+        engine.train_step(x[rows], y[rows], float((y >= 0).sum()))
+        return at_sync[0], engine.memory()["grads"]
+    return run_threads(rank, DP)[0]
+
+
+print(f"{'stage':>5} {'grads at the sync (peak)':>25} {'grads between steps':>20}")
+peak = {}
+for zero in (0, 1, 2):
+    peak[zero], between = grad_peak(zero)
+    print(f"{zero:5d} {peak[zero]:25,d} {between:20,d}")
+full = formula(1)[1] * B
+assert peak[1] == full and peak[2] == full + full // DP and mem[2]["grads"] == full // DP
+print(f"ZeRO-2 holds {peak[2] / peak[1]:.2f}x ZeRO-1's gradient bytes at the sync and "
+      f"{mem[2]['grads'] / mem[1]['grads']:.2f}x between steps.")
 #
 # ## 4. Overlapping the sync with backward: buckets
 #
@@ -236,6 +349,9 @@ events, stats = run_threads(watch, 2)[0]
 for what, mb, t in events:
     print(f"{t * 1e3:7.2f} ms  {what}" + ("" if mb is None else f" (microbatch {mb})"))
 print("dp traffic:", {op: (s["calls"], s["bytes"]) for op, s in stats.items()})
+order = [what for what, _, _ in events]
+last_start = order.index("backward start", order.index("backward end"))
+assert all(last_start < i < len(order) - 1 for i, w in enumerate(order) if w.startswith("bucket"))
 
 # %% [markdown]
 # All buckets start inside the last microbatch's backward, in order from the end of the model;
@@ -244,6 +360,53 @@ print("dp traffic:", {op: (s["calls"], s["bytes"]) for op, s in stats.items()})
 # lesson 2: too small and each call pays the latency alpha, too large and the first bucket is
 # ready too late to overlap. (ZeRO-1/2 reduce-scatter their buckets the same way; ZeRO-3 already
 # reduces each unit's gradients right after its backward.)
+#
+# ### Try: the bucket size
+#
+# The flat gradient is cut into ceil(gradient bytes / bucket bytes) near-equal buckets. Halve
+# the bucket and expect about twice the calls for the same total bytes; make it larger than
+# the gradient and expect one call. Change `BUCKET_MB` and check.
+
+# %%
+BUCKET_MB = 0.1  # Try: 0.5, 4
+grad_bytes = formula(0)[1] * B
+par = ParallelConfig(dp=2, microbatches=2, bucket_mb=BUCKET_MB)
+_, stats_try = run_threads(watch, 2)[0]
+expect = max(1, int(np.ceil(grad_bytes / (BUCKET_MB * 2**20))))
+print(f"{BUCKET_MB} MiB buckets: {stats_try['allreduce']['calls']} allreduces of "
+      f"{stats_try['allreduce']['bytes']:,d} B in all; expected {expect} calls")
+assert stats_try["allreduce"]["calls"] == expect
+assert stats_try["allreduce"]["bytes"] == grad_bytes
+
+# %% [markdown]
+# ### Try: more ranks, and more microbatches
+#
+# With dp = 8, ZeRO-1's optimizer state per rank should be K Psi' / 8 b: half of dp = 4's.
+# And gradient accumulation with 4 microbatches per rank still makes one allreduce per step.
+
+# %%
+DP_TRY = 8  # Try: 2, 16
+
+
+def optimizer_bytes(dp):
+    def rank(world):
+        par = ParallelConfig(dp=dp, zero=1)
+        return Engine(big, par, Mesh(world, dp=dp), dtype="float64").memory()["optimizer"]
+    return run_threads(rank, dp)[0]
+
+
+psi = formula(0)[0]
+padded = -(-psi // DP_TRY) * DP_TRY
+got = optimizer_bytes(DP_TRY)
+print(f"dp={DP_TRY}: optimizer {got:,d} B per rank, formula {2 * padded // DP_TRY * B:,d} B")
+assert got == 2 * padded // DP_TRY * B
+
+par = ParallelConfig(dp=2, microbatches=4)  # Try: 1, 2, 4 (each rank has 4 rows)
+acc4 = run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)[0]
+calls = [c["dp"]["allreduce"]["calls"] for c in acc4.comm]
+print(f"{par.microbatches} microbatches: mismatches {mismatches(acc4, serial, 1e-9)}, "
+      f"allreduces per step {calls}")
+assert calls == [1] * len(batches) and not mismatches(acc4, serial, 1e-9)
 #
 # ## 5. The same on real processes
 #
@@ -257,6 +420,7 @@ from minipar.lessons import mpirun  # noqa: E402
 out = mpirun(2, ["-m", "minipar.train", "--model", "tiny", "--zero", "3", "--steps", "20",
                  "--eval-every", "20", "--quiet"], stream=False, timeout=120)
 print("\n".join(ln for ln in out.splitlines() if ln.startswith(("minipar", "memory", "done"))))
+print(short_run_note(out))
 
 # %% [markdown]
 # **Takeaways.** Data parallelism is the serial run: sum the ranks' gradients of a globally

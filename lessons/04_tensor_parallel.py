@@ -13,6 +13,13 @@
 # %% [markdown]
 # # Lesson 4: tensor parallelism — splitting every matrix of a layer
 #
+# **Prerequisites.** Lesson 1 (the block's kernels and their backward passes) and lesson 2
+# (allreduce, `run_threads`, `CommStats`). Matrix products by blocks: (x W)[:, cols] = x W[:, cols].
+#
+# **You will be able to** split an MLP and an attention layer over tp ranks, say where the two
+# collectives f and g go and why, predict the bytes a block moves per microbatch, and compute a
+# softmax loss over a vocabulary split over ranks.
+#
 # Data parallelism copies the whole model to every rank. When one layer's weights (or its
 # activations) no longer fit, we split the *matrices themselves* over a group of ranks, the
 # tensor-parallel (tp) group. Megatron-LM (Shoeybi et al. 2019) found a split of the
@@ -98,8 +105,12 @@ for r, y in enumerate(run_threads(mlp_rank, TP)):
 #   whole input), allreduce backward. Why? The input `x` feeds *every* rank's columns, so its
 #   gradient is the sum of each rank's contribution `dh_r W1_r^T`.
 #
-# Each is the other's transpose ("conjugate"). Let us break them on purpose: run the backward
-# pass by hand with f and g switched on or off, and with g wrongly summing in both directions.
+# Each is the other's transpose ("conjugate").
+#
+# ### Break it: leave out f or g
+#
+# Run the backward pass by hand with f and g switched on or off, and with g wrongly summing in
+# both directions.
 
 # %%
 dy = rng.normal(size=(B, T, C))  # the gradient arriving from the rest of the network
@@ -135,12 +146,18 @@ def rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+errors = {}
 for label, kw in [("f and g (Megatron)", {}), ("no g", {"g_forward": False}),
                   ("no f", {"f_backward": False}),
                   ("g allreduces backward too", {"g_backward": True})]:
     y, dx = run_threads(lambda comm: parallel_mlp(comm, **kw), TP)[0]
-    print(f"{label:28s} output error {rel(y, y_ref):.1e}   input-gradient error "
-          f"{rel(dx, dx_ref):.1e}")
+    errors[label] = rel(y, y_ref), rel(dx, dx_ref)
+    print(f"{label:28s} output error {errors[label][0]:.1e}   input-gradient error "
+          f"{errors[label][1]:.1e}")
+    if label.startswith("g allreduces"):
+        assert np.allclose(dx, TP * dx_ref)  # exactly TP times too large, as said below
+assert max(errors["f and g (Megatron)"]) < 1e-12
+assert errors["no g"][0] > 0.1 and errors["no f"][1] > 0.1 and errors["no f"][0] < 1e-12
 
 # %% [markdown]
 # Without g each rank's output is only a partial sum (and the error reaches the loss). Without
@@ -187,6 +204,22 @@ y2, dx2, fwd, bwd, local_shape = run_threads(pair, TP)[0]
 print("fc weight: serial", full_shape, "-> per rank", local_shape)
 print("output and input gradient equal serial:", np.allclose(y1, y2), np.allclose(dx1, dx2))
 print("forward (calls, bytes):", fwd, " backward:", bwd, " B*T*C*8 =", B * T * C * 8)
+assert fwd == bwd == {"allreduce": (1, B * T * C * 8)}
+
+# %% [markdown]
+# ### Try: more tensor-parallel ranks
+#
+# With tp = 4 each rank holds a quarter of the columns of `fc` (C, F/4), computes a quarter
+# of the work, and the allreduces stay the same size: they carry the (B, T, C) output, which
+# does not depend on tp. On a real network the ring makes each rank send 2(tp-1)/tp of it
+# (lesson 2), so the time grows a little with tp while the compute per rank shrinks as 1/tp.
+
+# %%
+TP_TRY = 4  # Try: 1, 2, 8 or 16 (must divide F = 16)
+y4, dx4, fwd4, bwd4, shape4 = run_threads(pair, TP_TRY)[0]
+print(f"tp={TP_TRY}: fc weight per rank {shape4}, forward {fwd4}, backward {bwd4}")
+assert shape4 == (C, FF // TP_TRY) and np.allclose(y4, y1) and np.allclose(dx4, dx1)
+assert fwd4 == bwd4 == ({"allreduce": (1, B * T * C * 8)} if TP_TRY > 1 else {})
 
 # %% [markdown]
 # ## 4. Attention, split by heads
@@ -228,6 +261,21 @@ for r, (y, dxb, fwd, bwd, w_local, heads) in enumerate(out):
           f"{np.array_equal(w_local, full_qkv[:, mine])}; block equals serial: "
           f"{np.allclose(y, y_s) and np.allclose(dxb, dx_s)}; collectives forward {fwd}, "
           f"backward {bwd}")
+    assert fwd == bwd == {"allreduce": 2} and np.allclose(y, y_s)
+
+# %% [markdown]
+# ### Try: one head per rank
+#
+# With 4 heads on tp = 4 ranks each rank holds a single head: its Q, K and V columns are
+# columns d k ... d (k+1) of each third of `qkv`. Still 2 allreduces forward and 2 backward,
+# and still the serial block. Change `TP_HEADS` to 1, 2 or 4 (it must divide the 4 heads).
+
+# %%
+TP_HEADS = 4  # Try: 1, 2, 4
+heads_out = run_threads(block_rank, TP_HEADS)
+assert all(h == cfg.n_heads // TP_HEADS for *_, h in heads_out)
+assert all(np.allclose(y, y_s) and np.allclose(g, dx_s) for y, g, *_ in heads_out)
+print(f"tp={TP_HEADS}: {heads_out[0][5]} head(s) per rank, block equals serial on every rank")
 
 # %% [markdown]
 # ## 5. The vocabulary, split over ranks
@@ -271,6 +319,8 @@ dlogits = np.concatenate([d for _, d, _ in out], axis=-1)[..., :V]
 print(f"serial loss {float(loss_ref):.12f}  vocab-parallel loss {out[0][0]:.12f}")
 print("gradient equals serial:", np.allclose(dlogits, dlogits_ref))
 print("collectives (calls, bytes):", out[0][2], f"vs gathering the logits: {B * T * V * 8} bytes")
+assert np.isclose(out[0][0], float(loss_ref)) and np.allclose(dlogits, dlogits_ref)
+assert out[0][2] == {"allreduce": (3, 3 * B * T * 8)}
 
 # %% [markdown]
 # At GPT-2 scale (V = 50257, B x T = 8 x 1024 tokens, 4-byte floats) the three allreduces
@@ -307,15 +357,35 @@ print("differences beyond 1e-9:", mismatches(result, reference, rtol=1e-9))
 got = {op: (s["calls"], s["bytes"]) for op, s in result.comm[0]["tp"].items()}
 want = {op: (s["calls"], s["bytes"]) for op, s in predict_comm_bytes(mcfg, par, 4, 8)["tp"].items()}
 print("tp traffic of one step:", got, " formula:", want)
+assert got == want and not mismatches(result, reference, rtol=1e-9)
 
 # %% [markdown]
 # The same code runs one process per rank under MPI. The train CLI takes `--tp`:
 
 # %%
-from minipar.lessons import mpirun
+from minipar.lessons import MPIRunError, mpirun, short_run_note
 
-mpirun(2, ["-m", "minipar.train", "--model", "tiny", "--tp", "2", "--steps", "20",
-           "--eval-every", "20", "--quiet"], timeout=120)
+log = mpirun(2, ["-m", "minipar.train", "--model", "tiny", "--tp", "2", "--steps", "20",
+                 "--eval-every", "20", "--quiet"], timeout=120, stream=False)
+print(log)
+print(short_run_note(log))
+
+# %% [markdown]
+# ### Break it: a tp that does not divide the heads
+#
+# Heads are the unit of the attention split, so tp must divide the number of heads (and the
+# MLP width). A layout that breaks this is refused before any rank builds a layer or makes a
+# collective: one line, naming the flag.
+
+# %%
+try:
+    mpirun(3, ["-m", "minipar.train", "--model", "tiny", "--tp", "3", "--steps", "2",
+               "--quiet"], timeout=60, stream=False)
+    raise RuntimeError("--tp 3 with 4 heads was accepted")
+except MPIRunError as exc:
+    line = next(ln for ln in str(exc).splitlines() if "error:" in ln)
+    print(line)
+    assert "--tp 3" in line
 
 # %% [markdown]
 # ## What to remember

@@ -13,6 +13,14 @@
 # %% [markdown]
 # # Lesson 6: pipeline parallelism — GPipe, 1F1B, interleaving and zero bubble
 #
+# **Prerequisites.** Lesson 1 (forward and backward of a block; activations kept for backward)
+# and lesson 3 (microbatches and gradient accumulation). Point-to-point send and receive
+# (lesson 2). No tensor parallelism needed.
+#
+# **You will be able to** draw the timeline of GPipe, 1F1B, interleaved 1F1B and ZB-H1 for any
+# number of stages and microbatches, predict their bubble and peak activation memory, measure
+# both on real ranks, and recognise a schedule that deadlocks.
+#
 # When a model no longer fits on one device, the simplest cut is by depth: the first few
 # blocks on rank 0, the next few on rank 1, and so on. Each rank (a *stage*) passes its
 # output activations forward and receives gradients back. That is correct, but on its own it
@@ -34,37 +42,23 @@
 
 # %%
 import os
-import tempfile
 
 # Several ranks share this process (threads) or this machine (mpirun): one BLAS thread per
 # rank keeps them from fighting over the cores. Set before NumPy loads.
 for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(var, "1")
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are saved as PNGs and shown with show() below
 import matplotlib.pyplot as plt
+import numpy as np
 
+from minipar.lessons import out_dir, save_figure, show_image
+from minipar.observe.render import ascii_timeline, plot_timeline
 from minipar.parallel.program_checks import check_program
 from minipar.parallel.schedules import make_schedule, naive
-from minipar.observe.render import ascii_timeline, plot_timeline
 from minipar.sim.simulator import bubble_formula, simulate, unit_cost
 
-out_dir = tempfile.mkdtemp(prefix="minipar-lesson6-")
-
-
-def show(path):
-    """Display a saved PNG inline in a notebook; as a script, say where it is."""
-    try:
-        from IPython import get_ipython
-        from IPython.display import Image, display
-    except ImportError:
-        get_ipython = None
-    if get_ipython is not None and get_ipython() is not None:
-        display(Image(filename=path))
-    else:
-        print(f"figure: {path}")
+OUT = out_dir("06")
+UNITS = "unit costs: a forward = 1"  # the x axis of simulated timelines
 
 
 # %% [markdown]
@@ -81,6 +75,7 @@ print(ascii_timeline(prog))
 tl = simulate(prog, unit_cost())
 print(ascii_timeline(tl))
 print(f"idle fraction {float(tl.bubble_fraction):.3f} = (p-1)/p = {(P - 1) / P:.3f}")
+assert abs(float(tl.bubble_fraction) - (P - 1) / P) < 1e-12
 
 # %% [markdown]
 # Every stage is idle three quarters of the time: at any moment exactly one stage works.
@@ -111,25 +106,80 @@ programs = {
 }
 print(ascii_timeline(programs["1f1b"]))
 print()
+timelines = {}
 for name, prog in programs.items():
-    tl = simulate(prog, unit_cost(chunks=prog.n_chunks))
+    tl = timelines[name] = simulate(prog, unit_cost(chunks=prog.n_chunks))
     report = check_program(prog)  # matched sends, no deadlock, peak live microbatches
     formula = bubble_formula(name, P, M, prog.n_chunks)
     print(f"{name:12s} bubble {float(tl.bubble_fraction):.3f} (formula {float(formula):.3f})"
-          f"  peak live microbatches per stage {report.peak_live}")
-    plot_timeline(tl, os.path.join(out_dir, f"sim_{name}.png"),
-                  title=f"{name}, p={P}, m={M} (simulated, unit costs)")
+          f"  idle time per stage {float(tl.idle[0]):g}  peak live microbatches per stage "
+          f"{report.peak_live}")
+    assert abs(tl.bubble_fraction - formula) < 1e-12
 
 # %%
-for name in programs:
-    show(os.path.join(out_dir, f"sim_{name}.png"))
+for name, tl in timelines.items():
+    show_image(plot_timeline(tl, str(OUT / f"sim_{name}.png"), time_unit=UNITS,
+                             title=f"{name}, p={P}, m={M} (simulated, unit costs)"))
+
+# %%
+idle = {name: float(tl.idle[0]) for name, tl in timelines.items()}
+assert idle["interleaved"] == idle["1f1b"] / 2  # v = 2: the ramp is half as long
+print(f"Interleaving with v = 2 halves the idle time of a stage ({idle['1f1b']:g} -> "
+      f"{idle['interleaved']:g} forward-times), but not the bubble *fraction* "
+      f"({float(timelines['1f1b'].bubble_fraction):.3f} -> "
+      f"{float(timelines['interleaved'].bubble_fraction):.3f}): the step gets shorter too, and "
+      "the useful work stays.")
 
 # %% [markdown]
-# The simulated bubbles equal the published formulas exactly (the tests check this with
-# fractions for p up to 16 and m up to 64). Interleaving halves the bubble with v = 2; ZB-H1
-# removes most of it by moving W passes (green) into the gaps, and its peak memory stays that
-# of 1F1B's first stage. Interleaving pays in memory: stage 0 holds more (microbatch, chunk)
+# The simulated bubbles equal the published formulas exactly (asserted above; the tests check
+# this with fractions for p up to 16 and m up to 64). The idle time of a stage is the fill and
+# drain of the pipeline, (p-1) (t_F + t_B) / v: interleaving divides it by v. ZB-H1 removes
+# most of it by moving W passes (green) into the gaps, and its peak memory stays that of
+# 1F1B's first stage. Interleaving pays in memory: stage 0 holds more (microbatch, chunk)
 # pairs, each a v-th of a stage's activations.
+#
+# ### Try: other p, m and v
+#
+# The bubble of GPipe and 1F1B is (p-1)/(m+p-1); interleaving with v chunks per stage makes it
+# (p-1)/(v m + p-1). Change `P_TRY`, `M_TRY` and `V_TRY` (interleaving needs m to be a
+# multiple of p) and check that the simulator agrees with the formula.
+
+# %%
+P_TRY, M_TRY, V_TRY = 8, 16, 4  # Try: (2, 2, 2), (4, 32, 3); interleaved needs m % p == 0
+for name, v in (("1f1b", 1), ("interleaved", V_TRY)):
+    tl = simulate(make_schedule(name, P_TRY, M_TRY, v), unit_cost(chunks=v))
+    expect = (P_TRY - 1) / (v * M_TRY + P_TRY - 1)
+    print(f"{name:12s} p={P_TRY} m={M_TRY} v={v}: bubble {float(tl.bubble_fraction):.4f}, "
+          f"(p-1)/(v m + p-1) = {expect:.4f}")
+    assert abs(float(tl.bubble_fraction) - expect) < 1e-12
+
+# %% [markdown]
+# ### Break it: a 1F1B program that deadlocks
+#
+# A schedule is a list per stage, so it is easy to write one that cannot run. Move stage 0's
+# first `RecvGrad` (the gradient of microbatch 0) to the very front: stage 0 now waits for a
+# gradient before it has sent the activation that would produce it, and stage 1 waits for
+# that activation. On real ranks both would block forever. `check_program` walks the program
+# without running it, under the same semantics as the executor (buffered sends, blocking
+# receives), and names the stuck instructions instead:
+
+# %%
+import dataclasses  # noqa: E402
+
+from minipar.parallel.program_checks import DeadlockError  # noqa: E402
+from minipar.parallel.schedules import RecvGrad  # noqa: E402
+
+good = make_schedule("1f1b", 2, 4)
+first = next(i for i, ins in enumerate(good.stages[0]) if isinstance(ins, RecvGrad))
+stage0 = list(good.stages[0])
+stage0.insert(0, stage0.pop(first))  # BUG: receive a gradient before sending anything
+broken = dataclasses.replace(good, stages=[stage0, *good.stages[1:]])
+print(broken.text(comm=True))
+try:
+    check_program(broken)
+    raise RuntimeError("the broken program passed the check")
+except DeadlockError as exc:
+    print(f"{type(exc).__name__}: {exc}")
 #
 # ## 3. On real ranks
 #
@@ -190,26 +240,25 @@ def measured_step(schedule, p, m, v=1, rows=4, steps=3):
 
 
 for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
-    path = os.path.join(out_dir, f"threads_{name}.png")
-    plot_timeline(measured_step(name, 2, 4, v), path,
-                  title=f"{name}, p=2, m=4 (measured, thread world)")
-    show(path)
+    show_image(plot_timeline(measured_step(name, 2, 4, v), str(OUT / f"threads_{name}.png"),
+                             title=f"{name}, p=2, m=4 (measured, thread world)"))
 
 # %% [markdown]
 # For honest durations we need one process per rank. The script below runs under
 # `mpirun -n 2`: for each schedule and number of microbatches it trains a few steps with a
-# tracer and writes the last step's events. From them we compute the measured bubble as the
-# simulator defines it (time a rank is not in a forward or backward pass, over p x the step),
-# and we also feed the *measured* mean duration of each pass back into the simulator.
+# tracer and keeps every step's events. One step is one sample of a noisy machine, so we
+# measure the bubble (as the simulator defines it: time a rank is not in a forward or backward
+# pass, over p x the step) in each step after a warm-up, and report the median with the
+# range. We also feed the *measured* mean duration of each pass back into the simulator.
 
 # %%
-import json
+import json  # noqa: E402
 
-from minipar.lessons import mpirun
+from minipar.lessons import mpirun, short_run_note  # noqa: E402
 
-script = os.path.join(out_dir, "measure_bubbles.py")
-with open(script, "w") as fh:
-    fh.write("""
+STEPS = 6  # the first is a warm-up; the table shows the median of the other five
+script = OUT / "measure_bubbles.py"
+script.write_text(f"""
 import json, sys
 from minipar.compare import random_batches
 from minipar.config import ModelConfig, ParallelConfig
@@ -220,27 +269,28 @@ from minipar.observe.trace import Tracer
 
 world = MPIComm.world()
 cfg = ModelConfig(vocab_size=16, seq_len=32, n_layers=4, d_model=128, n_heads=4)
-out = {}
+out = {{}}
 for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
     for m in (2, 4, 8):
         par = ParallelConfig(pp=2, schedule=name, microbatches=m, virtual_stages=v)
         tracer = Tracer(world.rank)
         engine = Engine(cfg, par, Mesh(world, pp=2), dtype="float32", tracer=tracer)
-        for x, y in random_batches(cfg, 3, 4 * m):
+        steps = []
+        for x, y in random_batches(cfg, {STEPS}, 4 * m):
             world.barrier()
             tracer.clear()
             tracer.reset_clock()
             engine.train_step(x, y, int((y >= 0).sum()))
-        events = world.allgather_obj(tracer.events)
-        out[f"{name} {m}"] = [e for lst in events for e in lst]
+            steps.append(list(tracer.events))
+        ranks = world.allgather_obj(steps[1:])  # every rank's steps, warm-up left out
+        out[f"{{name}} {{m}}"] = [[e for r in ranks for e in r[k]] for k in range(len(steps) - 1)]
 if world.rank == 0:
     with open(sys.argv[1], "w") as fh:
         json.dump(out, fh)
 """)
-events_file = os.path.join(out_dir, "bubbles.json")
-mpirun(2, [script, events_file], stream=False)
-with open(events_file) as fh:
-    measured = json.load(fh)
+events_file = OUT / "bubbles.json"
+mpirun(2, [script, events_file], stream=False, timeout=240)
+measured = json.loads(events_file.read_text())
 
 
 def bubble(events, p=2):
@@ -249,38 +299,79 @@ def bubble(events, p=2):
     return 1 - sum(e["end"] - e["start"] for e in passes) / (p * (t1 - t0))
 
 
-def measured_costs(events):
-    """The simulator's cost function from a measured step: mean duration per stage and pass."""
+def measured_costs(steps):
+    """The simulator's cost function from measured steps: mean duration per stage and pass."""
     total, count = {}, {}
-    for e in events:
-        if e["kind"] in COMPUTE:
-            key = (e["rank"], e["kind"])
-            total[key] = total.get(key, 0.0) + e["end"] - e["start"]
-            count[key] = count.get(key, 0) + 1
+    for events in steps:
+        for e in events:
+            if e["kind"] in COMPUTE:
+                key = (e["rank"], e["kind"])
+                total[key] = total.get(key, 0.0) + e["end"] - e["start"]
+                count[key] = count.get(key, 0) + 1
     return lambda stage, ins: total.get((stage, ins.kind), 0.0) / count.get((stage, ins.kind), 1)
 
 
-print(f"{'schedule':12s} {'m':>3} {'formula':>8} {'simulated':>10} {'measured':>9}")
-for key, events in measured.items():
+med, spread = {}, {}
+print(f"{'schedule':12s} {'m':>3} {'formula':>8} {'simulated':>10} "
+      f"{'measured: median [range]':>26}")
+for key, steps in measured.items():
     name, m = key.split()
     v = 2 if name == "interleaved" else 1
-    sim = simulate(make_schedule(name, 2, int(m), v), measured_costs(events))
+    sim = simulate(make_schedule(name, 2, int(m), v), measured_costs(steps))
+    samples = sorted(bubble(events) for events in steps)
+    med[name, int(m)], spread[name, int(m)] = float(np.median(samples)), samples
     print(f"{name:12s} {int(m):3d} {float(bubble_formula(name, 2, int(m), v)):8.3f} "
-          f"{float(sim.bubble_fraction):10.3f} {bubble(events):9.3f}")
+          f"{float(sim.bubble_fraction):10.3f} {med[name, int(m)]:12.3f} "
+          f"[{samples[0]:.3f}-{samples[-1]:.3f}]")
 
-path = os.path.join(out_dir, "mpi_zb-h1.png")
-plot_timeline(measured["zb-h1 8"], path, title="zb-h1, p=2, m=8 (measured, mpirun -n 2)")
-show(path)
+median_step = min(measured["zb-h1 8"], key=lambda ev: abs(bubble(ev) - med["zb-h1", 8]))
+show_image(plot_timeline(median_step, str(OUT / "mpi_zb-h1.png"),
+                         title="zb-h1, p=2, m=8 (measured, mpirun -n 2, the median step)"))
 
 # %% [markdown]
 # How to read the table. The *formula* assumes a backward costs exactly twice a forward,
 # every stage costs the same, and messages are free. The *simulated* column drops the first
-# two assumptions: it replays the same program with the measured pass durations, so stage
-# imbalance (the last stage also computes the logits and the loss) and the real
-# backward/forward ratio are in it. What remains between simulated and *measured* is the
-# time messages, the gradient sync and the optimizer step take, and the noise of a shared
-# machine. The ordering is the lesson: more microbatches shrink the bubble, interleaving
-# shrinks it further, and ZB-H1 fills it with W passes.
+# two assumptions: it replays the same program with the measured pass durations, so the real
+# backward/forward ratio and any imbalance between the two stages are in it. What remains
+# between simulated and *measured* is the time messages, the gradient sync and the optimizer
+# step take, and the noise of a shared machine; the range shows how much one step can move.
+# What did this run show? The sentences below are computed from the table:
+
+# %%
+def verdict(claim, pairs):
+    """Whether every pair (key that should be smaller, key it should beat) is so ordered."""
+    wrong = []
+    for small, large in pairs:
+        if med[small] < med[large]:
+            continue
+        tie = spread[small][0] <= spread[large][-1] and spread[large][0] <= spread[small][-1]
+        wrong.append(f"{small[0]} m={small[1]} {med[small]:.3f} vs {large[0]} m={large[1]} "
+                     f"{med[large]:.3f}" + (", ranges overlap" if tie else ""))
+    return f"{claim}: holds" if not wrong else f"{claim}: not in this run ({'; '.join(wrong)})"
+
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+print(verdict("more microbatches shrink the measured bubble",
+              [((n, m2), (n, m1)) for n in SCHEDULES for m1, m2 in ((2, 4), (4, 8))]))
+print(verdict("interleaving shrinks it below 1F1B's",
+              [(("interleaved", m), ("1f1b", m)) for m in (2, 4, 8)]))
+print(verdict("ZB-H1 shrinks it below 1F1B's", [(("zb-h1", m), ("1f1b", m)) for m in (2, 4, 8)]))
+
+from minipar.sim.partition import unit_flops  # noqa: E402
+
+bubble_cfg = ModelConfig(vocab_size=16, seq_len=32, n_layers=4, d_model=128, n_heads=4)
+_, block_f, head_f = unit_flops(bubble_cfg)
+busy = [sum(e["end"] - e["start"] for ev in measured["1f1b 8"] for e in ev
+            if e["kind"] in COMPUTE and e["rank"] == r) for r in (0, 1)]
+print(f"Stage 1's passes took {busy[1] / busy[0]:.2f}x stage 0's (1f1b, m=8). Both hold two "
+      f"blocks; stage 1 also runs the LM head and the loss, but over a vocabulary of "
+      f"{bubble_cfg.vocab_size} tokens the head costs {head_f / block_f:.3f} of a block, so "
+      f"by FLOPs the stages differ by {head_f / (2 * block_f):.1%}: the rest is this machine.")
+
+# %% [markdown]
+# Where a claim does not hold, look at the ranges: on a machine shared with other work, two
+# medians closer than the range of one of them are a tie. The formula and simulated columns do
+# not move from run to run.
 #
 # The train CLI does the same for any layout: `--trace FILE` writes a Chrome trace of every
 # rank (open it at https://ui.perfetto.dev) and `--plot DIR` the last step's timeline and the
@@ -289,10 +380,11 @@ show(path)
 # %%
 log = mpirun(2, ["-m", "minipar.train", "--quiet", "--pp", "2", "--layers", "4",
                  "--schedule", "1f1b", "--microbatches", "4", "--steps", "20",
-                 "--eval-every", "20", "--trace", os.path.join(out_dir, "trace.json"),
-                 "--plot", os.path.join(out_dir, "cli")], stream=False)
+                 "--eval-every", "20", "--trace", OUT / "trace.json",
+                 "--plot", OUT / "cli"], stream=False)
 print(log)
-show(os.path.join(out_dir, "cli", "timeline.png"))
+print(short_run_note(log))
+show_image(OUT / "cli" / "timeline.png")
 
 # %% [markdown]
 # ## 4. Activation memory against microbatches
@@ -323,11 +415,14 @@ def peaks(schedule, m, p=4, rows=2):
 ms = [1, 2, 4, 8, 16]
 table = {name: [peaks(name, m) for m in ms] for name in ("gpipe", "1f1b", "zb-h1")}
 per_mb = peaks("gpipe", 1)  # one microbatch's activations on each stage
+held = {}
 for name, rows in table.items():
     stage0 = [round(r[0] / per_mb[0], 2) for r in rows]
-    at16 = [round(b / one, 2) for b, one in zip(rows[-1], per_mb)]
+    held[name] = at16 = [round(b / one, 2) for b, one in zip(rows[-1], per_mb)]
     print(f"{name:6s} stage 0 holds {stage0} microbatches' worth for m = {ms}; "
           f"at m = 16 stages 0-3 hold {at16}")
+assert held["gpipe"] == [16] * 4 and held["1f1b"] == [4, 3, 2, 1]  # m, and p - s
+assert held["zb-h1"][0] == 4 and all(1 < h <= 4 for h in held["zb-h1"])
 
 fig, ax = plt.subplots(figsize=(7, 4))
 for (name, rows), style in zip(table.items(), ("o-", "o-", "x:")):
@@ -335,14 +430,13 @@ for (name, rows), style in zip(table.items(), ("o-", "o-", "x:")):
 ax.plot(ms, [table["1f1b"][i][3] / 1024 for i in range(len(ms))], marker="s", linestyle="--",
         label="1f1b, stage 3")
 ax.set_xscale("log", base=2)
-ax.set_xlabel("microbatches per step (same microbatch size)")
-ax.set_ylabel("peak activation KiB")
+ax.set_xlabel("microbatches per step m (same microbatch size)")
+ax.set_ylabel("peak activation memory (KiB)")
+ax.set_title("peak activations of a stage, p = 4 (measured, thread world)")
 ax.legend(frameon=False)
 ax.grid(alpha=0.3)
 fig.tight_layout()
-fig.savefig(os.path.join(out_dir, "memory.png"), dpi=120)
-plt.close(fig)
-show(os.path.join(out_dir, "memory.png"))
+save_figure(fig, "06", "memory.png")
 
 # %% [markdown]
 # GPipe's peak grows with m: every microbatch's activations wait for the backward phase.
@@ -371,11 +465,30 @@ print(f"the head costs as much as {head_flops / block_flops:.1f} blocks\n")
 print(partition(gpt, 4))
 print()
 print(partition(gpt, 2, virtual=2))
+print(f"\nThe last stage (2 blocks + head) does {(2 + head_flops / block_flops) / 2:.1f}x the "
+      "work of a middle stage (2 blocks).")
 
 # %% [markdown]
-# With a 32k vocabulary the last stage does four times the work of a middle one, and the whole
-# pipeline runs at the pace of its slowest stage. The balance line says how far from even the
-# split is and the best contiguous split of the blocks: here even one block beside the head is
-# too many, because the head alone costs as much as several blocks; such a head deserves a
-# stage of its own. Interleaving spreads the ends over the ranks. Lesson 7 combines pipeline
-# stages with data and tensor parallelism on one rank grid.
+# With a 32k vocabulary the last stage does several times the work of a middle one (the
+# last line above), and the whole pipeline runs at the pace of its slowest stage. Contrast
+# the 16-token vocabulary of section 3, where the head was negligible. The balance line says
+# how far from even the split is and the best contiguous split of the blocks: here even one
+# block beside the head is too many, because the head alone costs as much as several blocks;
+# such a head deserves a stage of its own. Interleaving spreads the ends over the ranks.
+#
+# ### Try: balance the stages
+#
+# Change the vocabulary: at what size does the head cost one block? The head's training FLOPs
+# are 3 x 2 B T C V per sequence and a block's about 3 x (24 B T C^2 + 4 B T^2 C), so the head
+# matches a block near V = 12 C + 2 T. Check it with `unit_flops`.
+
+# %%
+V_EVEN = 12 * gpt.d_model + 2 * gpt.seq_len  # Try: other d_model, seq_len
+even = replace(gpt, vocab_size=V_EVEN)
+_, b_even, h_even = unit_flops(even)
+print(f"d_model {gpt.d_model}, seq {gpt.seq_len}: V = {V_EVEN} makes the head "
+      f"{h_even / b_even:.3f} blocks")
+assert abs(h_even / b_even - 1) < 0.01
+
+# %% [markdown]
+# Lesson 7 combines pipeline stages with data and tensor parallelism on one rank grid.

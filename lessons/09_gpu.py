@@ -13,6 +13,14 @@
 # %% [markdown]
 # # Lesson 9: the same model on the GPU
 #
+# **Prerequisites.** Lesson 2 (collectives under `mpirun`, `CommStats`) and lesson 3 (data
+# parallelism); lessons 4-5 for the dp x tp layout below. No GPU and no CUDA knowledge needed:
+# the lesson runs on any machine and says what would differ on a GPU.
+#
+# **You will be able to** run minipar on a GPU, explain what CUDA-aware MPI and host staging
+# cost per step, and find the line of code that would break (or silently copy) on a GPU
+# before you have one.
+#
 # Everything so far ran on NumPy. On a GPU node the *same code* runs on CuPy, whose arrays live
 # in GPU memory and whose functions mirror NumPy's. Nothing in the model changes: every kernel
 # takes its array module from `minipar.backend.xp()`. What changes is around the model:
@@ -28,8 +36,6 @@
 
 # %%
 import json
-import os
-import tempfile
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -38,10 +44,10 @@ from minipar import backend
 from minipar.compare import mismatches, random_batches, train_layout
 from minipar.config import ModelConfig, ParallelConfig
 from minipar.dist.comm import run_threads
-from minipar.lessons import mpirun
+from minipar.lessons import mpirun, out_dir, save_figure
 from minipar.nn import functional as F
 
-out_dir = tempfile.mkdtemp(prefix="minipar-lesson9-")
+OUT = out_dir("09")
 
 # %% [markdown]
 # ## 1. Choosing the backend, and the GPU
@@ -74,6 +80,19 @@ for node in range(2):
         f"rank {node * 4 + local} -> GPU {backend.pick_device(local, 4)}" for local in range(4)))
 print("6 ranks on one node with 4 GPUs:",
       [backend.pick_device(local, 4) for local in range(6)], "(two GPUs are shared)")
+
+# %% [markdown]
+# ### Try: your node
+#
+# Set the number of ranks per node and GPUs per node of a machine you know. Expect rank `l` on
+# GPU `l mod g`, and `ceil(ranks / g)` ranks on the busiest GPU.
+
+# %%
+RANKS, GPUS = 12, 8  # Try: (8, 8), (3, 4), (16, 4)
+placement = [backend.pick_device(local, GPUS) for local in range(RANKS)]
+busiest = max(placement.count(g) for g in range(GPUS))
+print(f"{RANKS} ranks on {GPUS} GPUs: {placement}; the busiest GPU serves {busiest} rank(s)")
+assert placement == [local % GPUS for local in range(RANKS)] and busiest == -(-RANKS // GPUS)
 
 # %% [markdown]
 # ## 2. One code path, and a wall that proves it
@@ -120,6 +139,49 @@ backend.use("numpy")
 print("losses on numpy :", runs["numpy"].losses)
 print("losses on strict:", runs["strict"].losses)
 print("differences (rtol 0):", mismatches(runs["strict"], runs["numpy"], 0.0) or "none")
+assert not mismatches(runs["strict"], runs["numpy"], 0.0)
+
+# %% [markdown]
+# ### Break it: one host array in a kernel
+#
+# The classic GPU bug: a mask built with `np.` instead of `backend.xp()`. On NumPy nothing is
+# wrong; on a GPU it is a host array meeting a device array (CuPy raises, or, with an
+# implicit conversion, copies every step). The strict device fails the same way, on a CPU,
+# with a message that says what to do:
+
+# %%
+def masked_scores(scores):  # (B, H, T, T) attention scores
+    t = scores.shape[-1]
+    mask = np.triu(np.full((t, t), -1e9), k=1)  # BUG: np, not backend.xp(): a host array
+    return scores + mask  # (B, H, T, T)
+
+
+for name in ("numpy", "strict"):
+    xp = backend.use(name)
+    scores = xp.zeros((1, 1, 3, 3))
+    try:
+        out = masked_scores(scores)
+        print(f"{name:6s}: fine, {type(out).__name__} of shape {out.shape}")
+    except TypeError as exc:
+        print(f"{name:6s}: TypeError: {exc}")
+        assert name == "strict"
+backend.use("numpy")
+
+# %% [markdown]
+# ### Try: another layout on the strict device
+#
+# Any layout runs on the strict device and stays bit for bit NumPy's. Change `TRY` (a
+# pipeline, ZeRO, more microbatches) and check.
+
+# %%
+TRY = ParallelConfig(pp=2, microbatches=2, schedule="1f1b")  # Try: ParallelConfig(dp=2, zero=3)
+for name in ("numpy", "strict"):
+    backend.use(name)
+    runs[name] = run_threads(lambda w: train_layout(w, cfg, TRY, batches), TRY.world)[0]
+backend.use("numpy")
+print(f"dp={TRY.dp} pp={TRY.pp} tp={TRY.tp} zero={TRY.zero}: differences (rtol 0):",
+      mismatches(runs["strict"], runs["numpy"], 0.0) or "none")
+assert not mismatches(runs["strict"], runs["numpy"], 0.0)
 
 # %% [markdown]
 # The test suite does this for every kernel and for drawn layouts of every kind
@@ -159,9 +221,8 @@ print("differences (rtol 0):", mismatches(runs["strict"], runs["numpy"], 0.0) or
 # MPI would take it.
 
 # %%
-script = os.path.join(out_dir, "gpu_paths.py")
-with open(script, "w") as fh:
-    fh.write('''
+script = OUT / "gpu_paths.py"
+script.write_text('''
 import json, sys
 from minipar import backend
 from minipar.compare import random_batches
@@ -201,12 +262,14 @@ for label, args in [("numpy", ["numpy", "auto"]), ("staged", ["strict", "auto"])
     paths[label] = json.loads(next(ln for ln in text.splitlines()
                                    if ln.startswith("RESULT ")).split(" ", 1)[1])
 
-
-
 for label, res in paths.items():
     row = ", ".join(f"{op} {c} x = {b:,} B" for op, (c, b) in sorted(res["ops"].items()))
     print(f"{label:7s} {res['mode']}\n        losses {res['losses']}\n        last step: {row}"
           f"\n        stream syncs before MPI calls (whole run): {res['syncs']}")
+staged, direct = paths["staged"]["ops"], paths["direct"]["ops"]
+assert paths["numpy"]["losses"] == paths["staged"]["losses"] == paths["direct"]["losses"]
+assert staged["d2h"] == staged["h2d"] == staged["allreduce"]  # as many bytes again, twice
+assert "d2h" not in direct and paths["direct"]["syncs"] > 0
 
 # %% [markdown]
 # All three give the same losses. Each step makes two allreduces: all gradients as one flat
@@ -220,30 +283,50 @@ for label, res in paths.items():
 
 # %%
 pcie, nvlink = 25e9, 300e9  # bytes/s: PCIe 4.0 x16 one way; NVLink 3 per direction (A100)
+def staging_ms(n_params, link=pcie):
+    """Milliseconds of host<->device copies per step: the 4N gradient bytes down and up."""
+    return 2 * 4 * n_params / link * 1e3
+
+
 for n_params in (124e6, 1.3e9):
     grad = 4 * n_params
-    stage = 2 * grad / pcie
     ring = 2 * (8 - 1) / 8 * grad
-    print(f"N = {n_params / 1e9:.2f} B: staging copies {stage * 1e3:.0f} ms per step, while "
-          f"the allreduce itself on 8 GPUs over NVLink takes {ring / nvlink * 1e3:.0f} ms "
+    print(f"N = {n_params / 1e9:.2f} B: staging copies {staging_ms(n_params):.0f} ms per step, "
+          f"while the allreduce itself on 8 GPUs over NVLink takes {ring / nvlink * 1e3:.0f} ms "
           f"(and {ring / pcie * 1e3:.0f} ms if its host path ran at PCIe speed)")
+print(f"So staged, the copies alone take {staging_ms(1.3e9) / (ring / nvlink * 1e3):.0f}x the "
+      "time of a CUDA-aware allreduce over NVLink.")
 
 fig, ax = plt.subplots(figsize=(7, 3))
 labels = list(paths)
-moved = [paths[k]["ops"].get("allreduce", [0, 0])[1] for k in labels]
-copied = [sum(paths[k]["ops"].get(op, [0, 0])[1] for op in ("d2h", "h2d")) for k in labels]
+moved = [paths[k]["ops"].get("allreduce", [0, 0])[1] / 1024 for k in labels]
+copied = [sum(paths[k]["ops"].get(op, [0, 0])[1] for op in ("d2h", "h2d")) / 1024
+          for k in labels]
 ax.barh(labels, moved, label="allreduce payload")
 ax.barh(labels, copied, left=moved, label="host<->device copies (staging)")
-ax.set_xlabel("bytes per step, rank 0")
+ax.set_xlabel("KiB per step, rank 0")
+ax.set_ylabel("path to MPI")
+ax.set_title("What one dp=2 step moves: staging adds two copies of every buffer")
 ax.legend(loc="lower right")
 fig.tight_layout()
-fig.savefig(os.path.join(out_dir, "staging.png"), dpi=120)
-plt.show()
+save_figure(fig, "09", "staging.png")
 
 # %% [markdown]
 # Staging doubles the bytes each rank pushes through PCIe and puts the host in the path; with
-# CUDA-aware MPI on NVLink the same allreduce is an order of magnitude faster. Overlapping the
-# gradient sync with backward (`--bucket-mb`, lesson 3) hides either behind compute.
+# CUDA-aware MPI on NVLink the same allreduce is an order of magnitude faster (the ratio
+# printed above). Overlapping the gradient sync with backward (`--bucket-mb`, lesson 3) hides
+# either behind compute.
+#
+# ### Try: a faster host link
+#
+# PCIe 5.0 x16 moves about 50 GB/s each way, twice PCIe 4. Expect the staging time to halve;
+# it still grows with N, as the allreduce does.
+
+# %%
+PCIE_TRY = 50e9  # Try: 64e9 (PCIe 6 x16, one way), 12e9 (PCIe 3)
+print(f"N = 1.30 B: staging {staging_ms(1.3e9):.0f} ms at {pcie / 1e9:.0f} GB/s, "
+      f"{staging_ms(1.3e9, PCIE_TRY):.0f} ms at {PCIE_TRY / 1e9:.0f} GB/s")
+assert abs(staging_ms(1.3e9, PCIE_TRY) * PCIE_TRY - staging_ms(1.3e9) * pcie) < 1e-3 * pcie
 #
 # ## 5. On a GPU node
 #

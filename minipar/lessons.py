@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -43,6 +44,74 @@ def out_dir(lesson: str) -> Path:
     path = OUT_DIR / lesson
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython  # noqa: PLC0415 - only present with the notebooks extra
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def show_image(path: str | os.PathLike) -> Path:
+    """Print where a saved figure is and, in a notebook, display it inline.
+
+    Displaying the PNG file (rather than a live figure) works under every matplotlib backend,
+    so a lesson's figures appear in a notebook whatever backend an earlier cell chose.
+    """
+    path = Path(path)
+    print(f"figure: {_shown(path)}")
+    if _in_notebook():
+        from IPython.display import Image, display  # noqa: PLC0415
+
+        display(Image(filename=str(path)))
+    return path
+
+
+def save_figure(fig, lesson: str, name: str, dpi: int = 120) -> Path:
+    """Save ``fig`` as ``lessons/out/<lesson>/<name>``, print the path, show it in a notebook,
+    and close it (so a notebook does not draw it a second time and a script never blocks)."""
+    path = out_dir(lesson) / name
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - matplotlib loads only when plotting
+
+    plt.close(fig)
+    return show_image(path)
+
+
+def short_run_note(log: str) -> str:
+    """One sentence on the held-out score of a short ``minipar.train`` run, from its output.
+
+    The lessons train for 10-20 steps to show that a layout runs; that is far too short to learn
+    a task, so an exact match of 0 is expected. The sentence says so, and what the run does
+    show: whether the final loss fell below ln(V), the loss of a uniform guess.
+    """
+    import math  # noqa: PLC0415
+
+    done = re.search(r"done +\| (\d+) steps.*final loss ([0-9.]+), held-out exact match "
+                     r"([0-9.]+)", log)
+    vocab = re.search(r"vocab (\d+)", log)
+    if done is None or vocab is None:
+        raise ValueError("no 'done | ... final loss ..., held-out exact match ...' line and "
+                         "'vocab N' in this minipar.train output:\n" + log[-2000:])
+    steps, loss, match = int(done[1]), float(done[2]), float(done[3])
+    uniform = math.log(int(vocab[1]))
+    if match >= 0.5:
+        return f"held-out exact match {match:.3f} after {steps} steps: the model learned the task."
+    fell = (f"the loss fell from about ln({vocab[1]}) = {uniform:.2f} (a uniform guess over the "
+            f"vocabulary) to {loss:.2f}" if loss < uniform else
+            f"the loss ({loss:.2f}) is not yet below ln({vocab[1]}) = {uniform:.2f}, a uniform "
+            "guess")
+    return (f"held-out exact match {match:.3f} after {steps} steps is expected: learning to "
+            "sort takes a few hundred steps (lesson 1 trains for 200). A run this short "
+            f"only shows that the layout trains: {fell}.")
 
 
 # -- lessons -> notebooks ---------------------------------------------------------------------

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from minipar.config import ModelConfig
@@ -32,11 +32,21 @@ def _drop(module):
         _drop(child)
 
 
+def derivative(f, h: float = 1e-4) -> float:
+    """f'(0) by the five-point central difference: error O(h^4), so a very curved loss (a
+    LayerNorm over 2 features) is still measured to ~1e-10 where the two-point rule's O(h^2)
+    error was 1e-2 at h = 1e-3."""
+    return (8 * (f(h) - f(-h)) - (f(2 * h) - f(-2 * h))) / (12 * h)
+
+
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 3), t=st.integers(1, 5), heads=st.integers(1, 3), d_head=st.integers(1, 3),
        layers=st.integers(1, 2), tie=st.booleans(), pos=st.sampled_from(["learned", "sinusoidal"]),
        seed=st.integers(0, 1000))
 def test_model_gradients_match_central_differences(b, t, heads, d_head, layers, tie, pos, seed):
+    # LayerNorm over 2 or 3 features is nearly a sign function (its output is +-1 for two):
+    # so curved that no finite difference measures it; the kernel tests check LayerNorm alone.
+    assume(heads * d_head >= 4)
     cfg = ModelConfig(vocab_size=7, seq_len=t, n_layers=layers, d_model=heads * d_head,
                       n_heads=heads, tie_weights=tie, pos=pos)
     model = build(cfg, seed=seed)
@@ -50,30 +60,31 @@ def test_model_gradients_match_central_differences(b, t, heads, d_head, layers, 
     params = model.params()
     assert sum(p.data.size for p in params) == param_count(cfg)
     # Directional derivative along a random direction over all parameters at once...
-    eps = 1e-6
     dirs = [rng.normal(size=p.data.shape) for p in params]
     analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, dirs))
-    for p, d in zip(params, dirs):
-        p.data += eps * d
-    up = loss_of(model, x, y)
-    for p, d in zip(params, dirs):
-        p.data -= 2 * eps * d
-    down = loss_of(model, x, y)
-    for p, d in zip(params, dirs):
-        p.data += eps * d
-    numeric = (up - down) / (2 * eps)
+
+    def along(s: float) -> float:  # the loss at params + s * dirs
+        for p, d in zip(params, dirs):
+            p.data += s * d
+        value = loss_of(model, x, y)
+        for p, d in zip(params, dirs):
+            p.data -= s * d
+        return value
+
+    numeric = derivative(along)
     assert abs(numeric - analytic) <= 1e-6 * max(abs(numeric), 1e-3)
     # ...and entry by entry for a few entries of every parameter.
     for p in params:
         flat, gflat = p.data.reshape(-1), p.grad.reshape(-1)
         for i in rng.choice(flat.size, size=min(3, flat.size), replace=False):
             old = flat[i]
-            flat[i] = old + eps
-            up = loss_of(model, x, y)
-            flat[i] = old - eps
-            down = loss_of(model, x, y)
+
+            def at(s: float) -> float:
+                flat[i] = old + s
+                return loss_of(model, x, y)
+
+            num = derivative(at)
             flat[i] = old
-            num = (up - down) / (2 * eps)
             assert abs(num - gflat[i]) <= 1e-6 * max(abs(num), abs(gflat[i])) + 1e-9, p.name
 
 

@@ -120,3 +120,21 @@ def test_plots_write_pngs(tmp_path):
         path = tmp_path / name
         plot_losses(losses, str(path))
         assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plots_leave_the_notebook_backend_alone(tmp_path):
+    """Saving a PNG must not switch matplotlib's backend: in a notebook that hides every later
+    inline figure. Nor may it leave a pyplot figure behind for the notebook to draw again."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend but Agg stands in for a notebook's inline backend
+    try:
+        plot_timeline(simulate(gpipe(2, 2), unit_cost()), str(tmp_path / "t.png"),
+                      time_unit="unit costs")
+        plot_losses([2.0, 1.0], str(tmp_path / "l.png"))
+        assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == []
+    finally:
+        matplotlib.use(before)

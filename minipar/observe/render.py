@@ -2,8 +2,10 @@
 
 ``ascii_timeline`` shows a program as the order of passes per stage, or a timeline on a time
 grid with idle cells as dots. ``plot_timeline`` draws a timeline or a list of trace events
-(``minipar.observe.trace``) with matplotlib, one row per stage or rank. matplotlib is imported inside
-the plotting functions (Agg backend), so importing this module stays cheap.
+(``minipar.observe.trace``) with matplotlib, one row per stage or rank. matplotlib is imported
+inside the plotting functions, so importing this module stays cheap. Plots are drawn on a bare
+``Figure`` with its own Agg canvas, never through pyplot: saving a PNG must not switch the
+backend of a live notebook (``matplotlib.use("Agg")`` there hides every later inline figure).
 """
 
 from __future__ import annotations
@@ -86,18 +88,27 @@ def _ascii_grid(tl: Any, width: int) -> str:
 
 
 # ---------------------------------------------------------------------------------- matplotlib
-def plot_timeline(events_or_timeline: Any, path: str, title: str | None = None) -> str:
+def _figure(figsize: tuple[float, float]):
+    """A figure with an Agg canvas of its own, unknown to pyplot (no global backend change)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def plot_timeline(events_or_timeline: Any, path: str, title: str | None = None,
+                  time_unit: str | None = None) -> str:
     """Save a PNG timeline: one row per stage (or rank), passes coloured by kind, idle grey.
 
-    Accepts a simulator ``Timeline`` or a list of trace event dicts. Communication, sync and
-    step are drawn as thin bars at the bottom of a row, so spans nested inside a pass (a
+    Accepts a simulator ``Timeline`` or a list of trace event dicts. Times are seconds, drawn
+    in s, ms or us; a timeline simulated with other costs (``unit_cost``: a forward costs 1)
+    names its unit in ``time_unit`` and is drawn unscaled. Communication, sync and step are
+    drawn as thin bars at the bottom of a row, so spans nested inside a pass (a
     tensor-parallel allreduce during a forward) stay visible. Microbatch numbers are written
     in the boxes wide enough to hold them. Returns ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
     if isinstance(events_or_timeline, list):
@@ -108,9 +119,9 @@ def plot_timeline(events_or_timeline: Any, path: str, title: str | None = None) 
         name = title or f"{events_or_timeline.name} (simulated)"
     rows = sorted({int(e["rank"]) for e in events})
     t_end = max((float(e["end"]) for e in events), default=1.0) or 1.0
-    scale, unit = _time_unit(t_end)
+    scale, unit = (1.0, time_unit) if time_unit else _time_unit(t_end)
     fig_w = min(16.0, max(8.0, 0.04 * len(events) / max(1, len(rows)) + 6))
-    fig, ax = plt.subplots(figsize=(fig_w, 0.55 * len(rows) + 1.6))
+    fig, ax = _figure((fig_w, 0.55 * len(rows) + 1.6))
     ax.set_xlim(0, t_end * scale)
     ax.set_ylim(len(rows) - 0.5, -0.5)
     fig.canvas.draw()
@@ -152,7 +163,6 @@ def plot_timeline(events_or_timeline: Any, path: str, title: str | None = None) 
         ax.set_title(name)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -168,25 +178,18 @@ def _time_unit(t_end: float) -> tuple[float, str]:
 def plot_losses(losses: dict[str, list[float]] | list[float], path: str,
                 title: str | None = None) -> str:
     """Save a PNG of one or several loss curves against the step number. Returns ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curves = losses if isinstance(losses, dict) else {"loss": list(losses)}
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure((7, 4))
     for name, ys in curves.items():
         ax.plot(range(len(ys)), [float(y) for y in ys], label=name, linewidth=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if len(curves) > 1 or not isinstance(losses, list):
+    ax.set_ylabel("loss (mean cross-entropy per scored token, nats)")
+    if len(curves) > 1:  # a legend only when it tells curves apart
         ax.legend(frameon=False)
     ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
+    ax.set_title(title or "training loss")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
