@@ -376,7 +376,7 @@ def _run_search(args) -> int:
         for reason, n in rejected.most_common():
             print(f"rejected {n:>5}: {reason}")
     if not rows:
-        print(f"{PROG}: error: no layout of {gpus} GPUs fits {name} in "
+        print(f"{PROG}: error: --gpus {gpus}: no layout fits {name} in "
               f"{hw.memory_bytes / GB:.1f} GB per GPU", file=sys.stderr)
         return 1
     return 0

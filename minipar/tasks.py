@@ -459,6 +459,9 @@ def make_task(name: str | None, seed: int, *, data_path: str | None = None,
     if name == "text":
         if data_path is None:
             raise ConfigError("--task text needs --data FILE")
+        if "n_digits" in kw:
+            raise ConfigError("--n-digits sets the problem size of the digit tasks, not of "
+                              "--task text")
         return TextTask(data_path, seed, 64 if seq_len is None else seq_len, **kw)
     if name not in _SYNTHETIC:
         raise ConfigError(f"--task: unknown task {name!r} (choose {', '.join(TASK_NAMES)})")

@@ -27,14 +27,16 @@ class _PerThread(io.TextIOBase):
         return "".join(b.getvalue() for b in self.buffers.values())
 
 
-def train(argv: list[str], n: int = 1) -> tuple[list[int], str, str]:
-    """(every rank's exit code, stdout, stderr) of ``minipar.train argv`` on ``n`` ranks."""
+def train(argv: list[str], n: int = 1, timeout: float = 120.0) -> tuple[list[int], str, str]:
+    """(every rank's exit code, stdout, stderr) of ``minipar.train argv`` on ``n`` ranks; a
+    rank waiting more than ``timeout`` seconds on a collective raises instead of hanging."""
     out, err = _PerThread(), _PerThread()
     with _LOCK, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         if n == 1:
             codes = [_exit_code(lambda: main(argv, world=local_comm()))]
         else:
-            codes = run_threads(lambda world: _exit_code(lambda: main(argv, world=world)), n)
+            codes = run_threads(lambda world: _exit_code(lambda: main(argv, world=world)), n,
+                                timeout=timeout)
     return codes, out.text(), err.text()
 
 

@@ -110,7 +110,7 @@ def test_search_ranks_layouts_that_fit(capsys):
 
 def test_search_reports_when_nothing_fits(capsys):
     rc, _, err = run(capsys, "--model", "gpt3-175b", "--gpus", "2", "--search")
-    assert rc == 1 and "no layout of 2 GPUs fits" in err
+    assert rc == 1 and "--gpus 2: no layout fits" in err
 
 
 def test_timeline_trace_and_this_machine(capsys, tmp_path):
