@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... | head` stopped reading: not an error of this command
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flush
+        return 0
 
 
 def _run(args) -> int:

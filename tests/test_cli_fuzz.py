@@ -33,6 +33,7 @@ def paths(tmp_path_factory):
     (root / "book.txt").write_text("all work and no play makes jack a dull boy. " * 200)
     (root / "prog.bin").write_bytes(bytes(range(256)) * 8)
     (root / "dir").mkdir()
+    (root / "out").mkdir()  # NEW/...: paths a valid run may write
     return {"TEXT": str(root / "book.txt"), "BINARY": str(root / "prog.bin"),
             "DIR": str(root / "dir"), "NEW": str(root / "out"), "MISSING": str(root / "no/x"),
             "ROOT": str(root)}
