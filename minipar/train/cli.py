@@ -1,6 +1,6 @@
 """``python -m minipar.train``: train a GPT on one rank or many, in any dp x pp x tp layout.
 
-    python -m minipar.train                          # serial, the sort task, ~15 s
+    python -m minipar.train                          # serial, the sort task, ~10 s
     mpirun -n 4 python -m minipar.train              # 4-way data parallel, same result
     mpirun -n 8 python -m minipar.train --dp 2 --tp 2 --pp 2 --schedule 1f1b --microbatches 4
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field  # noqa: E402
 
 PROG = "python -m minipar.train"
 
-# Each example runs as printed (tests/test_cli.py runs every one for a few steps); times measured
-# on a 2-core machine.
+# Each example runs as printed (tests/test_cli.py runs every one for a few steps); times are CPU
+# seconds measured on a 2-core machine, one BLAS thread.
 EXAMPLES = [
-    ("python -m minipar.train", "sort digits, serial (the default), ~15 s"),
+    ("python -m minipar.train", "sort digits, serial (the default), ~10 s"),
     ("mpirun -n 4 python -m minipar.train", "the same, 4-way data parallel"),
     ("mpirun -n 2 python -m minipar.train --dp 2 --zero 2", "ZeRO-2: gradients and optimizer "
                                                              "state sharded over 2 ranks"),
@@ -36,7 +36,7 @@ EXAMPLES = [
     ("mpirun -n 4 python -m minipar.train --pp 4 --layers 4 --schedule 1f1b --microbatches 8",
      "4 pipeline stages need 4 layers"),
     ("python -m minipar.train --task text --data book.txt --steps 200",
-     "bytes of any UTF-8 file, ~1 min (--model small: ~25 min)"),
+     "bytes of any UTF-8 file, ~20 s (with --model small: ~30 min)"),
 ]
 EPILOG = "examples:\n" + "\n".join(f"  {cmd}\n      {what}" for cmd, what in EXAMPLES) + """
 
