@@ -15,33 +15,27 @@ import os
 
 from minipar.config import ConfigError, ModelConfig, ParallelConfig, check_output
 
-# flag -> (lowest allowed value, whether that value is allowed itself); None means unset.
-LIMITS: dict[str, tuple[float, bool]] = {
-    "--batch-size": (0, False), "--steps": (0, False), "--eval-every": (0, False),
-    "--lr": (0, False), "--warmup": (0, True), "--weight-decay": (0, True),
-    "--grad-clip": (0, True), "--seed": (0, True), "--threads": (0, False),
-    "--save-every": (0, True), "--keep": (0, True), "--n-digits": (0, False),
-    "--layers": (0, False), "--d-model": (0, False), "--heads": (0, False),
-    "--seq-len": (0, False), "--vocab": (0, False), "--dp": (0, False), "--tp": (0, False),
-    "--pp": (0, False), "--microbatches": (0, False), "--virtual-stages": (0, False),
-    "--bucket-mb": (0, True),
-}
+# Numeric flags and what they must be; an absent flag (None) is not checked.
+POSITIVE = ("--batch-size", "--steps", "--eval-every", "--lr", "--threads", "--n-digits",
+            "--layers", "--d-model", "--heads", "--seq-len", "--vocab", "--dp", "--tp", "--pp",
+            "--microbatches", "--virtual-stages")
+NON_NEGATIVE = ("--warmup", "--weight-decay", "--grad-clip", "--seed", "--save-every",
+                "--keep", "--bucket-mb")
 SEQ_LEN_SLACK = 2  # --seq-len beyond this many times a task's need is refused without --force
 
 
 def check_numbers(args) -> None:
     """Every numeric flag finite and in range: ``--tp -1`` is a typo, not a layout."""
-    for flag, (low, inclusive) in LIMITS.items():
+    for flag in POSITIVE + NON_NEGATIVE:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is None:
             continue
         if not math.isfinite(value):
             raise ConfigError(f"{flag} must be a finite number, got {value}")
-        if value < low or (value == low and not inclusive):
-            if isinstance(value, int):
-                bound = ">= 0" if inclusive else "a positive integer"
-            else:
-                bound = ">= 0" if inclusive else "> 0"
+        if flag in NON_NEGATIVE and value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+        if flag in POSITIVE and value <= 0:
+            bound = "a positive integer" if isinstance(value, int) else "> 0"
             raise ConfigError(f"{flag} must be {bound}, got {value}")
     if args.sequence_parallel and (args.tp or 1) == 1:
         raise ConfigError("--sequence-parallel shards activations over the tensor-parallel "
