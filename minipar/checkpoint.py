@@ -205,20 +205,28 @@ def resolve(path: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ reading
+_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer",
+               float: "a number", bool: "a boolean", type(None): "null"}
+
+
+def _json_kind(value) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
 def _check_schema(meta, where: str) -> dict:
     """``meta`` if it has every SCHEMA key with the right type, else CheckpointError."""
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where}: meta.json must hold a JSON object, found "
-                              f"{type(meta).__name__} {json.dumps(meta)[:40]}")
+                              f"{_json_kind(meta)} ({json.dumps(meta)[:40]})")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{where}: unknown checkpoint format {meta.get('format')!r} "
                               f"(this minipar reads format {FORMAT})")
     for key, (kind, what) in SCHEMA.items():
         value = meta.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            got = "missing" if key not in meta else f"{type(value).__name__} {value!r:.40}"
-            raise CheckpointError(f"{where}: meta.json field {key!r} ({what}) must be a "
-                                  f"{kind.__name__}, found {got}")
+            got = "it missing" if key not in meta else _json_kind(value)
+            raise CheckpointError(f"{where}: meta.json field {key!r} ({what}) must be "
+                                  f"{_json_kind(kind())}, found {got}")
     for fname in FILES:
         if not isinstance(meta["files"].get(fname), str):
             raise CheckpointError(f"{where}: meta.json field 'files' has no checksum for {fname}")

@@ -146,11 +146,12 @@ def test_a_kill_while_writing_meta_json_leaves_the_last_good_checkpoint(tmp_path
 
 
 @pytest.mark.parametrize("content, message", [
-    ("[]", "meta.json must hold a JSON object, found list"),
+    ("[]", "meta.json must hold a JSON object, found an array ([])"),
     ("{not json", "meta.json is corrupt"),
     (None, "meta.json is missing"),
-    ("files-null", "field 'files' (a SHA-256 per file) must be a dict, found NoneType"),
-    ("no-run-id", "field 'run_id' (the id of the run that wrote it) must be a str, found missing"),
+    ("files-null", "field 'files' (a SHA-256 per file) must be an object, found null"),
+    ("no-run-id",
+     "field 'run_id' (the id of the run that wrote it) must be a string, found it missing"),
     ("format-1", "unknown checkpoint format 1"),
 ])
 def test_meta_json_is_checked_as_a_schema(tmp_path, content, message):

@@ -68,10 +68,10 @@ CASES = [
     ("summary-proc", lambda t: ["--summary", "/proc/x.json"], "--summary /proc/x.json: cannot"),
     # tracebacks or wrong messages before
     ("meta-list", lambda t: ["--resume", _broken(t, lambda m: "[]")],
-     "meta.json must hold a JSON object, found list"),
+     "meta.json must hold a JSON object, found an array ([])"),
     ("meta-files-null",
      lambda t: ["--resume", _broken(t, lambda m: json.dumps({**m, "files": None}))],
-     "field 'files' (a SHA-256 per file) must be a dict, found NoneType"),
+     "field 'files' (a SHA-256 per file) must be an object, found null"),
     ("adamw-as-sgd", lambda t: ["--resume", _ckpt(t), "--optimizer", "sgd"],
      "trained with --optimizer adamw, this run asks for --optimizer sgd; pass --force"),
     ("tp-negative", lambda t: ["--tp", "-1"], "--tp must be a positive integer, got -1"),
