@@ -17,6 +17,7 @@ import sys
 import pytest
 
 from inproc import train
+from minipar import checkpoint
 
 TINY = ["--model", "tiny", "--quiet", "--eval-every", "100"]
 
@@ -165,8 +166,6 @@ def test_force_resumes_with_a_warning_and_a_fresh_optimizer(tmp_path):
 
 
 def test_overwrite_starts_over_in_another_runs_directory(tmp_path):
-    from minipar import checkpoint
-
     run_dir = _ckpt(tmp_path, "--save-every", "1")
     old = set(checkpoint.step_owners(run_dir).values())
     codes, _, err = train([*TINY, "--steps", "3", "--save", run_dir, "--save-every", "1",
@@ -178,6 +177,23 @@ def test_overwrite_starts_over_in_another_runs_directory(tmp_path):
     codes, _, err = train([*TINY, "--steps", "5", "--resume", run_dir, "--save", run_dir])
     assert codes == [0], err  # continuing one's own run in its directory is fine
     assert set(checkpoint.step_owners(run_dir).values()) == set(owners.values())
+
+
+def test_a_damaged_step_in_the_save_directory_is_named(tmp_path):
+    """Resuming an older step into a directory whose newest step is damaged: the damaged one is
+    not called another run's."""
+    run_dir = _ckpt(tmp_path, "--save-every", "1")
+    os.remove(os.path.join(run_dir, "step-000002", "meta.json"))
+    step1 = os.path.join(run_dir, "step-000001")
+    codes, out, err = train([*TINY, "--steps", "3", "--resume", step1, "--save", run_dir])
+    assert codes == [2] and out == ""
+    assert err.strip().endswith(f"--save {run_dir}: the directory holds damaged checkpoints "
+                                "(step 2); save somewhere else, or pass --overwrite to replace "
+                                "them"), err
+    codes, _, err = train([*TINY, "--steps", "3", "--resume", step1, "--save", run_dir,
+                           "--overwrite"])
+    assert codes == [0], err
+    assert list(checkpoint.step_owners(run_dir)) == [1, 3]
 
 
 def test_moderate_padding_is_a_warning_and_force_allows_more(tmp_path):

@@ -239,8 +239,6 @@ def _resume(args, cfg, task) -> tuple[tuple, list[str]]:
 
 def prepare(args, world_size: int, ranks_here: int) -> Setup:
     """Every check, in the order a user fixes things; ConfigError on the first failure."""
-    from minipar import checkpoint
-    from minipar.config import ConfigError
     from minipar.train import checks
 
     cfg, par, task, note = make_configs(args, world_size)
@@ -253,14 +251,28 @@ def prepare(args, world_size: int, ranks_here: int) -> Setup:
         warnings += more
         run_id = resume[2]["run_id"]
     if args.save:
-        foreign = checkpoint.foreign_steps(args.save, resume[2]["run_id"] if resume else None)
-        if foreign and not args.overwrite:
-            shown = ", ".join(str(s) for s in foreign[-4:])
-            raise ConfigError(
-                f"--save {args.save}: the directory holds another run's checkpoints (step "
-                f"{shown}); continue that run with --resume {args.save}, save somewhere else, "
-                "or pass --overwrite to replace them")
+        _check_owner(args, resume[2]["run_id"] if resume else None)
     return Setup(cfg, par, task, note, run_id, memory, resume, warnings)
+
+
+def _check_owner(args, run_id: str | None) -> None:
+    """A run directory belongs to one run: refuse one holding steps this run did not write
+    (or damaged steps, whose writer is unknown) unless ``--overwrite``."""
+    from minipar import checkpoint
+    from minipar.config import ConfigError
+
+    owners = checkpoint.step_owners(args.save)
+    foreign = [s for s, rid in owners.items() if run_id is None or rid != run_id]
+    if not foreign or args.overwrite:
+        return
+    damaged = [s for s in foreign if owners[s] is None]
+    what = ("another run's checkpoints" if not damaged else "damaged checkpoints"
+            if len(damaged) == len(foreign) else "another run's and damaged checkpoints")
+    shown = ", ".join(str(s) for s in foreign[-4:])
+    hint = (f"continue that run with --resume {args.save}, " if len(damaged) < len(foreign)
+            else "")
+    raise ConfigError(f"--save {args.save}: the directory holds {what} (step {shown}); "
+                      f"{hint}save somewhere else, or pass --overwrite to replace them")
 
 
 def _finite(x):
