@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cli_util import run
+from inproc import train
 from minipar import checkpoint
 from minipar.config import ModelConfig
 
@@ -19,26 +20,36 @@ def losses(path):
     return json.loads(path.read_text())["losses"]
 
 
-@pytest.mark.parametrize("save_layout, resume_layout, n_save, n_resume, rtol", [
-    ([], [], None, None, 1e-12),  # same layout, serial
+@pytest.mark.parametrize("save_layout, resume_layout, n_save, n_resume, rtol, real", [
+    ([], [], 1, 1, 1e-12, False),  # same layout, serial
     (["--tp", "2", "--pp", "2", "--dp", "1", "--microbatches", "2", "--zero", "0"],
-     ["--dp", "2"], 4, 2, 1e-9),
-    (["--dp", "2"], [], 2, None, 1e-9),
-    (["--dp", "2", "--tp", "2", "--zero", "3"], ["--dp", "2", "--zero", "2"], 4, 2, 1e-9),
+     ["--dp", "2"], 4, 2, 1e-9, True),  # as processes under mpirun
+    (["--dp", "2"], [], 2, 1, 1e-9, False),
+    (["--dp", "2", "--tp", "2", "--zero", "3"], ["--dp", "2", "--zero", "2"], 4, 2, 1e-9, False),
 ])
 def test_resume_continues_the_uninterrupted_losses(tmp_path, save_layout, resume_layout,
-                                                   n_save, n_resume, rtol):
+                                                   n_save, n_resume, rtol, real):
+    """Ranks are processes under mpirun in one case, a thread world in this process in the
+    others (the same command, much cheaper)."""
     full, first, second = tmp_path / "full.json", tmp_path / "a.json", tmp_path / "b.json"
     ckpt = tmp_path / "run"
-    assert run([*TRAIN, "--steps", "6", "--summary", str(full)]).returncode == 0
-    out = run([*TRAIN, *save_layout, "--steps", "3", "--save", str(ckpt), "--summary",
-               str(first)], n=n_save)
-    assert out.returncode == 0, out.stderr
+
+    def command(argv, n):
+        if real:
+            out = run([*TRAIN, *argv], n=None if n == 1 else n)
+            return out.returncode, out.stdout, out.stderr
+        codes, out, err = train([*TRAIN[2:], *argv], n=n)
+        return max(codes), out, err
+
+    assert command(["--steps", "6", "--summary", str(full)], 1)[0] == 0
+    rc, _, err = command([*save_layout, "--steps", "3", "--save", str(ckpt), "--summary",
+                          str(first)], n_save)
+    assert rc == 0, err
     assert checkpoint.list_steps(str(ckpt)) == [3]
-    out = run([*TRAIN, *resume_layout, "--steps", "6", "--resume", str(ckpt), "--summary",
-               str(second)], n=n_resume)
-    assert out.returncode == 0, out.stderr
-    assert "resume  | from step 3" in out.stdout
+    rc, out, err = command([*resume_layout, "--steps", "6", "--resume", str(ckpt), "--summary",
+                            str(second)], n_resume)
+    assert rc == 0, err
+    assert "resume  | from step 3" in out
     np.testing.assert_allclose(losses(first) + losses(second), losses(full), rtol=rtol)
 
 
