@@ -435,7 +435,9 @@ class TextTask:
         return int((np.asarray(targets) != IGNORE).sum())
 
     def render(self, tokens: np.ndarray) -> str:
-        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+        # ids past 255 exist when --vocab is larger than the bytes; they show as "?"
+        return bytes(int(t) if 0 <= t < 256 else 63 for t in tokens).decode(
+            "utf-8", errors="replace")
 
     def __repr__(self) -> str:
         return (f"TextTask({self.path!r}, seed={self.seed}, seq_len={self.seq_len}, "

@@ -274,3 +274,10 @@ def test_data_that_is_not_a_text_file_is_named(tmp_path):
     cut = tmp_path / "cut.txt"
     cut.write_bytes("日本語".encode() * 60_000)
     assert make_task("text", 0, data_path=str(cut), seq_len=16).vocab_size == 256
+
+
+def test_text_renders_ids_beyond_the_bytes(text_file):
+    """With --vocab above 256 a model may predict an id that is no byte (the fuzz test found
+    rendering such a sample raised)."""
+    task = TextTask(text_file[0], seed=0, seq_len=16)
+    assert task.render(np.array([104, 105, 300, 256, 33])) == "hi??!"
