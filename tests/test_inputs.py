@@ -62,7 +62,7 @@ CASES = [
     # found after training before: a traceback once the run was over
     ("summary-no-dir", lambda t: ["--summary", f"{t}/nodir/x.json"],
      "--summary {tmp}/nodir/x.json: the directory {tmp}/nodir does not exist"),
-    ("trace-is-dir", lambda t: ["--trace", str(t)], f"--trace {{tmp}}: is a directory"),
+    ("trace-is-dir", lambda t: ["--trace", str(t)], "--trace {tmp}: is a directory"),
     ("plot-is-file", lambda t: ["--plot", _text(t)], "--plot {tmp}/book.txt: is a file"),
     ("save-proc", lambda t: ["--save", "/proc/x"], "--save /proc/x: cannot write in /proc"),
     ("save-is-file", lambda t: ["--save", _text(t)], "--save {tmp}/book.txt: is a file"),
