@@ -1,11 +1,14 @@
 """Configuration as data: frozen dataclasses, validated once, up front, on every rank.
 
 A bad configuration is a ``ConfigError`` whose message names the command-line flag, raised before
-the first collective so that every rank fails the same way and nothing hangs.
+the first collective so that every rank fails the same way and nothing hangs. ``check_output``
+does the same for a path a command will write when it ends (both commands use it).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass, replace
 
 
@@ -143,5 +146,44 @@ class ParallelConfig:
                 "on different stages")
 
 
+# ---------------------------------------------------------------------------------- output paths
+def _probe_writable(flag: str, path: str, directory: str) -> None:
+    """Create and delete a file in ``directory``: the only test that also catches read-only
+    mounts, /proc and the like, whoever runs (root passes every permission check)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory, prefix=".minipar-probe-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: cannot write in {directory} "
+                          f"({exc.strerror or exc})") from None
+
+
+def check_output(flag: str, path: str, kind: str, example: str = "run.json") -> None:
+    """``path`` can be written as a ``kind`` ("file" or "directory") when a run ends: the parent
+    exists and is writable, and a file is not a directory or the other way round. Checked up
+    front, because a run that fails only when it writes its results has lost all its work."""
+    path = os.path.expanduser(path)
+    if not path.strip():
+        raise ConfigError(f"{flag} needs a non-empty path")
+    if os.path.isdir(path):
+        if kind == "file":
+            raise ConfigError(f"{flag} {path}: is a directory; give a file name, such as "
+                              f"{os.path.join(path, example)}")
+        _probe_writable(flag, path, path)
+        return
+    if os.path.exists(path) or os.path.islink(path):
+        if kind == "directory":
+            raise ConfigError(f"{flag} {path}: is a file, not a directory")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{flag} {path}: exists and is not a regular file")
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{flag} {path}: the file is not writable")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        what = "is not a directory" if os.path.exists(parent) else "does not exist"
+        raise ConfigError(f"{flag} {path}: the directory {parent} {what}")
+    _probe_writable(flag, path, parent)
+
+
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "MODEL_PRESETS", "SCHEDULE_NAMES",
-           "replace"]
+           "check_output", "replace"]

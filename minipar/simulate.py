@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 
-from minipar.config import SCHEDULE_NAMES, ConfigError, ParallelConfig, replace
+from minipar.config import SCHEDULE_NAMES, ConfigError, ParallelConfig, check_output, replace
 from minipar.sim import costmodel as cm
 from minipar.sim.hardware import HARDWARE_NAMES, Hardware, get_hardware
 from minipar.sim.presets import MODELS, PTDP_TABLE1
@@ -38,9 +39,17 @@ Models: gpt3-125m ... gpt3-175b (Brown et al. 2020), ptdp-1.7b ... ptdp-1t (Nara
 actually executed (with recomputation, as PTD-P does); MFU counts only the model's FLOPs."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the flag (not the whole usage text), exit 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0],
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog=f"python -m {PROG}", description=__doc__.split("\n")[0],
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model")
     m.add_argument("--model", default="ptdp-145b", metavar="NAME",
                    help=f"preset: {', '.join(MODELS)} (default ptdp-145b)")
@@ -84,37 +93,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------- resolving
+_OVERRIDES = (("n_layers", "--layers", "layers"), ("d_model", "--d-model", "d_model"),
+              ("n_heads", "--heads", "heads"), ("seq_len", "--seq-len", "seq_len"),
+              ("vocab_size", "--vocab", "vocab"), ("d_ff", "--d-ff", "d_ff"))
+_POSITIVE = ("gpus", "dp", "tp", "pp", "virtual_stages", "microbatch_size", "global_batch",
+             "top")
+
+
+def check_flags(args) -> None:
+    """Zero or a negative count is a typo, never "unset" (absent flags are None)."""
+    for name in _POSITIVE:
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, "
+                              f"got {value}")
+    if not args.bucket_mb >= 0 or args.bucket_mb == float("inf"):
+        raise ConfigError(f"--bucket-mb must be a finite number >= 0, got {args.bucket_mb}")
+    for flag, path in (("--timeline", args.timeline), ("--trace", args.trace)):
+        if path is not None:
+            check_output(flag, path, "file", example="step.png" if flag == "--timeline"
+                         else "step.json")
+
+
 def resolve_model(args):
+    """(model, default global batch, name): a preset with any overrides; an overridden preset
+    is named for what it is (``gpt3-175b with --layers 200``), not for the preset."""
     if args.model not in MODELS:
         raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {args.model!r}")
     model, batch = MODELS[args.model]
-    over = {k: v for k, v in (("n_layers", args.layers), ("d_model", args.d_model),
-                              ("n_heads", args.heads), ("seq_len", args.seq_len),
-                              ("vocab_size", args.vocab), ("d_ff", args.d_ff)) if v is not None}
+    over = {key: getattr(args, attr) for key, _, attr in _OVERRIDES
+            if getattr(args, attr) is not None and getattr(args, attr) != getattr(model, key)}
     model = replace(model, **over)
     model.validate()
-    return model, batch
+    name = args.model
+    if over:
+        name += " with " + " ".join(f"{flag} {over[key]}" for key, flag, _ in _OVERRIDES
+                                    if key in over)
+    return model, batch, name
 
 
 def resolve(args) -> tuple:
-    """(model, parallel, workload, hardware) from the flags and the preset's defaults."""
-    model, batch = resolve_model(args)
+    """(model, parallel, workload, hardware, name) from the flags and the preset's defaults."""
+    check_flags(args)
+    model, batch, name = resolve_model(args)
     run = PTDP_TABLE1.get(args.model)
-    tp = args.tp or (run.tp if run else 1)
-    pp = args.pp or (run.pp if run else 1)
-    if args.dp:
+    tp = args.tp if args.tp is not None else (run.tp if run else 1)
+    pp = args.pp if args.pp is not None else (run.pp if run else 1)
+    if args.sequence_parallel and tp == 1:
+        raise ConfigError("--sequence-parallel shards activations over the tensor-parallel "
+                          "group: it needs --tp 2 or more")
+    if args.dp is not None:
         dp = args.dp
-    elif args.gpus:
+    elif args.gpus is not None:
         if args.gpus % (tp * pp):
             raise ConfigError(f"--gpus {args.gpus} is not divisible by --tp {tp} x --pp {pp}")
         dp = args.gpus // (tp * pp)
     else:
         dp = run.dp if (run and args.tp is None and args.pp is None) else 1
-    v = args.virtual_stages or 1
+    v = args.virtual_stages if args.virtual_stages is not None else 1
     schedule = args.schedule or ("interleaved" if v > 1 else "1f1b")
     work = cm.Workload(
-        global_batch=args.global_batch or (run.global_batch if run else batch),
-        microbatch_size=args.microbatch_size or 1,
+        global_batch=args.global_batch if args.global_batch is not None else (
+            run.global_batch if run else batch),
+        microbatch_size=args.microbatch_size if args.microbatch_size is not None else 1,
         recompute=args.recompute or (run.recompute if run else "none"),
         dtype=cm.canonical_dtype(args.dtype), scatter_gather=not args.no_scatter_gather)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero or 0,
@@ -125,7 +166,7 @@ def resolve(args) -> tuple:
     hw = get_hardware(args.hardware, args.hardware_file)
     if args.hardware == "this-machine":  # every rank of the layout shares this one machine
         hw = hw.shared_by(par.world)
-    return model, par, work, hw
+    return model, par, work, hw, name
 
 
 # --------------------------------------------------------------------------------- report
@@ -171,7 +212,7 @@ def report(name: str, model, par, work, hw: Hardware, est: Estimate) -> str:
         f"comm per step   per GPU: tp {_si(comm['tp'], 'B')}, dp {_si(comm['dp'], 'B')}, "
         f"pp {_si(comm['pp'], 'B')}",
     ]
-    run = PTDP_TABLE1.get(name)
+    run = PTDP_TABLE1.get(name)  # None for an overridden preset: its name says so
     if run and (par.tp, par.pp, par.world, par.virtual_stages, par.zero, par.sequence_parallel,
                 work.global_batch, work.microbatch_size, work.recompute, work.dtype) == (
             run.tp, run.pp, run.gpus, run.virtual_stages, run.zero, run.sequence_parallel,
@@ -248,11 +289,15 @@ def _best_fit(model, work, hw, dp, tp, pp, b, m, schedule, v, zero, recompute):
     return smallest
 
 
+SEARCH_LEGEND = ("v: model chunks per pipeline rank, b: sequences per microbatch, "
+                 "m: microbatches per step")
+
+
 def search_table(rows: list, top: int) -> str:
     head = (f"{'#':>3} {'dp':>5} {'tp':>3} {'pp':>3} {'v':>2} {'b':>2} {'m':>5} {'zero':>4} "
             f"{'recompute':>9} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6} {'bubble':>7} "
             f"{'mem GB':>7}")
-    lines = [head]
+    lines = [SEARCH_LEGEND, head]
     for i, (par, est, w) in enumerate(rows[:top], 1):
         lines.append(
             f"{i:>3} {par.dp:>5} {par.tp:>3} {par.pp:>3} {par.virtual_stages:>2} "
@@ -270,12 +315,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `... | head` stopped reading: not an error of this command
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the interpreter's exit flush
+        return 0
 
 
 def _run(args) -> int:
     if args.search:
         return _run_search(args)
-    model, par, work, hw = resolve(args)
+    model, par, work, hw, name = resolve(args)
     passes = 2 * par.pp * par.microbatches * par.virtual_stages
     want_plot = bool(args.timeline or args.trace)
     if want_plot and passes > 20000:
@@ -284,14 +332,14 @@ def _run(args) -> int:
     est = estimate(model, par, work, hw, use_simulator=True if want_plot else None)
     if args.timeline:
         from minipar.observe.render import plot_timeline
-        plot_timeline(est.timeline, args.timeline, f"{args.model}: simulated step")
+        plot_timeline(est.timeline, args.timeline, f"{name}: simulated step")
     if args.trace:
         from minipar.observe.trace import timeline_events, to_chrome_trace
         to_chrome_trace(timeline_events(est.timeline), args.trace)
     if args.json:
-        print(json.dumps(to_json(args.model, model, par, work, hw, est)))
+        print(json.dumps(to_json(name, model, par, work, hw, est)))
     else:
-        print(report(args.model, model, par, work, hw, est))
+        print(report(name, model, par, work, hw, est))
     if not est.fits:
         mem = est.memory_per_gpu_bytes
         print(f"{PROG}: error: does not fit: {mem['total'] / GB:.1f} GB per GPU (stage "
@@ -303,30 +351,36 @@ def _run(args) -> int:
 
 
 def _run_search(args) -> int:
-    model, batch = resolve_model(args)
+    check_flags(args)
+    for flag in ("dp", "tp", "pp", "virtual_stages", "microbatch_size", "schedule"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--search chooses the layout itself: leave out "
+                              f"--{flag.replace('_', '-')}")
+    model, batch, name = resolve_model(args)
     run = PTDP_TABLE1.get(args.model)
-    gpus = args.gpus or (run.gpus if run else None)
-    if not gpus or gpus < 1:
+    gpus = args.gpus if args.gpus is not None else (run.gpus if run else None)
+    if gpus is None:
         raise ConfigError("--search needs --gpus N (the GPU count to lay out)")
-    work = cm.Workload(global_batch=args.global_batch or (run.global_batch if run else batch),
+    work = cm.Workload(global_batch=args.global_batch if args.global_batch is not None else (
+                           run.global_batch if run else batch),
                        dtype=cm.canonical_dtype(args.dtype),
                        scatter_gather=not args.no_scatter_gather)
     hw = get_hardware(args.hardware, args.hardware_file)
     rows, rejected = search(model, gpus, work, hw, args.zero, args.recompute)
     if args.json:
-        print(json.dumps({"model": args.model, "gpus": gpus, "hardware": hw.name,
-                          "ranked": [to_json(args.model, model, p, w, hw, e)
+        print(json.dumps({"model": name, "gpus": gpus, "hardware": hw.name,
+                          "ranked": [to_json(name, model, p, w, hw, e)
                                      for p, e, w in rows[:args.top]],
                           "fitting": len(rows), "rejected": dict(rejected)}))
     else:
-        print(f"{args.model} on {gpus} x {hw.name}, global batch {work.global_batch}: "
+        print(f"{name} on {gpus} x {hw.name}, global batch {work.global_batch}: "
               f"{len(rows)} layouts fit; best {min(args.top, len(rows))} by predicted step time")
         if rows:
             print(search_table(rows, args.top))
         for reason, n in rejected.most_common():
             print(f"rejected {n:>5}: {reason}")
     if not rows:
-        print(f"{PROG}: error: no layout of {gpus} GPUs fits {args.model} in "
+        print(f"{PROG}: error: --gpus {gpus}: no layout fits {name} in "
               f"{hw.memory_bytes / GB:.1f} GB per GPU", file=sys.stderr)
         return 1
     return 0

@@ -32,6 +32,7 @@ them to the device.
 
 from __future__ import annotations
 
+import codecs
 import math
 import os
 import zlib
@@ -169,6 +170,7 @@ class DigitTask:
                 raise ConfigError(f"--seq-len {seq_len} is too short for task {self.name}: "
                                   f"its sequences need {natural_len - 1}")
         self.seed = int(seed)
+        self.needed_len = natural_len - 1  # inputs a row needs; longer rows are only padding
         self.problem_digits = problem_digits
         self.answer_len = answer_len
         self.seq_len = natural_len - 1 if seq_len is None else int(seq_len)
@@ -317,6 +319,56 @@ class AddTask(DigitTask):
         return np.concatenate([digits[:, :k], plus, digits[:, k:], eq, sum_digits], axis=1)
 
 
+UTF8_SAMPLE = 1 << 16  # bytes of a --data file checked to be UTF-8 text, at its start and middle
+
+
+def check_text_file(path: str) -> int:
+    """The size of ``path`` if it is a readable, non-empty regular file of UTF-8 text, else
+    ``DataFileError`` naming what it is instead (a directory, a device, binary data, ...).
+
+    Only a sample is decoded (the first and the middle 64 KiB), so a file of hundreds of MB is
+    checked in microseconds; a NUL byte counts as binary, as no text file holds one.
+    """
+    if not os.path.exists(path):
+        raise DataFileError(f"--data {path}: no such file")
+    if os.path.isdir(path):
+        raise DataFileError(f"--data {path}: is a directory, not a text file")
+    if not os.path.isfile(path):
+        raise DataFileError(f"--data {path}: not a regular file (a device or a pipe has no "
+                            f"fixed size to sample windows from)")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise DataFileError(f"--data {path}: the file is empty")
+    samples = {}
+    try:
+        with open(path, "rb") as fh:
+            for start in sorted({0, max(0, size // 2 - UTF8_SAMPLE // 2)}):
+                fh.seek(start)
+                samples[start] = fh.read(UTF8_SAMPLE)
+    except OSError as exc:
+        raise DataFileError(f"--data {path}: cannot read it ({exc.strerror or exc})") from None
+    for start, chunk in samples.items():
+        _check_utf8(path, chunk, start, at_start=start == 0)
+    return size
+
+
+def _check_utf8(path: str, chunk: bytes, offset: int, at_start: bool) -> None:
+    if not at_start:  # a sample from the middle may begin inside a character: skip to one
+        skip = next((i for i, b in enumerate(chunk[:4]) if b & 0xC0 != 0x80), 0)
+        chunk, offset = chunk[skip:], offset + skip
+    nul = chunk.find(b"\0")
+    try:
+        # final=False: a sample may end in the middle of a multi-byte character
+        codecs.getincrementaldecoder("utf-8")().decode(chunk, final=False)
+    except UnicodeDecodeError as exc:
+        bad = exc.start if nul < 0 else min(exc.start, nul)
+        raise DataFileError(f"--data {path}: not UTF-8 text (byte 0x{chunk[bad]:02x} at offset "
+                            f"{offset + bad}); --task text reads UTF-8 text") from None
+    if nul >= 0:
+        raise DataFileError(f"--data {path}: not UTF-8 text (byte 0x00 at offset "
+                            f"{offset + nul}, binary data); --task text reads UTF-8 text")
+
+
 class TextTask:
     """Next-byte prediction on a file read through ``np.memmap``.
 
@@ -340,17 +392,14 @@ class TextTask:
         _check_positive("--eval-size", eval_size)
         self.path, self.seed, self.seq_len = os.fspath(path), int(seed), int(seq_len)
         window = self.seq_len + 1
-        if not os.path.isfile(self.path):
-            raise DataFileError(f"--data {self.path}: no such file")
-        size = os.path.getsize(self.path)
-        if size == 0:
-            raise DataFileError(f"--data {self.path}: the file is empty")
+        size = check_text_file(self.path)
         n_eval = max(math.ceil(size * eval_fraction), window)
         if size - n_eval < window:
             raise DataFileError(
                 f"--data {self.path}: {size} bytes is too short for --seq-len {self.seq_len}: "
                 f"need at least {2 * window} (one window of seq_len + 1 to train on and one "
                 f"held out)")
+        self.needed_len = self.seq_len  # every position is scored: no padding
         self.data = np.memmap(self.path, dtype=np.uint8, mode="r")
         self.n_train = size - n_eval  # training windows lie in [0, n_train), eval in the rest
         n_windows = n_eval // window
@@ -386,7 +435,9 @@ class TextTask:
         return int((np.asarray(targets) != IGNORE).sum())
 
     def render(self, tokens: np.ndarray) -> str:
-        return bytes(int(t) for t in tokens).decode("utf-8", errors="replace")
+        # ids past 255 exist when --vocab is larger than the bytes; they show as "?"
+        return bytes(int(t) if 0 <= t < 256 else 63 for t in tokens).decode(
+            "utf-8", errors="replace")
 
     def __repr__(self) -> str:
         return (f"TextTask({self.path!r}, seed={self.seed}, seq_len={self.seq_len}, "
@@ -410,6 +461,9 @@ def make_task(name: str | None, seed: int, *, data_path: str | None = None,
     if name == "text":
         if data_path is None:
             raise ConfigError("--task text needs --data FILE")
+        if "n_digits" in kw:
+            raise ConfigError("--n-digits sets the problem size of the digit tasks, not of "
+                              "--task text")
         return TextTask(data_path, seed, 64 if seq_len is None else seq_len, **kw)
     if name not in _SYNTHETIC:
         raise ConfigError(f"--task: unknown task {name!r} (choose {', '.join(TASK_NAMES)})")

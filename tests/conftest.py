@@ -8,6 +8,13 @@ under ``mpirun -n N`` with ``MINIPAR_UNDER_MPI=1``, which makes this file collec
 import os
 import sys
 
+# In-process thread worlds run several ranks' BLAS calls at once in one process; with OpenBLAS's
+# own threads on top they contend for the cores (measured on a loaded 2-core machine: a 4-rank
+# pipeline run took 43 s instead of 0.8 s). One BLAS thread, as every mpirun rank gets, unless
+# the caller set it. NumPy reads this when it loads, which is after this file.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 # Shared test bodies (comm_cases.py, ...) live next to this file; tests/mpi/ imports them too.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

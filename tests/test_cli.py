@@ -1,10 +1,13 @@
 """The training CLI as a user meets it: help, errors that name the flag, a short real run."""
 
 import json
+import re
 
 import pytest
 
 from cli_util import run
+from inproc import train
+from minipar.train.cli import EXAMPLES, build_parser
 
 TRAIN = ["-m", "minipar.train", "--quiet"]
 
@@ -15,6 +18,28 @@ def test_help_lists_flags_and_examples():
     for flag in ("--dp", "--tp", "--pp", "--zero", "--schedule", "--save", "--resume",
                  "--summary", "examples:"):
         assert flag in out.stdout
+    for cmd, _ in EXAMPLES:  # the examples the next test runs are the ones printed
+        assert f"  {cmd}\n" in out.stdout
+
+
+def test_every_flag_has_help():
+    for action in build_parser()._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+
+
+def test_every_help_example_runs(tmp_path):
+    """Each example of --help, as printed, for 2 steps: ranks as a thread world in-process."""
+    book = tmp_path / "book.txt"
+    book.write_text("It was the best of times, it was the worst of times. " * 300)
+    for cmd, _ in EXAMPLES:
+        words = cmd.split()
+        n = int(words[2]) if words[0] == "mpirun" else 1
+        argv = [str(book) if w == "book.txt" else w for w in words[words.index("-m") + 2:]]
+        codes, out, err = train([*argv, "--steps", "2", "--eval-every", "2", "--quiet"], n=n)
+        assert codes == [0] * n, (cmd, err)
+        assert "done    | 2 steps" in out and err == "", (cmd, out, err)
+        if "--task text" in cmd:  # a learner sees what the model writes
+            assert re.search(r"sample  \| '.+' -> '.+'", out), out
 
 
 @pytest.mark.parametrize("args, flag", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import numpy as np
@@ -191,7 +192,11 @@ def test_exact_match_counts_rows_with_any_scored_error(seed, data):
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, size=3 * 2**20, dtype=np.uint8).tobytes()  # 3 MiB
+    # random UTF-8 text of 1-, 2- and 3-byte characters, about 3 MiB: any 33-byte window is
+    # unique, so each window's origin can be found in the file
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz .,\n") + list("éèüßøπλ") +
+                        [chr(c) for c in range(0x4E00, 0x4E40)])
+    raw = "".join(rng.choice(alphabet, size=3 * 2**19)).encode()
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_bytes(raw)
     return path, raw
@@ -247,3 +252,32 @@ def test_text_file_errors_are_one_clear_line(tmp_path):
     task = make_task("text", 0, data_path=str(smallest), seq_len=16)
     assert task.batch(0, 2)[0].shape == (2, 16) and len(list(task.eval_batches(8))) == 1
     assert task.render(task.batch(0, 1)[0][0]).count("é") >= 7
+
+
+def test_data_that_is_not_a_text_file_is_named(tmp_path):
+    """A directory, a device, binary data, NUL bytes: one line saying what the file is."""
+    binary = tmp_path / "prog.bin"
+    binary.write_bytes(b"hello " * 100 + bytes([0xC3, 0x28]) + b" world" * 100)
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(b"text " * 100 + b"\0" + b"more" * 100)
+    middle = tmp_path / "middle.txt"  # valid at the start, invalid in the middle sample
+    middle.write_bytes(b"a" * 300_000 + b"\xff" + b"b" * 300_000)
+    cases = [(tmp_path, "is a directory"), ("/dev/zero", "not a regular file"),
+             (binary, "not UTF-8 text (byte 0xc3 at offset 600)"),
+             (nul, "not UTF-8 text (byte 0x00 at offset 500"),
+             (middle, "not UTF-8 text (byte 0xff at offset 300000)")]
+    for path, text in cases:
+        with pytest.raises(DataFileError, match=re.escape(text)) as info:
+            make_task("text", 0, data_path=str(path), seq_len=16)
+        assert str(info.value).startswith(f"--data {path}: ")
+    # a multi-byte character cut by a sample's edge is still text
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("日本語".encode() * 60_000)
+    assert make_task("text", 0, data_path=str(cut), seq_len=16).vocab_size == 256
+
+
+def test_text_renders_ids_beyond_the_bytes(text_file):
+    """With --vocab above 256 a model may predict an id that is no byte (the fuzz test found
+    rendering such a sample raised)."""
+    task = TextTask(text_file[0], seed=0, seq_len=16)
+    assert task.render(np.array([104, 105, 300, 256, 33])) == "hi??!"

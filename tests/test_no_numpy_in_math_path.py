@@ -28,7 +28,7 @@ HOST_ONLY = {
     "compare.py": "compares gathered host copies (full_params returns host arrays)",
     "tasks.py": "makes host batches; the engine uploads them",
     "dist/assertions.py": "test assertions on host copies (backend.to_host first)",
-    "train/cli.py": "the CLI: numpy.seterr for the host process",
+    "train/cli.py": "the CLI: numpy.errstate for the host process",
 }
 
 # Names that are types, not array work: dtypes for xp calls and isinstance checks.
@@ -56,6 +56,12 @@ ALLOWED = {
         "the global norm from the downloaded host sum of squares",
     ("engine.py", "Engine.forward_only", "numpy.ascontiguousarray"):
         "the host batch is made contiguous before its upload",
+    ("train/loop.py", "continuation", "numpy.zeros"):
+        "host token ids (like every batch) and the next token, uploaded by forward_only and "
+        "the allreduce",
+    ("train/loop.py", "continuation", "numpy.array"): "host token ids rendered as text",
+    ("train/loop.py", "_start", "numpy.zeros_like"):
+        "a fresh optimizer state (--force) as full host tensors, like a checkpoint's",
     ("engine.py", "Engine.evaluate", "*"):
         "host bookkeeping around forward_only (which uploads): padding host batches, host "
         "targets against downloaded predictions, metric counters, perplexity of a float",

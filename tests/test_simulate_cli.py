@@ -110,7 +110,7 @@ def test_search_ranks_layouts_that_fit(capsys):
 
 def test_search_reports_when_nothing_fits(capsys):
     rc, _, err = run(capsys, "--model", "gpt3-175b", "--gpus", "2", "--search")
-    assert rc == 1 and "no layout of 2 GPUs fits" in err
+    assert rc == 1 and "--gpus 2: no layout fits" in err
 
 
 def test_timeline_trace_and_this_machine(capsys, tmp_path):
@@ -133,3 +133,48 @@ def test_module_runs_as_a_command_with_examples_in_help():
     res = subprocess.run([sys.executable, "-m", "minipar.simulate", "--help"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "examples:" in res.stdout and "--search" in res.stdout
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["--hardware", "tpu"], "argument --hardware: invalid choice: 'tpu'"),
+    (["--gpus", "0"], "--gpus must be a positive integer, got 0"),
+    (["--global-batch", "0"], "--global-batch must be a positive integer, got 0"),
+    (["--microbatch-size", "0"], "--microbatch-size must be a positive integer, got 0"),
+    (["--tp", "0"], "--tp must be a positive integer, got 0"),
+    (["--pp", "0"], "--pp must be a positive integer, got 0"),
+    (["--dp", "0"], "--dp must be a positive integer, got 0"),
+    (["--virtual-stages", "0"], "--virtual-stages must be a positive integer, got 0"),
+    (["--search", "--top", "0"], "--top must be a positive integer, got 0"),
+    (["--layers", "0"], "--layers must be a positive integer, got 0"),
+    (["--bucket-mb", "-1"], "--bucket-mb must be a finite number >= 0"),
+    (["--model", "gpt3-125m", "--sequence-parallel"], "--sequence-parallel"),
+    (["--search", "--tp", "8"], "--search chooses the layout itself: leave out --tp"),
+    (["--timeline", "/"], "--timeline /: is a directory"),
+    (["--trace", "/no/such/dir/t.json"], "--trace /no/such/dir/t.json: the directory"),
+])
+def test_zero_is_not_unset_and_usage_errors_are_one_line(capsys, argv, line):
+    """A zero used to mean "unset" (the preset's value, rc 0); argparse printed all usage."""
+    try:
+        rc = main(argv)
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err.count("\n") == 1, (rc, err)
+    assert line in err and "usage:" not in err
+
+
+def test_an_overridden_preset_is_not_named_as_the_preset(capsys):
+    rc, out, _ = run(capsys, "--model", "ptdp-145b", "--layers", "48")
+    assert rc in (0, 1) and out.startswith("ptdp-145b with --layers 48: ")
+    assert "published" not in out  # the paper's number is for the unmodified model
+    rc, out, _ = run(capsys, "--model", "ptdp-145b", "--layers", "80")  # the preset's own value
+    assert out.startswith("ptdp-145b: ") and "published" in out
+
+
+def test_search_header_explains_its_letters(capsys):
+    rc, out, _ = run(capsys, "--model", "gpt3-1.3b", "--gpus", "8", "--search", "--top", "2")
+    assert rc == 0
+    legend = next(ln for ln in out.splitlines() if ln.startswith("v: "))
+    for word in ("v: model chunks per pipeline rank", "b: sequences per microbatch",
+                 "m: microbatches per step"):
+        assert word in legend

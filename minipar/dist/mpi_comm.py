@@ -262,8 +262,10 @@ def install_abort_handler(comm: Comm | None = None) -> None:
         # minipar's own user-facing errors are written to be read alone; others need the type.
         own = etype.__module__.startswith("minipar") and str(value)
         msg = str(value) if own else f"{etype.__name__}: {value}"
-        print(f"minipar: error on rank {rank}: {msg}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        # One write of the whole line: ranks erring at once never share a line (print() may
+        # write the text and the newline separately, and another rank's text land between).
+        os.write(sys.stderr.fileno(), f"minipar: error on rank {rank}: {msg}\n".encode())
         MPI.COMM_WORLD.Abort(1)
 
     sys.excepthook = hook

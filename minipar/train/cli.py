@@ -1,70 +1,93 @@
 """``python -m minipar.train``: train a GPT on one rank or many, in any dp x pp x tp layout.
 
-    python -m minipar.train                          # serial, the sort task, ~1 minute
+    python -m minipar.train                          # serial, the sort task, ~10 s
     mpirun -n 4 python -m minipar.train              # 4-way data parallel, same result
     mpirun -n 8 python -m minipar.train --dp 2 --tp 2 --pp 2 --schedule 1f1b --microbatches 4
 
-Only rank 0 prints. Every configuration error is found on every rank before the first
-collective and reported once, as one line that names the flag.
+Only rank 0 prints. Every bad input (a flag out of range, a layout that does not fit the ranks,
+an output path that cannot be written, a run too big for this machine's memory, a checkpoint
+that is damaged or belongs to another run) is found on every rank before the first collective
+and before any training step, and reported once, as one line that names the flag.
 """
 
 from __future__ import annotations
 
-from minipar.dist.launch import configure_threads, env_rank
+from minipar.dist.launch import configure_threads, env_rank, local_ranks
 
 BLAS_THREADS = configure_threads()  # before NumPy is imported anywhere
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
+import uuid  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
-EPILOG = """examples:
-  python -m minipar.train                                   sort digits, serial (the default)
-  mpirun -n 4 python -m minipar.train                       the same, 4-way data parallel
-  mpirun -n 4 python -m minipar.train --dp 2 --zero 2       dp 2 with ZeRO-2 ... on 2 ranks
-  mpirun -n 4 python -m minipar.train --tp 2 --dp 2 --sequence-parallel
-  mpirun -n 4 python -m minipar.train --pp 4 --schedule 1f1b --microbatches 8
-  python -m minipar.train --task text --data book.txt --model small --steps 200
+PROG = "python -m minipar.train"
+
+# Each example runs as printed (tests/test_cli.py runs every one for a few steps); times are CPU
+# seconds measured on a 2-core machine, one BLAS thread.
+EXAMPLES = [
+    ("python -m minipar.train", "sort digits, serial (the default), ~10 s"),
+    ("mpirun -n 4 python -m minipar.train", "the same, 4-way data parallel"),
+    ("mpirun -n 2 python -m minipar.train --dp 2 --zero 2", "ZeRO-2: gradients and optimizer "
+                                                             "state sharded over 2 ranks"),
+    ("mpirun -n 4 python -m minipar.train --tp 2 --dp 2 --sequence-parallel", "Megatron TP + SP"),
+    ("mpirun -n 4 python -m minipar.train --pp 4 --layers 4 --schedule 1f1b --microbatches 8",
+     "4 pipeline stages need 4 layers"),
+    ("python -m minipar.train --task text --data book.txt --steps 200",
+     "bytes of any UTF-8 file, ~20 s (with --model small: ~30 min)"),
+]
+EPILOG = "examples:\n" + "\n".join(f"  {cmd}\n      {what}" for cmd, what in EXAMPLES) + """
 
 With no layout flags every rank does data parallelism. dp x tp x pp must equal the number of
 ranks. Set --threads (or OMP_NUM_THREADS) to override the BLAS threads per rank, which default
-to cores / ranks on this machine."""
+to cores / ranks on this machine. Use --force to run past the memory and --seq-len checks or to
+resume a checkpoint with another --task, --seed or --optimizer."""
 
 
 class _Parser(argparse.ArgumentParser):
     """Usage errors print once (rank 0) as one line, on every rank exit 2, nothing hangs."""
 
+    printing = True
+
     def error(self, message):
-        if env_rank() == 0:
+        if self.printing:
             sys.stderr.write(f"{self.prog}: error: {message}\n")
         sys.exit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m minipar.train", description=__doc__.split("\n\n")[0],
+def build_parser(printing: bool = True) -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.printing = printing
     m = p.add_argument_group("model")
     m.add_argument("--model", default="default", help="preset: tiny, default, small")
     m.add_argument("--layers", type=int, help="override the number of blocks")
     m.add_argument("--d-model", type=int, help="override the model width")
     m.add_argument("--heads", type=int, help="override the number of attention heads")
-    m.add_argument("--seq-len", type=int, help="override the context length (tokens)")
+    m.add_argument("--seq-len", type=int, help="override the context length (tokens); the digit "
+                   "tasks need 16 to 19 and refuse more than twice that without --force")
     m.add_argument("--vocab", type=int, help="override the vocabulary (text/benchmarks only)")
     m.add_argument("--tie-weights", action="store_true", help="share embedding and LM head")
-    m.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    m.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="parameter and activation dtype (float64 for exact comparisons)")
     d = p.add_argument_group("data")
     d.add_argument("--task", default=None, help="sort (default), reverse, add, text")
-    d.add_argument("--data", default=None, help="UTF-8 text file for --task text")
-    d.add_argument("--n-digits", type=int, default=None, help="problem size of digit tasks")
+    d.add_argument("--data", default=None, metavar="FILE",
+                   help="UTF-8 text file for --task text (implies it)")
+    d.add_argument("--n-digits", type=int, default=None,
+                   help="problem size of the digit tasks (sort/reverse: 8, add: 3)")
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=64, help="global batch (sequences)")
-    t.add_argument("--steps", type=int, default=500)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
-    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--steps", type=int, default=500, help="optimizer steps in all")
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    t.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine decay")
+    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
+                   help="AdamW (Loshchilov & Hutter 2019) or SGD with momentum")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max global norm (0 = off)")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     t.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     t.add_argument("--summary", default=None, metavar="FILE", help="write a JSON summary")
     t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
@@ -78,12 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write every rank's events as Chrome-trace JSON (open in Perfetto)")
     t.add_argument("--plot", default=None, metavar="DIR",
                    help="save the measured timeline of the last step and the loss curve (PNG)")
+    t.add_argument("--force", action="store_true",
+                   help="run even if the memory estimate exceeds this machine's, --seq-len "
+                        "is mostly padding, or --resume changes --task/--seed/--optimizer")
     c = p.add_argument_group("checkpoints and faults")
     c.add_argument("--save", default=None, metavar="DIR",
                    help="write layout-independent checkpoints to DIR/step-NNNNNN/")
     c.add_argument("--save-every", type=int, default=0, metavar="N",
                    help="checkpoint every N steps (and always at the end when --save is set)")
-    c.add_argument("--keep", type=int, default=3, metavar="K", help="keep the newest K (0 = all)")
+    c.add_argument("--keep", type=int, default=3, metavar="K",
+                   help="keep this run's newest K checkpoints (0 = all)")
+    c.add_argument("--overwrite", action="store_true",
+                   help="start over in a --save DIR that holds another run's checkpoints "
+                        "(they are deleted at the first save)")
     c.add_argument("--resume", default=None, metavar="PATH",
                    help="a run directory (its newest checkpoint) or one step directory")
     c.add_argument("--skip-nonfinite", action="store_true",
@@ -98,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--zero", type=int, default=0, help="ZeRO stage over dp: 0, 1, 2, 3")
     lay.add_argument("--bucket-mb", type=float, default=0.0,
                      help="overlap dp gradient sync with backward in buckets of this size")
-    lay.add_argument("--sequence-parallel", action="store_true")
+    lay.add_argument("--sequence-parallel", action="store_true",
+                     help="shard LayerNorm and residual activations over tp (needs --tp > 1)")
     lay.add_argument("--schedule", default="1f1b", help="gpipe, 1f1b, interleaved, zb-h1")
     lay.add_argument("--microbatches", "--grad-accum", type=int, default=1, dest="microbatches",
                      help="microbatches per step per dp rank (gradient accumulation)")
@@ -109,15 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def pick_layout(args, world: int) -> tuple[int, int, int, str]:
     """(dp, tp, pp) from the flags; missing sizes are filled in so the product is the world."""
+    from minipar.config import ConfigError
+
     given = {k: getattr(args, k) for k in ("dp", "tp", "pp") if getattr(args, k) is not None}
+    for k, v in given.items():
+        if v <= 0:
+            raise ConfigError(f"--{k} must be a positive integer, got {v}")
     tp, pp = given.get("tp", 1), given.get("pp", 1)
     if "dp" in given:
         dp = given["dp"]
-    elif tp > 0 and pp > 0 and world % (tp * pp) == 0 and world >= tp * pp:
+    elif world % (tp * pp) == 0:
         dp = world // (tp * pp)
     else:
-        from minipar.config import ConfigError
-
         raise ConfigError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the number of "
                           f"ranks ({world})")
     note = "" if len(given) == 3 else (
@@ -126,33 +160,34 @@ def pick_layout(args, world: int) -> tuple[int, int, int, str]:
     return dp, tp, pp, note
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
 def make_configs(args, world: int):
     """Validated (ModelConfig, ParallelConfig, task) or ConfigError; no collective involved."""
     from minipar.config import MODEL_PRESETS, ConfigError, ModelConfig, ParallelConfig, replace
     from minipar.tasks import make_task
+    from minipar.train.checks import check_numbers
 
     if args.model not in MODEL_PRESETS:
         raise ConfigError(f"--model: unknown preset {args.model!r} "
                           f"(choose {', '.join(MODEL_PRESETS)})")
-    for flag in ("batch_size", "steps", "eval_every"):
-        if getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be positive, "
-                              f"got {getattr(args, flag)}")
-    if args.save_every < 0 or args.keep < 0:
-        raise ConfigError("--save-every and --keep must be >= 0")
+    check_numbers(args)
     if args.save_every and not args.save:
         raise ConfigError("--save-every needs --save DIR")
-    if not args.lr > 0 or args.lr == float("inf"):
-        raise ConfigError(f"--lr must be a positive number, got {args.lr}")
+    if args.overwrite and not args.save:
+        raise ConfigError("--overwrite needs --save DIR")
     task_kw = {} if args.n_digits is None else {"n_digits": args.n_digits}
     task = make_task(args.task, args.seed, data_path=args.data, seq_len=args.seq_len, **task_kw)
     cfg: ModelConfig = MODEL_PRESETS[args.model]
-    vocab = args.vocab or task.vocab_size
+    vocab = _given(args.vocab, task.vocab_size)
     if vocab < task.vocab_size:
         raise ConfigError(f"--vocab {vocab} is smaller than the task's {task.vocab_size} tokens")
     cfg = replace(cfg, vocab_size=vocab, seq_len=task.seq_len, tie_weights=args.tie_weights,
-                  n_layers=args.layers or cfg.n_layers, d_model=args.d_model or cfg.d_model,
-                  n_heads=args.heads or cfg.n_heads)
+                  n_layers=_given(args.layers, cfg.n_layers),
+                  d_model=_given(args.d_model, cfg.d_model),
+                  n_heads=_given(args.heads, cfg.n_heads))
     cfg.validate()
     dp, tp, pp, note = pick_layout(args, world)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
@@ -163,12 +198,103 @@ def make_configs(args, world: int):
     return cfg, par, task, note
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    from minipar import backend
+@dataclass
+class Setup:
+    """Everything the loop needs that the checks produced."""
+
+    cfg: object
+    par: object
+    task: object
+    note: str
+    run_id: str
+    memory: dict
+    resume: tuple | None = None  # (params, optim or None for a fresh optimizer, meta)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _resume(args, cfg, task) -> tuple[tuple, list[str]]:
+    """The checkpoint of ``--resume``, compared with this run; warnings under ``--force``."""
+    from minipar import checkpoint
     from minipar.config import ConfigError
 
-    rank0 = env_rank() == 0
+    params, optim, meta = checkpoint.load(args.resume, cfg)
+    if meta["step"] >= args.steps:
+        raise ConfigError(f"--resume: the checkpoint is at step {meta['step']}, "
+                          f"not before --steps {args.steps}")
+    diffs = [(flag, saved, now) for flag, saved, now in (
+        ("--task", meta["task"], task.name), ("--seed", meta["seed"], args.seed),
+        ("--optimizer", meta["optimizer"], args.optimizer)) if saved != now]
+    said = ", ".join(f"{flag} {saved}" for flag, saved, _ in diffs)
+    asked = ", ".join(f"{flag} {now}" for flag, _, now in diffs)
+    if diffs and not args.force:
+        raise ConfigError(f"--resume {args.resume}: the checkpoint was trained with {said}, this "
+                          f"run asks for {asked}; pass --force to continue it anyway")
+    warnings = [f"warning | --force: resuming a checkpoint of {said} with {asked}"] if diffs \
+        else []
+    if meta["optimizer"] != args.optimizer:  # its state means nothing to another optimizer
+        optim = None
+        warnings.append(f"warning | the {args.optimizer} state starts from zero")
+    return (params, optim, meta), warnings
+
+
+def prepare(args, world_size: int, ranks_here: int) -> Setup:
+    """Every check, in the order a user fixes things; ConfigError on the first failure."""
+    from minipar.train import checks
+
+    cfg, par, task, note = make_configs(args, world_size)
+    warnings = [w for w in [checks.check_seq_len(args, task)] if w]
+    checks.check_outputs(args)
+    memory = checks.check_memory(args, cfg, par, ranks_here)
+    resume, run_id = None, uuid.uuid4().hex
+    if args.resume:
+        resume, more = _resume(args, cfg, task)
+        warnings += more
+        run_id = resume[2]["run_id"]
+    if args.save:
+        _check_owner(args, resume[2]["run_id"] if resume else None)
+    return Setup(cfg, par, task, note, run_id, memory, resume, warnings)
+
+
+def _check_owner(args, run_id: str | None) -> None:
+    """A run directory belongs to one run: refuse one holding steps this run did not write
+    (or damaged steps, whose writer is unknown) unless ``--overwrite``."""
+    from minipar import checkpoint
+    from minipar.config import ConfigError
+
+    owners = checkpoint.step_owners(args.save)
+    foreign = [s for s, rid in owners.items() if run_id is None or rid != run_id]
+    if not foreign or args.overwrite:
+        return
+    damaged = [s for s in foreign if owners[s] is None]
+    what = ("another run's checkpoints" if not damaged else "damaged checkpoints"
+            if len(damaged) == len(foreign) else "another run's and damaged checkpoints")
+    shown = ", ".join(str(s) for s in foreign[-4:])
+    hint = (f"continue that run with --resume {args.save}, " if len(damaged) < len(foreign)
+            else "")
+    raise ConfigError(f"--save {args.save}: the directory holds {what} (step {shown}); "
+                      f"{hint}save somewhere else, or pass --overwrite to replace them")
+
+
+def _finite(x):
+    """``x`` with every non-finite float replaced by None: NaN is not JSON (a skipped step's
+    loss may be NaN or infinite)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+def main(argv=None, world=None) -> int:
+    """The command. ``world`` (a Comm) runs it in-process, e.g. one thread per rank in tests;
+    by default every process of the mpirun job is a rank."""
+    in_process = world is not None
+    rank0 = (world.rank if in_process else env_rank()) == 0
+    args = build_parser(printing=rank0).parse_args(argv)
+    from minipar import backend
+    from minipar.config import ConfigError
 
     def fail(msg: str) -> int:
         if rank0:
@@ -179,39 +305,56 @@ def main(argv=None) -> int:
         backend.use(args.backend)
     except backend.BackendError as exc:
         return fail(str(exc))
-    from minipar.dist.comm import MPIComm, install_abort_handler
+    if not in_process:
+        from minipar.dist.comm import MPIComm
 
-    world = MPIComm.world(check=args.check_collectives,
-                          staging=True if args.host_staging else None)
+        world = MPIComm.world(check=args.check_collectives,
+                              staging=True if args.host_staging else None)
+    error, setup = None, None
     try:
-        cfg, par, task, note = make_configs(args, world.size)
-        resume = None
-        if args.resume:
-            from minipar import checkpoint
-
-            resume = checkpoint.read(checkpoint.resolve(args.resume), cfg)
-            if resume[2]["step"] >= args.steps:
-                raise ConfigError(f"--resume: the checkpoint is at step {resume[2]['step']}, "
-                                  f"not before --steps {args.steps}")
+        setup = prepare(args, world.size, world.size if in_process else local_ranks())
     except (ConfigError, OSError) as exc:
-        return fail(str(exc))
-    if world.size > 1:
-        install_abort_handler(world)
-    from minipar.train.loop import run
+        error = str(exc)
+    # Ranks may see different machines (paths, memory): all agree before any training traffic.
+    errors = world.allgather_obj(error) if world.size > 1 else [error]
+    if any(errors):
+        return fail(next(e for e in errors if e))
+    return _train(args, setup, world, rank0, in_process)
 
+
+def _train(args, setup: Setup, world, rank0: bool, in_process: bool) -> int:
     import numpy
 
+    from minipar.config import ConfigError
+    from minipar.train.loop import run
+
+    if world.size > 1 and not in_process:
+        from minipar.dist.comm import install_abort_handler
+
+        install_abort_handler(world)
     # Overflow and NaN are detected explicitly after each step (and named there), so NumPy's
     # floating-point warnings would only add noise to that one clear message.
-    numpy.seterr(all="ignore")
     try:
-        summary = run(args, cfg, par, task, world, note, blas_threads=BLAS_THREADS,
-                      resume=resume)
+        with numpy.errstate(all="ignore"):
+            summary = run(args, setup.cfg, setup.par, setup.task, world, setup.note,
+                          blas_threads=BLAS_THREADS, resume=setup.resume, run_id=setup.run_id,
+                          memory=setup.memory, warnings=setup.warnings)
     except FloatingPointError as exc:  # every rank sees the same allreduced loss and norm
-        return fail(f"{exc} (use --skip-nonfinite to skip such steps)")
-    except ConfigError as exc:  # found identically on every rank, before any collective
-        return fail(str(exc))
-    if summary is not None and args.summary and world.rank == 0:
+        if rank0:
+            print(f"minipar.train: error: {exc} (use --skip-nonfinite to skip such steps)",
+                  file=sys.stderr, flush=True)
+        return 2
+    except ConfigError as exc:  # found identically on every rank
+        if rank0:
+            print(f"minipar.train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        if world.size > 1 and not in_process:  # the abort handler: one line, every rank ends
+            raise KeyboardInterrupt("stopped by Ctrl-C") from None
+        if rank0:
+            print("minipar.train: stopped by Ctrl-C", file=sys.stderr, flush=True)
+        return 130
+    if summary is not None and args.summary and rank0:
         with open(args.summary, "w") as fh:
-            json.dump(summary, fh, indent=1)
+            json.dump(_finite(summary), fh, indent=1, allow_nan=False)
     return 0

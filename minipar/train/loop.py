@@ -1,13 +1,22 @@
 """The training loop behind ``python -m minipar.train``: banner, steps, evaluation, summary.
 
 Kept apart from the argument parsing so that tests, lessons and notebooks can drive a run with a
-thread world (``run_threads``) as easily as the CLI drives one under ``mpirun``.
+thread world (``run_threads``) as easily as the CLI drives one under ``mpirun``. ``run`` reads top
+to bottom: build the engine (``_start``), print the banner (``banner``), train
+(``_train_steps``, evaluating with ``_evaluate``), then report (``_finish``).
+
+Rank 0 writes everything to one stream (``Console``): the banner, the progress bar, evaluation
+lines and the summary, so that under ``mpirun`` (which forwards stdout and stderr separately)
+they can never tangle, and nothing is printed after the summary.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
+
+import numpy
 
 from minipar import backend
 from minipar.nn.optim import lr_at
@@ -17,9 +26,9 @@ from minipar.sim.costmodel import param_count
 def _fmt_bytes(n: float) -> str:
     if n < 1024:
         return f"{int(n)} B"
-    for unit in ("KiB", "MiB", "GiB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-        if n < 1024 or unit == "GiB":
+        if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
 
 
@@ -50,7 +59,76 @@ def merge_stats(total: dict, step_stats: dict) -> None:
                 t[k] += s.get(k, 0)
 
 
-def save_checkpoint(engine, args, cfg, par, task, step: int) -> str | None:
+class Console:
+    """Rank 0's one output stream: lines and the progress all go to ``out``; other ranks print
+    nothing.
+
+    On a terminal the progress is a tqdm bar, and lines go through ``tqdm.write`` (which clears
+    the bar, prints the line and redraws it). Anywhere else (a log file, a pipe, and every rank
+    under ``mpirun``, whose output the launcher forwards through a pipe) carriage returns would
+    pile up, so the progress is a plain line at most every ``every_s`` seconds instead.
+    """
+
+    def __init__(self, rank0: bool, out=None, every_s: float = 10.0):
+        self.rank0, self.out, self.every_s = rank0, out or sys.stdout, every_s
+        self.bar = None
+        self.total = self.step = 0
+        self.last_line = 0.0
+
+    def say(self, msg: str) -> None:
+        if not self.rank0:
+            return
+        if self.bar is not None:
+            self.bar.write(msg, file=self.out)
+        else:
+            print(msg, file=self.out, flush=True)
+
+    def start_bar(self, total: int, initial: int) -> None:
+        if not self.rank0:
+            return
+        self.total, self.step, self.last_line = total, initial, time.monotonic()
+        if hasattr(self.out, "isatty") and self.out.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", file=self.out,
+                            dynamic_ncols=True, mininterval=0.5)
+
+    def progress(self, loss: float, tokens_per_s: float) -> None:
+        if not self.rank0:
+            return
+        self.step += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            # refresh=False: tqdm's mininterval paces the redraws
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        elif self.total and time.monotonic() - self.last_line >= self.every_s \
+                and self.step < self.total:
+            self.last_line = time.monotonic()
+            self.say(f"step {self.step}/{self.total}: loss {loss:.4f}, "
+                     f"{tokens_per_s:,.0f} tokens/s")
+
+    def close_bar(self) -> None:
+        """End the bar's line once; later lines start on a fresh one."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.total = 0
+
+
+@dataclass
+class Record:
+    """What the steps produce for the summary."""
+
+    losses: list = field(default_factory=list)
+    evals: list = field(default_factory=list)
+    comm: dict = field(default_factory=dict)
+    skipped: list = field(default_factory=list)
+    tokens: int = 0
+    train_s: float = 0.0
+
+
+def save_checkpoint(engine, args, cfg, par, task, step: int, run_id: str,
+                    first: bool = False) -> str | None:
     """Gather the full state (collective) and let rank 0 write it atomically."""
     from dataclasses import asdict
 
@@ -61,9 +139,10 @@ def save_checkpoint(engine, args, cfg, par, task, step: int) -> str | None:
     if engine.mesh.world.rank != 0:
         return None
     meta = {"model": asdict(cfg), "layout": asdict(par), "seed": args.seed, "task": task.name,
-            "data_position": step, "optimizer": args.optimizer,
+            "data_position": step, "optimizer": args.optimizer, "run_id": run_id,
             "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype}
-    return checkpoint.write(args.save, step, params, optim, meta, keep=args.keep)
+    return checkpoint.write(args.save, step, params, optim, meta, keep=args.keep,
+                            replace_other_runs=first and getattr(args, "overwrite", False))
 
 
 def _tag_step(tracer, first: int, step: int) -> None:
@@ -72,7 +151,7 @@ def _tag_step(tracer, first: int, step: int) -> None:
         e["args"]["step"] = step
 
 
-def _write_trace(tracer, world, args, par, losses, out) -> None:
+def _write_trace(tracer, world, args, par, losses, console: Console) -> None:
     """Collective: rank 0 gathers every rank's events, writes --trace and the --plot PNGs."""
     import os
 
@@ -85,8 +164,7 @@ def _write_trace(tracer, world, args, par, losses, out) -> None:
         return
     if args.trace:
         trace.to_chrome_trace(events, args.trace)
-        print(f"trace   | {len(events)} events of {world.size} rank(s) -> {args.trace}",
-              file=out, flush=True)
+        console.say(f"trace   | {len(events)} events of {world.size} rank(s) -> {args.trace}")
     if args.plot:
         os.makedirs(args.plot, exist_ok=True)
         last = max((e["args"].get("step", 0) for e in events), default=0)
@@ -98,82 +176,108 @@ def _write_trace(tracer, world, args, par, losses, out) -> None:
         paths = [render.plot_timeline(step, os.path.join(args.plot, "timeline.png"), title),
                  render.plot_losses(losses, os.path.join(args.plot, "loss.png"),
                                     "training loss")]
-        print(f"plots   | {', '.join(paths)}", file=out, flush=True)
+        console.say(f"plots   | {', '.join(paths)}")
 
 
-def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=sys.stdout,
-        resume=None):
-    """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere).
+def continuation(engine, task, n_new: int = 48) -> tuple[str, str]:
+    """(prompt, greedy continuation) of the first held-out window's first half (collective).
 
-    ``resume`` is ``(params, optim, meta)`` from ``checkpoint.read``: training continues at the
-    checkpoint's step with its weights and optimizer state, whatever layout saved it.
+    Every rank runs the same forward passes (pipeline stages pass activations, ZeRO-3 gathers
+    over dp); the head's rank shares each next token through one allreduce. A row is always
+    T tokens long (the pipeline's buffers have that shape); positions after the last real token
+    are zeros, which a causal model never looks at.
     """
+    mesh, T = engine.mesh, engine.model_cfg.seq_len
+    inputs, _ = next(task.eval_batches(1))  # (1, T)
+    tokens = [int(t) for t in inputs[0, : max(1, T // 2)]]
+    n_prompt = len(tokens)
+    owner = mesh.tp_rank == 0 and mesh.dp_rank == 0
+    with mesh.world.stats.paused():
+        for _ in range(n_new):
+            window = tokens[-T:]
+            x = numpy.zeros((1, T), dtype=numpy.int64)  # (1, T)
+            x[0, : len(window)] = window
+            out = engine.forward_only(x)
+            nxt = numpy.zeros(1)
+            if out is not None and owner:
+                nxt[0] = int(backend.to_host(out[0])[0, len(window) - 1])
+            tokens.append(int(backend.to_host(
+                mesh.world.allreduce(backend.from_host(nxt)))[0]))
+    return task.render(numpy.array(tokens[:n_prompt])), task.render(numpy.array(
+        tokens[n_prompt:]))
+
+
+def _evaluate(engine, task, args, step: int, console: Console) -> dict:
+    """Held-out metrics at ``step`` (collective); for text, a sample of what the model writes."""
+    metrics = engine.evaluate(task.eval_batches(args.batch_size))
+    if task.metric == "exact_match":
+        console.say(f"eval step {step}: exact match {metrics['exact_match']:.3f}")
+    else:
+        console.say(f"eval step {step}: perplexity {metrics['perplexity']:.3f}")
+        prompt, more = continuation(engine, task)
+        console.say(f"sample  | {prompt!r} -> {more!r}")
+    return {"step": step, **metrics}
+
+
+def _start(args, cfg, par, world, resume, tracer):
+    """The mesh and the engine, at the checkpoint's step when resuming (collective)."""
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
     mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
-    rank0 = world.rank == 0
-    tracer = None
-    if getattr(args, "trace", None) or getattr(args, "plot", None):
-        from minipar.observe.trace import Tracer
-
-        tracer = Tracer(rank=world.rank)
     engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
                     lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                     tracer=tracer)
     start = 0
     if resume is not None:
         params, optim, meta = resume
-        engine.load_full_state(params, optim, meta["optimizer_steps"])
+        steps = meta["optimizer_steps"]
+        if optim is None:  # another optimizer (--force): its state starts from zero
+            optim = {k: numpy.zeros_like(v) for k, v in engine.full_optimizer_state().items()}
+            steps = 0
+        engine.load_full_state(params, optim, steps)
         start = int(meta["step"])
         engine.step_count = start
-    n_params = param_count(cfg)
+    return mesh, engine, start
+
+
+def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threads, memory,
+           engine, start: int, resume, warnings) -> None:
+    """Rank 0's description of the run before its first step."""
+    say = console.say
+    say(f"minipar | {mesh.describe().rsplit(' rank', 1)[0]} on {world.size} rank(s)"
+        f"{' (' + note + ')' if note and world.size > 1 else ''} | "
+        f"{blas_threads or '?'} BLAS thread(s) per rank")
+    say(f"backend | {backend.describe()}" + (f"; {_comm_mode(world)}" if world.size > 1 else ""))
+    say(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+        f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {param_count(cfg):,} parameters "
+        f"({args.dtype})")
     mem = engine.memory()
-    if rank0:
-        print(f"minipar | {mesh.describe().rsplit(' rank', 1)[0]} on {world.size} rank(s)"
-              f"{' (' + note + ')' if note and world.size > 1 else ''} | "
-              f"{blas_threads or '?'} BLAS thread(s) per rank", file=out)
-        print(f"backend | {backend.describe()}" + (
-            f"; {_comm_mode(world)}" if world.size > 1 else ""),
-            file=out)
-        print(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-              f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {n_params:,} parameters "
-              f"({args.dtype})", file=out)
-        print(f"memory  | rank 0 holds params {_fmt_bytes(mem['params'])}, grads "
-              f"{_fmt_bytes(mem['grads'])}, optimizer {_fmt_bytes(mem['optimizer'])}", file=out)
-        schedule = (f", schedule {par.schedule} x {par.microbatches} microbatches"
-                    if par.pp > 1 else "")
-        print(f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, "
-              f"lr {args.lr}{schedule}", file=out, flush=True)
-        if par.pp > 1:
-            from minipar.sim.partition import partition
+    estimate = f"; estimated peak {_fmt_bytes(memory['total'])}" if memory else ""
+    say(f"memory  | rank 0 holds params {_fmt_bytes(mem['params'])}, grads "
+        f"{_fmt_bytes(mem['grads'])}, optimizer {_fmt_bytes(mem['optimizer'])}{estimate}")
+    if par.tp > 1:
+        say(f"tensor  | tp {par.tp}, sequence parallel {'on' if par.sequence_parallel else 'off'}")
+    schedule = (f", schedule {par.schedule} x {par.microbatches} microbatches"
+                if par.pp > 1 else "")
+    say(f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, "
+        f"lr {args.lr}{schedule}")
+    if par.pp > 1:
+        from minipar.sim.partition import partition
 
-            for line in partition(cfg, par.pp, par.virtual_stages).lines():
-                print(line, file=out, flush=True)
-        if resume is not None:
-            print(f"resume  | from step {start} (saved with layout dp={resume[2]['layout']['dp']}"
-                  f", tp={resume[2]['layout']['tp']}, pp={resume[2]['layout']['pp']})",
-                  file=out, flush=True)
+        for line in partition(cfg, par.pp, par.virtual_stages).lines():
+            say(line)
+    if resume is not None:
+        lay = resume[2]["layout"]
+        say(f"resume  | from step {start} (saved with layout dp={lay['dp']}, tp={lay['tp']}, "
+            f"pp={lay['pp']})")
+    for line in warnings:
+        say(line)
 
-    bar = None
-    if rank0 and not args.quiet:
-        from tqdm import tqdm
 
-        bar = tqdm(total=args.steps, initial=start, unit="step", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 5.0)
-
-    def say(msg: str) -> None:
-        """A line from rank 0 that does not tear the progress bar."""
-        if rank0:
-            bar.write(msg) if bar is not None else print(msg, file=out, flush=True)
-
-    losses, evals, comm_total, skipped = [], [], {}, []
-    tokens = 0
-    if tracer is not None:
-        world.barrier()  # a common time origin for every rank's events
-        tracer.reset_clock()
-    t_start = time.perf_counter()
-    t_train = 0.0
+def _train_steps(args, cfg, task, engine, mesh, start, console, tracer, save) -> Record:
+    """Steps ``start`` .. ``args.steps``, with checkpoints and evaluations (collective)."""
+    rec = Record()
     for step in range(start, args.steps):
         inputs, targets, normalizer = batch_for_rank(task, step, args.batch_size, mesh)
         lr = lr_at(step, args.lr, args.warmup, args.steps)
@@ -182,37 +286,28 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         t0 = time.perf_counter()
         result = engine.train_step(inputs, targets, normalizer, lr,
                                    skip_nonfinite=args.skip_nonfinite)
-        t_train += time.perf_counter() - t0
+        rec.train_s += time.perf_counter() - t0
         if tracer is not None:
             _tag_step(tracer, n_events, step + 1)
         if result.skipped:
-            skipped.append(step + 1)
-            say(f"step {step + 1}: non-finite loss or gradients, step skipped")
-        merge_stats(comm_total, mesh.stats())
-        losses.append(result.loss)
-        tokens += args.batch_size * cfg.seq_len
-        if bar is not None:
-            bar.update(1)
-            # refresh=False: tqdm's mininterval paces the redraws (a log gets a line per 5 s)
-            bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{tokens / t_train:,.0f}",
-                            refresh=False)
+            rec.skipped.append(step + 1)
+            console.say(f"step {step + 1}: non-finite loss or gradients, step skipped")
+        merge_stats(rec.comm, mesh.stats())
+        rec.losses.append(result.loss)
+        rec.tokens += args.batch_size * cfg.seq_len
+        console.progress(result.loss, rec.tokens / rec.train_s)
         last = step == args.steps - 1
         if args.save and ((args.save_every and (step + 1) % args.save_every == 0) or last):
-            save_checkpoint(engine, args, cfg, par, task, step + 1)
+            save(step + 1)
         if (step + 1) % args.eval_every == 0 or last:
-            metrics = engine.evaluate(task.eval_batches(args.batch_size))
-            evals.append({"step": step + 1, **metrics})
-            say(f"eval step {step + 1}: exact match {metrics['exact_match']:.3f}"
-                if task.metric == "exact_match" else
-                f"eval step {step + 1}: perplexity {metrics['perplexity']:.3f}")
-    if bar is not None:
-        bar.close()
-    wall = time.perf_counter() - t_start
-    if tracer is not None:
-        _write_trace(tracer, world, args, par, losses, out)
-    if not rank0:
-        return None
-    final = evals[-1]
+            rec.evals.append(_evaluate(engine, task, args, step + 1, console))
+    return rec
+
+
+def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float,
+            console: Console) -> dict:
+    """Rank 0's summary dict and its last lines."""
+    final = rec.evals[-1]
     summary = {
         "layout": {"dp": par.dp, "tp": par.tp, "pp": par.pp, "world": world.size,
                    "zero": par.zero, "sequence_parallel": par.sequence_parallel,
@@ -221,24 +316,65 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                   "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
         "task": task.name, "steps": args.steps, "start_step": start,
-        "skipped_steps": skipped, "batch_size": args.batch_size,
-        "dtype": args.dtype, "params": n_params, "losses": losses,
-        "final_loss": losses[-1], "evals": evals,
-        "tokens_per_s": tokens / t_train if t_train else 0.0, "wall_s": wall,
-        "comm": comm_total, "memory": engine.memory(),
+        "skipped_steps": rec.skipped, "batch_size": args.batch_size,
+        "dtype": args.dtype, "params": param_count(cfg), "losses": rec.losses,
+        "final_loss": rec.losses[-1], "evals": rec.evals,
+        "tokens_per_s": rec.tokens / rec.train_s if rec.train_s else 0.0, "wall_s": wall,
+        "comm": rec.comm, "memory": engine.memory(),
     }
     if task.metric == "exact_match":
         summary["eval_accuracy"] = final["exact_match"]
+        acc = f"held-out exact match {final['exact_match']:.3f}"
     else:
         summary["eval_perplexity"] = final["perplexity"]
-    acc = (f"held-out exact match {final['exact_match']:.3f}" if task.metric == "exact_match"
-           else f"held-out perplexity {final['perplexity']:.3f}")
-    print(f"done    | {args.steps - start} steps in {wall:.1f} s, "
-          f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {losses[-1]:.4f}, {acc}",
-          file=out, flush=True)
-    moved = sum(s["bytes"] for ops in comm_total.values() for s in ops.values())
+        acc = f"held-out perplexity {final['perplexity']:.3f}"
+    console.say(f"done    | {args.steps - start} steps in {wall:.1f} s, "
+                f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {rec.losses[-1]:.4f}, "
+                f"{acc}")
+    moved = sum(s["bytes"] for ops in rec.comm.values() for s in ops.values())
     if moved:
-        print(f"comm    | {_fmt_bytes(moved)} moved by rank 0 over the run "
-              f"({', '.join(g for g in comm_total)})", file=out, flush=True)
+        console.say(f"comm    | {_fmt_bytes(moved)} moved by rank 0 over the run "
+                    f"({', '.join(g for g in rec.comm)})")
     return summary
 
+
+def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=None,
+        resume=None, run_id: str = "", memory: dict | None = None, warnings=()):
+    """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere).
+
+    ``resume`` is ``(params, optim, meta)`` from ``checkpoint.read`` (``optim`` None: a fresh
+    optimizer state): training continues at the checkpoint's step with its weights, whatever
+    layout saved it. ``run_id`` goes into every checkpoint; ``memory`` is the estimate the
+    checks made and ``warnings`` lines they want printed.
+    """
+    tracer = None
+    if getattr(args, "trace", None) or getattr(args, "plot", None):
+        from minipar.observe.trace import Tracer
+
+        tracer = Tracer(rank=world.rank)
+    mesh, engine, start = _start(args, cfg, par, world, resume, tracer)
+    console = Console(world.rank == 0, out)
+    banner(console, args, cfg, par, task, world, mesh, note, blas_threads, memory, engine,
+           start, resume, warnings)
+    if not args.quiet:
+        console.start_bar(args.steps, start)
+    saves = []
+
+    def save(step: int) -> None:
+        save_checkpoint(engine, args, cfg, par, task, step, run_id, first=not saves)
+        saves.append(step)
+
+    if tracer is not None:
+        world.barrier()  # a common time origin for every rank's events
+        tracer.reset_clock()
+    t_start = time.perf_counter()
+    try:
+        rec = _train_steps(args, cfg, task, engine, mesh, start, console, tracer, save)
+    finally:
+        console.close_bar()  # an error line after this starts on a line of its own
+    wall = time.perf_counter() - t_start
+    if tracer is not None:
+        _write_trace(tracer, world, args, par, rec.losses, console)
+    if world.rank != 0:
+        return None
+    return _finish(args, cfg, par, task, world, engine, start, rec, wall, console)
