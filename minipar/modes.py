@@ -21,8 +21,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy
-
 from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.dist.comm import Comm
@@ -135,7 +133,3 @@ def describe(result: ModeResult) -> str:
     share = t.wait_s / max(t.busy_s + t.wait_s, 1e-12)
     return (f"{result.mode}: busy {t.busy_s:.2f} s, waiting {t.wait_s:.2f} s "
             f"({100 * share:.0f}% waiting)")
-
-
-def mean_loss(losses: list) -> float:
-    return float(numpy.mean(losses)) if losses else float("nan")

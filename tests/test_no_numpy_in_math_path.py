@@ -38,6 +38,16 @@ TYPE_NAMES = {"ndarray", "dtype", "generic", "floating", "integer", "number", "b
 
 # (module, function qualname, numpy name used, or "*" for any) -> why it is host work.
 ALLOWED = {
+    ("parallel/param_server.py", "Server._stop", "numpy.array"):
+        "a one-integer STOP message built on the host and uploaded with from_host",
+    ("parallel/param_server.py", "Server._answer", "numpy.array"):
+        "the one-integer version message built on the host and uploaded with from_host",
+    ("parallel/param_server.py", "Worker._header", "numpy.array"):
+        "the three-integer message header built on the host and uploaded with from_host",
+    ("parallel/param_server.py", "run_parameter_server", "numpy.concatenate"):
+        "the servers' shards arrive as host copies (allgather_obj) and are uploaded once",
+    ("parallel/stragglers.py", "make_delay", "numpy.random.default_rng"):
+        "a host RNG for how long a slow rank sleeps: no array work",
     ("nn/module.py", "Sharding.local", "numpy"):
         "init cuts the host tensor drawn by init_full before the one upload per shard",
     ("nn/module.py", "Sharding.full", "numpy"):

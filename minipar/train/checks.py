@@ -75,7 +75,7 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
 
     Model states follow ZeRO (Rajbhandari et al. 2019): weights, gradients (/dp from stage 2),
     optimizer state (AdamW two moments, SGD one buffer; /dp from stage 1). Activations are the
-    exact per-block terms of ``minipar.sim.activations`` times the layers of a chunk and the
+    exact per-block terms of ``minipar.sim.costmodel.block_activation_terms`` times the layers of a chunk and the
     microbatches a schedule keeps live, plus the head's logits and their gradient; ``working``
     is one more block's worth, the temporaries of the block whose backward is running; ``data``
     is the global batch of token ids each rank draws (int64 inputs and targets). Measured
@@ -85,12 +85,12 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     """
     from minipar.parallel.tensor import padded_vocab
     from minipar.sim import costmodel as cm
-    from minipar.sim.activations import block_activation_bytes
 
     e = 8 if dtype == "float64" else 4
     rows = batch_size // par.dp // par.microbatches  # sequences per microbatch
     layers = cfg.n_layers // (par.pp * par.virtual_stages)
-    block = block_activation_bytes(cfg, rows, par.tp, par.sequence_parallel, e)
+    block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
+                                          value_bytes=e, dropout=False, layernorm_rstd=True)
     logits = 3 * rows * cfg.seq_len * padded_vocab(cfg.vocab_size, par.tp) // par.tp * e
     worst: dict = {"total": -1}
     for stage in range(par.pp):
