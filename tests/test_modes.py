@@ -62,3 +62,44 @@ def test_bad_mode_settings_are_one_clear_error():
         run_threads(lambda c: run_mode("hogwild", c, replica(1), 1, LR), 1)
     with pytest.raises(ConfigError, match="--staleness"):
         run_threads(lambda c: run_mode("ssp", c, replica(1), 1, LR), 2)
+
+
+# ------------------------------------------------------------------ the command line
+TINY = ["--model", "tiny", "--steps", "4", "--batch-size", "12", "--quiet", "--threads", "1"]
+
+
+@pytest.mark.parametrize("mode", [["--mode", "ps"], ["--mode", "ssp", "--staleness", "1"],
+                                  ["--mode", "local-sgd", "--sync-every", "2"],
+                                  ["--mode", "sync", "--straggler", "1:2"]])
+def test_every_mode_trains_from_the_command_line(mode, tmp_path):
+    import json
+
+    import inproc
+
+    summary = tmp_path / "s.json"
+    codes, out, err = inproc.train(TINY + mode + ["--summary", str(summary)], n=3)
+    assert codes == [0, 0, 0], err
+    data = json.loads(summary.read_text())
+    if mode[1] != "sync":
+        assert data["mode"] == mode[1] and len(data["ranks"]) == 3
+        assert "done    |" in out and "rank 2  |" in out
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--mode", "ssp", "--staleness", "-1"], "--staleness must be >= 0"),
+    (["--mode", "local-sgd", "--sync-every", "0"], "--sync-every must be >= 1"),
+    (["--mode", "ssp"], "--mode ssp needs --staleness"),
+    (["--mode", "ps", "--servers", "3"], "needs more ranks than servers"),
+    (["--mode", "ps", "--tp", "3"], "--mode ps trains whole replicas"),
+    (["--mode", "ps", "--save", "ck"], "without --save"),
+    (["--staleness", "2"], "--staleness applies to --mode ssp"),
+    (["--mode", "ps", "--straggler", "7:2"], "--straggler"),
+    (["--mode", "ps", "--batch-size", "7"], "must divide over the 2 worker(s)"),
+])
+def test_bad_mode_flags_are_one_line_on_every_rank(flags, says):
+    import inproc
+
+    codes, out, err = inproc.train(TINY + flags, n=3)
+    assert codes == [2, 2, 2]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and says in lines[0] and "Traceback" not in err, err

@@ -135,6 +135,23 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                      help="microbatches per step per dp rank (gradient accumulation)")
     lay.add_argument("--virtual-stages", type=int, default=1,
                      help="model chunks per pipeline rank (interleaved schedule)")
+    mo = p.add_argument_group("synchronous or asynchronous (whole replicas, see lesson 11)")
+    mo.add_argument("--mode", default="sync", choices=["sync", "ps", "ssp", "local-sgd"],
+                    help="sync: the data-parallel step (default); ps: a parameter server, "
+                         "workers never wait; ssp: at most --staleness steps ahead; local-sgd: "
+                         "average the weights every --sync-every steps")
+    mo.add_argument("--staleness", type=int, default=None, metavar="S",
+                    help="ssp: steps a worker may run ahead of the slowest (0 = synchronous)")
+    mo.add_argument("--sync-every", type=int, default=None, metavar="H",
+                    help="local-sgd: steps between weight averages (default 1)")
+    mo.add_argument("--servers", type=int, default=None, metavar="N",
+                    help="ps/ssp: ranks 0..N-1 serve the parameters, in shards (default 1)")
+    mo.add_argument("--staleness-lr", action="store_true",
+                    help="ps/ssp: divide each update's step by 1 + its staleness")
+    mo.add_argument("--straggler", default=None, metavar="RANK:FACTOR",
+                    help="slow one rank's compute by FACTOR (any mode), e.g. 1:3")
+    mo.add_argument("--jitter", type=float, default=0.0, metavar="J",
+                    help="every rank's compute takes a random extra, mean J x itself (seeded)")
     return p
 
 
@@ -168,6 +185,7 @@ def make_configs(args, world: int):
     """Validated (ModelConfig, ParallelConfig, task) or ConfigError; no collective involved."""
     from minipar.config import MODEL_PRESETS, ConfigError, ModelConfig, ParallelConfig, replace
     from minipar.tasks import make_task
+    from minipar.train.async_run import check_mode
     from minipar.train.checks import check_numbers
 
     if args.model not in MODEL_PRESETS:
@@ -189,6 +207,9 @@ def make_configs(args, world: int):
                   d_model=_given(args.d_model, cfg.d_model),
                   n_heads=_given(args.heads, cfg.n_heads))
     cfg.validate()
+    check_mode(args, world)
+    if args.mode != "sync":  # whole replicas: the layout flags were refused by check_mode
+        return cfg, ParallelConfig(), task, f"--mode {args.mode}: one whole replica per rank"
     dp, tp, pp, note = pick_layout(args, world)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,

@@ -275,9 +275,20 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
         say(line)
 
 
+def _straggler_delay(args, world):
+    """The sleep after each of this rank's steps that ``--straggler``/``--jitter`` ask for."""
+    if not getattr(args, "straggler", None) and not getattr(args, "jitter", 0.0):
+        return None
+    from minipar.parallel.stragglers import make_delay, parse_straggler
+
+    straggler = parse_straggler(args.straggler, world.size) if args.straggler else None
+    return make_delay(world.rank, straggler, args.jitter, args.seed)
+
+
 def _train_steps(args, cfg, task, engine, mesh, start, console, tracer, save) -> Record:
     """Steps ``start`` .. ``args.steps``, with checkpoints and evaluations (collective)."""
     rec = Record()
+    delay = _straggler_delay(args, mesh.world)
     for step in range(start, args.steps):
         inputs, targets, normalizer = batch_for_rank(task, step, args.batch_size, mesh)
         lr = lr_at(step, args.lr, args.warmup, args.steps)
@@ -286,6 +297,8 @@ def _train_steps(args, cfg, task, engine, mesh, start, console, tracer, save) ->
         t0 = time.perf_counter()
         result = engine.train_step(inputs, targets, normalizer, lr,
                                    skip_nonfinite=args.skip_nonfinite)
+        if delay is not None:  # a straggler (--straggler/--jitter): everyone waits at the next sync
+            time.sleep(delay(time.perf_counter() - t0))
         rec.train_s += time.perf_counter() - t0
         if tracer is not None:
             _tag_step(tracer, n_events, step + 1)
@@ -347,6 +360,16 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     layout saved it. ``run_id`` goes into every checkpoint; ``memory`` is the estimate the
     checks made and ``warnings`` lines they want printed.
     """
+    if getattr(args, "mode", "sync") != "sync":  # whole replicas, asynchronous or local SGD
+        from minipar.train.async_run import run_async
+
+        console = Console(world.rank == 0, out)
+        console.say(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} "
+                    f"heads, seq {cfg.seq_len}, vocab {cfg.vocab_size}: {param_count(cfg):,} "
+                    f"parameters ({args.dtype}); task {task.name}, batch {args.batch_size}, "
+                    f"{args.steps} steps, lr {args.lr} (constant)")
+        summary = run_async(args, cfg, task, world, console.say)
+        return summary if world.rank == 0 else None
     tracer = None
     if getattr(args, "trace", None) or getattr(args, "plot", None):
         from minipar.observe.trace import Tracer
