@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Synchronous vs asynchronous training
+# # Lesson 12: synchronous vs asynchronous training
 #
 # **Prerequisites.** The data-parallel lesson (ranks sum their gradients every step, and that is
 # exactly the serial run) and the collectives lesson (allreduce, send and receive).

@@ -15,10 +15,10 @@ import time
 from typing import Callable
 
 from minipar.dist.comm import Comm
-from minipar.parallel.param_server import GradFn, RankTimes, Update
+from minipar.parallel.param_server import GradFn, RankTimes, Update, lr_for
 
 
-def run_local_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
+def run_local_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr,
                   sync_every: int, delay: Callable[[float], float] | None = None,
                   optimizer: str = "sgd", on_update: Callable | None = None) -> tuple:
     """Collective over ``comm``: ``optimizer`` steps on this rank's copy of ``weights`` (the
@@ -35,7 +35,7 @@ def run_local_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
         loss, grad = grad_fn(comm.rank, step, w)
         if delay is not None:  # a straggler: its compute takes `factor` times longer
             time.sleep(delay(time.perf_counter() - t0))
-        update(w, grad, lr)
+        update(w, grad, lr_for(lr, step))  # lr: a rate, or a schedule of the step
         losses.append(float(loss))
         times.busy_s += time.perf_counter() - t0
         if (step + 1) % sync_every == 0 or step + 1 == steps:
@@ -47,7 +47,7 @@ def run_local_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
     return w, losses, times
 
 
-def run_sync_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
+def run_sync_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr,
                  delay: Callable[[float], float] | None = None, optimizer: str = "sgd",
                  on_update: Callable | None = None) -> tuple:
     """Synchronous data parallelism on the same terms, for comparison: every step the ranks
@@ -64,7 +64,7 @@ def run_sync_sgd(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
         t1 = time.perf_counter()
         comm.allreduce_(grad, op="avg")  # wait for everyone, then the mean gradient
         t2 = time.perf_counter()
-        update(w, grad, lr)
+        update(w, grad, lr_for(lr, step))  # lr: a rate, or a schedule of the step
         losses.append(float(loss))
         times.busy_s += (t1 - t0) + (time.perf_counter() - t2)
         times.wait_s += t2 - t1

@@ -110,6 +110,12 @@ def check_order(order: list, n_workers: int, budget: int) -> None:
                         f"{pushes}")
 
 
+def lr_for(lr, sync_step: int) -> float:
+    """``lr`` as given, or, for a schedule ``lr(step)``, its rate at synchronous step
+    ``sync_step`` (a server counts ``workers`` updates as one step)."""
+    return lr(sync_step) if callable(lr) else lr
+
+
 class Update:
     """How a gradient changes a flat vector of weights: plain SGD, or AdamW with its own moment
     state (a server keeps it for its shard; a local-SGD rank for its copy). The gradient of one
@@ -142,7 +148,7 @@ class Server:
     the weights after all step-(c-1) updates: synchronous SGD.
     """
 
-    def __init__(self, comm: Comm, roles: Roles, shard, lr: float, staleness: int | None = None,
+    def __init__(self, comm: Comm, roles: Roles, shard, lr, staleness: int | None = None,
                  staleness_lr: bool = False, optimizer: str = "sgd",
                  on_update: Callable | None = None, budget: int | None = None) -> None:
         self.comm, self.roles, self.shard = comm, roles, shard
@@ -236,8 +242,8 @@ class Server:
     def _apply(self, worker: int, step: int, version: int, grad) -> None:
         t0 = time.perf_counter()
         stale = self.version - version
-        lr = self.lr / (1 + stale) if self.staleness_lr else self.lr
-        self.update(self.shard, grad, lr)
+        lr = lr_for(self.lr, self.version // self.roles.n_workers)
+        self.update(self.shard, grad, lr / (1 + stale) if self.staleness_lr else lr)
         self.version += 1
         self.applied[worker] += 1
         self.result.order.append(("push", worker))
@@ -311,7 +317,7 @@ class Worker:
         return self.result
 
 
-def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: float,
+def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr,
                          n_servers: int = 1, staleness: int | None = None,
                          staleness_lr: bool = False, order: list | None = None,
                          delay: Callable[[float], float] | None = None,
@@ -345,7 +351,7 @@ def run_parameter_server(comm: Comm, weights, grad_fn: GradFn, steps: int, lr: f
     return final, result
 
 
-def replay_reference(weights, grad_fn: GradFn, order: list, n_workers: int, lr: float,
+def replay_reference(weights, grad_fn: GradFn, order: list, n_workers: int, lr,
                      staleness_lr: bool = False, optimizer: str = "sgd"):
     """What a parameter-server run handling ``order`` computes, in one process and one loop:
     each pull snapshots the weights, each push applies the gradient of that snapshot."""
@@ -360,7 +366,8 @@ def replay_reference(weights, grad_fn: GradFn, order: list, n_workers: int, lr: 
             continue
         seen, seen_version = snapshot.pop(worker)
         _, grad = grad_fn(worker, steps[worker], seen)
-        update(w, grad, lr / (1 + version - seen_version) if staleness_lr else lr)
+        rate = lr_for(lr, version // n_workers)
+        update(w, grad, rate / (1 + version - seen_version) if staleness_lr else rate)
         version += 1
         steps[worker] += 1
     return w

@@ -79,7 +79,12 @@ def run_async(args, cfg, task, world, say) -> dict:
         f"{workers} replica(s), weights averaged every {args.sync_every or 1} step(s)")
         + (f"; rank {straggler[0]} slowed {straggler[1]:g}x" if straggler else ""))
     t0 = time.perf_counter()
-    result = run_mode(args.mode, world, replica, args.steps, args.lr, servers=servers or 1,
+    from minipar.nn.optim import lr_at
+
+    def schedule(step: int) -> float:  # the synchronous run's warmup and cosine decay
+        return lr_at(min(step, args.steps - 1), args.lr, args.warmup, args.steps)
+
+    result = run_mode(args.mode, world, replica, args.steps, schedule, servers=servers or 1,
                       staleness=args.staleness, sync_every=args.sync_every or 1,
                       staleness_lr=args.staleness_lr, optimizer=args.optimizer, delay=delay)
     wall = time.perf_counter() - t0
