@@ -9,9 +9,10 @@ Three backends:
 - ``numpy``: arrays live in host memory; nothing ever moves.
 - ``cupy``: arrays live on this rank's GPU, chosen by the rank's index on its node
   (``local_rank() % devices``), so ``mpirun -n 4`` on a 4-GPU node puts one rank on each GPU.
-- ``strict``: NumPy behind a wall (``minipar.backend.strict``), a stand-in GPU for CPU machines whose
-  arrays refuse every implicit conversion to NumPy, as CuPy's do. Tests run the model on it to
-  prove that no array silently falls back to the host.
+- ``strict``: NumPy behind a wall (``minipar.backend.strict``), a stand-in GPU node for CPU
+  machines (``minipar.backend.standin``) whose arrays refuse every implicit conversion to NumPy,
+  as CuPy's do, with devices per thread and copies that run later, as a GPU's do. Tests run
+  the model on it to prove that no array silently falls back to the host.
 
 Besides ``xp()``, a backend knows how to move data between host and device; the MPI world uses
 that to stage device arrays through host buffers when MPI cannot read device memory
@@ -26,7 +27,7 @@ from types import ModuleType
 import numpy
 
 from minipar.backend.devices import BackendError, CuPyDevice, Device
-from minipar.backend.strict import StrictDevice
+from minipar.backend.standin import StrictDevice
 
 __all__ = ["BackendError", "CuPyDevice", "Device", "StrictDevice"]
 
@@ -42,6 +43,11 @@ _active: Device = Device()
 def xp() -> ModuleType:
     """The array module in use (``numpy``, ``cupy`` or the strict stand-in)."""
     return _active.xp
+
+
+def host_xp() -> ModuleType:
+    """The array module of host memory (NumPy): what MPI's staged buffers are made of."""
+    return numpy
 
 
 def name() -> str:
@@ -113,6 +119,15 @@ def _use_cupy(source: str) -> Device:
     return CuPyDevice(cupy, index, n)
 
 
+def _use_strict(source: str) -> Device:
+    try:
+        dev = StrictDevice()
+    except BackendError as exc:
+        raise BackendError(f"{source}: {exc}") from exc
+    dev.select(pick_device(local_rank(), dev.count))  # as CuPy's ranks pick their GPU
+    return dev
+
+
 def use(backend: str, *, source: str | None = None) -> ModuleType:
     """Select the backend by name; raises ``BackendError`` with a one-line reason if unusable.
 
@@ -125,7 +140,7 @@ def use(backend: str, *, source: str | None = None) -> ModuleType:
     elif backend == "cupy":
         _active = _use_cupy(source)
     elif backend == "strict":
-        _active = StrictDevice()
+        _active = _use_strict(source)
     else:
         raise BackendError(f"{source}: unknown backend {backend!r} "
                            f"(choose {', '.join(BACKENDS)})")

@@ -18,12 +18,20 @@ class Device:
 
     name = "numpy"
     on_device = False  # arrays live apart from host memory (copies cost time and are counted)
+    count = 1  # devices this process may use (GPUs on the node)
 
     def __init__(self, xp: ModuleType = numpy) -> None:
         self.xp = xp
 
     def describe(self) -> str:
         return "numpy (host memory)"
+
+    def current(self) -> int:
+        """The device the calling thread runs on (each thread has its own, as in CUDA)."""
+        return 0
+
+    def select(self, index: int) -> None:
+        """Make device ``index`` the calling thread's device (new arrays and kernels go there)."""
 
     def to_host(self, a) -> numpy.ndarray:
         return numpy.asarray(a)
@@ -59,15 +67,25 @@ class CuPyDevice(Device):
 
     def __init__(self, cupy: ModuleType, index: int, count: int) -> None:
         super().__init__(cupy)
-        self.index, self.count = index, count
+        self.index, self.count = index, count  # index: the GPU chosen for this process
 
     def describe(self) -> str:
+        index = self.current()
         try:
-            gpu = self.xp.cuda.runtime.getDeviceProperties(self.index)["name"]
+            gpu = self.xp.cuda.runtime.getDeviceProperties(index)["name"]
             gpu = gpu.decode() if isinstance(gpu, bytes) else str(gpu)
         except Exception:  # a description must never stop a run
             gpu = "GPU"
-        return f"cupy on GPU {self.index} of {self.count} ({gpu})"
+        return f"cupy on GPU {index} of {self.count} ({gpu})"
+
+    def current(self) -> int:
+        try:
+            return int(self.xp.cuda.runtime.getDevice())
+        except Exception:  # a fake or broken runtime: the GPU chosen at start-up
+            return self.index
+
+    def select(self, index: int) -> None:
+        self.xp.cuda.Device(index).use()  # CuPy's current device is per thread
 
     def to_host(self, a) -> numpy.ndarray:
         return self.xp.asnumpy(a)

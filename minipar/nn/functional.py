@@ -222,7 +222,8 @@ _causal_cache: dict = {}
 def causal_bias(t: int, dtype):
     """(T, T) additive mask: 0 on and below the diagonal, -inf above (a token sees its past)."""
     xp = backend.xp()
-    key = (t, str(dtype), backend.name())
+    # Per device too: in the in-process world each rank's thread may run on its own GPU.
+    key = (t, str(dtype), backend.name(), backend.device().current())
     if key not in _causal_cache:
         mask = xp.triu(xp.ones((t, t), dtype=bool), k=1)
         _causal_cache[key] = xp.where(mask, -xp.inf, 0.0).astype(dtype)
