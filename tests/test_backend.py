@@ -314,3 +314,73 @@ def test_copies_are_kept_apart_from_communication():
         stats.record_copy("allreduce", 8, 0.0)
     stats.reset()
     assert stats.copies_as_dict() == {} == stats.as_dict()
+
+
+def test_a_staged_receive_is_timed_when_its_copy_has_run_not_when_queued():
+    """The h2d copy from pinned memory is queued: its bytes count at once, its seconds are the
+    copy's own, added once it is known to have run (here: at the synchronize)."""
+    backend.use("strict")
+    stats = CommStats()
+    wire = Staging(stats, direct=False)
+    buf, finish = wire.incoming((64, 64), np.float64)
+    buf[...] = 3.0
+    got = finish()
+    h2d = stats.copies["h2d"]
+    assert (h2d.calls, h2d.bytes, h2d.seconds) == (1, 64 * 64 * 8, 0.0)  # queued, not run
+    total = got.sum()  # a kernel: the stream runs the copy first
+    backend.synchronize()
+    assert h2d.seconds > 0.0 and float(total) == 3.0 * 64 * 64
+
+
+def test_a_pinned_block_is_not_reused_while_a_copy_from_it_may_still_run():
+    """The fix of the staging race: the device holds each h2d source until an event after the
+    copy is done, so the pool hands out another block meanwhile, and reuses it afterwards."""
+    from minipar.backend.stream import POOL
+
+    backend.use("strict")
+    wire = Staging(CommStats(), direct=False)
+
+    def receive():
+        buf, finish = wire.incoming((100,), np.float32)
+        buf[...] = 1.0
+        return finish(), buf.__array_interface__["data"][0]
+
+    backend.synchronize()
+    (_, first), (_, second) = receive(), receive()  # back to back, nothing ran in between
+    assert first != second  # the first block is still held for its queued copy
+    blocks = POOL.blocks
+    backend.synchronize()  # both copies have run: their blocks are free again
+    (_, third) = receive()
+    assert third in (first, second) and POOL.blocks == blocks
+
+
+def test_cupy_device_holds_each_h2d_source_until_the_event_after_its_copy_is_done():
+    """CuPyDevice's half of the race fix, on a fake CuPy whose events we complete by hand:
+    ``set`` (cudaMemcpyAsync) is queued between two timing events; the pinned source stays
+    referenced until the end event reports done; then on_done gets the events' elapsed time."""
+    events, copies = [], []
+
+    class Event:
+        def __init__(self):
+            self.done = False
+            events.append(self)
+
+        def record(self):
+            pass
+
+    class Array:
+        def set(self, src):
+            copies.append(src)
+
+    cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: 2.5,
+                                 get_current_stream=lambda: types.SimpleNamespace(
+                                     synchronize=lambda: [setattr(e, "done", True)
+                                                          for e in events]))
+    dev = backend.CuPyDevice(types.SimpleNamespace(cuda=cuda), 0, 1)
+    src, seconds = np.ones(4), []
+    dev.copy_from_host(Array(), src, seconds.append)
+    assert copies == [src] and len(events) == 2 and len(dev.in_flight) == 1
+    dev.in_flight.release_done()
+    assert len(dev.in_flight) == 1 and seconds == []  # the copy may still be reading src
+    dev.synchronize()
+    assert len(dev.in_flight) == 0 and seconds == [2.5e-3]  # milliseconds -> seconds

@@ -193,3 +193,107 @@ def test_evaluation_and_checkpoint_state_cross_the_wall_explicitly():
 
     host, device = on_each_backend(run)
     assert all(np.array_equal(h, d) for h, d in zip(host, device))
+
+
+# ------------------------------------------------------------------------------ as async as a GPU
+def test_pinned_pool_rounds_and_recycles_like_cupys():
+    from minipar.backend.stream import PinnedPool, pooled_size
+
+    assert [pooled_size(n) for n in (1, 512, 513, 1500, 5000)] == [512, 512, 1024, 2048, 8192]
+    pool = PinnedPool()
+    a = pool.empty((3, 4), np.float64)  # 96 bytes -> a 512-byte block
+    address = a.__array_interface__["data"][0]
+    view = a[1:]
+    del a
+    b = pool.empty((10,), np.float32)  # the same size class, but the view keeps the block
+    assert b.__array_interface__["data"][0] != address and pool.blocks == 2
+    del view
+    c = pool.empty((64,), np.int64)  # 512 bytes: the freed block comes straight back
+    assert c.__array_interface__["data"][0] == address and pool.blocks == 2
+    assert pool.memory(c) is not None and pool.memory(np.ones(3)) is None
+
+
+def test_a_copy_from_pinned_memory_runs_when_the_stream_needs_it(xp):
+    dev = backend.device()
+    pinned = dev.host_empty((4,), np.float64)
+    pinned[...] = 1.0
+    dst = xp.zeros(4)
+    dst.set(pinned)  # queued, as cudaMemcpyAsync from pinned memory is
+    assert np.array_equal(dst._a, np.zeros(4))  # (a peek behind the wall: not yet run)
+    y = dst * 2.0  # a kernel: stream order runs the copy first
+    assert np.array_equal(backend.to_host(y), np.full(4, 2.0))
+    pageable = np.full(4, 3.0)
+    dst.set(pageable)  # CUDA stages pageable memory before returning: done at once
+    assert np.array_equal(dst._a, np.full(4, 3.0))
+
+
+def test_rewriting_a_queued_copys_source_is_a_race(xp):
+    dev = backend.device()
+    pinned = dev.host_empty((4,), np.float64)
+    pinned[...] = 1.0
+    dst = xp.zeros(4)
+    dst.set(pinned)
+    total = dst.sum()  # the copy runs here and reads 1.0 ...
+    pinned[...] = 5.0  # ... but the host cannot know that: a GPU may not have got there yet
+    from minipar.backend.stream import StreamRace
+
+    with pytest.raises(StreamRace, match=r"rewrote its pinned source before it knew"):
+        float(total)  # a blocking read: the host learns the copy is done, and checks
+    dst.set(pinned)
+    pinned[...] = 6.0  # rewritten before the copy even ran: the device gets the later bytes
+    with pytest.raises(StreamRace, match=r"before the copy ran, so the device got the later"):
+        backend.synchronize()
+
+
+def test_an_event_tells_when_a_queued_copy_has_run(xp):
+    from minipar.backend.strict import THREAD
+
+    dst = xp.zeros(2)
+    pinned = backend.device().host_empty((2,), np.float64)
+    pinned[...] = 7.0
+    dst.set(pinned)
+    event = THREAD.stream.record()
+    assert not event.done  # still queued
+    dst += 1.0
+    assert event.done and np.array_equal(backend.to_host(dst), np.full(2, 8.0))
+
+
+def test_each_array_lives_on_a_device_and_kernels_do_not_mix_them(xp):
+    dev = backend.device()
+    assert dev.count == 2 and dev.current() == 0
+    a = xp.arange(3.0)
+    dev.select(1)
+    try:
+        b = xp.ones(3)
+        assert (a.device, b.device, a[1:].device) == (0, 1, 0)  # a view stays with its memory
+        for mix in (lambda: a + b, lambda: b * a, lambda: xp.add(b, a), lambda: a.sum(),
+                    lambda: b.__setitem__(0, a[0])):
+            with pytest.raises(ValueError, match=r"resides \(0\) is different from the "
+                                                 r"current device \(1\)"):
+                mix()
+        moved = xp.asarray(a)  # CuPy moves an array from another device on asarray
+        assert moved.device == 1 and np.array_equal(backend.to_host(moved + b), [1.0, 2.0, 3.0])
+        assert backend.from_host(a).device == 1 and float(a[2]) == 2.0  # reads cross freely
+    finally:
+        dev.select(0)
+
+
+def test_thread_world_ranks_run_on_their_own_devices(xp):
+    def rank(w):
+        x = xp.full(2, float(w.rank))
+        total = w.allreduce(x)  # every other rank's copy comes from another device
+        return backend.device().current(), total.device, backend.to_host(total).tolist()
+
+    assert run_threads(rank, 4) == [(0, 0, [6.0, 6.0]), (1, 1, [6.0, 6.0]),
+                                    (0, 0, [6.0, 6.0]), (1, 1, [6.0, 6.0])]
+    assert backend.device().current() == 0  # the caller's thread keeps its device
+
+
+def test_mpi_may_not_read_device_memory_that_queued_work_may_still_write(xp):
+    from minipar.backend.stream import StreamRace
+
+    x = xp.ones(3) * 2.0  # a kernel, not yet synchronised
+    with pytest.raises(StreamRace, match=r"MPI is handed device memory while 0 copies and \d+ kernels"):
+        backend.device().device_buffer(x)
+    backend.synchronize()
+    assert backend.device().device_buffer(x) is x._a

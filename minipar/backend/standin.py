@@ -17,7 +17,9 @@ import os
 
 import numpy
 
-from minipar.backend.devices import BackendError, Device
+from typing import Callable
+
+from minipar.backend.devices import BackendError, Device, InFlight
 from minipar.backend.strict import THREAD, Namespace, StrictArray, select
 from minipar.backend.stream import POOL, RACES, Races
 
@@ -42,6 +44,7 @@ class StrictDevice(Device):
         super().__init__(Namespace())
         self.count = device_count() if count is None else count
         self.syncs = 0
+        self.in_flight = InFlight()
 
     @property
     def races(self) -> Races:
@@ -70,13 +73,20 @@ class StrictDevice(Device):
         return StrictArray(numpy.array(a, copy=True))
 
     def host_empty(self, shape, dtype) -> numpy.ndarray:
+        self.in_flight.release_done()  # blocks whose copies are done may be reused now
         return POOL.empty(shape, dtype)
 
-    def copy_to_host(self, a: StrictArray, out: numpy.ndarray) -> None:
-        a.get(out=out)  # blocking, as CuPy's get is by default
+    def copy_to_host(self, a: StrictArray, out: numpy.ndarray) -> float:
+        a.get(out=out)  # blocking, as CuPy's get is by default: the stream has run
+        self.in_flight.release_done()
+        return THREAD.stream.last_seconds
 
-    def copy_from_host(self, dst: StrictArray, src: numpy.ndarray) -> None:
-        dst.set(src)  # queued when src is pinned, as cupy.ndarray.set queues it
+    def copy_from_host(self, dst: StrictArray, src: numpy.ndarray,
+                       on_done: Callable[[float], None] | None = None) -> None:
+        copy = dst.set(src)  # queued when src is pinned, as cupy.ndarray.set queues it
+        # As CuPyDevice: hold src until an event after the copy is done (see devices.py).
+        seconds = (lambda: on_done(copy.seconds)) if on_done else None
+        self.in_flight.hold(THREAD.stream.record(), src, seconds)
 
     def device_buffer(self, a: StrictArray) -> numpy.ndarray:
         # A CUDA-aware MPI reads and writes device memory in place: here, the storage itself.
@@ -91,3 +101,4 @@ class StrictDevice(Device):
     def synchronize(self) -> None:
         self.syncs += 1
         THREAD.stream.synchronize()
+        self.in_flight.release_done()

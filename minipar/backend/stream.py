@@ -133,6 +133,7 @@ class Stream:
         self.seq = 0  # copies queued so far
         self.ran = 0  # copies run so far (in order)
         self.kernels = 0  # kernels launched since the host last synchronised
+        self.last_seconds = 0.0  # how long the last device -> host copy took
 
     def copy_from_host(self, dst: numpy.ndarray, src: numpy.ndarray) -> Copy:
         """Queue ``dst[...] = src`` (pinned ``src``) or do it now (pageable ``src``)."""
@@ -154,13 +155,16 @@ class Stream:
         self.kernels += 1
 
     def run_queued(self) -> None:
+        late = []
         while self.queue:
             copy = self.queue.popleft()
             if not numpy.array_equal(copy.src, copy.expected, equal_nan=True):
-                RACES.report(f"{copy.describe()}: the host rewrote its pinned source before "
-                             f"the copy ran, so the device got the later bytes")
+                late.append(f"{copy.describe()}: the host rewrote its pinned source before "
+                            f"the copy ran, so the device got the later bytes")
+                copy.expected = None  # reported once
             self._run(copy)
             self.unconfirmed.append(copy)
+        _report(late)
 
     def _run(self, copy: Copy) -> None:
         t0 = perf_counter()
@@ -171,15 +175,17 @@ class Stream:
     def confirm(self, upto: int) -> None:
         """The host learns that copies up to ``upto`` have finished: their sources must still
         hold what was queued, or the host rewrote them while a GPU could still be reading."""
-        keep = []
+        keep, rewritten = [], []
         for copy in self.unconfirmed:
             if copy.seq > upto:
                 keep.append(copy)
             elif copy.expected is not None and not numpy.array_equal(copy.src, copy.expected,
                                                                     equal_nan=True):
-                RACES.report(f"{copy.describe()}: the host rewrote its pinned source before it "
-                             f"knew the copy had finished (a GPU may still have been reading it)")
+                rewritten.append(f"{copy.describe()}: the host rewrote its pinned source before "
+                                 "it knew the copy had finished (a GPU may still have been "
+                                 "reading it)")
         self.unconfirmed = keep
+        _report(rewritten)
 
     def synchronize(self) -> None:
         self.run_queued()
@@ -227,6 +233,12 @@ class Races:
 
 
 RACES = Races()
+
+
+def _report(messages: list[str]) -> None:
+    """Report races after the stream's state is settled, so a raise leaves it consistent."""
+    for message in messages:
+        RACES.report(message)
 
 
 _PLUMBING = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)

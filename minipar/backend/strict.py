@@ -37,6 +37,7 @@ on it.
 from __future__ import annotations
 
 import threading
+from time import perf_counter
 from types import ModuleType
 
 import numpy
@@ -122,7 +123,7 @@ def _wrap(x, sources=()):
                 w._root, w._dev = root, root._dev
         return w
     if isinstance(x, numpy.generic):
-        return StrictArray(numpy.asarray(x))
+        return StrictArray(numpy.asarray(x), sources[0]._dev if sources else None)
     if type(x) is tuple:
         return tuple(_wrap(v, sources) for v in x)
     if isinstance(x, list):
@@ -210,12 +211,15 @@ class StrictArray:
         """A host copy (``cupy.ndarray.get``, blocking: it synchronises this thread's stream),
         into ``out`` when given."""
         a = self._synced()
+        t0 = perf_counter()
         if out is None:
-            return a.copy()
-        numpy.copyto(out, a)
+            out = a.copy()
+        else:
+            numpy.copyto(out, a)
+        THREAD.stream.last_seconds = perf_counter() - t0
         return out
 
-    def set(self, host: numpy.ndarray) -> None:
+    def set(self, host: numpy.ndarray):
         """Overwrite from a host array of the same dtype and shape (``cupy.ndarray.set``). From
         pinned memory the copy is only queued, as ``cudaMemcpyAsync`` queues it: ``host`` must
         hold its bytes until the stream has run the copy."""
@@ -224,7 +228,8 @@ class StrictArray:
         if host.dtype != self._a.dtype or host.shape != self._a.shape:
             raise ValueError(f"set: a {host.shape} {host.dtype} array cannot be set to a "
                              f"{self._a.shape} {self._a.dtype} one (CuPy requires both equal)")
-        THREAD.stream.copy_from_host(self._a, host)
+        # CuPy returns None; the queued copy is returned here so that the device can time it.
+        return THREAD.stream.copy_from_host(self._a, host)
 
     def _synced(self) -> numpy.ndarray:
         """The storage, once this thread's stream has finished (what a blocking read waits)."""
@@ -270,12 +275,20 @@ class StrictArray:
     # -- indexing -------------------------------------------------------------------------------
 
     def __getitem__(self, key):
+        if _basic(key):  # a view (or one element): no kernel, from any device
+            return _wrap(self._a[key], (self,))
         dev = _enter("indexing", self)
         return _wrap(self._a[_unwrap(key, "indexing", dev)], (self,))
 
     def __setitem__(self, key, value) -> None:
         dev = _enter("assignment", self)
         self._a[_unwrap(key, "indexing", dev)] = _unwrap(value, "assignment", dev)
+
+
+def _basic(key) -> bool:
+    """Basic indexing (ints, slices, None, ...): a view, which CuPy makes without a kernel."""
+    parts = key if type(key) is tuple else (key,)
+    return all(k is None or k is Ellipsis or type(k) in (int, slice) for k in parts)
 
 
 def _binary(name: str):

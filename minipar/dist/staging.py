@@ -8,12 +8,20 @@ bytes are *staged*: copied device -> host (d2h) into a host buffer (pinned memor
 engine can move by DMA), sent, and the received host buffer copied host -> device (h2d).
 
 Staging costs two extra copies over PCIe per message and a host round trip; on a GPU node with
-a fast interconnect (NVLink, InfiniBand with GPUDirect RDMA) CUDA-aware MPI avoids both. Every
-staging copy is recorded in the communicator's ``CommStats.copies`` as ``"d2h"`` or ``"h2d"``
-(bytes = the array's ``nbytes``; its seconds are also inside the seconds of the collective it
-served), a table apart from ``ops``: a copy moves nothing between ranks, so the communication
-counts stay those the cost model predicts. On a collective of ``p`` ranks with an input of
-``n`` bytes, staging records:
+a fast interconnect (NVLink, InfiniBand with GPUDirect RDMA) CUDA-aware MPI avoids both.
+
+The d2h copy is blocking: MPI must read finished bytes. The h2d copy is not: from pinned memory
+it is queued on the stream and runs later, while the host goes on (and MPI may write the next
+message into a recycled pinned block). The device holds each h2d source until the copy is
+known done (``minipar.backend.devices``), so staging may drop its buffers at once.
+
+Every staging copy is recorded in the communicator's ``CommStats.copies`` as ``"d2h"`` or
+``"h2d"``, a table apart from ``ops``: a copy moves nothing between ranks, so the communication
+counts stay those the cost model predicts. Bytes are the array's ``nbytes``, counted when the
+copy is made; seconds are the copy's own time on the device (CUDA events around it), for an
+h2d copy added once it is known to have run (at the latest at the next ``synchronize``), not
+the time its call took to queue it. On a collective of ``p`` ranks with an input of ``n``
+bytes, staging records:
 
     allreduce, allreduce_, iallreduce_   d2h n              h2d n
     allgather                            d2h n              h2d p * n
@@ -27,7 +35,6 @@ itself, so the staging logic is tested in-process with the strict backend's stan
 
 from __future__ import annotations
 
-from time import perf_counter
 from typing import Any, Callable
 
 from minipar import backend
@@ -43,16 +50,14 @@ class Staging:
 
     def _d2h(self, x):
         dev = backend.device()
-        t0 = perf_counter()
         host = dev.host_empty(x.shape, x.dtype)
-        dev.copy_to_host(x, host)
-        self.stats.record_copy("d2h", host.nbytes, perf_counter() - t0)
+        self.stats.record_copy("d2h", host.nbytes, dev.copy_to_host(x, host))
         return host
 
     def _h2d(self, dst, host) -> None:
-        t0 = perf_counter()
-        backend.device().copy_from_host(dst, host)
-        self.stats.record_copy("h2d", host.nbytes, perf_counter() - t0)
+        self.stats.record_copy("h2d", host.nbytes, 0.0)  # its time is added once it has run
+        backend.device().copy_from_host(dst, host,
+                                        lambda s: self.stats.add_copy_seconds("h2d", s))
 
     def outgoing(self, x):
         """What MPI reads for the contiguous array ``x``."""
