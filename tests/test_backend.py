@@ -40,10 +40,13 @@ class CUDARuntimeError(RuntimeError):
     """CuPy's error type when the CUDA runtime fails (same name, for the message)."""
 
 
-def fake_cupy(devices: int | None, kernel_error: str | None = None) -> types.ModuleType:
-    """A ``cupy`` with ``devices`` GPUs (None: the runtime raises, as without a driver)."""
+def fake_cupy(devices: int | None, fail: dict[str, Exception] | None = None,
+              runtime_version: int = 12080) -> types.ModuleType:
+    """A ``cupy`` with ``devices`` GPUs (None: the runtime raises, as without a driver), whose
+    array functions are NumPy's; ``fail`` makes the named ones raise (a missing library)."""
     cupy = types.ModuleType("cupy")
     used: list[int] = []
+    fail = fail or {}
 
     def count():
         if devices is None:
@@ -57,15 +60,19 @@ def fake_cupy(devices: int | None, kernel_error: str | None = None) -> types.Mod
         def use(self):
             used.append(self.index)
 
-    def arange(n):
-        if kernel_error:
-            raise CUDARuntimeError(kernel_error)
-        return np.arange(n)
+    def function(name):
+        def call(*args, **kwargs):
+            if name in fail:
+                raise fail[name]
+            return getattr(np, name)(*args, **kwargs)
+        return call
 
-    runtime = types.SimpleNamespace(getDeviceCount=count,
+    runtime = types.SimpleNamespace(getDeviceCount=count, runtimeGetVersion=lambda: runtime_version,
+                                    getDevice=lambda: used[-1] if used else 0,
                                     getDeviceProperties=lambda i: {"name": b"Fake GPU"})
     cupy.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)
-    cupy.arange = arange
+    for name in ("arange", "multiply", "matmul", "argsort"):
+        setattr(cupy, name, function(name))
     cupy.used = used
     return cupy
 
@@ -143,13 +150,52 @@ def test_cupy_without_a_device_is_one_clear_line(monkeypatch, devices, reason):
 
 
 def test_a_gpu_that_cannot_run_fails_at_selection(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(2, "cudaErrorInsufficientDriver"))
+    driver = CUDARuntimeError("cudaErrorInsufficientDriver")
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(2, {"multiply": driver}))
     without_launcher_env(monkeypatch)
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
     with pytest.raises(backend.BackendError) as err:
         backend.use("cupy")
-    assert str(err.value) == ("--backend cupy: CuPy cannot run on GPU 1 "
-                              "(CUDARuntimeError: cudaErrorInsufficientDriver)")
+    assert str(err.value) == ("--backend cupy: CuPy cannot run an elementwise kernel and a "
+                              "reduction (NVRTC) on GPU 1 (CUDARuntimeError: "
+                              "cudaErrorInsufficientDriver); the NVIDIA driver may be too old "
+                              "for this CuPy (see nvidia-smi)")
+
+
+@pytest.mark.parametrize("probe, what, version", [
+    ("multiply", "an elementwise kernel and a reduction (NVRTC)", 12080),
+    ("matmul", "a matmul (cuBLAS)", 12080),
+    ("argsort", "a sort (CUB)", 13000),
+])
+def test_a_missing_cuda_library_names_what_to_install(monkeypatch, probe, what, version):
+    """The start-up check runs each kind of work training does, so a CuPy installed without
+    CUDA's libraries (cupy-cuda12x without [ctk]) fails at once with the pip line to fix it,
+    also when only cuBLAS is missing (the first matmul would fail mid-run otherwise)."""
+    lib = {"multiply": "libnvrtc.so.12", "matmul": "libcublas.so.12",
+           "argsort": "libcudart.so.13"}[probe]
+    missing = ImportError(f"{lib}: cannot open shared object file: No such file or directory")
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(1, {probe: missing}, version))
+    without_launcher_env(monkeypatch)
+    with pytest.raises(backend.BackendError) as err:
+        backend.use("cupy")
+    major = version // 1000
+    assert str(err.value) == (f"--backend cupy: CuPy cannot run {what} on GPU 0 (ImportError: "
+                              f"{lib}: cannot open shared object file: No such file or "
+                              f"directory); install CUDA's libraries from PyPI: pip install "
+                              f"'cupy-cuda{major}x[ctk]' (pip install -e '.[gpu]' does)")
+    assert backend.name() != "cupy"
+
+
+def test_the_gpu_extra_installs_cupy_with_cudas_libraries():
+    """setup.cfg's gpu extra is CuPy's documented pip-only install: the ctk extra brings the
+    CUDA runtime, NVRTC and cuBLAS from PyPI (cupy-cuda12x 14's metadata: cuda-toolkit[cublas,
+    cudart,...,nvrtc]==12.* for extra == "ctk")."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    gpu = [line for line in cfg["options.extras_require"]["gpu"].splitlines() if line.strip()]
+    assert gpu == ["cupy-cuda12x[ctk]>=14"]
 
 
 @pytest.mark.parametrize("var", backend.LOCAL_RANK_VARS)

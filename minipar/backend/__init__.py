@@ -111,12 +111,52 @@ def _use_cupy(source: str) -> Device:
     index = pick_device(local_rank(), n)
     try:
         cupy.cuda.Device(index).use()
-        # One tiny kernel now: a driver too old for this CuPy fails here, not mid-run.
-        int((cupy.arange(3) * 2).sum())
     except Exception as exc:
-        raise BackendError(f"{source}: CuPy cannot run on GPU {index} "
-                           f"({_first_line(exc)})") from exc
+        raise BackendError(f"{source}: CuPy cannot use GPU {index} ({_first_line(exc)})") from exc
+    _check_libraries(cupy, index, source)
     return CuPyDevice(cupy, index, n)
+
+
+def _gpu_probes(cupy):
+    """(what, library, probe) for every CUDA library a training step uses: CuPy compiles its
+    elementwise, reduction and indexing kernels with NVRTC at run time, matmuls call cuBLAS, and
+    the embedding backward sorts (CUB, built into CuPy)."""
+    def kernels():
+        x = cupy.arange(6, dtype="float32")
+        return float(cupy.multiply(x, 2.0).sum()) + float(x[cupy.arange(2)].sum())
+
+    def matmul():
+        for dtype in ("float32", "float64"):
+            a = cupy.arange(12, dtype=dtype).reshape(3, 4)
+            float(cupy.matmul(a, a.T).sum())
+
+    def sort():
+        int(cupy.argsort(cupy.arange(5)[::-1])[0])
+
+    return [("an elementwise kernel and a reduction", "NVRTC", kernels),
+            ("a matmul", "cuBLAS", matmul), ("a sort", "CUB", sort)]
+
+
+def _check_libraries(cupy, index: int, source: str) -> None:
+    """Run a tiny piece of each kind of GPU work now, so that a missing CUDA library (CuPy's pip
+    wheel brings none unless installed with its ``ctk`` extra) or a driver too old for this CuPy
+    stops the run at start-up with one line saying what to install, not mid-run."""
+    try:
+        major = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:  # a runtime too broken to say: the probes will tell
+        major = 12
+    for what, library, probe in _gpu_probes(cupy):
+        try:
+            probe()
+        except Exception as exc:
+            why = _first_line(exc)
+            if any(k in why.lower() for k in ("lib", ".so", "dll", "not found", "no module")):
+                fix = (f"install CUDA's libraries from PyPI: pip install 'cupy-cuda{major}x[ctk]' "
+                       "(pip install -e '.[gpu]' does)")
+            else:
+                fix = "the NVIDIA driver may be too old for this CuPy (see nvidia-smi)"
+            raise BackendError(f"{source}: CuPy cannot run {what} ({library}) on GPU {index} "
+                               f"({why}); {fix}") from exc
 
 
 def _use_strict(source: str) -> Device:
