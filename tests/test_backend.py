@@ -430,3 +430,24 @@ def test_cupy_device_holds_each_h2d_source_until_the_event_after_its_copy_is_don
     assert len(dev.in_flight) == 1 and seconds == []  # the copy may still be reading src
     dev.synchronize()
     assert len(dev.in_flight) == 0 and seconds == [2.5e-3]  # milliseconds -> seconds
+
+
+@pytest.mark.parametrize("nbc", [False, True])
+def test_a_nonblocking_collective_gets_device_memory_only_where_mpi_allows(nbc):
+    """CUDA-aware mode: blocking calls get device buffers; a non-blocking collective's buffer
+    is staged (d2h now, h2d at write-back) unless MPI reads device memory there too."""
+    xp = backend.use("strict")
+    stats = CommStats()
+    wire = Staging(stats, direct=True, direct_nonblocking=nbc)
+    x = xp.arange(4.0)
+    backend.synchronize()
+    assert wire.inplace(x)[0] is x._a  # blocking: the device buffer itself
+    buf, write_back = wire.inplace(x, nonblocking=True)
+    if nbc:
+        assert buf is x._a and stats.copies_as_dict() == {}
+        return
+    assert type(buf) is np.ndarray and np.array_equal(buf, np.arange(4.0))
+    buf *= 10  # what MPI's reduction writes
+    write_back()
+    assert np.array_equal(backend.to_host(x), np.arange(4.0) * 10)
+    assert {op: s["bytes"] for op, s in stats.copies_as_dict().items()} == {"d2h": 32, "h2d": 32}

@@ -29,6 +29,9 @@ bytes, staging records:
     broadcast                            d2h n (root)       h2d n (every other rank)
     send, isend / recv, irecv            d2h n (sender)     h2d n (receiver)
 
+In direct mode nothing is staged, except ``iallreduce_`` (d2h n, h2d n) when the MPI's
+non-blocking collectives cannot read device memory (``direct_nonblocking`` False).
+
 Host arrays (the numpy backend) are never staged and record nothing. This module does no MPI
 itself, so the staging logic is tested in-process with the strict backend's stand-in device.
 """
@@ -42,11 +45,13 @@ from minipar.dist.stats import CommStats
 
 
 class Staging:
-    """The buffers one communicator gives MPI. ``direct``: device buffers (CUDA-aware MPI)."""
+    """The buffers one communicator gives MPI. ``direct``: device buffers (CUDA-aware MPI);
+    ``direct_nonblocking``: for non-blocking collectives too (not every CUDA-aware MPI)."""
 
-    def __init__(self, stats: CommStats, direct: bool) -> None:
+    def __init__(self, stats: CommStats, direct: bool, direct_nonblocking: bool = False) -> None:
         self.stats = stats
         self.direct = direct
+        self.direct_nonblocking = direct and direct_nonblocking
 
     def _d2h(self, x):
         dev = backend.device()
@@ -85,12 +90,13 @@ class Staging:
             return out
         return host, finish
 
-    def inplace(self, x) -> tuple[Any, Callable[[], None]]:
-        """(buffer MPI reads and overwrites, write_back) for an in-place update of ``x``."""
+    def inplace(self, x, nonblocking: bool = False) -> tuple[Any, Callable[[], None]]:
+        """(buffer MPI reads and overwrites, write_back) for an in-place update of ``x``;
+        ``nonblocking``: for a non-blocking collective (direct only if MPI allows it there)."""
         dev = backend.device()
         if not dev.on_device:
             return x, lambda: None
-        if self.direct:
+        if self.direct_nonblocking if nonblocking else self.direct:
             dev.synchronize()
             return dev.device_buffer(x), lambda: None
         host = self._d2h(x)
