@@ -297,3 +297,16 @@ def test_mpi_may_not_read_device_memory_that_queued_work_may_still_write(xp):
         backend.device().device_buffer(x)
     backend.synchronize()
     assert backend.device().device_buffer(x) is x._a
+
+
+def test_the_causal_mask_cache_keeps_one_mask_per_device(xp):
+    dev = backend.device()
+    on0 = F.causal_bias(5, "float64")
+    dev.select(1)
+    try:
+        on1 = F.causal_bias(5, "float64")
+    finally:
+        dev.select(0)
+    assert (on0.device, on1.device) == (0, 1)
+    assert np.array_equal(backend.to_host(on0), backend.to_host(on1))
+    assert F.causal_bias(5, "float64") is on0
