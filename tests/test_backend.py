@@ -2,8 +2,9 @@
 
 No GPU here: "CuPy installed" is simulated with small fake ``cupy`` modules (in ``sys.modules``
 or on the path of a subprocess), and the staging path runs on the strict backend's stand-in
-device (``minipar.backend.strict``), whose arrays, like CuPy's, MPI cannot read. The real MPI path with
-staged device arrays is in ``tests/mpi/test_backend_mpi.py``.
+device (``minipar.backend.standin``), whose arrays, like CuPy's, MPI cannot read, and whose
+host -> device copies run later, as a GPU's do. The real MPI path with staged device arrays is
+in ``tests/mpi/test_backend_mpi.py``.
 """
 
 from __future__ import annotations

@@ -46,8 +46,10 @@ class InFlight:
         held = self._held()
         if not held:
             return
-        done = [h for h in held if h[0].done]
-        held[:] = [h for h in held if not any(h is d for d in done)]
+        done, pending = [], []
+        for h in held:
+            (done if h[0].done else pending).append(h)
+        held[:] = pending
         for _event, _buffer, on_done in done:
             if on_done is not None:
                 on_done()

@@ -121,7 +121,8 @@ class Copy:
         self.seconds: float | None = None
 
     def describe(self) -> str:
-        return f"host -> device copy #{self.seq} ({self.src.shape} {self.src.dtype}) from {self.site}"
+        return (f"host -> device copy #{self.seq} ({self.src.shape} {self.src.dtype}) "
+                f"from {self.site}")
 
 
 class Stream:
