@@ -27,6 +27,7 @@ from minipar.engine import Engine
 from minipar.nn import functional as F
 from minipar.nn import optim
 from minipar.backend.strict import StrictArray
+from on_device import down, up
 
 
 @pytest.fixture()
@@ -330,7 +331,8 @@ def test_embedding_backward_sums_each_rows_tokens_without_atomics(b, t, v, seed,
     for i in np.ndindex(b, t):
         if valid is None or valid[i]:
             expected[ids[i]] += dy[i]
-    _, cache = F.embedding_fwd(ids, np.ones((v, 3)), valid=valid)
-    got = F.embedding_bwd(dy, cache)
+    _, cache = F.embedding_fwd(up(ids), up(np.ones((v, 3))), valid=up(valid))
+    got = F.embedding_bwd(up(dy), cache)
     assert got.shape == (v, 3) and got.flags.c_contiguous
+    got = down(got)
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
