@@ -202,8 +202,8 @@ assert not mismatches(runs["strict"], runs["numpy"], 0.0)
 # - **MPI** knows nothing about streams. Before MPI reads a device buffer, the kernels writing
 #   it must be finished, so the communicator synchronises first.
 #
-# On the strict device `synchronize()` only counts; on a GPU it is
-# `cupy.cuda.get_current_stream().synchronize()`.
+# The strict device queues host-to-device copies from pinned memory as a GPU does, and its
+# `synchronize()` runs them; on a GPU it is `cupy.cuda.get_current_stream().synchronize()`.
 #
 # ## 4. How bytes reach MPI: CUDA-aware, or staged through the host
 #

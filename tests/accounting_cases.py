@@ -14,6 +14,7 @@ import numpy as np
 from hypothesis import strategies as st
 
 from comm_cases import Case, assert_raises, raised, rank_data
+from minipar import backend
 from minipar.dist.comm import CommError
 from minipar.dist.mesh import LayoutError, Mesh
 from minipar.dist.assertions import collective_assert
@@ -24,7 +25,7 @@ CASES: list[Case] = []
 def check_stats_exact(comm, rows, cols, dtype):
     p, r = comm.size, comm.rank
     acct = comm.split(0, r, "acct")  # a fresh group: its stats hold only what happens below
-    x = rank_data(r, (rows * p, cols), dtype, 7)
+    x = backend.from_host(rank_data(r, (rows * p, cols), dtype, 7))
     nb = x.nbytes
     want: dict[str, list[int]] = {}
 

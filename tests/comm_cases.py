@@ -18,6 +18,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from minipar import backend
 from minipar.dist.comm import CommError, Request, run_threads
 from minipar.dist.assertions import collective_assert
 
@@ -54,14 +55,16 @@ def rank_data(rank: int, shape: tuple, dtype: str, seed: int) -> np.ndarray:
     return np.asarray(values).astype(dtype)  # an array even for shape ()
 
 
-def laid_out(a: np.ndarray, layout: str) -> np.ndarray:
-    """The same values as ``a`` in a contiguous, strided (every other element) or F-order array."""
+def laid_out(a: np.ndarray, layout: str):
+    """The values of host array ``a`` on the backend's device, in a contiguous, strided (every
+    other element) or F-order array."""
+    xp, a = backend.xp(), backend.from_host(a)
     if layout == "strided" and a.ndim:
-        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        big = xp.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
         big[..., ::2] = a
         return big[..., ::2]
     if layout == "fortran":
-        return np.asfortranarray(a)
+        return xp.asfortranarray(a)
     return a
 
 
@@ -74,14 +77,17 @@ def reduced(arrays: list[np.ndarray], op: str) -> np.ndarray:
 
 
 def _brief(a) -> str:
-    if not isinstance(a, np.ndarray):
+    if not isinstance(a, (np.ndarray, backend.xp().ndarray)):
         return f"{type(a).__name__} {a!r:.60}"
+    a = backend.to_host(a)
     return f"{a.shape} {a.dtype} {np.array2string(a.reshape(-1)[:6])}"
 
 
 def assert_same(comm, got, want: np.ndarray, what: str) -> None:
-    ok = (isinstance(got, np.ndarray) and got.shape == want.shape and got.dtype == want.dtype
-          and np.array_equal(got, want))
+    """``got``, an array of the backend (a device array on a GPU), equals host array ``want``."""
+    host = backend.to_host(got) if isinstance(got, backend.xp().ndarray) else None
+    ok = (host is not None and host.shape == want.shape and host.dtype == want.dtype
+          and np.array_equal(host, want))
     collective_assert(comm, ok, f"{what}: got {_brief(got)}, want {_brief(want)}")
 
 
@@ -135,7 +141,7 @@ def check_allreduce_inplace(comm, shape, dtype, op, seed):
     p, r = comm.size, comm.rank
     data = [rank_data(q, shape, dtype, seed) for q in range(p)]
     doubled = [np.asarray(2 * d) for d in data]  # asarray: 0-d arithmetic gives scalars
-    x, y, z = data[r].copy(), doubled[r].copy(), data[r].copy()
+    x, y, z = (backend.from_host(a.copy()) for a in (data[r], doubled[r], data[r]))
     if op == "avg" and dtype == "int64":
         assert_raises(comm, CommError, lambda: comm.allreduce_(x, op), "int avg", "floating")
         return
@@ -206,12 +212,12 @@ def check_results_are_private(comm):
     p, r = comm.size, comm.rank
 
     def x():  # a fresh input per call: a group of one returns the input itself
-        return np.arange(8.0).reshape(4, 2) * (r + 1)  # (4, 2)
+        return backend.from_host(np.arange(8.0).reshape(4, 2) * (r + 1))  # (4, 2)
     results = {"allreduce": comm.allreduce(x()), "allgather": comm.allgather(x(), 1),
-               "broadcast": comm.broadcast(x() if r == 0 else np.zeros((4, 2)), 0)}
+               "broadcast": comm.broadcast(x() if r == 0 else x() * 0, 0)}
     if p in (1, 2, 4):
         results["reduce_scatter"] = comm.reduce_scatter(x())
-    wants = {k: v.copy() for k, v in results.items()}
+    wants = {k: backend.to_host(v).copy() for k, v in results.items()}
     for v in results.values():
         v += 1000 * (r + 1)
     comm.barrier()
@@ -280,7 +286,7 @@ def check_split(comm, colors):
                                                                f"c{color}"),
                       f"split: got {sub!r}, want rank {order.index(r)} of {len(members)}")
     collective_assert(comm, sub.allgather_obj(r) == order, "split: group ordered by key")
-    total = sub.allreduce(np.array([r], "int64"))
+    total = sub.allreduce(backend.from_host(np.array([r], "int64")))
     assert_same(comm, total, np.array([sum(members)], "int64"), "allreduce inside the group")
     inner = sub.split(0, sub.rank, "inner")
     collective_assert(comm, inner.allgather_obj(r) == order, "split of a split")
@@ -294,11 +300,12 @@ def check_size_one(comm):
     same = [solo.allreduce(x) is x, solo.allreduce(x, "avg") is x, solo.allgather(x, -1) is x,
             solo.reduce_scatter(x, 1) is x, solo.broadcast(x) is x,
             solo.bcast_obj(obj) is obj, solo.allgather_obj(obj)[0] is obj]
-    y = np.arange(3.0)
+    y = backend.from_host(np.arange(3.0))
     solo.allreduce_(y)
     solo.iallreduce_(y, "avg").wait()
     solo.barrier()
-    ok = all(same) and np.array_equal(y, np.arange(3.0)) and solo.stats.as_dict() == {}
+    ok = (all(same) and np.array_equal(backend.to_host(y), np.arange(3.0))
+          and solo.stats.as_dict() == {})
     collective_assert(comm, ok, f"size one: identities {same}, stats {solo.stats.as_dict()}")
 
 

@@ -2,8 +2,9 @@
 
 No GPU here: "CuPy installed" is simulated with small fake ``cupy`` modules (in ``sys.modules``
 or on the path of a subprocess), and the staging path runs on the strict backend's stand-in
-device (``minipar.backend.strict``), whose arrays, like CuPy's, MPI cannot read. The real MPI path with
-staged device arrays is in ``tests/mpi/test_backend_mpi.py``.
+device (``minipar.backend.standin``), whose arrays, like CuPy's, MPI cannot read, and whose
+host -> device copies run later, as a GPU's do. The real MPI path with staged device arrays is
+in ``tests/mpi/test_backend_mpi.py``.
 """
 
 from __future__ import annotations
@@ -40,10 +41,13 @@ class CUDARuntimeError(RuntimeError):
     """CuPy's error type when the CUDA runtime fails (same name, for the message)."""
 
 
-def fake_cupy(devices: int | None, kernel_error: str | None = None) -> types.ModuleType:
-    """A ``cupy`` with ``devices`` GPUs (None: the runtime raises, as without a driver)."""
+def fake_cupy(devices: int | None, fail: dict[str, Exception] | None = None,
+              runtime_version: int = 12080) -> types.ModuleType:
+    """A ``cupy`` with ``devices`` GPUs (None: the runtime raises, as without a driver), whose
+    array functions are NumPy's; ``fail`` makes the named ones raise (a missing library)."""
     cupy = types.ModuleType("cupy")
     used: list[int] = []
+    fail = fail or {}
 
     def count():
         if devices is None:
@@ -57,15 +61,19 @@ def fake_cupy(devices: int | None, kernel_error: str | None = None) -> types.Mod
         def use(self):
             used.append(self.index)
 
-    def arange(n):
-        if kernel_error:
-            raise CUDARuntimeError(kernel_error)
-        return np.arange(n)
+    def function(name):
+        def call(*args, **kwargs):
+            if name in fail:
+                raise fail[name]
+            return getattr(np, name)(*args, **kwargs)
+        return call
 
-    runtime = types.SimpleNamespace(getDeviceCount=count,
+    runtime = types.SimpleNamespace(getDeviceCount=count, runtimeGetVersion=lambda: runtime_version,
+                                    getDevice=lambda: used[-1] if used else 0,
                                     getDeviceProperties=lambda i: {"name": b"Fake GPU"})
     cupy.cuda = types.SimpleNamespace(runtime=runtime, Device=Device)
-    cupy.arange = arange
+    for name in ("arange", "multiply", "matmul", "argsort"):
+        setattr(cupy, name, function(name))
     cupy.used = used
     return cupy
 
@@ -143,13 +151,52 @@ def test_cupy_without_a_device_is_one_clear_line(monkeypatch, devices, reason):
 
 
 def test_a_gpu_that_cannot_run_fails_at_selection(monkeypatch):
-    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(2, "cudaErrorInsufficientDriver"))
+    driver = CUDARuntimeError("cudaErrorInsufficientDriver")
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(2, {"multiply": driver}))
     without_launcher_env(monkeypatch)
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
     with pytest.raises(backend.BackendError) as err:
         backend.use("cupy")
-    assert str(err.value) == ("--backend cupy: CuPy cannot run on GPU 1 "
-                              "(CUDARuntimeError: cudaErrorInsufficientDriver)")
+    assert str(err.value) == ("--backend cupy: CuPy cannot run an elementwise kernel and a "
+                              "reduction (NVRTC) on GPU 1 (CUDARuntimeError: "
+                              "cudaErrorInsufficientDriver); the NVIDIA driver may be too old "
+                              "for this CuPy (see nvidia-smi)")
+
+
+@pytest.mark.parametrize("probe, what, version", [
+    ("multiply", "an elementwise kernel and a reduction (NVRTC)", 12080),
+    ("matmul", "a matmul (cuBLAS)", 12080),
+    ("argsort", "a sort (CUB)", 13000),
+])
+def test_a_missing_cuda_library_names_what_to_install(monkeypatch, probe, what, version):
+    """The start-up check runs each kind of work training does, so a CuPy installed without
+    CUDA's libraries (cupy-cuda12x without [ctk]) fails at once with the pip line to fix it,
+    also when only cuBLAS is missing (the first matmul would fail mid-run otherwise)."""
+    lib = {"multiply": "libnvrtc.so.12", "matmul": "libcublas.so.12",
+           "argsort": "libcudart.so.13"}[probe]
+    missing = ImportError(f"{lib}: cannot open shared object file: No such file or directory")
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy(1, {probe: missing}, version))
+    without_launcher_env(monkeypatch)
+    with pytest.raises(backend.BackendError) as err:
+        backend.use("cupy")
+    major = version // 1000
+    assert str(err.value) == (f"--backend cupy: CuPy cannot run {what} on GPU 0 (ImportError: "
+                              f"{lib}: cannot open shared object file: No such file or "
+                              f"directory); install CUDA's libraries from PyPI: pip install "
+                              f"'cupy-cuda{major}x[ctk]' (pip install -e '.[gpu]' does)")
+    assert backend.name() != "cupy"
+
+
+def test_the_gpu_extra_installs_cupy_with_cudas_libraries():
+    """setup.cfg's gpu extra is CuPy's documented pip-only install: the ctk extra brings the
+    CUDA runtime, NVRTC and cuBLAS from PyPI (cupy-cuda12x 14's metadata: cuda-toolkit[cublas,
+    cudart,...,nvrtc]==12.* for extra == "ctk")."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(REPO, "setup.cfg"))
+    gpu = [line for line in cfg["options.extras_require"]["gpu"].splitlines() if line.strip()]
+    assert gpu == ["cupy-cuda12x[ctk]>=14"]
 
 
 @pytest.mark.parametrize("var", backend.LOCAL_RANK_VARS)
@@ -314,3 +361,94 @@ def test_copies_are_kept_apart_from_communication():
         stats.record_copy("allreduce", 8, 0.0)
     stats.reset()
     assert stats.copies_as_dict() == {} == stats.as_dict()
+
+
+def test_a_staged_receive_is_timed_when_its_copy_has_run_not_when_queued():
+    """The h2d copy from pinned memory is queued: its bytes count at once, its seconds are the
+    copy's own, added once it is known to have run (here: at the synchronize)."""
+    backend.use("strict")
+    stats = CommStats()
+    wire = Staging(stats, direct=False)
+    buf, finish = wire.incoming((64, 64), np.float64)
+    buf[...] = 3.0
+    got = finish()
+    h2d = stats.copies["h2d"]
+    assert (h2d.calls, h2d.bytes, h2d.seconds) == (1, 64 * 64 * 8, 0.0)  # queued, not run
+    total = got.sum()  # a kernel: the stream runs the copy first
+    backend.synchronize()
+    assert h2d.seconds > 0.0 and float(total) == 3.0 * 64 * 64
+
+
+def test_a_pinned_block_is_not_reused_while_a_copy_from_it_may_still_run():
+    """The fix of the staging race: the device holds each h2d source until an event after the
+    copy is done, so the pool hands out another block meanwhile, and reuses it afterwards."""
+    from minipar.backend.stream import POOL
+
+    backend.use("strict")
+    wire = Staging(CommStats(), direct=False)
+
+    def receive():
+        buf, finish = wire.incoming((100,), np.float32)
+        buf[...] = 1.0
+        return finish(), buf.__array_interface__["data"][0]
+
+    backend.synchronize()
+    (_, first), (_, second) = receive(), receive()  # back to back, nothing ran in between
+    assert first != second  # the first block is still held for its queued copy
+    blocks = POOL.blocks
+    backend.synchronize()  # both copies have run: their blocks are free again
+    (_, third) = receive()
+    assert third in (first, second) and POOL.blocks == blocks
+
+
+def test_cupy_device_holds_each_h2d_source_until_the_event_after_its_copy_is_done():
+    """CuPyDevice's half of the race fix, on a fake CuPy whose events we complete by hand:
+    ``set`` (cudaMemcpyAsync) is queued between two timing events; the pinned source stays
+    referenced until the end event reports done; then on_done gets the events' elapsed time."""
+    events, copies = [], []
+
+    class Event:
+        def __init__(self):
+            self.done = False
+            events.append(self)
+
+        def record(self):
+            pass
+
+    class Array:
+        def set(self, src):
+            copies.append(src)
+
+    cuda = types.SimpleNamespace(Event=Event, get_elapsed_time=lambda a, b: 2.5,
+                                 get_current_stream=lambda: types.SimpleNamespace(
+                                     synchronize=lambda: [setattr(e, "done", True)
+                                                          for e in events]))
+    dev = backend.CuPyDevice(types.SimpleNamespace(cuda=cuda), 0, 1)
+    src, seconds = np.ones(4), []
+    dev.copy_from_host(Array(), src, seconds.append)
+    assert copies == [src] and len(events) == 2 and len(dev.in_flight) == 1
+    dev.in_flight.release_done()
+    assert len(dev.in_flight) == 1 and seconds == []  # the copy may still be reading src
+    dev.synchronize()
+    assert len(dev.in_flight) == 0 and seconds == [2.5e-3]  # milliseconds -> seconds
+
+
+@pytest.mark.parametrize("nbc", [False, True])
+def test_a_nonblocking_collective_gets_device_memory_only_where_mpi_allows(nbc):
+    """CUDA-aware mode: blocking calls get device buffers; a non-blocking collective's buffer
+    is staged (d2h now, h2d at write-back) unless MPI reads device memory there too."""
+    xp = backend.use("strict")
+    stats = CommStats()
+    wire = Staging(stats, direct=True, direct_nonblocking=nbc)
+    x = xp.arange(4.0)
+    backend.synchronize()
+    assert wire.inplace(x)[0] is x._a  # blocking: the device buffer itself
+    buf, write_back = wire.inplace(x, nonblocking=True)
+    if nbc:
+        assert buf is x._a and stats.copies_as_dict() == {}
+        return
+    assert type(buf) is np.ndarray and np.array_equal(buf, np.arange(4.0))
+    buf *= 10  # what MPI's reduction writes
+    write_back()
+    assert np.array_equal(backend.to_host(x), np.arange(4.0) * 10)
+    assert {op: s["bytes"] for op, s in stats.copies_as_dict().items()} == {"d2h": 32, "h2d": 32}

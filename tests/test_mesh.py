@@ -8,6 +8,7 @@ import pytest
 from accounting_cases import check_mesh, check_mesh_layouts, factorizations
 from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.mesh import LayoutError, Mesh, validate_layout
+from on_device import up
 
 
 @pytest.mark.parametrize("world_size", (1, 2, 4, 8))
@@ -60,7 +61,7 @@ def test_serial_mesh_is_all_no_ops():
     assert (mesh.dp_size, mesh.pp_size, mesh.tp_size) == (1, 1, 1)
     assert mesh.is_first_stage and mesh.is_last_stage
     assert mesh.next_stage is None and mesh.prev_stage is None
-    x = np.ones(3)
+    x = up(np.ones(3))
     assert mesh.dp.allreduce(x) is x and mesh.tp.allgather(x) is x
     assert mesh.stats() == {"world": {}}
     assert mesh.describe() == "DP(1)-PP(1)-TP(1) rank 0"

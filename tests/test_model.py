@@ -14,6 +14,7 @@ from minipar.nn.module import BuildContext
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import AdamW, SGD, clip_coefficient, lr_at
 from minipar.sim.costmodel import param_count
+import on_device as dev
 
 
 def build(cfg, dtype="float64", seed=0):
@@ -54,13 +55,14 @@ def test_model_gradients_match_central_differences(b, t, heads, d_head, layers, 
     x = rng.integers(0, 7, (b, t))
     y = rng.integers(0, 7, (b, t))
     y[rng.random((b, t)) < 0.3] = -100
+    x, y = dev.up((x, y))
     model.forward(x, 0, y)
     model.backward(None, 0)
     assert live_microbatches(model) == 0  # every cache freed by backward
     params = model.params()
     assert sum(p.data.size for p in params) == param_count(cfg)
     # Directional derivative along a random direction over all parameters at once...
-    dirs = [rng.normal(size=p.data.shape) for p in params]
+    dirs = dev.up([rng.normal(size=p.data.shape) for p in params])
     analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, dirs))
 
     def along(s: float) -> float:  # the loss at params + s * dirs
@@ -85,13 +87,14 @@ def test_model_gradients_match_central_differences(b, t, heads, d_head, layers, 
 
             num = derivative(at)
             flat[i] = old
-            assert abs(num - gflat[i]) <= 1e-6 * max(abs(num), abs(gflat[i])) + 1e-9, p.name
+            g = float(gflat[i])
+            assert abs(num - g) <= 1e-6 * max(abs(num), abs(g)) + 1e-9, p.name
 
 
 def test_gradients_accumulate_over_microbatches():
     cfg = ModelConfig(vocab_size=5, seq_len=4, n_layers=1, d_model=8, n_heads=2)
     rng = np.random.default_rng(0)
-    x, y = rng.integers(0, 5, (4, 4)), rng.integers(0, 5, (4, 4))
+    x, y = dev.up((rng.integers(0, 5, (4, 4)), rng.integers(0, 5, (4, 4))))
     whole = build(cfg)
     whole.forward(x, 0, y)
     whole.backward(None, 0)
@@ -101,13 +104,13 @@ def test_gradients_accumulate_over_microbatches():
     for mb in (1, 0):  # backward in any order
         split.backward(None, mb)
     for p, q in zip(whole.params(), split.params()):
-        np.testing.assert_allclose(p.grad, q.grad, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(*dev.down((p.grad, q.grad)), rtol=1e-10, atol=1e-14)
 
 
 def test_float32_model_runs_and_keeps_dtype():
     cfg = ModelConfig(vocab_size=11, seq_len=6, n_layers=2, d_model=16, n_heads=4)
     model = build(cfg, dtype="float32")
-    x = np.zeros((2, 6), dtype=np.int64)
+    x = dev.up(np.zeros((2, 6), dtype=np.int64))
     loss = model.forward(x, 0, x)
     model.backward(None, 0)
     assert all(p.data.dtype == np.float32 and p.grad.dtype == np.float32
@@ -119,7 +122,7 @@ def test_same_seed_same_weights_other_seed_other_weights():
     cfg = ModelConfig(vocab_size=5, seq_len=4, n_layers=1, d_model=8, n_heads=2)
     a, b, c = build(cfg, seed=1), build(cfg, seed=1), build(cfg, seed=2)
     for p, q, r in zip(a.params(), b.params(), c.params()):
-        np.testing.assert_array_equal(p.data, q.data)
+        np.testing.assert_array_equal(*dev.down((p.data, q.data)))
         if p.data.std() > 0:
             assert not np.array_equal(p.data, r.data)
 
@@ -127,37 +130,37 @@ def test_same_seed_same_weights_other_seed_other_weights():
 def test_adamw_matches_a_hand_computed_step():
     from minipar.nn.module import Param
 
-    p = Param("w", np.array([1.0, -2.0]))
-    p.grad = np.array([0.5, 0.25])
+    p = Param("w", dev.up(np.array([1.0, -2.0])))
+    p.grad = dev.up(np.array([0.5, 0.25]))
     opt = AdamW([p], lr=0.1, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
     opt.step()
     # step 1: m = 0.1 g, v = 0.01 g^2, so the bias-corrected mhat = g and vhat = g^2
     mhat, vhat = np.array([0.5, 0.25]), np.array([0.25, 0.0625])
     expect = np.array([1.0, -2.0]) - 0.1 * (mhat / (np.sqrt(vhat) + 1e-8)
                                             + 0.1 * np.array([1.0, -2.0]))
-    np.testing.assert_allclose(p.data, expect, rtol=1e-12)
+    np.testing.assert_allclose(dev.down(p.data), expect, rtol=1e-12)
     # step 2 with a zero gradient: m decays, v decays, bias corrections change
-    p.grad = np.zeros(2)
-    before = p.data.copy()
+    p.grad = dev.up(np.zeros(2))
+    before = dev.down(p.data).copy()
     opt.step()
     m = 0.9 * 0.1 * np.array([0.5, 0.25])
     v = 0.99 * 0.01 * np.array([0.25, 0.0625])
     upd = (m / (1 - 0.81)) / (np.sqrt(v / (1 - 0.99**2)) + 1e-8) + 0.1 * before
-    np.testing.assert_allclose(p.data, before - 0.1 * upd, rtol=1e-12)
+    np.testing.assert_allclose(dev.down(p.data), before - 0.1 * upd, rtol=1e-12)
 
 
 def test_sgd_momentum_step_and_no_decay_params():
     from minipar.nn.module import Param
 
-    w = Param("w", np.array([1.0]))
-    b = Param("b", np.array([1.0]), decay=False)
+    w = Param("w", dev.up(np.array([1.0])))
+    b = Param("b", dev.up(np.array([1.0])), decay=False)
     opt = SGD([w, b], lr=0.5, momentum=0.9, weight_decay=0.2)
     for _ in range(2):
-        w.grad, b.grad = np.array([1.0]), np.array([1.0])
+        w.grad, b.grad = dev.up((np.array([1.0]), np.array([1.0])))
         opt.step()
     # w: step 1 buf=1 -> 1 - 0.5 (1 + 0.2) = 0.4; step 2 buf=1.9 -> 0.4 - 0.5 (1.9 + 0.08)
-    np.testing.assert_allclose(w.data, [0.4 - 0.5 * (1.9 + 0.2 * 0.4)])
-    np.testing.assert_allclose(b.data, [1.0 - 0.5 - 0.5 * 1.9])
+    np.testing.assert_allclose(dev.down(w.data), [0.4 - 0.5 * (1.9 + 0.2 * 0.4)])
+    np.testing.assert_allclose(dev.down(b.data), [1.0 - 0.5 - 0.5 * 1.9])
 
 
 def test_clip_coefficient():

@@ -21,6 +21,8 @@ HOST_ONLY = {
     "backend/__init__.py": "the backend itself: the host side of every host<->device copy",
     "backend/devices.py": "the host side of every host<->device copy",
     "backend/strict.py": "the CPU stand-in for a GPU is NumPy behind a wall, by definition",
+    "backend/standin.py": "the CPU stand-in's host/device operations",
+    "backend/stream.py": "the CPU stand-in's streams and pinned host memory",
     "bench/*.py": "measurement tools: host data and timings (bench.py uploads its matrices "
                  "with from_host; the others time MPI on host buffers and this CPU's NumPy "
                  "kernels for the cost model, on purpose)",

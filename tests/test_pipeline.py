@@ -27,6 +27,7 @@ from minipar.parallel.program_checks import check_program
 from minipar.sim.costmodel import model_flops, param_count
 from minipar.observe.trace import Tracer, merge, to_chrome_trace
 from minipar.dist.traced import TracedComm
+from on_device import down, up
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PASS_KINDS = {"fwd", "bwd", "bwd_input", "bwd_weight", "send", "recv", "sync", "step"}
@@ -191,7 +192,7 @@ def test_tracing_changes_neither_results_nor_accounting():
 
     for (e0, l0, _, s0, _), (e1, l1, tr, s1, _) in zip(plain, traced):
         assert l0 == l1
-        assert all(np.array_equal(a.data, b.data) for a, b in zip(e0.params, e1.params))
+        assert all(np.array_equal(*down((a.data, b.data))) for a, b in zip(e0.params, e1.params))
         assert counted(s0) == counted(s1)
         groups = {e["args"].get("group") for e in tr.events if e["kind"] != "idle"}
         assert {"tp", "world"} <= groups
@@ -201,11 +202,12 @@ def test_traced_comm_records_collectives_and_their_waits():
     def rank(world):
         tr = Tracer(world.rank)
         comm = TracedComm(world, tr)
-        x = np.ones(4)
+        x = up(np.ones(4))
         comm.iallreduce_(x).wait()
-        y = comm.allgather(np.ones(2))
+        y = comm.allgather(up(np.ones(2)))
         assert comm.size == world.size and comm.stats is world.stats
-        return x, y, [(e["name"], e["kind"], e["args"].get("bytes")) for e in tr.events]
+        return (*down((x, y)), [(e["name"], e["kind"], e["args"].get("bytes"))
+                                for e in tr.events])
 
     for x, y, events in run_threads(rank, 2):
         assert np.all(x == 2) and y.shape == (4,)

@@ -1,9 +1,11 @@
 """No array silently falls back to NumPy: the kernels and parallel steps on the strict device.
 
-The strict backend (``minipar.backend.strict``) is NumPy behind the wall CuPy puts around GPU memory:
-implicit conversion to NumPy and any meeting of host and device arrays raise. Running the model
-on it proves on a CPU what a GPU run needs, and since the same NumPy code runs behind the wall,
-the results must equal the numpy backend's bit for bit.
+The strict backend (``minipar.backend.strict``) is NumPy behind the wall CuPy puts around GPU
+memory: implicit conversion to NumPy and any meeting of host and device arrays raise. Running
+the model on it proves on a CPU what a GPU run needs, and since the same NumPy code runs behind
+the wall, the results must equal the numpy backend's bit for bit. Like a GPU node it also has
+devices per thread, streams that run host -> device copies later, and CuPy's pinned-memory
+reuse (``minipar.backend.stream``), tested at the end of this file.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from minipar.engine import Engine
 from minipar.nn import functional as F
 from minipar.nn import optim
 from minipar.backend.strict import StrictArray
+from on_device import down, up
 
 
 @pytest.fixture()
@@ -193,3 +196,143 @@ def test_evaluation_and_checkpoint_state_cross_the_wall_explicitly():
 
     host, device = on_each_backend(run)
     assert all(np.array_equal(h, d) for h, d in zip(host, device))
+
+
+# ------------------------------------------------------------------------------ as async as a GPU
+def test_pinned_pool_rounds_and_recycles_like_cupys():
+    from minipar.backend.stream import PinnedPool, pooled_size
+
+    assert [pooled_size(n) for n in (1, 512, 513, 1500, 5000)] == [512, 512, 1024, 2048, 8192]
+    pool = PinnedPool()
+    a = pool.empty((3, 4), np.float64)  # 96 bytes -> a 512-byte block
+    address = a.__array_interface__["data"][0]
+    view = a[1:]
+    del a
+    b = pool.empty((10,), np.float32)  # the same size class, but the view keeps the block
+    assert b.__array_interface__["data"][0] != address and pool.blocks == 2
+    del view
+    c = pool.empty((64,), np.int64)  # 512 bytes: the freed block comes straight back
+    assert c.__array_interface__["data"][0] == address and pool.blocks == 2
+    assert pool.memory(c) is not None and pool.memory(np.ones(3)) is None
+
+
+def test_a_copy_from_pinned_memory_runs_when_the_stream_needs_it(xp):
+    dev = backend.device()
+    pinned = dev.host_empty((4,), np.float64)
+    pinned[...] = 1.0
+    dst = xp.zeros(4)
+    dst.set(pinned)  # queued, as cudaMemcpyAsync from pinned memory is
+    assert np.array_equal(dst._a, np.zeros(4))  # (a peek behind the wall: not yet run)
+    y = dst * 2.0  # a kernel: stream order runs the copy first
+    assert np.array_equal(backend.to_host(y), np.full(4, 2.0))
+    pageable = np.full(4, 3.0)
+    dst.set(pageable)  # CUDA stages pageable memory before returning: done at once
+    assert np.array_equal(dst._a, np.full(4, 3.0))
+
+
+def test_rewriting_a_queued_copys_source_is_a_race(xp):
+    dev = backend.device()
+    pinned = dev.host_empty((4,), np.float64)
+    pinned[...] = 1.0
+    dst = xp.zeros(4)
+    dst.set(pinned)
+    total = dst.sum()  # the copy runs here and reads 1.0 ...
+    pinned[...] = 5.0  # ... but the host cannot know that: a GPU may not have got there yet
+    from minipar.backend.stream import StreamRace
+
+    with pytest.raises(StreamRace, match=r"rewrote its pinned source before it knew"):
+        float(total)  # a blocking read: the host learns the copy is done, and checks
+    dst.set(pinned)
+    pinned[...] = 6.0  # rewritten before the copy even ran: the device gets the later bytes
+    with pytest.raises(StreamRace, match=r"before the copy ran, so the device got the later"):
+        backend.synchronize()
+
+
+def test_an_event_tells_when_a_queued_copy_has_run(xp):
+    from minipar.backend.strict import THREAD
+
+    dst = xp.zeros(2)
+    pinned = backend.device().host_empty((2,), np.float64)
+    pinned[...] = 7.0
+    dst.set(pinned)
+    event = THREAD.stream.record()
+    assert not event.done  # still queued
+    dst += 1.0
+    assert event.done and np.array_equal(backend.to_host(dst), np.full(2, 8.0))
+
+
+def test_each_array_lives_on_a_device_and_kernels_do_not_mix_them(xp):
+    dev = backend.device()
+    assert dev.count == 2 and dev.current() == 0
+    a = xp.arange(3.0)
+    dev.select(1)
+    try:
+        b = xp.ones(3)
+        assert (a.device, b.device, a[1:].device) == (0, 1, 0)  # a view stays with its memory
+        for mix in (lambda: a + b, lambda: b * a, lambda: xp.add(b, a), lambda: a.sum(),
+                    lambda: b.__setitem__(0, a[0])):
+            with pytest.raises(ValueError, match=r"resides \(0\) is different from the "
+                                                 r"current device \(1\)"):
+                mix()
+        moved = xp.asarray(a)  # CuPy moves an array from another device on asarray
+        assert moved.device == 1 and np.array_equal(backend.to_host(moved + b), [1.0, 2.0, 3.0])
+        assert backend.from_host(a).device == 1 and float(a[2]) == 2.0  # reads cross freely
+    finally:
+        dev.select(0)
+
+
+def test_thread_world_ranks_run_on_their_own_devices(xp):
+    def rank(w):
+        x = xp.full(2, float(w.rank))
+        total = w.allreduce(x)  # every other rank's copy comes from another device
+        return backend.device().current(), total.device, backend.to_host(total).tolist()
+
+    assert run_threads(rank, 4) == [(0, 0, [6.0, 6.0]), (1, 1, [6.0, 6.0]),
+                                    (0, 0, [6.0, 6.0]), (1, 1, [6.0, 6.0])]
+    assert backend.device().current() == 0  # the caller's thread keeps its device
+
+
+def test_mpi_may_not_read_device_memory_that_queued_work_may_still_write(xp):
+    from minipar.backend.stream import StreamRace
+
+    x = xp.ones(3) * 2.0  # a kernel, not yet synchronised
+    with pytest.raises(StreamRace, match=r"MPI is handed device memory while 0 copies and \d+ "):
+        backend.device().device_buffer(x)
+    backend.synchronize()
+    assert backend.device().device_buffer(x) is x._a
+
+
+def test_the_causal_mask_cache_keeps_one_mask_per_device(xp):
+    dev = backend.device()
+    on0 = F.causal_bias(5, "float64")
+    dev.select(1)
+    try:
+        on1 = F.causal_bias(5, "float64")
+    finally:
+        dev.select(0)
+    assert (on0.device, on1.device) == (0, 1)
+    assert np.array_equal(backend.to_host(on0), backend.to_host(on1))
+    assert F.causal_bias(5, "float64") is on0
+
+
+# ------------------------------------------------------------------------------ embedding backward
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(1, 6), st.integers(0, 2**16),
+       st.booleans())
+def test_embedding_backward_sums_each_rows_tokens_without_atomics(b, t, v, seed, masked):
+    """The sort + pairwise-tree backward (no add.at, whose GPU atomics are not repeatable)
+    equals a plain per-token loop, with long runs of one id and the vocabulary-parallel mask."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, v, (b, t))
+    ids[0, : t // 2] = 0  # one long run
+    dy = rng.standard_normal((b, t, 3))
+    valid = rng.random((b, t)) < 0.7 if masked else None
+    expected = np.zeros((v, 3))
+    for i in np.ndindex(b, t):
+        if valid is None or valid[i]:
+            expected[ids[i]] += dy[i]
+    _, cache = F.embedding_fwd(up(ids), up(np.ones((v, 3))), valid=up(valid))
+    got = F.embedding_bwd(up(dy), cache)
+    assert got.shape == (v, 3) and got.flags.c_contiguous
+    got = down(got)
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)

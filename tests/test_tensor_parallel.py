@@ -16,7 +16,7 @@ from minipar.compare import mismatches, random_batches, serial_reference, train_
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.dist.comm import local_comm, run_threads
 from minipar.dist.stats import wire_bytes
-from minipar.nn import functional as F
+from minipar.nn import functional
 from minipar.models.blocks import Block
 from minipar.nn.module import BuildContext, Module, Sharding
 from minipar.parallel.deferral import DeferredWeightGrads
@@ -26,6 +26,9 @@ from minipar.parallel.tensor import (ColumnParallelLinear, RowParallelLinear,
 from minipar.sim.activations import activation_breakdown, measure_block_activations
 from minipar.sim.comm_volume import partial_elements, predict_comm_bytes
 from minipar.sim.costmodel import activation_bytes_per_layer, block_activation_terms
+import on_device as dev
+
+F = dev.OnBackend(functional)  # host arrays in and out, on whichever backend the suite runs
 
 RTOL = 1e-9
 E = 8  # float64
@@ -136,11 +139,11 @@ def test_a_block_costs_two_allreduces_each_way_or_the_same_volume_under_sp(tp, s
         block = Block(BuildContext(0, "float64", comm, sp), "blocks.0", cfg)
         t = cfg.seq_len // tp if sp else cfg.seq_len
         lo = comm.rank * t if sp else 0
-        block.forward(full[:, lo:lo + t].copy())
+        block.forward(dev.up(full[:, lo:lo + t].copy()))
         fwd = calls_and_bytes(comm.stats.as_dict())
         fwd_wire = comm.stats.total().wire_bytes
         comm.stats.reset()
-        block.backward(np.ones((b, t, cfg.d_model)))
+        block.backward(dev.up(np.ones((b, t, cfg.d_model))))
         return fwd, fwd_wire, calls_and_bytes(comm.stats.as_dict())
 
     for fwd, fwd_wire, bwd in run_threads(rank, tp):
@@ -171,12 +174,12 @@ def test_column_then_row_equals_one_serial_linear_pair(tp, sp, b, t_per, c, f_pe
         ctx = BuildContext(seed, "float64", comm, use_sp)
         col = ColumnParallelLinear(ctx, "fc", c, f, 0.5)
         row = RowParallelLinear(ctx, "proj", f, c, 0.5)
-        row.b.data += bias  # nonzero bias: the row-parallel bias is added once, not tp times
+        row.b.data += dev.up(bias)  # nonzero: the row-parallel bias is added once, not tp times
         tl = t // comm.size if use_sp else t
         lo = comm.rank * tl if use_sp else 0
-        y = row.forward(col.forward(x[:, lo:lo + tl].copy()))
-        dx = col.backward(row.backward(dy[:, lo:lo + tl].copy()))
-        return y, dx, [(p, p.grad) for p in col.params() + row.params()]
+        y = row.forward(col.forward(dev.up(x[:, lo:lo + tl].copy())))
+        dx = col.backward(row.backward(dev.up(dy[:, lo:lo + tl].copy())))
+        return dev.down((y, dx, [(p, p.grad) for p in col.params() + row.params()]))
 
     y_ref, dx_ref, grads_ref = pair(local_comm("tp"), False)
     out = run_threads(lambda comm: pair(comm, sp), tp)
@@ -281,8 +284,8 @@ def test_vocab_parallel_cross_entropy_equals_serial(tp, vocab, b, t, ignore, nor
 
     def rank(comm):
         ce = VocabParallelCrossEntropy(BuildContext(0, "float64", comm), vocab)
-        loss = ce.forward(slices[comm.rank].copy(), targets, norm)
-        return float(loss), ce.backward(dloss)
+        loss = ce.forward(dev.up(slices[comm.rank].copy()), dev.up(targets), norm)
+        return float(loss), dev.down(ce.backward(dloss))
 
     out = run_threads(rank, tp)
     for loss, _ in out:
@@ -300,7 +303,8 @@ def test_vocab_parallel_argmax_equals_argmax_ties_included(tp, vocab, b, t, seed
     padding holds the largest value of all and is never chosen."""
     logits = np.random.default_rng(seed).integers(0, 3, (b, t, vocab)).astype("float64")
     slices = _vocab_slices(logits, tp, junk=9.0)
-    out = run_threads(lambda comm: vocab_parallel_argmax(slices[comm.rank], comm, vocab), tp)
+    out = run_threads(lambda comm: dev.down(vocab_parallel_argmax(dev.up(slices[comm.rank]),
+                                                                  comm, vocab)), tp)
     for preds in out:
         np.testing.assert_array_equal(preds, logits.argmax(axis=-1))
 

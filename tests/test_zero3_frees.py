@@ -32,6 +32,7 @@ from minipar.nn.module import BuildContext, walk
 from minipar.models.gpt import build_chunks
 from minipar.nn.module import Hooks
 from minipar.parallel.deferral import LINEARS
+from on_device import down, up
 
 BATCH = 8
 
@@ -138,10 +139,12 @@ def test_deferred_weight_pass_keeps_no_weight():
     cfg = _cfg({"tie_weights": True})
     ctx = BuildContext(0, "float64", local_comm())
     x, y = random_batches(cfg, 1, 2, seed=1)[0]
+    n = float((y != IGNORE).sum())
+    x, y = up((x, y))
     grads = []
     for defer in (False, True):
         chunk = build_chunks(cfg, ctx)[0]
-        chunk.forward(x, 0, y, float((y != IGNORE).sum()))
+        chunk.forward(x, 0, y, n)
         chunk.backward(None, 0, defer_weight_grads=defer)
         layers = [m for m in walk(chunk) if isinstance(m, LINEARS)]
         if defer:
@@ -150,6 +153,6 @@ def test_deferred_weight_pass_keeps_no_weight():
             kept = list(arrays_in([kept for _, kept, _ in held(chunk.deferred)]))
             assert kept and not any(id(owner(a)) in weights for a in kept)
             chunk.backward_weights(0)
-        grads.append({p.name: p.grad for p in chunk.params()})
+        grads.append({p.name: down(p.grad) for p in chunk.params()})
     for name, g in grads[0].items():
         np.testing.assert_array_equal(grads[1][name], g, err_msg=name)

@@ -9,9 +9,10 @@ Three backends:
 - ``numpy``: arrays live in host memory; nothing ever moves.
 - ``cupy``: arrays live on this rank's GPU, chosen by the rank's index on its node
   (``local_rank() % devices``), so ``mpirun -n 4`` on a 4-GPU node puts one rank on each GPU.
-- ``strict``: NumPy behind a wall (``minipar.backend.strict``), a stand-in GPU for CPU machines whose
-  arrays refuse every implicit conversion to NumPy, as CuPy's do. Tests run the model on it to
-  prove that no array silently falls back to the host.
+- ``strict``: NumPy behind a wall (``minipar.backend.strict``), a stand-in GPU node for CPU
+  machines (``minipar.backend.standin``) whose arrays refuse every implicit conversion to NumPy,
+  as CuPy's do, with devices per thread and copies that run later, as a GPU's do. Tests run
+  the model on it to prove that no array silently falls back to the host.
 
 Besides ``xp()``, a backend knows how to move data between host and device; the MPI world uses
 that to stage device arrays through host buffers when MPI cannot read device memory
@@ -28,7 +29,7 @@ from types import ModuleType
 import numpy
 
 from minipar.backend.devices import BackendError, CuPyDevice, Device
-from minipar.backend.strict import StrictDevice
+from minipar.backend.standin import StrictDevice
 
 __all__ = ["BackendError", "CuPyDevice", "Device", "StrictDevice"]
 
@@ -44,6 +45,11 @@ _active: Device = Device()
 def xp() -> ModuleType:
     """The array module in use (``numpy``, ``cupy`` or the strict stand-in)."""
     return _active.xp
+
+
+def host_xp() -> ModuleType:
+    """The array module of host memory (NumPy): what MPI's staged buffers are made of."""
+    return numpy
 
 
 def name() -> str:
@@ -107,12 +113,61 @@ def _use_cupy(source: str) -> Device:
     index = pick_device(local_rank(), n)
     try:
         cupy.cuda.Device(index).use()
-        # One tiny kernel now: a driver too old for this CuPy fails here, not mid-run.
-        int((cupy.arange(3) * 2).sum())
     except Exception as exc:
-        raise BackendError(f"{source}: CuPy cannot run on GPU {index} "
-                           f"({_first_line(exc)})") from exc
+        raise BackendError(f"{source}: CuPy cannot use GPU {index} ({_first_line(exc)})") from exc
+    _check_libraries(cupy, index, source)
     return CuPyDevice(cupy, index, n)
+
+
+def _gpu_probes(cupy):
+    """(what, library, probe) for every CUDA library a training step uses: CuPy compiles its
+    elementwise, reduction and indexing kernels with NVRTC at run time, matmuls call cuBLAS, and
+    the embedding backward sorts (CUB, built into CuPy)."""
+    def kernels():
+        x = cupy.arange(6, dtype="float32")
+        return float(cupy.multiply(x, 2.0).sum()) + float(x[cupy.arange(2)].sum())
+
+    def matmul():
+        for dtype in ("float32", "float64"):
+            a = cupy.arange(12, dtype=dtype).reshape(3, 4)
+            float(cupy.matmul(a, a.T).sum())
+
+    def sort():
+        int(cupy.argsort(cupy.arange(5)[::-1])[0])
+
+    return [("an elementwise kernel and a reduction", "NVRTC", kernels),
+            ("a matmul", "cuBLAS", matmul), ("a sort", "CUB", sort)]
+
+
+def _check_libraries(cupy, index: int, source: str) -> None:
+    """Run a tiny piece of each kind of GPU work now, so that a missing CUDA library (CuPy's pip
+    wheel brings none unless installed with its ``ctk`` extra) or a driver too old for this CuPy
+    stops the run at start-up with one line saying what to install, not mid-run."""
+    try:
+        major = int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:  # a runtime too broken to say: the probes will tell
+        major = 12
+    for what, library, probe in _gpu_probes(cupy):
+        try:
+            probe()
+        except Exception as exc:
+            why = _first_line(exc)
+            if any(k in why.lower() for k in ("lib", ".so", "dll", "not found", "no module")):
+                fix = (f"install CUDA's libraries from PyPI: pip install 'cupy-cuda{major}x[ctk]' "
+                       "(pip install -e '.[gpu]' does)")
+            else:
+                fix = "the NVIDIA driver may be too old for this CuPy (see nvidia-smi)"
+            raise BackendError(f"{source}: CuPy cannot run {what} ({library}) on GPU {index} "
+                               f"({why}); {fix}") from exc
+
+
+def _use_strict(source: str) -> Device:
+    try:
+        dev = StrictDevice()
+    except BackendError as exc:
+        raise BackendError(f"{source}: {exc}") from exc
+    dev.select(pick_device(local_rank(), dev.count))  # as CuPy's ranks pick their GPU
+    return dev
 
 
 def use(backend: str, *, source: str | None = None) -> ModuleType:
@@ -127,7 +182,7 @@ def use(backend: str, *, source: str | None = None) -> ModuleType:
     elif backend == "cupy":
         _active = _use_cupy(source)
     elif backend == "strict":
-        _active = StrictDevice()
+        _active = _use_strict(source)
     else:
         raise BackendError(f"{source}: unknown backend {backend!r} "
                            f"(choose {', '.join(BACKENDS)})")

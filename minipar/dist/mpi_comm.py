@@ -16,6 +16,12 @@ forces staging, ``staging=False`` forces device buffers; ``MINIPAR_CUDA_AWARE=1`
 whether MPI is CUDA-aware; else MPI is asked (``MPIX_Query_cuda_support``, which MPICH and Open
 MPI export; mpi4py 4.1 does not wrap it); else staging, the safe choice. The PyPI ``mpich``
 wheel is not CUDA-aware, so staging is its default.
+
+A CUDA-aware MPI need not be CUDA-aware everywhere: Open MPI documents device buffers for its
+point-to-point and *blocking* collective calls only, not for non-blocking collectives
+(``MPI_Iallreduce``, which ``--bucket-mb > 0`` uses). So even in direct mode a non-blocking
+collective is staged through host memory unless ``MINIPAR_CUDA_AWARE_NBC=1`` says this MPI's
+non-blocking collectives read device memory too (``nonblocking_on_device``).
 """
 
 from __future__ import annotations
@@ -82,11 +88,27 @@ def device_transport(staging: bool | None = None) -> tuple[bool, str]:
     return False, "host staging (MPI is not CUDA-aware)"
 
 
+def nonblocking_on_device() -> tuple[bool, str]:
+    """(may non-blocking collectives get device buffers?, why), for a CUDA-aware MPI."""
+    value = os.environ.get("MINIPAR_CUDA_AWARE_NBC")
+    if value in ("0", "1"):
+        return value == "1", f"MINIPAR_CUDA_AWARE_NBC={value}"
+    if MPI.Get_library_version().startswith("Open MPI"):
+        return False, "Open MPI's are not CUDA-aware"
+    return False, ("minipar cannot tell whether this MPI's are CUDA-aware; set "
+                   "MINIPAR_CUDA_AWARE_NBC=1 if they are")
+
+
 def comm_mode(staging: bool | None = None) -> str:
     """One line for the start-up banner: how this backend's arrays reach MPI."""
     if not backend.on_device():
         return f"host arrays ({backend.name()} backend): MPI reads and writes them in place"
-    return device_transport(staging)[1]
+    direct, why = device_transport(staging)
+    if not direct:
+        return why
+    nbc, nbc_why = nonblocking_on_device()
+    return (f"{why}; non-blocking collectives "
+            f"{'too' if nbc else 'staged through host memory'} ({nbc_why})")
 
 
 class MPIComm(Comm):
@@ -105,7 +127,9 @@ class MPIComm(Comm):
         self.stats = CommStats()
         self.check = os.environ.get("MINIPAR_COMM_CHECK") == "1" if check is None else check
         self.staging = staging
-        self.wire = Staging(self.stats, direct=device_transport(staging)[0])
+        direct = device_transport(staging)[0]
+        self.wire = Staging(self.stats, direct=direct,
+                            direct_nonblocking=direct and nonblocking_on_device()[0])
 
     @classmethod
     def world(cls, check: bool | None = None, staging: bool | None = None) -> "MPIComm":
@@ -139,7 +163,7 @@ class MPIComm(Comm):
 
     def _iallreduce_inplace(self, x, op, desc):
         self._verify(desc)
-        buf, write_back = self.wire.inplace(x)
+        buf, write_back = self.wire.inplace(x, nonblocking=True)
         req = self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=_OPS[op])
 
         def finish() -> None:

@@ -78,7 +78,7 @@ class CommStats:
     def record_copy(self, op: str, nbytes: int, seconds: float) -> None:
         """Count one host<->device staging copy (``op`` in COPY_OPS) of ``nbytes``.
 
-        Its seconds are also inside the seconds of the collective it served."""
+        Its seconds are the copy's own time on the device (minipar.dist.staging)."""
         if op not in COPY_OPS:
             raise ValueError(f"record_copy: {op!r} is not one of {COPY_OPS}")
         if self._paused:
@@ -87,6 +87,12 @@ class CommStats:
         s.calls += 1
         s.bytes += int(nbytes)
         s.seconds += float(seconds)
+
+    def add_copy_seconds(self, op: str, seconds: float) -> None:
+        """Add the time of a copy counted earlier, known once it has run (an asynchronous
+        host -> device copy); dropped if the table was reset since."""
+        if not self._paused and op in self.copies:
+            self.copies[op].seconds += float(seconds)
 
     def add_seconds(self, op: str, seconds: float) -> None:
         """Add waiting time to an op already counted (a non-blocking call finishing in wait())."""

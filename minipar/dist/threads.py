@@ -16,6 +16,16 @@ Sends are buffered: ``send``/``isend`` copy the array and return at once (MPI ma
 for small messages). All waits share one condition variable; they end with ``CommAborted`` when
 another rank failed, and with ``CommDeadlock`` after ``timeout`` seconds or at once when they
 wait on a rank whose function has already returned.
+
+On a device backend (CuPy, or the strict stand-in) each rank's thread selects its own device,
+``rank mod devices`` (a thread's current device is its own in CUDA), so a 4-rank world on a
+2-GPU node uses both GPUs, and finishes its queued work before its function returns. A posted
+copy is finished (the poster synchronises) before another rank, perhaps on another device,
+reads it, and the reader moves it onto its own device (``xp.asarray``). With
+``run_threads(..., staging=True)`` the ranks instead move device arrays through pinned host
+buffers, exactly as ``MPIComm`` does for an MPI that cannot read device memory
+(``minipar.dist.staging``: the same code, copies counted the same way), so the staging path
+runs in-process too.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from typing import Any, Callable
 
 from minipar import backend
 from minipar.dist.base import Comm, CommAborted, CommDeadlock, CommError, mismatch_error
+from minipar.dist.staging import Staging
 from minipar.dist.stats import CommStats
 
 _POLL_S = 1.0  # a safety net only: every state change notifies the waiters
@@ -36,9 +47,10 @@ _POLL_S = 1.0  # a safety net only: every state change notifies the waiters
 class _World:
     """State shared by all ranks of one run_threads call."""
 
-    def __init__(self, size: int, timeout: float) -> None:
+    def __init__(self, size: int, timeout: float, staging: bool = False) -> None:
         self.size = size
         self.timeout = timeout
+        self.staging = staging  # device arrays travel through host buffers, as MPI stages them
         self.cond = threading.Condition()
         self.failure: tuple[int, BaseException] | None = None  # the first error, and its rank
         self.finished: set[int] = set()  # world ranks whose function has returned
@@ -112,6 +124,33 @@ class ThreadComm(Comm):
         self.name = name
         self.stats = CommStats()
         self._seq = 0  # collectives this rank has posted on this group
+        self.wire = Staging(self.stats, direct=False)  # used only when the world stages
+
+    def _staged(self) -> bool:
+        return self._world.staging and backend.on_device()
+
+    def _give(self, x):
+        """What this rank posts for ``x``: a private copy, finished before anyone reads it."""
+        if self._staged():
+            return self.wire.outgoing(x)  # a fresh host buffer (device -> host, blocking)
+        out = x.copy()
+        if backend.on_device():
+            backend.synchronize()  # another thread, maybe on another device, will read it
+        return out
+
+    def _take(self, values: list) -> list:
+        """Posted values as this rank computes with them: host arrays when staging, else
+        arrays on this rank's device (moved there from another device if need be)."""
+        if self._staged():
+            return values
+        xp = backend.xp()
+        return [xp.asarray(v) for v in values]
+
+    def _deliver(self, host):
+        """A staged result: MPI writes it into a host buffer, which is copied to the device."""
+        buf, finish = self.wire.incoming(host.shape, host.dtype)
+        buf[...] = host
+        return finish()
 
     @property
     def world_rank(self) -> int:
@@ -178,29 +217,50 @@ class ThreadComm(Comm):
     # ---- collectives: posted copies are private, results are computed per rank ----
 
     def _allreduce(self, x, op, desc):
-        return _reduce(self._exchange(desc, x.copy()), op)
+        values = self._take(self._exchange(desc, self._give(x)))
+        if self._staged():
+            return self._deliver(_reduce(values, op, backend.host_xp()))
+        return _reduce(values, op, backend.xp())
 
     def _allreduce_inplace(self, x, op, desc):
-        _reduce(self._exchange(desc, x.copy()), op, out=x)
+        self._iallreduce_inplace(x, op, desc)()
 
     def _iallreduce_inplace(self, x, op, desc):
-        seq = self._post(desc, x.copy())
+        if self._staged():
+            buf, write_back = self.wire.inplace(x)
+            seq = self._post(desc, buf.copy())  # MPI overwrites buf: others read a copy
+
+            def finish_staged() -> None:
+                _reduce(self._complete(seq), op, backend.host_xp(), out=buf)
+                write_back()
+            return finish_staged
+        seq = self._post(desc, self._give(x))
 
         def finish() -> None:
-            _reduce(self._complete(seq), op, out=x)
+            _reduce(self._take(self._complete(seq)), op, backend.xp(), out=x)
         return finish
 
     def _allgather(self, x, desc):
-        return backend.xp().stack(self._exchange(desc, x.copy()))
+        values = self._take(self._exchange(desc, self._give(x)))
+        if self._staged():
+            return self._deliver(backend.host_xp().stack(values))
+        return backend.xp().stack(values)
 
     def _reduce_scatter(self, x, op, desc):
         k = x.shape[0] // self.size
         mine = slice(self.rank * k, (self.rank + 1) * k)
-        return _reduce([v[mine] for v in self._exchange(desc, x.copy())], op)
+        values = [v[mine] for v in self._take(self._exchange(desc, self._give(x)))]
+        if self._staged():
+            return self._deliver(_reduce(values, op, backend.host_xp()))
+        return _reduce(values, op, backend.xp())
 
     def _broadcast(self, x, root, desc):
-        values = self._exchange(desc, x.copy() if self.rank == root else None)
-        return None if self.rank == root else values[root].copy()
+        values = self._exchange(desc, self._give(x) if self.rank == root else None)
+        if self.rank == root:
+            return None
+        if self._staged():
+            return self._deliver(values[root])
+        return self._take([values[root]])[0].copy()
 
     def _barrier(self, desc):
         self._exchange(desc, None)
@@ -230,10 +290,11 @@ class ThreadComm(Comm):
     # ---- point to point ----
 
     def _send(self, x, dest, tag):
+        msg = self._give(x)
         with self._world.cond:
             self._alive("send")
             ch = self._group.channel(self.rank, dest, tag)
-            ch.messages[ch.sent] = x.copy()
+            ch.messages[ch.sent] = msg
             ch.sent_at[ch.sent] = self._world.next_id()
             ch.sent += 1
             self._world.cond.notify_all()
@@ -258,7 +319,9 @@ class ThreadComm(Comm):
             if msg.dtype != dtype or msg.size != _count(shape):
                 raise CommError(f"{self!r}: recv(source={source}, tag={tag}) expected "
                                 f"{shape} {dtype}, but the message is {msg.shape} {msg.dtype}")
-            return msg.reshape(shape)
+            if self._staged():
+                return self._deliver(msg.reshape(shape))
+            return self._take([msg])[0].reshape(shape)
         return take
 
     def _recv(self, shape, dtype, source, tag):
@@ -291,9 +354,9 @@ class ThreadComm(Comm):
         return msg.reshape(shape), source
 
 
-def _reduce(values: list, op: str, out=None):
-    """Reduce in rank order, so that every rank computes bitwise the same result."""
-    xp = backend.xp()
+def _reduce(values: list, op: str, xp, out=None):
+    """Reduce in rank order with array module ``xp``, so that every rank computes bitwise the
+    same result."""
     ufunc = xp.maximum if op == "max" else xp.add
     if out is None:
         out = values[0].copy()
@@ -311,22 +374,29 @@ def _count(shape: tuple[int, ...]) -> int:
     return n
 
 
-def run_threads(fn: Callable[[Comm], Any], world_size: int, timeout: float = 120.0) -> list:
+def run_threads(fn: Callable[[Comm], Any], world_size: int, timeout: float = 120.0,
+                staging: bool = False) -> list:
     """Run ``fn(comm)`` on ``world_size`` threads, one ``ThreadComm`` rank each; results by rank.
 
     If a rank raises, the others' pending waits end with ``CommAborted`` and this re-raises the
     first original exception, with its rank added as a note. A wait longer than ``timeout``
-    seconds raises ``CommDeadlock`` naming the op and the group instead of hanging.
+    seconds raises ``CommDeadlock`` naming the op and the group instead of hanging. On a device
+    backend, rank r runs on device ``r mod devices`` (a world of one stays on the caller's), and
+    ``staging=True`` moves device arrays through host buffers as a non-CUDA-aware MPI needs.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"run_threads: world_size must be a positive int, got {world_size!r}")
-    world = _World(world_size, timeout)
+    world = _World(world_size, timeout, staging)
     group = _Group(world, list(range(world_size)))
     results: list = [None] * world_size
+    dev = backend.device()
 
     def main(rank: int) -> None:
         try:
+            if world_size > 1:
+                dev.select(backend.pick_device(rank, dev.count))
             results[rank] = fn(ThreadComm(world, group, rank, "world"))
+            backend.synchronize()  # the rank's queued work is done when run_threads returns
         except BaseException as exc:  # noqa: BLE001 - handed to the caller below
             world.fail(rank, exc)
         finally:

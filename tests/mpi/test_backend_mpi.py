@@ -42,8 +42,13 @@ def test_mpi_cannot_read_device_arrays(world, strict):
     collective_assert(world, refused, "mpi4py accepted a strict-device array as a buffer")
 
 
-@pytest.mark.parametrize("staging", [True, False], ids=["host-staging", "cuda-aware"])
-def test_each_collective_moves_device_arrays_and_counts_copies(world, strict, staging):
+@pytest.mark.parametrize("staging, nbc", [(True, "0"), (False, "0"), (False, "1")],
+                         ids=["host-staging", "cuda-aware", "cuda-aware-nbc"])
+def test_each_collective_moves_device_arrays_and_counts_copies(world, strict, staging, nbc,
+                                                               monkeypatch):
+    """Copies as the staging table says; in CUDA-aware mode none, except for the non-blocking
+    allreduce unless this MPI's non-blocking collectives read device memory (nbc)."""
+    monkeypatch.setenv("MINIPAR_CUDA_AWARE_NBC", nbc)
     p, r = world.size, world.rank
     comm = MPIComm(world.mpi.Dup(), "dev", check=True, staging=staging)
     dev = backend.device()
@@ -58,7 +63,8 @@ def test_each_collective_moves_device_arrays_and_counts_copies(world, strict, st
     def check(what, got, want, d2h, h2d):
         ok_type = got is None or type(got) is StrictArray
         ok_val = got is None or np.array_equal(backend.to_host(got), want)
-        expect = (d2h, h2d) if staging else (0, 0)
+        staged = staging or (what == "iallreduce_" and nbc == "0")
+        expect = (d2h, h2d) if staged else (0, 0)
         ops = set(comm.stats.as_dict())  # communication only: the copies are kept apart
         if not (ok_type and ok_val and copies(comm) == expect and not ops & {"d2h", "h2d"}):
             problems.append(f"{what}: type ok {ok_type}, values ok {ok_val}, copies "
@@ -148,7 +154,7 @@ def counts(run) -> list:
 
 
 def test_comm_mode_says_how_arrays_reach_mpi(world, monkeypatch):
-    for var in ("MINIPAR_HOST_STAGING", "MINIPAR_CUDA_AWARE"):
+    for var in ("MINIPAR_HOST_STAGING", "MINIPAR_CUDA_AWARE", "MINIPAR_CUDA_AWARE_NBC"):
         monkeypatch.delenv(var, raising=False)
     before = backend.name()
     backend.use("numpy")
@@ -161,26 +167,106 @@ def test_comm_mode_says_how_arrays_reach_mpi(world, monkeypatch):
         monkeypatch.setenv("MINIPAR_CUDA_AWARE", "1")
         seen["aware"] = comm_mode()
         seen["aware-comm"] = MPIComm(MPI.COMM_SELF, "self").wire.direct
+        seen["aware-nbc-comm"] = MPIComm(MPI.COMM_SELF, "self").wire.direct_nonblocking
+        monkeypatch.setenv("MINIPAR_CUDA_AWARE_NBC", "1")
+        seen["aware-nbc"] = comm_mode()
+        seen["nbc-comm"] = MPIComm(MPI.COMM_SELF, "self").wire.direct_nonblocking
         monkeypatch.setenv("MINIPAR_HOST_STAGING", "1")
         seen["env-forced"] = comm_mode()
         seen["env-comm"] = MPIComm(MPI.COMM_SELF, "self").wire.direct
+        seen["env-nbc-comm"] = MPIComm(MPI.COMM_SELF, "self").wire.direct_nonblocking
         monkeypatch.setenv("MINIPAR_CUDA_AWARE", "0")
         monkeypatch.delenv("MINIPAR_HOST_STAGING")
         seen["not-aware"] = device_transport()
     finally:
         backend.use(before)
+    unknown = ("minipar cannot tell whether this MPI's are CUDA-aware; set "
+               "MINIPAR_CUDA_AWARE_NBC=1 if they are")  # the PyPI wheel is MPICH
     want = {
         "numpy": "host arrays (numpy backend): MPI reads and writes them in place",
         # The PyPI mpich wheel exports MPIX_Query_cuda_support and is not CUDA-aware.
-        "detected": ("device buffers straight to MPI (CUDA-aware MPI)" if aware else
+        "detected": ("device buffers straight to MPI (CUDA-aware MPI); non-blocking "
+                     f"collectives staged through host memory ({unknown})" if aware else
                      "host staging (MPI is not CUDA-aware)"),
         "forced": "host staging (forced by staging=True)",
-        "aware": "device buffers straight to MPI (MINIPAR_CUDA_AWARE=1)",
+        "aware": ("device buffers straight to MPI (MINIPAR_CUDA_AWARE=1); non-blocking "
+                  f"collectives staged through host memory ({unknown})"),
         "aware-comm": True,
+        "aware-nbc-comm": False,
+        "aware-nbc": ("device buffers straight to MPI (MINIPAR_CUDA_AWARE=1); non-blocking "
+                      "collectives too (MINIPAR_CUDA_AWARE_NBC=1)"),
+        "nbc-comm": True,
         "env-forced": "host staging (forced by MINIPAR_HOST_STAGING=1)",
         "env-comm": False,
+        "env-nbc-comm": False,
         "not-aware": (False, "host staging (MINIPAR_CUDA_AWARE=0)"),
     }
     diff = {k: (seen[k], want[k]) for k in want if seen[k] != want[k]}
     collective_assert(world, isinstance(aware, bool) and not diff,
                       f"query_cuda_support() = {aware!r}; {diff}")
+
+
+@pytest.mark.parametrize("nbc", ["0", "1"])
+def test_bucketed_data_parallel_in_cuda_aware_mode(world, monkeypatch, nbc):
+    """--bucket-mb > 0 syncs gradients with non-blocking allreduces. In CUDA-aware mode they
+    get device buffers only where MPI allows it (nbc=1); else each is staged, so the copies
+    are exactly the gradients' bytes, each way, every step. Same result as the serial run."""
+    monkeypatch.setenv("MINIPAR_CUDA_AWARE_NBC", nbc)
+    cfg = ModelConfig(vocab_size=9, seq_len=4, n_layers=2, d_model=8, n_heads=2)
+    par = ParallelConfig(dp=world.size, bucket_mb=1e-4)
+    batches = random_batches(cfg, steps=2, batch=2 * world.size, seed=5)
+    copied: dict[str, int] = {}
+    record_copy = CommStats.record_copy
+
+    def counting(self, op, nbytes, seconds):
+        copied[op] = copied.get(op, 0) + nbytes
+        record_copy(self, op, nbytes, seconds)
+    monkeypatch.setattr(CommStats, "record_copy", counting)
+    before = backend.name()
+    backend.use("strict")
+    comm = MPIComm(world.mpi.Dup(), "world", check=True, staging=False)
+    try:
+        run = train_layout(comm, cfg, par, batches)
+    finally:
+        comm.mpi.Free()
+        backend.use("numpy")
+    try:
+        bad = mismatches(run, serial_reference(cfg, batches), 1e-9)
+    finally:
+        backend.use(before)
+    grads = len(batches) * sum(g.nbytes for g in run.grads.values())
+    want = {} if nbc == "1" else {"d2h": grads, "h2d": grads}
+    collective_assert(world, not bad and copied == want,
+                      f"copies {copied} != {want}; parallel != serial: {bad[:2]}")
+
+
+@pytest.mark.parametrize("layout", ["1f1b", "gpipe", "dp-bucketed"])
+def test_staged_transfers_do_not_race(world, layout):
+    """Stage 0 receives gradients back to back (1F1B's drain, GPipe's backward), and bucketed
+    data parallelism finishes non-blocking allreduces back to back, all through pinned buffers
+    that the stand-in's pool recycles as CuPy's does, while its stream runs each host -> device
+    copy as late as a GPU may: no copy may see a later message's bytes."""
+    p = world.size
+    cfg = ModelConfig(vocab_size=9, seq_len=4, n_layers=p, d_model=8, n_heads=2)
+    par = (ParallelConfig(dp=p, bucket_mb=1e-4) if layout == "dp-bucketed" else
+           ParallelConfig(pp=p, schedule=layout, microbatches=4))
+    batches = random_batches(cfg, steps=2, batch=8, seed=3)
+    before = backend.name()
+    backend.use("strict")
+    races = backend.device().races
+    races.record_only, mark = True, len(races.seen)  # a raise on one rank would strand the rest
+    comm = MPIComm(world.mpi.Dup(), "world", check=True, staging=True)
+    try:
+        run = train_layout(comm, cfg, par, batches)
+    finally:
+        found = races.seen[mark:]
+        races.record_only = False
+        comm.mpi.Free()
+        backend.use("numpy")
+    try:
+        bad = mismatches(run, serial_reference(cfg, batches), 1e-9)
+    finally:
+        backend.use(before)
+    collective_assert(world, not found and not bad,
+                      f"rank {world.rank}: {len(found)} staging races, the first: {found[:1]}; "
+                      f"parallel != serial: {bad[:2]}")

@@ -16,6 +16,7 @@ import comm_cases
 import ring_cases
 from minipar.dist.comm import MPIComm
 from minipar.dist.assertions import collective_assert
+from on_device import down, up
 
 CASES = comm_cases.CASES + accounting_cases.CASES + ring_cases.CASES
 
@@ -49,11 +50,12 @@ def test_split_inherits_the_call_check(world):
 def test_large_buffers_move_without_pickling(world):
     """4 MiB per rank through each hot-path collective, checked exactly."""
     p, r = world.size, world.rank
-    x = np.full(2**19, float(r + 1))  # (524288,) float64 = 4 MiB
+    x = up(np.full(2**19, float(r + 1)))  # (524288,) float64 = 4 MiB
     total = p * (p + 1) / 2
     got = world.allreduce(x)
     world.allreduce_(x)
-    shard = world.reduce_scatter(np.full((p, 2**19), 1.0))
+    shard = world.reduce_scatter(up(np.full((p, 2**19), 1.0)))
+    got, x, shard = down((got, x, shard))
     ok = (np.all(got == total) and np.all(x == total) and shard.shape == (1, 2**19)
           and np.all(shard == p))
     collective_assert(world, bool(ok), "large-buffer collectives")
