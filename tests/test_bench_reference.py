@@ -103,3 +103,17 @@ def test_contention_runs_the_steps_beside_a_live_busy_process(monkeypatch):
     assert spawned[0].poll() is not None  # killed once the steps are measured
     assert out["slowdown"] == 1.5 and out["busy_s"] == 3.0
     assert "1.50x slower" in contention.format_contention(out)
+
+
+def test_scaling_ratios_and_table_by_hand():
+    from minipar.bench import comm
+
+    tps = {"1 rank, 1 thread": 100.0, "dp=2": 190.0, "1 rank, 2 threads": 180.0,
+           "tp=2": 153.0, "pp=2": 162.0}
+    r = comm.scaling_ratios(tps)
+    assert r["speedup"] == pytest.approx(1.9)
+    assert r["efficiency"] == {"tp=2": pytest.approx(0.85), "pp=2": pytest.approx(0.9)}
+    scale = {**r, "layouts": {k: {"tokens_per_s": v} for k, v in tps.items()}}
+    text = comm.scaling_text(scale)
+    assert "speedup 1.90x" in text and "efficiency 0.85" in text and "efficiency 0.90" in text
+    assert [ln.split()[0] for ln in text.splitlines()[1:]] == ["1", "dp=2", "1", "tp=2", "pp=2"]
