@@ -50,6 +50,7 @@ from minipar.sim.costmodel import (
 )
 from minipar.parallel.tensor import padded_vocab
 from minipar.sim.hardware import Hardware
+from minipar.sim.overlap import UnitCost, overlapped, zero3_recompute_bytes, zero3_traffic
 from minipar.sim.simulator import Timeline, simulate
 
 SIMULATE_UP_TO = 400_000  # instructions; beyond this the closed form is used
@@ -92,39 +93,6 @@ def comm_time(cs: list[cv.Collective], hw: Hardware, parallel: ParallelConfig) -
 
 
 # ------------------------------------------------------------------------ per-chunk costs
-@dataclass
-class UnitCost:
-    """Seconds of one microbatch through one unit: its passes (compute and the tensor-parallel
-    collectives they wait for) and its ZeRO-3 traffic (0 without ZeRO-3)."""
-
-    fwd: float = 0.0
-    bwd_input: float = 0.0  # input-gradient kernels (+ recomputation) and their tp comm
-    bwd_weight: float = 0.0  # weight-gradient GEMMs (the zero-bubble W pass)
-    gather_fwd: float = 0.0  # ZeRO-3 allgather of the unit's parameters before its forward
-    gather_bwd: float = 0.0  # ... before its backward (twice when recomputed, see chunk_costs)
-    scatter: float = 0.0  # ZeRO-3 reduce-scatter of its gradients after its backward
-
-
-def overlapped(passes: list[float], before: list[float], after: list[float]) -> float:
-    """Seconds of a pass over units 0..n-1 in order when communication overlaps compute.
-
-    Unit i's ``before`` traffic (its parameter gather) must finish before it starts; its
-    ``after`` traffic (its gradient reduce-scatter) starts when it ends. With prefetch the
-    traffic of unit i+1's gather and unit i-1's reduce-scatter share the link while unit i
-    computes, so each phase costs max(compute, traffic); what has nothing to hide behind is
-    exposed: the first gather and the last reduce-scatter (ZeRO, Rajbhandari et al. 2019,
-    section 7; the prefetch of DeepSpeed's and FSDP's implementations, Zhao et al. 2023).
-    Without traffic this is the plain sum of the passes.
-    """
-    n = len(passes)
-    t = before[0] if n else 0.0
-    for i in range(n):
-        nxt = before[i + 1] if i + 1 < n else 0.0
-        prev = after[i - 1] if i > 0 else 0.0
-        t += max(passes[i], nxt + prev)
-    return t + (after[-1] if n else 0.0)
-
-
 @dataclass
 class ChunkCost:
     """Seconds of one microbatch through one local chunk, split by what they are.
@@ -228,7 +196,8 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
             x.bwd_weight = K.total_time(bw, hw, dt)
             if parallel.zero >= 3 and parallel.dp > 1:
                 x.gather_fwd, x.gather_bwd, x.scatter = zero3_traffic(
-                    u, u.kind == "block" and work.recompute == "full", e, hw, parallel)
+                    u, u.kind == "block" and work.recompute == "full", e,
+                    lambda cs: comm_time(cs, hw, parallel), parallel)
             c.units.append(x)
             c.fwd_compute += fwd_compute
             c.fwd_comm += fwd_comm
@@ -241,31 +210,6 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
             c.tp_bytes_bwd += sum(y.nbytes for y in r_cs + b_cs)
         out.append(c)
     return out
-
-
-def zero3_traffic(u, recomputed: bool, e: int, hw: Hardware,
-                  parallel: ParallelConfig) -> tuple[float, float, float]:
-    """(gather before forward, gathers before backward, reduce-scatter after backward) of one
-    unit under ZeRO-3, in seconds. A recomputed unit gathers twice in backward: ZeRO-3 frees a
-    unit's parameters after each forward, the recomputation is a forward, and the backward
-    that follows gathers them again (the hooks of DeepSpeed's ZeRO-3, which PTD-P table 2
-    ran; minipar itself does not recompute)."""
-    flat = -(-u.params // parallel.dp) * parallel.dp * e  # padded to dp shards
-    gather = comm_time([cv.Collective("dp", "allgather", flat)], hw, parallel)
-    scatter = comm_time([cv.Collective("dp", "reduce_scatter", flat)], hw, parallel)
-    return gather, gather * (2 if recomputed else 1), scatter
-
-
-def zero3_recompute_bytes(model: ModelConfig, parallel: ParallelConfig, work: Workload,
-                          stage: int) -> int:
-    """Bytes of the extra gathers of recomputed blocks per step (see ``zero3_traffic``): not
-    in ``comm_volume.dp_sync``, which counts what minipar's own ZeRO-3 moves."""
-    if parallel.zero < 3 or parallel.dp == 1 or work.recompute != "full":
-        return 0
-    e, m = dtype_bytes(work.dtype), work.microbatches(parallel.dp)
-    return m * sum(-(-u.params // parallel.dp) * parallel.dp * e
-                   for chunk in units(model, parallel, stage) for u in chunk
-                   if u.kind == "block")
 
 
 def p2p_message_time(model: ModelConfig, parallel: ParallelConfig, work: Workload,
