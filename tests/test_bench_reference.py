@@ -83,7 +83,9 @@ def test_real_torch_reference_is_the_same_gpt():
     assert theirs()[1] == pytest.approx(mine()[1], rel=1e-10)
 
 
-def test_contention_runs_the_steps_beside_a_live_busy_process(monkeypatch):
+def test_contention_interleaves_paused_and_running_busy_process(monkeypatch):
+    """Steps alternate: the busy process is stopped for one, running for the next (read from
+    /proc), and it is gone after; the slowdown is the ratio of the medians."""
     spawned = []
     real = contention.busy_process
 
@@ -91,17 +93,21 @@ def test_contention_runs_the_steps_beside_a_live_busy_process(monkeypatch):
         spawned.append(real(seconds))
         return spawned[-1]
 
+    def state():
+        with open(f"/proc/{spawned[0].pid}/stat", encoding="utf-8") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]  # R/S running, T stopped
+
     monkeypatch.setattr(contention, "busy_process", spy)
-    alive_during = []
+    seen = []
 
-    def run_step():
-        alive_during.append(spawned[0].poll() is None)
-        return 3.0
+    def step():
+        seen.append(state())
+        return (2.0 if seen[-1] == "T" else 3.0), 0.0
 
-    out = contention.measure_contention(run_step, alone_s=2.0, seconds=30)
-    assert alive_during == [True]
+    out = contention.measure_contention(step, n=3, warmup=1, seconds=30)
+    assert seen == ["T", "R"] * 4
     assert spawned[0].poll() is not None  # killed once the steps are measured
-    assert out["slowdown"] == 1.5 and out["busy_s"] == 3.0
+    assert out["alone_s"] == 2.0 and out["busy_s"] == 3.0 and out["slowdown"] == 1.5
     assert "1.50x slower" in contention.format_contention(out)
 
 

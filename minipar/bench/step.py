@@ -225,8 +225,7 @@ def main(argv=None) -> int:
         from minipar.bench.contention import measure_contention, format_contention
 
         result["contention"] = cont = measure_contention(
-            lambda: bench_step(args.model, args.batch_size, args.dtype, args.steps)["step_s"],
-            step["step_s"])
+            MiniparStep(args.model, args.batch_size, args.dtype), args.steps)
         if not args.json:
             print(format_contention(cont), flush=True)
     if args.json:

@@ -204,7 +204,7 @@ def _layernorm_bwd_rows(dy, xhat, rstd, g, dx) -> None:
 def gelu_fwd(x):
     """y = 0.5 x (1 + tanh(k (x + a x^3))); the cache keeps x and the tanh."""
     xp = backend.xp()
-    y, t = xp.empty_like(x), xp.empty_like(x)
+    y, t = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=x.dtype)  # (..., F)
     x2, y2, t2 = (a.reshape(-1, x.shape[-1]) for a in (x, y, t))  # (N, F)
 
     def rows(r):
@@ -232,7 +232,7 @@ def gelu_bwd(dy, cache):
     """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2), times dy."""
     xp = backend.xp()
     x, t = cache
-    dx = xp.empty_like(x)
+    dx = xp.empty(x.shape, dtype=x.dtype)  # (..., F)
     f = x.shape[-1]
     x2, t2, dy2, dx2 = (a.reshape(-1, f) for a in (x, t, dy, dx))  # (N, F)
 
