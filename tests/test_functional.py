@@ -330,3 +330,19 @@ def test_adamw_in_slices_is_the_plain_formula_bit_for_bit(monkeypatch, decay):
         wp -= 1e-2 * (upd + wd * wp)
     for got, exp in zip((p, m, v), (want[0], want[2], want[3])):
         np.testing.assert_array_equal(got, exp)
+
+
+def test_kernels_still_split_in_a_forked_child(monkeypatch):
+    """A child forked after the pool exists gets its own pool instead of waiting on threads
+    that did not survive the fork."""
+    import multiprocessing as mp
+
+    from minipar.nn import threads
+
+    monkeypatch.setenv("MINIPAR_WORKERS", "2")
+    x = np.random.default_rng(0).standard_normal((64, 2048))
+    want = F.gelu_fwd(x)[0]  # the parent's pool now exists
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(F.gelu_fwd, (x,)).get(timeout=60)[0]
+    np.testing.assert_array_equal(got, want)
+    assert threads.workers() == 2

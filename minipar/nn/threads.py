@@ -32,7 +32,7 @@ from minipar import backend
 MIN_ROWS_ELEMENTS = 1 << 16  # below this many elements a split costs more than it saves
 
 _lock = threading.Lock()
-_state = {"depth": 0, "saved": None, "pool": None, "controller": None}
+_state = {"depth": 0, "saved": None, "pool": None, "pool_key": None, "controller": None}
 
 
 def _controller():
@@ -87,9 +87,13 @@ def one_blas_thread():
 
 
 def _pool(n: int) -> ThreadPoolExecutor:
+    """The process's pool of ``n`` kernel threads (a forked child makes its own: threads do not
+    survive a fork, and the parent's pool would wait forever for them)."""
     with _lock:
-        if _state["pool"] is None or _state["pool"]._max_workers != n:
+        key = (os.getpid(), n)
+        if _state["pool"] is None or _state["pool_key"] != key:
             _state["pool"] = ThreadPoolExecutor(n, thread_name_prefix="minipar-kernel")
+            _state["pool_key"] = key
         return _state["pool"]
 
 
