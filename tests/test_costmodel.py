@@ -2,8 +2,9 @@
 
 Exact cases (after the stated rounding): ZeRO figure 1, PTD-P eq. 2 parameter counts and eq. 4
 training times, Korthikanti et al. table 2 activation memory, the pipeline bubble of PTD-P's
-configurations, and the bytes a real in-process step records. The throughput check against
-published runs is a sanity bound (25%), with the time model built from first principles.
+configurations, and the bytes a real in-process step records. The throughput checks against
+published runs are bounds (PTD-P table 1 within 20%; its table 2, PTD-P and ZeRO-3 rows, and
+Korthikanti et al. table 5 within 25%), with the time model built from first principles.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from minipar.sim.hardware import A100_80GB, Hardware, get_hardware
 from minipar.sim.presets import GPT3_FAMILY, PTDP_TABLE1, VALIDATION_RUNS
 from minipar.sim.simulator import bubble_formula, simulate
 from minipar.sim.timing import (
-    collective_time, estimate, group_tier, instruction_costs, predict_step_time,
+    collective_time, estimate, group_tier, instruction_costs, overlapped, predict_step_time,
 )
 
 
@@ -296,8 +297,22 @@ def test_ring_alpha_beta_and_link_tiers():
     par = ParallelConfig(dp=4, tp=8, pp=2)
     assert group_tier(hw, par, "tp") == (hw.intra_bw * 0.8, hw.intra_latency)
     assert group_tier(hw, par, "dp") == (hw.inter_bw * 0.8, hw.inter_latency)  # 1 NIC each
+    # a ring runs at its slowest edge: 4 dp ranks per node still cross one NIC each
     par = ParallelConfig(dp=32, tp=2)
-    assert group_tier(hw, par, "dp")[0] == pytest.approx(4 * hw.inter_bw * 0.8)
+    assert group_tier(hw, par, "dp") == (hw.inter_bw * 0.8, hw.inter_latency)
+    par = ParallelConfig(dp=4, tp=2)  # 8 ranks on one node: NVLink
+    assert group_tier(hw, par, "dp") == (hw.intra_bw * 0.8, hw.intra_latency)
+
+
+def test_overlap_is_max_per_phase_plus_what_cannot_overlap():
+    """Hand-computed: compute-bound passes pay only the first gather and the last scatter;
+    traffic-bound passes pay all the traffic; no traffic is the plain sum."""
+    assert overlapped([3.0, 3.0, 3.0], [0.0] * 3, [0.0] * 3) == 9.0
+    assert overlapped([3.0, 3.0, 3.0], [1.0] * 3, [0.0] * 3) == 1 + 9.0
+    # unit 0: gather 5 exposed, then max(1, 5 + 0), max(1, 0 + 2), then the last scatter 2
+    assert overlapped([1.0, 1.0], [5.0, 5.0], [2.0, 2.0]) == 5 + 5 + 2 + 2
+    assert overlapped([4.0, 1.0, 4.0], [1.0, 2.0, 3.0], [1.0, 1.0, 1.0]) == (
+        1 + max(4, 2) + max(1, 3 + 1) + max(4, 0 + 1) + 1)
 
 
 def _ptdp_pipelined():
@@ -318,30 +333,57 @@ def test_cost_model_and_simulator_reproduce_ptdp_bubbles(run):
         float(bubble_formula(par.schedule, par.pp, m, v)), rel=1e-9)
 
 
-def _published():
-    return [r for r in list(PTDP_TABLE1.values()) + VALIDATION_RUNS if r.zero == 0]
-
-
-@pytest.mark.parametrize("run", _published(), ids=lambda r: r.name)
-def test_throughput_within_25_percent_of_published(run):
-    """First-principles prediction vs the papers (not fitted): TFLOP/s per GPU for PTD-P's
-    tables, seconds per step for Korthikanti et al. ZeRO-3 rows are reported, not asserted:
-    the model misses DeepSpeed's ZeRO-3 overheads (see lesson 08)."""
+def _ratio(run) -> float:
+    """Predicted / published (TFLOP/s per GPU, or seconds per step) with the closed form."""
     par, work = layout(run)
     cm.check_layout(run.model, par, work, run.gpus)
     est = estimate(run.model, par, work, A100_80GB, use_simulator=False)
-    assert est.fits
+    # DeepSpeed's 530B ZeRO-3 run at microbatch 4 exceeds 80 GB in Korthikanti's count
+    assert est.fits or run.name == "t2-zero3-530b-640"
     if "tflops_per_gpu" in run.measured:
-        ratio = est.tflops_per_gpu / run.measured["tflops_per_gpu"]
-    else:
-        ratio = est.step_time_s / run.measured["step_time_s"]
+        return est.tflops_per_gpu / run.measured["tflops_per_gpu"]
+    return est.step_time_s / run.measured["step_time_s"]
+
+
+@pytest.mark.parametrize("run", list(PTDP_TABLE1.values()), ids=lambda r: r.name)
+def test_ptdp_table1_within_20_percent(run):
+    """First-principles prediction vs PTD-P table 1 (not fitted). The model is optimistic on
+    the pipelined rows (see minipar.sim.timing's docstring), never by more than 20%."""
+    ratio = _ratio(run)
+    assert 0.8 <= ratio <= 1.2, f"{run.name}: predicted / published = {ratio:.2f}"
+
+
+@pytest.mark.parametrize("run", VALIDATION_RUNS, ids=lambda r: r.name)
+def test_ptdp_table2_and_korthikanti_table5_within_25_percent(run):
+    """PTD-P table 2 (PTD-P and ZeRO-3 without model parallelism at 384 to 2240 GPUs) and
+    Korthikanti et al. table 5 (seconds per step), from the same model with no per-run knob."""
+    ratio = _ratio(run)
     assert 0.75 <= ratio <= 1.25, f"{run.name}: predicted / published = {ratio:.2f}"
 
 
+def test_zero3_traffic_cannot_hide_behind_less_compute():
+    """ZeRO-3 at 1536 GPUs moves over a terabyte per GPU per step through one NIC each: the
+    step cannot be shorter than bytes / link rate (from the preset, independently of the
+    model's ring formula), and at a fixed batch doubling the GPUs halves TFLOP/s per GPU."""
+    rows = {r.gpus: r for r in VALIDATION_RUNS if r.zero == 3 and r.params_b == 174.6}
+    est = {}
+    for gpus, run in rows.items():
+        par, work = layout(run)
+        est[gpus] = estimate(run.model, par, work, A100_80GB, use_simulator=False)
+    e = est[1536]
+    moved = e.comm_bytes_per_step["dp"]
+    assert moved > 1e12
+    assert e.step_time_s >= moved / (A100_80GB.inter_bw * A100_80GB.link_efficiency) * 1535 / 1536
+    assert e.breakdown["zero3_exposed_s"] > 3 * e.breakdown["compute_s"]
+    assert est[768].tflops_per_gpu / est[1536].tflops_per_gpu == pytest.approx(2, rel=0.1)
+    assert est[384].tflops_per_gpu > est[768].tflops_per_gpu
+
+
 def test_simulator_and_closed_form_agree():
-    for name in ("ptdp-39b", "ptdp-145b"):
-        par, work = layout(PTDP_TABLE1[name])
-        model = PTDP_TABLE1[name].model
+    zero3 = [r for r in VALIDATION_RUNS if r.zero == 3 and r.gpus == 1536]
+    for run in [PTDP_TABLE1["ptdp-39b"], PTDP_TABLE1["ptdp-145b"], *zero3]:
+        par, work = layout(run)
+        model = run.model
         sim = estimate(model, par, work, A100_80GB, use_simulator=True)
         closed = estimate(model, par, work, A100_80GB, use_simulator=False)
         assert sim.timeline is not None

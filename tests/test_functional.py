@@ -200,3 +200,152 @@ def test_kernels_keep_dtype(dtype):
     assert F.attention_fwd(q, q, q)[0].dtype == dtype
     y, cache = F.gelu_fwd(x)
     assert F.gelu_bwd(x, cache).dtype == dtype
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-parallel kernels (minipar.nn.threads): the same numbers whatever the worker count, equal
+# to the plain algebra written out here, and BLAS threads restored after every use.
+
+def _plain_attention(q, k, v):
+    """softmax(q k^T / sqrt(D) + causal) v over all heads at once, written out independently."""
+    t = q.shape[-2]
+    s = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
+    s = np.where(np.triu(np.ones((t, t), dtype=bool), 1), -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_row_parallel_kernels_are_bitwise_the_same_for_any_worker_count(monkeypatch, dtype):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 70, 400)).astype(dtype)  # large enough to be split
+    g, b = rng.standard_normal(400).astype(dtype), rng.standard_normal(400).astype(dtype)
+    qkv = rng.standard_normal((3, 64, 3 * 48)).astype(dtype)
+    dy, dqkv_in = rng.standard_normal(x.shape).astype(dtype), rng.standard_normal(
+        (3, 64, 48)).astype(dtype)
+
+    def run_all():
+        y, c = F.layernorm_fwd(x, g, b)
+        a, ca = F.gelu_fwd(x)
+        m, cm = F.mha_fwd(qkv, 4)
+        return [y, *F.layernorm_bwd(dy, c), a, F.gelu_bwd(dy, ca), m, F.mha_bwd(dqkv_in, cm)]
+
+    outs = {}
+    for n in ("1", "2", "3"):
+        monkeypatch.setenv("MINIPAR_WORKERS", n)
+        outs[n] = run_all()
+    for n in ("2", "3"):
+        for a, c in zip(outs["1"], outs[n]):
+            np.testing.assert_array_equal(a, c)
+    q, k, v = (F.split_heads(qkv[..., i * 48:(i + 1) * 48], 4) for i in range(3))
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    np.testing.assert_allclose(outs["3"][6], F.merge_heads(_plain_attention(q, k, v)),
+                               rtol=tol, atol=tol)
+    u = np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)
+    np.testing.assert_allclose(outs["3"][4], 0.5 * x * (1 + np.tanh(u)), rtol=tol, atol=tol)
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    np.testing.assert_allclose(outs["3"][0], (x - mu) / np.sqrt(var + 1e-5) * g + b,
+                               rtol=10 * tol, atol=10 * tol)
+
+
+def test_map_rows_covers_each_row_once_and_raises():
+    from minipar.nn import threads
+
+    seen = np.zeros(1000, dtype=int)
+
+    def mark(r):
+        seen[r] += 1
+
+    threads.map_rows(mark, 1000, 1 << 20, block=7, parts=3)
+    assert (seen == 1).all()
+    assert [(s.start, s.stop) for s in threads.row_slices(10, 3)] == [(0, 3), (3, 6), (6, 10)]
+
+    def boom(r):
+        if r.start >= 500:
+            raise ValueError("piece failed")
+
+    with pytest.raises(ValueError, match="piece failed"):
+        threads.map_rows(boom, 1000, 1 << 20, parts=2)
+
+
+def test_one_blas_thread_nests_and_restores(monkeypatch):
+    """One BLAS thread inside (also for the worker threads a kernel uses), the previous count
+    after the outermost exit; ranks of a thread world entering and leaving concurrently leave
+    the count as they found it. (OpenBLAS may ignore a count set from a non-main thread, so
+    inside a rank thread only the restoring is checked.)"""
+    import threading
+
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from minipar.nn import threads
+
+    def blas():
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info()
+                if i["user_api"] == "blas"]
+
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = blas()
+        assert before and before != [1] * len(before)
+        with threads.one_blas_thread():
+            seen = [blas()]
+            with threads.one_blas_thread():
+                seen.append(blas())
+            seen.append(blas())
+            worker = threading.Thread(target=lambda: seen.append(blas()))
+            worker.start()
+            worker.join()
+        assert seen == [[1] * len(before)] * 4
+        assert blas() == before
+        barrier = threading.Barrier(3)
+
+        def rank():
+            with threads.one_blas_thread():
+                barrier.wait()  # all three inside at once
+            with threads.one_blas_thread():
+                pass
+
+        ranks = [threading.Thread(target=rank) for _ in range(3)]
+        for t in ranks:
+            t.start()
+        for t in ranks:
+            t.join()
+        assert blas() == before
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1, "mask"])
+def test_adamw_in_slices_is_the_plain_formula_bit_for_bit(monkeypatch, decay):
+    from minipar.nn.optim import adamw_update
+
+    monkeypatch.setenv("MINIPAR_WORKERS", "2")
+    rng = np.random.default_rng(3)
+    n = 100_003  # several slices per worker, an odd tail
+    p, g = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
+    m = rng.standard_normal(n, dtype=np.float32)
+    v = np.abs(rng.standard_normal(n, dtype=np.float32))
+    wd = (rng.random(n) > 0.5).astype(np.float32) / 10 if decay == "mask" else decay
+    want = [a.copy() for a in (p, g, m, v)]
+    for step in (1, 2):
+        adamw_update(p, g, m, v, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=wd,
+                     step=step)
+        wp, wg, wm, wv = want  # the textbook form, one whole-array operation at a time
+        wm[:] = 0.9 * wm + (1 - 0.9) * wg
+        wv[:] = 0.99 * wv + (1 - 0.99) * (wg * wg)
+        upd = wm / (1 - 0.9 ** step) / (np.sqrt(wv / (1 - 0.99 ** step)) + 1e-8)
+        wp -= 1e-2 * (upd + wd * wp)
+    for got, exp in zip((p, m, v), (want[0], want[2], want[3])):
+        np.testing.assert_array_equal(got, exp)
+
+
+def test_kernels_still_split_in_a_forked_child(monkeypatch):
+    """A child forked after the pool exists gets its own pool instead of waiting on threads
+    that did not survive the fork."""
+    import multiprocessing as mp
+
+    from minipar.nn import threads
+
+    monkeypatch.setenv("MINIPAR_WORKERS", "2")
+    x = np.random.default_rng(0).standard_normal((64, 2048))
+    want = F.gelu_fwd(x)[0]  # the parent's pool now exists
+    with mp.get_context("fork").Pool(1) as pool:
+        got = pool.apply_async(F.gelu_fwd, (x,)).get(timeout=60)[0]
+    np.testing.assert_array_equal(got, want)
+    assert threads.workers() == 2

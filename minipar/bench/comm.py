@@ -21,10 +21,11 @@ of the trials' ratios and the times are each variant's fastest trial, so load fr
 processes on a shared machine disturbs the comparison as little as possible.
 
 Scaling (``--scaling``, or ``--scaling-only`` without the tables): ``python -m minipar.train
---quiet --summary`` at ``mpirun -n 1`` and ``-n 2`` (data parallel, one BLAS thread per rank) on
-the same global batch (default: the ``default`` preset, batch 256, 10 steps); reports tokens/s
-of each and the speedup. Two ranks can only beat one if the machine has two idle cores: the
-load average is printed alongside, because on a shared machine it decides the answer.
+--quiet --summary`` for each of ``SCALING_LAYOUTS`` on the same global batch (default: the
+``small`` preset, batch 64, 10 steps, a compute-bound step): dp=2 (one BLAS thread per rank)
+against one rank with one thread, and tp=2 and pp=2 against one rank with two threads. Two
+ranks can only beat one if the machine has two idle cores: the load average is printed
+alongside, because on a shared machine it decides the answer.
 """
 
 from __future__ import annotations
@@ -186,25 +187,61 @@ def summary_line(v: dict) -> str:
 
 # -- scaling -------------------------------------------------------------------------------------
 
+SCALING_LAYOUTS = [  # name, ranks, flags, BLAS threads per rank
+    ("1 rank, 1 thread", 1, [], 1),
+    ("dp=2", 2, [], 1),
+    ("1 rank, 2 threads", 1, [], 2),
+    ("tp=2", 2, ["--tp", "2"], 1),
+    ("pp=2", 2, ["--pp", "2", "--microbatches", "4", "--schedule", "1f1b"], 1),
+]
+
+
 def run_scaling(args) -> dict:
-    """tokens/s of ``minipar.train`` at mpirun -n 1 and -n 2, one BLAS thread per rank."""
+    """tokens/s of ``minipar.train`` for each of ``SCALING_LAYOUTS`` on the same global batch.
+
+    dp=2 is compared with one rank on one core (the speedup two cores give data parallelism);
+    tp=2 and pp=2 with one rank using both cores through its BLAS threads (efficiency: the
+    same CPU, so 1.0 means splitting the model costs nothing)."""
     from minipar.dist.mpirun import mpirun
 
     out: dict = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
-                 "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
+                 "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "layouts": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):
-            path = os.path.join(tmp, f"n{n}.json")
+        for i, (name, n, flags, threads) in enumerate(SCALING_LAYOUTS):
+            path = os.path.join(tmp, f"run{i}.json")
             mpirun(n, ["-m", "minipar.train", "--model", args.model, "--steps", args.steps,
                        "--batch-size", args.batch_size, "--eval-every", 10 ** 9, "--quiet",
-                       "--summary", path], stream=False, timeout=args.timeout)
+                       "--threads", threads, *flags, "--summary", path],
+                   stream=False, timeout=args.timeout)
             with open(path, encoding="utf-8") as f:
                 summary = json.load(f)
-            out[f"dp{n}_tokens_per_s"] = summary["tokens_per_s"]
-            out[f"dp{n}_comm"] = summary.get("comm", {})
+            out["layouts"][name] = {"ranks": n, "threads": threads,
+                                    "tokens_per_s": summary["tokens_per_s"],
+                                    "comm": summary.get("comm", {})}
     out["load_after"] = os.getloadavg()[0]
-    out["speedup"] = out["dp2_tokens_per_s"] / out["dp1_tokens_per_s"]
+    out.update(scaling_ratios({k: r["tokens_per_s"] for k, r in out["layouts"].items()}))
     return out
+
+
+def scaling_ratios(tps: dict) -> dict:
+    """dp=2's speedup over one rank on one core; tp=2's and pp=2's efficiency against one
+    rank on both cores (tokens/s over tokens/s)."""
+    return {"dp1_tokens_per_s": tps["1 rank, 1 thread"], "dp2_tokens_per_s": tps["dp=2"],
+            "speedup": tps["dp=2"] / tps["1 rank, 1 thread"],
+            "efficiency": {k: tps[k] / tps["1 rank, 2 threads"] for k in ("tp=2", "pp=2")}}
+
+
+def scaling_text(scale: dict) -> str:
+    """The scaling table: each layout's tokens/s and what it is compared with."""
+    lines = [f"{'layout':20s} {'tokens/s':>10s}  compared with"]
+    for name, r in scale["layouts"].items():
+        note = {"dp=2": f"speedup {scale['speedup']:.2f}x over 1 rank, 1 thread "
+                        "(target >= 1.85x)",
+                "tp=2": f"efficiency {scale['efficiency']['tp=2']:.2f} of 1 rank, 2 threads",
+                "pp=2": f"efficiency {scale['efficiency']['pp=2']:.2f} of 1 rank, 2 threads"
+                }.get(name, "")
+        lines.append(f"{name:20s} {r['tokens_per_s']:10,.0f}  {note}")
+    return "\n".join(lines)
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -223,8 +260,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling", action="store_true",
                    help="also time minipar.train at dp=1 and dp=2")
     p.add_argument("--scaling-only", action="store_true", help="--scaling, without the tables")
-    p.add_argument("--model", default="default", help="preset for --scaling")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch for --scaling")
+    p.add_argument("--model", default="small", help="preset for --scaling (default: small, "
+                   "where the step is compute-bound)")
+    p.add_argument("--batch-size", type=int, default=64, help="global batch for --scaling")
     p.add_argument("--steps", type=int, default=10, help="steps for --scaling")
     p.add_argument("--timeout", type=float, default=600, help="seconds per mpirun job")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -268,13 +306,10 @@ def main(argv=None) -> int:
         if args.scaling or args.scaling_only:
             result["scaling"] = scale = run_scaling(args)
             if not args.json:
-                print(f"\ndata-parallel scaling, {args.model} model, global batch "
-                      f"{args.batch_size}, {args.steps} steps, 1 BLAS thread per rank:\n"
-                      f"  dp=1 {scale['dp1_tokens_per_s']:,.0f} tokens/s, dp=2 "
-                      f"{scale['dp2_tokens_per_s']:,.0f} tokens/s: speedup "
-                      f"{scale['speedup']:.2f}x ({scale['cpus']} cores, load average "
-                      f"{scale['load_before']:.1f} before, {scale['load_after']:.1f} after)",
-                      flush=True)
+                print(f"\nscaling, {args.model} model, global batch {args.batch_size}, "
+                      f"{args.steps} steps ({scale['cpus']} cores, load average "
+                      f"{scale['load_before']:.1f} before, {scale['load_after']:.1f} after):\n"
+                      f"{scaling_text(scale)}", flush=True)
     except MPIRunError as exc:
         print(f"minipar.bench: error: {exc}", file=sys.stderr)
         return 1

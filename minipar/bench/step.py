@@ -7,6 +7,9 @@ achieved model FLOP/s and their ratio to the GEMM peak. Model FLOPs per token ar
 attention's QK^T and AV, which the causal kernel computes in full), where N counts the weights of
 the matrix products (not biases, LayerNorms or the embedding lookup tables).
 
+``--reference torch`` times the same GPT in PyTorch eager beside it (``minipar.bench.reference``)
+and ``--contention`` times it beside a busy process (``minipar.bench.contention``).
+
 Speed targets are checked here, by measurement, never by timed tests.
 """
 
@@ -59,29 +62,88 @@ def model_flops_per_token(cfg) -> float:
     return model_flops(cfg, 1) / cfg.seq_len
 
 
+class MiniparStep:
+    """One serial training step of a preset on fresh random tokens per call (the same token
+    stream for every instance: seed 0); ``weights`` are the initial ones, by name."""
+
+    def __init__(self, preset: str, batch: int, dtype: str):
+        from minipar import backend
+        from minipar.config import MODEL_PRESETS, ParallelConfig
+        from minipar.dist.mesh import Mesh
+        from minipar.engine import Engine
+
+        self.cfg = MODEL_PRESETS[preset]
+        self.batch = batch
+        self.engine = Engine(self.cfg, ParallelConfig(), Mesh.serial(), seed=0, dtype=dtype,
+                             lr=1e-4)
+        self.weights = {p.name: backend.to_host(p.data).copy() for p in self.engine.params}
+        self.rng = numpy.random.default_rng(0)
+
+    def __call__(self) -> tuple[float, float]:
+        """(seconds, loss) of one step."""
+        shape = (self.batch, self.cfg.seq_len)
+        x = self.rng.integers(0, self.cfg.vocab_size, shape)
+        y = self.rng.integers(0, self.cfg.vocab_size, shape)
+        t0 = time.perf_counter()
+        result = self.engine.train_step(x, y, normalizer=x.size)
+        _sync()
+        return time.perf_counter() - t0, result.loss
+
+
+def timed(steps: list, n: int, warmup: int = 2) -> list[dict]:
+    """Run each of ``steps`` (callables returning (seconds, loss)) ``warmup + n`` times,
+    interleaved step by step so that a change of load on a shared machine hits all alike;
+    per step: the median seconds and the first loss."""
+    times: list[list[float]] = [[] for _ in steps]
+    first: list = [None] * len(steps)
+    for i in range(warmup + n):
+        for j, step in enumerate(steps):
+            seconds, loss = step()
+            first[j] = loss if first[j] is None else first[j]
+            if i >= warmup:
+                times[j].append(seconds)
+    return [{"step_s": float(numpy.median(t)), "first_loss": f} for t, f in zip(times, first)]
+
+
 def bench_step(preset: str, batch: int, dtype: str, steps: int, warmup: int = 2) -> dict:
     """Time serial training steps of a preset on random tokens; returns the measurements."""
-    from minipar.config import MODEL_PRESETS, ParallelConfig
-    from minipar.dist.mesh import Mesh
-    from minipar.engine import Engine
+    run = MiniparStep(preset, batch, dtype)
+    (res,) = timed([run], steps, warmup)
+    return describe(preset, dtype, run, res)
 
-    cfg = MODEL_PRESETS[preset]
-    engine = Engine(cfg, ParallelConfig(), Mesh.serial(), seed=0, dtype=dtype, lr=1e-4)
-    rng = numpy.random.default_rng(0)
-    times = []
-    for i in range(warmup + steps):
-        x = rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len))
-        y = rng.integers(0, cfg.vocab_size, (batch, cfg.seq_len))
-        t0 = time.perf_counter()
-        engine.train_step(x, y, normalizer=x.size)
-        _sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    step_s = float(numpy.median(times))
-    tokens = batch * cfg.seq_len
-    return {"preset": preset, "batch": batch, "dtype": dtype, "step_s": step_s,
-            "tokens_per_s": tokens / step_s,
-            "achieved_flops": model_flops_per_token(cfg) * tokens / step_s}
+
+def describe(preset: str, dtype: str, run: MiniparStep, res: dict) -> dict:
+    """The bench's numbers for one timed step: seconds, tokens/s, model FLOP/s."""
+    tokens = run.batch * run.cfg.seq_len
+    step_s = res["step_s"]
+    return {"preset": preset, "batch": run.batch, "dtype": dtype, "step_s": step_s,
+            "tokens_per_s": tokens / step_s, "first_loss": res["first_loss"],
+            "achieved_flops": model_flops_per_token(run.cfg) * tokens / step_s}
+
+
+def reference_torch(args, peak: float) -> dict | None:
+    """minipar and PyTorch eager on the same GPT, steps interleaved (see
+    ``minipar.bench.reference``): None, with one line printed, when torch is not installed;
+    raises when the two disagree on the first loss (then they are not the same program)."""
+    from minipar.bench import reference
+
+    torch = reference.load_torch()
+    if torch is None:
+        print("minipar.bench: --reference torch: PyTorch is not installed (pip install "
+              "'minipar[torch]'); minipar's step alone is reported")
+        return None
+    mine = MiniparStep(args.model, args.batch_size, args.dtype)
+    theirs = reference.TorchStep(torch, mine.cfg, mine.weights, args.batch_size, args.dtype,
+                                 BLAS_THREADS)
+    ours, ref = timed([mine, theirs], args.steps)
+    if not numpy.isclose(ref["first_loss"], ours["first_loss"], rtol=1e-4):
+        raise RuntimeError(f"the PyTorch reference's first loss {ref['first_loss']:.6f} differs "
+                           f"from minipar's {ours['first_loss']:.6f}: not the same model")
+    tokens = args.batch_size * mine.cfg.seq_len
+    cmp = reference.comparison(ours, ref, tokens, model_flops_per_token(mine.cfg), peak)
+    return {**cmp, "step": describe(args.model, args.dtype, mine, ours),
+            "torch_version": str(torch.__version__), "threads": BLAS_THREADS,
+            "first_loss": {"minipar": ours["first_loss"], "torch": ref["first_loss"]}}
 
 
 def main(argv=None) -> int:
@@ -111,6 +173,11 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"])
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--reference", choices=["torch"], default=None,
+                        help="also time the same GPT in PyTorch eager with the same threads "
+                             "(optional extra: pip install 'minipar[torch]')")
+    parser.add_argument("--contention", action="store_true",
+                        help="also time the step beside a busy process and report the slowdown")
     parser.add_argument("--collectives", action="store_true",
                         help="instead: minipar vs raw mpi4py collectives under mpirun, and dp "
                              "scaling with --scaling (see python -m minipar.bench --collectives "
@@ -144,13 +211,28 @@ def main(argv=None) -> int:
     if not args.json:
         print(f"GEMM {args.gemm_size}^3 {args.dtype} on {backend.name()} "
               f"({BLAS_THREADS} BLAS threads): {peak / 1e9:.1f} GFLOP/s", flush=True)
-    step = bench_step(args.model, args.batch_size, args.dtype, args.steps)
+    ref = reference_torch(args, peak) if args.reference == "torch" else None
+    step = (ref["step"] if ref is not None else
+            bench_step(args.model, args.batch_size, args.dtype, args.steps))
     result = {"backend": backend.name(), "blas_threads": BLAS_THREADS, "gemm_flops": peak,
               **step, "ratio": step["achieved_flops"] / peak}
-    if args.json:
-        print(json.dumps(result))
-    else:
+    if not args.json:
         print(f"{args.model} step, batch {args.batch_size}: {step['step_s'] * 1e3:.0f} ms, "
               f"{step['tokens_per_s']:,.0f} tokens/s, {step['achieved_flops'] / 1e9:.1f} "
-              f"GFLOP/s = {result['ratio']:.0%} of the GEMM peak")
+              f"GFLOP/s = {result['ratio']:.0%} of the GEMM peak", flush=True)
+    if ref is not None:
+        from minipar.bench.reference import format_comparison
+
+        result["reference"] = {k: v for k, v in ref.items() if k != "step"}
+        if not args.json:
+            print(format_comparison(ref, ref["threads"], ref["torch_version"]), flush=True)
+    if args.contention:
+        from minipar.bench.contention import measure_contention, format_contention
+
+        result["contention"] = cont = measure_contention(
+            MiniparStep(args.model, args.batch_size, args.dtype), args.steps)
+        if not args.json:
+            print(format_contention(cont), flush=True)
+    if args.json:
+        print(json.dumps(result))
     return 0

@@ -14,6 +14,13 @@ Dimension legend, used in the shape comments on every tensor line:
 Kernels take the array module from ``minipar.backend`` (NumPy or CuPy) and keep the dtype of
 their inputs (float32 or float64). Temporaries are updated in place where that is safe, because
 on a CPU memory traffic, not arithmetic, is what these elementwise ops cost.
+
+Speed on a CPU (``minipar.nn.threads``). Row-wise kernels (LayerNorm, GELU, attention's softmax
+over each (batch, head)) are written for a slice of rows, ``_..._rows(...)``, and the public
+kernel runs that slice function over pieces of the rows on the rank's worker threads, a few
+rows at a time so each pass stays in cache. Rows are independent, so the result is the same bit
+for bit as one call over all rows; the reductions over rows (dg, db) are taken over the whole
+array, as before. Attention's batched small products run with one BLAS thread each.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import math
 
 from minipar import backend
+from minipar.nn import threads
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant (Hendrycks & Gimpel 2016)
 GELU_A = 0.044715
@@ -146,32 +154,64 @@ def residual_bwd(dy, cache=None):
 
 
 def layernorm_fwd(x, g, b, eps: float = 1e-5):
-    """(..., C) -> (..., C): normalise each token to zero mean, unit variance, then scale+shift."""
+    """(..., C) -> (..., C): normalise each token to zero mean, unit variance, then scale+shift.
+
+    Plain form: mu = mean(x); xhat = (x - mu) / sqrt(var(x) + eps); y = xhat g + b."""
     xp = backend.xp()
-    mu = x.mean(axis=-1, keepdims=True)  # (..., 1)
-    xhat = x - mu  # (..., C)
-    var = xp.mean(xhat * xhat, axis=-1, keepdims=True)  # (..., 1)
-    rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
+    c = x.shape[-1]
+    x2 = x.reshape(-1, c)  # (N, C)
+    xhat = xp.empty(x2.shape, dtype=x.dtype)  # (N, C)
+    rstd = xp.empty((len(x2), 1), dtype=x.dtype)  # (N, 1)
+    y = xp.empty(x2.shape, dtype=x.dtype)  # (N, C)
+
+    def rows(r):
+        _layernorm_rows(x2[r], g, b, eps, xhat[r], rstd[r], y[r])
+
+    threads.map_rows(rows, len(x2), x2.size, threads.cache_rows(c))
+    lead = x.shape[:-1]
+    return y.reshape(x.shape), (xhat.reshape(x.shape), rstd.reshape(*lead, 1), g)
+
+
+def _layernorm_rows(x, g, b, eps, xhat, rstd, y) -> None:
+    """LayerNorm of the rows x (n, C) into xhat, rstd (n, 1) and y."""
+    xp = backend.xp()
+    mu = x.mean(axis=-1, keepdims=True)  # (n, 1)
+    xp.subtract(x, mu, out=xhat)  # (n, C)
+    var = xp.mean(xhat * xhat, axis=-1, keepdims=True)  # (n, 1)
+    xp.divide(1.0, xp.sqrt(var + eps), out=rstd)
     xhat *= rstd
-    y = xhat * g  # (..., C)
+    xp.multiply(xhat, g, out=y)
     y += b
-    return y, (xhat, rstd, g)
 
 
 def layernorm_bwd(dy, cache):
     """Returns dx, dg, db. dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))."""
+    xp = backend.xp()
     xhat, rstd, g = cache
     c = xhat.shape[-1]
     lead = tuple(range(dy.ndim - 1))
     dg = (dy * xhat).sum(axis=lead)  # (C,)
     db = dy.sum(axis=lead)  # (C,)
-    dxhat = dy * g  # (..., C)
-    m1 = dxhat.sum(axis=-1, keepdims=True) / c  # (..., 1)
-    m2 = (dxhat * xhat).sum(axis=-1, keepdims=True) / c  # (..., 1)
-    dxhat -= m1
-    dxhat -= xhat * m2
-    dxhat *= rstd
-    return dxhat, dg, db
+    dy2, xhat2, rstd2 = dy.reshape(-1, c), xhat.reshape(-1, c), rstd.reshape(-1, 1)
+    dx = xp.empty(dy2.shape, dtype=dy.dtype)  # (N, C)
+
+    def rows(r):
+        _layernorm_bwd_rows(dy2[r], xhat2[r], rstd2[r], g, dx[r])
+
+    threads.map_rows(rows, len(dy2), dy2.size, threads.cache_rows(c))
+    return dx.reshape(dy.shape), dg, db
+
+
+def _layernorm_bwd_rows(dy, xhat, rstd, g, dx) -> None:
+    """dx of the rows dy (n, C), written into dx."""
+    xp = backend.xp()
+    c = xhat.shape[-1]
+    xp.multiply(dy, g, out=dx)  # dxhat (n, C)
+    m1 = dx.sum(axis=-1, keepdims=True) / c  # (n, 1)
+    m2 = (dx * xhat).sum(axis=-1, keepdims=True) / c  # (n, 1)
+    dx -= m1
+    dx -= xhat * m2
+    dx *= rstd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,23 +219,51 @@ def layernorm_bwd(dy, cache):
 
 
 def gelu_fwd(x):
+    """y = 0.5 x (1 + tanh(k (x + a x^3))); the cache keeps x and the tanh."""
     xp = backend.xp()
-    u = x * x  # (..., F)
-    u *= GELU_A
-    u += 1.0
-    u *= x
-    u *= GELU_K  # k (x + a x^3)
-    t = xp.tanh(u, out=u)  # (..., F), reuses u's memory
-    y = t + 1.0
-    y *= x
-    y *= 0.5
+    y, t = xp.empty(x.shape, dtype=x.dtype), xp.empty(x.shape, dtype=x.dtype)  # (..., F)
+    x2, y2, t2 = (a.reshape(-1, x.shape[-1]) for a in (x, y, t))  # (N, F)
+
+    def rows(r):
+        _gelu_rows(x2[r], y2[r], t2[r])
+
+    threads.map_rows(rows, len(x2), x.size, threads.cache_rows(x.shape[-1]))
     return y, (x, t)
 
 
+def _gelu_rows(x, y, t) -> None:
+    """GELU of the rows x into y, and the tanh into t (each step in place, no temporaries)."""
+    xp = backend.xp()
+    xp.multiply(x, x, out=t)
+    t *= GELU_A
+    t += 1.0
+    t *= x
+    t *= GELU_K  # k (x + a x^3)
+    xp.tanh(t, out=t)
+    xp.add(t, 1.0, out=y)
+    y *= x
+    y *= 0.5
+
+
 def gelu_bwd(dy, cache):
-    """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2)."""
+    """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2), times dy."""
+    xp = backend.xp()
     x, t = cache
-    inner = x * x  # (..., F)
+    dx = xp.empty(x.shape, dtype=x.dtype)  # (..., F)
+    f = x.shape[-1]
+    x2, t2, dy2, dx2 = (a.reshape(-1, f) for a in (x, t, dy, dx))  # (N, F)
+
+    def rows(r):
+        _gelu_bwd_rows(dy2[r], x2[r], t2[r], dx2[r])
+
+    threads.map_rows(rows, len(x2), x.size, threads.cache_rows(f))
+    return dx
+
+
+def _gelu_bwd_rows(dy, x, t, inner) -> None:
+    """GELU's input gradient of the rows, written into ``inner``."""
+    xp = backend.xp()
+    xp.multiply(x, x, out=inner)
     inner *= 3.0 * GELU_A * GELU_K
     inner += GELU_K  # k (1 + 3 a x^2)
     sech2 = t * t
@@ -207,7 +275,6 @@ def gelu_bwd(dy, cache):
     inner += 1.0
     inner *= 0.5
     inner *= dy
-    return inner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,26 +315,77 @@ def causal_bias(t: int, dtype):
 
 
 def attention_fwd(q, k, v):
-    """q, k, v (B, H, T, D) -> (B, H, T, D): softmax(q k^T / sqrt(D) + causal) v."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    s = q @ k.swapaxes(-1, -2)  # (B, H, T, T)
-    s *= scale
-    s += causal_bias(q.shape[-2], s.dtype)
-    p, _ = softmax_fwd(s, inplace=True)  # (B, H, T, T)
-    y = p @ v  # (B, H, T, D)
-    return y, (q, k, v, p, scale)
+    """q, k, v (B, H, T, D) -> (B, H, T, D): softmax(q k^T / sqrt(D) + causal) v.
+
+    Plain form, over all heads at once:
+        s = q @ k.swapaxes(-1, -2) * scale + causal;  p = softmax(s);  y = p @ v
+    computed here a few (batch, head) pairs at a time (``_attention_rows``) on the worker
+    threads, each product with one BLAS thread (see ``minipar.nn.threads``)."""
+    xp = backend.xp()
+    b, h, t, d = q.shape
+    scale = 1.0 / math.sqrt(d)
+    q3, k3, v3 = (_pairs(a) for a in (q, k, v))  # (B*H, T, D) each, contiguous
+    p = xp.empty((b * h, t, t), dtype=q.dtype)  # (B*H, T, T)
+    y = xp.empty_like(q3)  # (B*H, T, D)
+    bias = causal_bias(t, q.dtype)
+
+    def rows(r):
+        _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r])
+
+    with threads.one_blas_thread():
+        threads.map_rows(rows, b * h, b * h * t * t, threads.cache_rows(t * t, 1 << 16))
+    return y.reshape(q.shape), (q3, k3, v3, p, scale)
+
+
+def _pairs(x):
+    """(B, H, T, D) -> (B*H, T, D), contiguous (a copy only when x is a strided view)."""
+    return backend.xp().ascontiguousarray(x).reshape(-1, *x.shape[-2:])
+
+
+def _attention_rows(q, k, v, bias, scale, p, y) -> None:
+    """Attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D)."""
+    xp = backend.xp()
+    xp.matmul(q, k.swapaxes(-1, -2), out=p)  # (n, T, T) scores
+    p *= scale
+    p += bias
+    softmax_fwd(p, inplace=True)
+    xp.matmul(p, v, out=y)  # (n, T, D)
 
 
 def attention_bwd(dy, cache):
-    """Returns dq, dk, dv, each (B, H, T, D)."""
+    """Returns dq, dk, dv, each (B, H, T, D).
+
+    Plain form: dv = p^T dy;  dp = dy v^T;  ds = softmax_bwd(dp, p) * scale;
+    dq = ds k;  dk = ds^T q. Run a few (batch, head) pairs at a time, like the forward."""
+    grads = _attention_grads(dy, cache)  # (3, B*H, T, D)
+    return tuple(g.reshape(dy.shape) for g in grads)
+
+
+def _attention_grads(dy, cache):
+    """dq, dk, dv stacked in one (3, B*H, T, D) array."""
+    xp = backend.xp()
     q, k, v, p, scale = cache
-    dv = p.swapaxes(-1, -2) @ dy  # (B, H, T, D)
-    dp = dy @ v.swapaxes(-1, -2)  # (B, H, T, T)
-    ds = softmax_bwd(dp, p)  # (B, H, T, T); masked entries have p = 0 so ds = 0 there
+    n, t, _ = q.shape
+    dy3 = _pairs(dy)  # (B*H, T, D)
+    grads = xp.empty((3, *q.shape), dtype=q.dtype)  # (3, B*H, T, D)
+
+    def rows(r):
+        _attention_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r])
+
+    with threads.one_blas_thread():
+        threads.map_rows(rows, n, n * t * t, threads.cache_rows(t * t, 1 << 16))
+    return grads
+
+
+def _attention_bwd_rows(dy, q, k, v, p, scale, out) -> None:
+    """Gradients of n (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D)."""
+    xp = backend.xp()
+    xp.matmul(p.swapaxes(-1, -2), dy, out=out[2])  # dv (n, T, D)
+    dp = dy @ v.swapaxes(-1, -2)  # (n, T, T)
+    ds = softmax_bwd(dp, p)  # (n, T, T); masked entries have p = 0 so ds = 0 there
     ds *= scale
-    dq = ds @ k  # (B, H, T, D)
-    dk = ds.swapaxes(-1, -2) @ q  # (B, H, T, D)
-    return dq, dk, dv
+    xp.matmul(ds, k, out=out[0])  # dq (n, T, D)
+    xp.matmul(ds.swapaxes(-1, -2), q, out=out[1])  # dk (n, T, D)
 
 
 def split_heads(x, n_heads: int):
@@ -283,21 +401,29 @@ def merge_heads(x):
 
 
 def mha_fwd(qkv, n_heads: int):
-    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D)."""
-    c = qkv.shape[-1] // 3
-    q = split_heads(qkv[..., :c], n_heads)  # (B, H, T, D)
-    k = split_heads(qkv[..., c: 2 * c], n_heads)  # (B, H, T, D)
-    v = split_heads(qkv[..., 2 * c:], n_heads)  # (B, H, T, D)
-    y, cache = attention_fwd(q, k, v)  # (B, H, T, D)
+    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D).
+
+    Plain form: q, k, v = (split_heads(part, H) for part in the three thirds of qkv). Here one
+    transposing copy makes all three contiguous per (batch, head) at once."""
+    xp = backend.xp()
+    b, t, c3 = qkv.shape
+    d = c3 // (3 * n_heads)
+    qkv5 = xp.ascontiguousarray(
+        qkv.reshape(b, t, 3, n_heads, d).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
+    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2])  # (B, H, T, D)
     return merge_heads(y), (cache, n_heads)
 
 
 def mha_bwd(dy, cache):
-    """dy (B, T, H*D) -> dqkv (B, T, 3*H*D)."""
-    xp = backend.xp()
+    """dy (B, T, H*D) -> dqkv (B, T, 3*H*D).
+
+    Plain form: concatenate(merge_heads(dq), merge_heads(dk), merge_heads(dv)), here one
+    transposing copy of the stacked (dq, dk, dv)."""
     att_cache, n_heads = cache
-    dq, dk, dv = attention_bwd(split_heads(dy, n_heads), att_cache)
-    return xp.concatenate([merge_heads(dq), merge_heads(dk), merge_heads(dv)], axis=-1)
+    b, t, c = dy.shape
+    grads = _attention_grads(split_heads(dy, n_heads), att_cache)  # (3, B*H, T, D)
+    grads = grads.reshape(3, b, n_heads, t, c // n_heads)  # (3, B, H, T, D)
+    return grads.transpose(1, 3, 0, 2, 4).reshape(b, t, 3 * c)  # (B, T, 3C)
 
 
 # ---------------------------------------------------------------------------------------------

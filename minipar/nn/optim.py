@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from minipar import backend
+from minipar.nn import threads
 
 
 def adamw_update(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float,
@@ -17,19 +18,55 @@ def adamw_update(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: floa
     """One AdamW step in place (Loshchilov & Hutter 2019: decay decoupled from the gradient).
 
     ``weight_decay`` is a float or an array broadcastable to ``p`` (0 where decay is off).
-    """
+
+    Plain form:  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+                 p -= lr (m / bias1 / (sqrt(v / bias2) + eps) + weight_decay p).
+    Contiguous arrays are updated a cache-sized slice at a time on the worker threads
+    (``minipar.nn.threads``): the same operations in the same order, element by element, so the
+    result is bit for bit the one-call result, with one pass over memory instead of a dozen."""
     xp = backend.xp()
-    m *= beta1
-    m += (1.0 - beta1) * g
-    v *= beta2
-    v += (1.0 - beta2) * (g * g)
     bias1 = 1.0 - beta1 ** step
     bias2 = 1.0 - beta2 ** step
-    update = m / bias1
-    update /= xp.sqrt(v / bias2) + eps
-    update += weight_decay * p
-    update *= lr
-    p -= update
+    args = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, bias1=bias1, bias2=bias2)
+    arrays = (p, g, m, v)
+    decay_array = hasattr(weight_decay, "shape")
+    if decay_array:
+        arrays += (weight_decay,)
+    if backend.name() != "numpy" or any(
+            a.shape != p.shape or not a.flags.c_contiguous for a in arrays):
+        _adamw_slice(p, g, m, v, weight_decay, xp.empty_like(p), xp.empty_like(p), **args)
+        return
+    flat = [a.reshape(-1) for a in arrays]
+    block = 1 << 14  # 64 KiB of float32 per array: the slice's seven arrays stay in L2
+
+    def rows(r):
+        wd = flat[4][r] if decay_array else weight_decay
+        tmp, upd = xp.empty(r.stop - r.start, p.dtype), xp.empty(r.stop - r.start, p.dtype)
+        _adamw_slice(flat[0][r], flat[1][r], flat[2][r], flat[3][r], wd, tmp, upd, **args)
+
+    threads.map_rows(rows, p.size, p.size, block)
+
+
+def _adamw_slice(p, g, m, v, weight_decay, tmp, upd, *, lr, beta1, beta2, eps, bias1,
+                 bias2) -> None:
+    """adamw_update's arithmetic on one slice, with two scratch arrays of its size."""
+    xp = backend.xp()
+    m *= beta1
+    xp.multiply(1.0 - beta1, g, out=tmp)
+    m += tmp
+    v *= beta2
+    xp.multiply(g, g, out=tmp)
+    tmp *= 1.0 - beta2
+    v += tmp
+    xp.divide(m, bias1, out=upd)
+    xp.divide(v, bias2, out=tmp)
+    xp.sqrt(tmp, out=tmp)
+    tmp += eps
+    upd /= tmp
+    xp.multiply(weight_decay, p, out=tmp)
+    upd += tmp
+    upd *= lr
+    p -= upd
 
 
 def sgd_update(p, g, buf, *, lr: float, momentum: float, weight_decay, step: int) -> None:

@@ -115,8 +115,8 @@ def _t2(name, model, params_b, tp, pp, gpus, batch, b, tflops, zero=0):
     return PublishedRun(name=name, model=model, tp=tp, pp=pp, gpus=gpus, global_batch=batch,
                         microbatch_size=b, zero=zero, params_b=params_b,
                         measured={"tflops_per_gpu": tflops}, source=_T2,
-                        assumed="plain 1F1B, full recomputation; ZeRO-3 rows: model-parallel "
-                        "size read as tensor parallelism, gathers prefetched per layer")
+                        assumed="plain 1F1B, full recomputation; ZeRO-3 rows: no model "
+                        "parallelism (batch = GPUs x microbatch), gathers prefetched per layer")
 
 
 def _k5(name, model, tp, pp, gpus, batch, b, v, step_s, mfu=None, new=True):
@@ -135,11 +135,12 @@ VALIDATION_RUNS: list[PublishedRun] = [
     _t2("t2-ptdp-530b-560", _M530, 529.6, 8, 35, 560, 2240, 1, 171),
     _t2("t2-ptdp-530b-1120", _M530, 529.6, 8, 35, 1120, 2240, 1, 167),
     _t2("t2-ptdp-530b-2240", _M530, 529.6, 8, 35, 2240, 2240, 1, 159),
+    # "ZeRO-3 without model parallelism": model-parallel size 1 on every row.
     _t2("t2-zero3-175b-384", _M175, 174.6, 1, 1, 384, 1536, 4, 144, zero=3),
-    _t2("t2-zero3-175b-768", _M175, 174.6, 2, 1, 768, 1536, 2, 88, zero=3),
+    _t2("t2-zero3-175b-768", _M175, 174.6, 1, 1, 768, 1536, 2, 88, zero=3),
     _t2("t2-zero3-175b-1536", _M175, 174.6, 1, 1, 1536, 1536, 1, 44, zero=3),
     _t2("t2-zero3-530b-640", _M530, 529.6, 1, 1, 640, 2560, 4, 138, zero=3),
-    _t2("t2-zero3-530b-1120", _M530, 529.6, 2, 1, 1120, 2240, 2, 98, zero=3),
+    _t2("t2-zero3-530b-1120", _M530, 529.6, 1, 1, 1120, 2240, 2, 98, zero=3),
     _t2("t2-zero3-530b-2240", _M530, 529.6, 1, 1, 2240, 2240, 1, 48, zero=3),
     _k5("k5-22b-full", _M22, 8, 1, 8, 4, 4, 1, 1.42, new=False),
     _k5("k5-22b-sp-sel", _M22, 8, 1, 8, 4, 4, 1, 1.10, 0.415),

@@ -3,16 +3,35 @@
 Compute is the roofline of each kernel (``minipar.sim.kernels``). Collectives use the
 alpha-beta model of a ring (Thakur et al. 2005; Patarasuk and Yuan 2009): an allreduce over p
 ranks takes 2(p-1) alpha + 2(p-1)/p n / beta, an allgather or reduce-scatter half that, with
-alpha and beta those of the link tier the group spans. Ranks are placed as Megatron-LM places
-them (tensor parallel innermost, then data parallel, then pipeline), so tp groups of up to a
-node's GPUs use NVLink and the rest cross the network, where a group with g members on a node
-can use g NICs at once. Tensor-parallel collectives are not overlapped (Megatron-LM 2021);
-data-parallel sync overlaps the last backward only when gradient buckets are on; ZeRO-3 gathers
-are prefetched, so a pass takes the longer of its compute and its gathers.
+alpha and beta those of the slowest link the ring crosses. Ranks are placed as Megatron-LM
+places them (tensor parallel innermost, then data parallel, then pipeline), so tp groups of up
+to a node's GPUs ring over NVLink and every group that spans nodes runs at one NIC per rank.
+Tensor-parallel collectives are not overlapped (Megatron-LM 2021); data-parallel sync overlaps
+the last backward only when gradient buckets are on; ZeRO-3 gathers and reduce-scatters are
+prefetched unit by unit, so each unit's pass costs max(its compute, the traffic beside it) and
+the first gather and last reduce-scatter of a pass are exposed (``overlapped``): a terabyte of
+gathers on a 20 GB/s link takes 50 s whatever the compute it hides behind.
 
 The per-instruction costs feed the discrete-event simulator that runs the very program the
 executor runs (``minipar.sim.simulator``); ``use_simulator=False`` takes the closed form
 T = m max_s C_s + (p-1) mean_s C_s / v + 2 (p-1) P, exact for uniform stages (PTD-P 2.2).
+
+Against published runs (tests/test_costmodel.py; nothing here is fitted to them):
+
+* PTD-P table 1. Rows without a pipeline (1.7B-18B) come within -2% .. +2%; rows with one
+  (39B-1T) are optimistic by +9% .. +14%. That gap does not grow with the bubble (2% of the
+  step at 39B, 11% at 1T), so it is not the schedule's idle time but about 12% of every
+  microbatch's work that pipelining costs and the model leaves out. The likely cause (our
+  reading, not measured here): Megatron-LM's 2021 point-to-point exchanges were blocking and
+  synchronised adjacent stages every microbatch, so each stage ran at the pace of the slower
+  neighbour with its GPU queue drained between passes, where the model prices a transfer by
+  its bytes alone. So for pipelined layouts the model is an upper bound on throughput.
+* PTD-P table 2, ZeRO-3 without model parallelism: 1.05-1.4 TB per GPU per step on a ring over
+  all GPUs at one NIC each makes the step communication-bound from 768 GPUs on (TFLOP/s per
+  GPU halves as the GPU count doubles at a fixed batch, as measured). NCCL can stripe rings
+  over a node's 8 NICs; with that, 1536 GPUs would be compute-bound at ~229 TFLOP/s against
+  44 measured, so the model keeps the plain ring, as DeepSpeed's ZeRO-3 ran it then.
+* Korthikanti et al. table 5: step times within -10% .. -3%.
 """
 
 from __future__ import annotations
@@ -31,6 +50,7 @@ from minipar.sim.costmodel import (
 )
 from minipar.parallel.tensor import padded_vocab
 from minipar.sim.hardware import Hardware
+from minipar.sim.overlap import UnitCost, overlapped, zero3_recompute_bytes, zero3_traffic
 from minipar.sim.simulator import Timeline, simulate
 
 SIMULATE_UP_TO = 400_000  # instructions; beyond this the closed form is used
@@ -38,15 +58,20 @@ SIMULATE_UP_TO = 400_000  # instructions; beyond this the closed form is used
 
 # ------------------------------------------------------------------------- links and rings
 def group_tier(hw: Hardware, parallel: ParallelConfig, group: str) -> tuple[float, float]:
-    """(bytes/s per rank, latency per ring step) of a group under Megatron's rank order."""
+    """(bytes/s per rank, latency per ring step) of a group under Megatron's rank order.
+
+    A ring runs at the speed of its slowest edge (Patarasuk and Yuan 2009): a group whose ranks
+    all sit on one node rings over NVLink; a group that spans nodes has at least one network
+    edge per node it crosses, so every rank's share moves at one NIC's rate, however many of
+    the group's ranks share a node. (NCCL can stripe several rings over a node's NICs; PTD-P
+    table 2's ZeRO-3 rows, whose data-parallel ring puts 8 ranks on every node, show no such
+    gain, and neither do table 1's small-tp rows: see ``estimate``.)
+    """
     size, stride = {"tp": (parallel.tp, 1), "dp": (parallel.dp, parallel.tp),
                     "pp": (parallel.pp, parallel.tp * parallel.dp)}[group]
-    gpn = hw.gpus_per_node
-    if stride * size <= gpn:
+    if stride * size <= hw.gpus_per_node:
         return hw.intra_bw * hw.link_efficiency, hw.intra_latency
-    on_node = max(1, min(size, gpn // stride))
-    bw = min(hw.intra_bw, on_node * hw.inter_bw) * hw.link_efficiency
-    return bw, hw.inter_latency
+    return min(hw.intra_bw, hw.inter_bw) * hw.link_efficiency, hw.inter_latency
 
 
 def collective_time(c: cv.Collective, size: int, tier: tuple[float, float]) -> float:
@@ -70,29 +95,39 @@ def comm_time(cs: list[cv.Collective], hw: Hardware, parallel: ParallelConfig) -
 # ------------------------------------------------------------------------ per-chunk costs
 @dataclass
 class ChunkCost:
-    """Seconds of one microbatch through one local chunk, split by what they are."""
+    """Seconds of one microbatch through one local chunk, split by what they are.
+
+    The sums (``fwd_compute`` ...) say where the time goes; ``fwd``, ``bwd_input`` and ``bwd``
+    are what a pass costs, with ZeRO-3's traffic overlapped unit by unit (``overlapped``)."""
 
     fwd_compute: float = 0.0
     fwd_comm: float = 0.0  # tensor-parallel collectives of the forward
     bwd_compute: float = 0.0  # input-gradient kernels (+ recomputation)
     bwd_comm: float = 0.0
     wgrad_compute: float = 0.0  # weight-gradient GEMMs (the zero-bubble W pass)
-    zero3_fwd: float = 0.0  # parameter gathers (ZeRO-3), overlapped with compute
-    zero3_bwd: float = 0.0
+    zero3_fwd: float = 0.0  # parameter gathers (ZeRO-3), total seconds of the forward
+    zero3_bwd: float = 0.0  # gathers and reduce-scatters of the backward
     tp_bytes_fwd: float = 0.0
     tp_bytes_bwd: float = 0.0
+    units: list[UnitCost] = field(default_factory=list)  # in forward order
 
     @property
     def fwd(self) -> float:
-        return max(self.fwd_compute + self.fwd_comm, self.zero3_fwd)
+        u = self.units
+        return overlapped([x.fwd for x in u], [x.gather_fwd for x in u], [0.0] * len(u))
+
+    def _backward(self, weight: bool) -> float:
+        u = self.units[::-1]  # backward runs the units in reverse
+        return overlapped([x.bwd_input + (x.bwd_weight if weight else 0.0) for x in u],
+                          [x.gather_bwd for x in u], [x.scatter for x in u])
 
     @property
     def bwd_input(self) -> float:
-        return max(self.bwd_compute + self.bwd_comm, self.zero3_bwd)
+        return self._backward(weight=False)
 
     @property
     def bwd(self) -> float:
-        return max(self.bwd_compute + self.bwd_comm + self.wgrad_compute, self.zero3_bwd)
+        return self._backward(weight=True)
 
 
 def first_touch_time(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw: Hardware,
@@ -151,20 +186,28 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
             f_cs = tp_pass[u.kind](model, parallel, b, e, False)
             b_cs = tp_pass[u.kind](model, parallel, b, e, True)
             r_cs = f_cs if (u.kind == "block" and work.recompute == "full") else []
-            c.fwd_compute += K.total_time(forward[u.kind], hw, dt)
-            c.fwd_compute += first_touch_time(model, parallel, work, hw, u.kind)
-            c.bwd_compute += K.total_time(again + bi, hw, dt)
-            c.wgrad_compute += K.total_time(bw, hw, dt)
-            c.fwd_comm += comm_time(f_cs, hw, parallel) + fresh_output_time(f_cs, parallel, hw)
-            c.bwd_comm += comm_time(r_cs + b_cs, hw, parallel)
-            c.tp_bytes_fwd += sum(x.nbytes for x in f_cs)
-            c.tp_bytes_bwd += sum(x.nbytes for x in r_cs + b_cs)
+            x = UnitCost()
+            fwd_compute = (K.total_time(forward[u.kind], hw, dt)
+                           + first_touch_time(model, parallel, work, hw, u.kind))
+            fwd_comm = comm_time(f_cs, hw, parallel) + fresh_output_time(f_cs, parallel, hw)
+            bwd_compute = K.total_time(again + bi, hw, dt)
+            bwd_comm = comm_time(r_cs + b_cs, hw, parallel)
+            x.fwd, x.bwd_input = fwd_compute + fwd_comm, bwd_compute + bwd_comm
+            x.bwd_weight = K.total_time(bw, hw, dt)
             if parallel.zero >= 3 and parallel.dp > 1:
-                flat = -(-u.params // parallel.dp) * parallel.dp * e  # padded to dp shards
-                gather = comm_time([cv.Collective("dp", "allgather", flat)], hw, parallel)
-                scatter = comm_time([cv.Collective("dp", "reduce_scatter", flat)], hw, parallel)
-                c.zero3_fwd += gather
-                c.zero3_bwd += gather * (2 if r_cs else 1) + scatter
+                x.gather_fwd, x.gather_bwd, x.scatter = zero3_traffic(
+                    u, u.kind == "block" and work.recompute == "full", e,
+                    lambda cs: comm_time(cs, hw, parallel), parallel)
+            c.units.append(x)
+            c.fwd_compute += fwd_compute
+            c.fwd_comm += fwd_comm
+            c.bwd_compute += bwd_compute
+            c.bwd_comm += bwd_comm
+            c.wgrad_compute += x.bwd_weight
+            c.zero3_fwd += x.gather_fwd
+            c.zero3_bwd += x.gather_bwd + x.scatter
+            c.tp_bytes_fwd += sum(y.nbytes for y in f_cs)
+            c.tp_bytes_bwd += sum(y.nbytes for y in r_cs + b_cs)
         out.append(c)
     return out
 
@@ -193,7 +236,8 @@ def sync_and_step(model: ModelConfig, parallel: ParallelConfig, work: Workload, 
     """(exposed dp sync, optimizer step, dp bytes per step) of one stage."""
     e, m = dtype_bytes(work.dtype), work.microbatches(parallel.dp)
     sync_cs = cv.dp_sync(model, parallel, stage, e, m)
-    dp_bytes = sum(c.nbytes for c in sync_cs)
+    dp_bytes = sum(c.nbytes for c in sync_cs) + zero3_recompute_bytes(model, parallel, work,
+                                                                      stage)
     if parallel.zero >= 3:  # gathers and reduce-scatters already sit inside the passes
         sync_cs = []
     sync = comm_time(sync_cs, hw, parallel)
@@ -346,6 +390,7 @@ def predict_step_time(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batc
     return estimate(model_cfg, parallel_cfg, work, hardware).step_time_s
 
 
-__all__ = ["group_tier", "collective_time", "comm_time", "ChunkCost", "first_touch_time",
+__all__ = ["group_tier", "collective_time", "comm_time", "UnitCost", "overlapped", "ChunkCost",
+           "zero3_traffic", "zero3_recompute_bytes", "first_touch_time",
            "fresh_output_time", "chunk_costs", "p2p_message_time", "sync_and_step",
            "instruction_costs", "Estimate", "estimate", "predict_step_time"]

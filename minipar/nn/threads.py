@@ -1,0 +1,141 @@
+"""CPU threads for one rank's kernels: BLAS threads chosen per operation, and rows split over
+a few worker threads for the kernels NumPy runs on one core.
+
+Why per operation. A large GEMM splits well over every core the rank has. A batch of small ones
+does not: attention's ``q @ k^T`` over (B, H, T, D) is B x H separate BLAS calls, and with two
+BLAS threads each call hands half its work to the other thread and waits for it. When another
+process holds a core, that wait is a scheduler time slice per call: measured here, 744 ms per
+product against 4.4 ms with one thread. So batched small products run with one BLAS thread
+each (``one_blas_thread``), and their batch is split over the workers instead, one wait per
+operation instead of one per matrix (``map_rows``).
+
+Why workers. NumPy's elementwise kernels (GELU, softmax, LayerNorm, AdamW) use one core; on a
+machine with two, half of it idles through them. ``map_rows`` runs the same plain kernel on
+contiguous pieces of the rows in a small pool of threads (NumPy releases the GIL inside its
+loops). Each piece is computed exactly as the whole would be, row by row, so results are the
+same bit for bit whatever the number of workers.
+
+The worker count is the rank's BLAS thread count (set by ``minipar.dist.launch`` before NumPy
+loads: cores / ranks on this machine), or ``MINIPAR_WORKERS``. Only the NumPy backend is split;
+on a GPU every function here is the plain call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+from minipar import backend
+
+MIN_ROWS_ELEMENTS = 1 << 16  # below this many elements a split costs more than it saves
+
+_lock = threading.Lock()
+_state = {"depth": 0, "saved": None, "pool": None, "pool_key": None, "controller": None}
+
+
+def _controller():
+    """threadpoolctl's view of the BLAS libraries loaded in this process (None without it)."""
+    if _state["controller"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _state["controller"] = ThreadpoolController()
+        except Exception:  # noqa: BLE001 - no threadpoolctl: BLAS keeps its own setting
+            _state["controller"] = False
+    return _state["controller"] or None
+
+
+def workers() -> int:
+    """Threads a kernel may use on this rank: ``MINIPAR_WORKERS``, else the BLAS threads."""
+    env = os.environ.get("MINIPAR_WORKERS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def one_blas_thread():
+    """Run the block with one BLAS thread per call (batched small GEMMs), then restore.
+
+    The BLAS setting is per process, so nested and concurrent uses (ranks of an in-process
+    world are threads) are counted: the first entry sets 1, the last exit restores."""
+    ctl = _controller() if backend.name() == "numpy" else None
+    if ctl is None:
+        yield
+        return
+    with _lock:
+        if _state["depth"] == 0:
+            blas = [lib for lib in ctl.lib_controllers if lib.user_api == "blas"]
+            _state["saved"] = [(lib, lib.num_threads) for lib in blas]
+            for lib in blas:
+                lib.set_num_threads(1)
+        _state["depth"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["depth"] -= 1
+            if _state["depth"] == 0:
+                for lib, n in _state["saved"]:
+                    lib.set_num_threads(n)
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """The process's pool of ``n`` kernel threads (a forked child makes its own: threads do not
+    survive a fork, and the parent's pool would wait forever for them)."""
+    with _lock:
+        key = (os.getpid(), n)
+        if _state["pool"] is None or _state["pool_key"] != key:
+            _state["pool"] = ThreadPoolExecutor(n, thread_name_prefix="minipar-kernel")
+            _state["pool_key"] = key
+        return _state["pool"]
+
+
+def row_slices(rows: int, parts: int) -> list[slice]:
+    """``parts`` contiguous, nearly equal slices covering range(rows) (fewer if rows < parts)."""
+    parts = max(1, min(parts, rows))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def map_rows(fn, rows: int, elements: int, block: int | None = None,
+             parts: int | None = None) -> None:
+    """Call ``fn(rows_slice)`` over ``range(rows)``: one contiguous piece per worker, run in
+    parallel on the NumPy backend when the work (``elements``) is large enough, each piece in
+    turn cut into slices of at most ``block`` rows (so that a kernel's passes over a slice stay
+    in cache). ``fn`` writes its slice of the outputs itself; exceptions propagate."""
+    n = workers() if parts is None else parts
+    if backend.name() != "numpy" or n <= 1 or rows < 2 or elements < MIN_ROWS_ELEMENTS:
+        n = 1
+    step = max(1, block or rows)
+
+    def run(piece: slice) -> None:
+        for lo in range(piece.start, piece.stop, step):
+            fn(slice(lo, min(lo + step, piece.stop)))
+
+    pieces = row_slices(rows, n)
+    if n == 1 or threading.current_thread().name.startswith("minipar-kernel"):
+        for piece in pieces:  # no nested pools
+            run(piece)
+        return
+    futures = [_pool(n).submit(run, piece) for piece in pieces[1:]]
+    try:
+        run(pieces[0])  # the calling thread takes the first piece
+    finally:
+        for f in futures:
+            f.result()
+
+
+def cache_rows(row_elements: int, target: int = 1 << 15) -> int:
+    """Rows per slice so a slice of one array holds about ``target`` elements (128 KiB of
+    float32: a few such arrays fit a core's L2 cache)."""
+    return max(1, target // max(1, row_elements))
+
+__all__ = ["workers", "one_blas_thread", "row_slices", "map_rows", "cache_rows",
+           "MIN_ROWS_ELEMENTS"]
