@@ -73,16 +73,6 @@ def test_reference_interleaves_steps_and_checks_the_first_loss(monkeypatch):
         bench.reference_torch(Args, peak=1e9)
 
 
-def test_real_torch_reference_is_the_same_gpt():
-    """Only where PyTorch is installed (an optional extra): same weights, same first loss."""
-    torch = reference.load_torch()
-    if torch is None:
-        pytest.skip("PyTorch not installed (optional extra minipar[torch])")
-    mine = bench.MiniparStep("tiny", 2, "float64")
-    theirs = reference.TorchStep(torch, mine.cfg, mine.weights, 2, "float64", 1)
-    assert theirs()[1] == pytest.approx(mine()[1], rel=1e-10)
-
-
 def test_contention_interleaves_paused_and_running_busy_process(monkeypatch):
     """Steps alternate: the busy process is stopped for one, running for the next (read from
     /proc), and it is gone after; the slowdown is the ratio of the medians."""

@@ -335,6 +335,10 @@ def test_adamw_in_slices_is_the_plain_formula_bit_for_bit(monkeypatch, decay):
         np.testing.assert_array_equal(got, exp)
 
 
+def _gelu_on_host(x):
+    return F.gelu_fwd(x)[0]
+
+
 def test_kernels_still_split_in_a_forked_child(monkeypatch):
     """A child forked after the pool exists gets its own pool instead of waiting on threads
     that did not survive the fork."""
@@ -345,7 +349,7 @@ def test_kernels_still_split_in_a_forked_child(monkeypatch):
     monkeypatch.setenv("MINIPAR_WORKERS", "2")
     x = np.random.default_rng(0).standard_normal((64, 2048))
     want = F.gelu_fwd(x)[0]  # the parent's pool now exists
-    with mp.get_context("fork").Pool(1) as pool:
-        got = pool.apply_async(F.gelu_fwd, (x,)).get(timeout=60)[0]
+    with mp.get_context("fork").Pool(1) as pool:  # a picklable module function in the child
+        got = pool.apply_async(_gelu_on_host, (x,)).get(timeout=60)
     np.testing.assert_array_equal(got, want)
     assert threads.workers() == 2
