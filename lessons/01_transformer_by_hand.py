@@ -291,5 +291,5 @@ for name in ("sort", "reverse", "add"):  # Try: other tasks, other seeds
     assert abs(untrained - np.log(t.vocab_size)) < 0.1
 
 # %% [markdown]
-# Next: lesson 2 shows how ranks talk (collectives and what they cost), and lesson 3 uses them
+# Next: lesson 2 shows how ranks talk (collectives and what they cost), and lesson 4 uses them
 # to train this same model on several ranks with exactly the same result.

@@ -14,7 +14,7 @@
 # # Lesson 2: collectives, and what they cost
 #
 # **Prerequisites.** NumPy, and the idea of a process (a running program with its own memory).
-# No MPI knowledge: this lesson introduces it. Lesson 1 is not needed here, but lesson 3 uses
+# No MPI knowledge: this lesson introduces it. Lesson 1 is not needed here, but lesson 4 uses
 # both.
 #
 # **You will be able to** say what allreduce, reduce-scatter and allgather compute, build an
@@ -63,7 +63,7 @@ for r, out in enumerate(run_threads(show, P)):
 # %% [markdown]
 # An allreduce is exactly a reduce-scatter (rank r ends with piece r of the sum) followed by an
 # allgather (everybody collects every piece). Keep that in mind: it is the whole idea of ZeRO in
-# lesson 3, and of the ring below.
+# lesson 4, and of the ring below.
 #
 # ## 2. An allreduce from scratch: the ring
 #
@@ -178,7 +178,7 @@ for p in (2, 4, 8):
 # `minipar.sim.timing.collective_time` uses exactly this). A reduce-scatter or an allgather is
 # half of it: (p-1) alpha + (p-1)/p x n / beta. Small messages are latency-bound, big ones
 # bandwidth-bound: the two terms are equal at n_1/2 = p alpha beta, where the achieved
-# bandwidth is half of beta. That is why lesson 3 sends gradients in buckets much larger than
+# bandwidth is half of beta. That is why lesson 4 sends gradients in buckets much larger than
 # n_1/2, not one tensor at a time.
 #
 # ### Try: reduce-scatter then allgather is an allreduce

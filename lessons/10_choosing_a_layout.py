@@ -13,7 +13,7 @@
 # %% [markdown]
 # # Lesson 10: choosing a layout for a model and a cluster
 #
-# **Prerequisites.** Lesson 8, scaling up (the cost model `minipar.sim`, MFU, the bubble
+# **Prerequisites.** Lesson 9, scaling up (the cost model `minipar.sim`, MFU, the bubble
 # formulas) and the lessons before it: the memory lesson, data parallelism and ZeRO, tensor,
 # sequence and pipeline parallelism. Everything here is arithmetic on the cost model; nothing
 # runs on a GPU.
@@ -233,7 +233,7 @@ assert (par.tp, par.pp) == (8, 8) and est.tflops_per_gpu > 140
 # Korthikanti et al. train GPT-3 175B at t = 8, p = 8 too. PTD-P section 5.1 estimates GPT-3's
 # training time on 1024 A100s from a measured 140 TFLOP/s per GPU at batch 1536; the cost
 # model predicts more for this layout, by the same kind of margin as for PTD-P's own runs in
-# lesson 8, scaling up (it leaves out what slows real kernels and networks down).
+# lesson 9, scaling up (it leaves out what slows real kernels and networks down).
 #
 # How far is the procedure from the exhaustive search's best? Give it what the search may use
 # (selective recomputation with sequence parallelism, ZeRO-1) and compare the two steps term

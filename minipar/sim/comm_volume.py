@@ -3,7 +3,7 @@
 Each function below names one place where minipar's parallel code communicates and returns the
 collectives it issues there, so the prediction can be compared with a real run exactly and
 changed in one place if the implementation does something else. This is the only statement of
-minipar's traffic: the tensor-, data- and pipeline-parallel tests and lessons 04 and 05 compare
+minipar's traffic: the tensor-, data- and pipeline-parallel tests and lessons 5 and 6 compare
 ``CommStats`` with ``predict_comm_bytes`` (its "tp" entry is the tensor-parallel traffic).
 Accounting (``CommStats``): allreduce bytes = input nbytes; allgather = output nbytes;
 reduce_scatter = input nbytes; send = message nbytes; a group of one rank records nothing. The

@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 8: scaling up, from this machine to a GPT-3-size run
+# # Lesson 9: scaling up, from this machine to a GPT-3-size run
 #
 # **Prerequisites.** The memory lesson (16 bytes of model state per parameter, activations per
 # microbatch), data parallelism and ZeRO, tensor and sequence parallelism, pipeline schedules and
@@ -56,11 +56,11 @@ from minipar.sim.simulator import bubble_formula, simulate
 from minipar.sim.timing import estimate, instruction_costs
 
 GB = 1e9
-OUT = out_dir("08")
+OUT = out_dir("09")
 
 
 def save(fig, name: str) -> None:
-    """Save a figure under lessons/out/08/, say where, and show it (inline in a notebook)."""
+    """Save a figure under lessons/out/09/, say where, and show it (inline in a notebook)."""
     fig.tight_layout()
     path = OUT / name
     fig.savefig(path, dpi=120)

@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 12: synchronous vs asynchronous training
+# # Lesson 11: synchronous vs asynchronous training
 #
 # **Prerequisites.** The data-parallel lesson (ranks sum their gradients every step, and that is
 # exactly the serial run) and the collectives lesson (allreduce, send and receive).
@@ -37,7 +37,7 @@ from minipar.dist.comm import CommError, run_threads
 from minipar.lessons import out_dir
 from minipar.parallel.param_server import replay_reference, run_parameter_server
 
-OUT = out_dir("12")
+OUT = out_dir("11")
 
 # %% [markdown]
 # ## 1. A parameter server, message by message

@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 3: data parallelism and ZeRO
+# # Lesson 4: data parallelism and ZeRO
 #
 # **Prerequisites.** Lesson 1 (a training step: forward, backward, gradients, AdamW) and lesson
 # 2 (allreduce = reduce-scatter + allgather, bytes on the wire per rank, the alpha-beta model).
@@ -251,11 +251,11 @@ ax.set_ylabel("KiB per rank")
 ax.set_title(f"model states per rank: dp={DP}, {formula(0)[0]:,d} parameters, AdamW, float64")
 ax.legend()
 fig.tight_layout()
-save_figure(fig, "03", "zero_memory.png")
+save_figure(fig, "04", "zero_memory.png")
 
 # %% [markdown]
 # From 4 Psi b to about 4 Psi b / dp. What this chart leaves out is *activation* memory, which
-# ZeRO does not touch (lessons 5 and 6 do), and the buffers that live only *during* a step:
+# ZeRO does not touch (lessons 6 and 7 do), and the buffers that live only *during* a step:
 # ZeRO-3's gathered unit while it runs, and ZeRO-2's full gradient.
 #
 # ### Between steps is not the peak: ZeRO-2's gradient

@@ -11,9 +11,9 @@
 # ---
 
 # %% [markdown]
-# # Lesson 5: sequence parallelism — stop storing the same activations tp times
+# # Lesson 6: sequence parallelism — stop storing the same activations tp times
 #
-# **Prerequisites.** Lesson 4 (column- and row-parallel layers, f and g, heads over ranks) and
+# **Prerequisites.** Lesson 5 (column- and row-parallel layers, f and g, heads over ranks) and
 # lesson 2 (allreduce = reduce-scatter + allgather). What a layer caches for its backward pass
 # (lesson 1).
 #
@@ -21,7 +21,7 @@
 # under tensor parallelism with and without sequence parallelism, check the count against a
 # measurement and against Korthikanti et al.'s table, and say which collectives replace f and g.
 #
-# Tensor parallelism (lesson 4) splits every matrix of a block over the tp group, but between
+# Tensor parallelism (lesson 5) splits every matrix of a block over the tp group, but between
 # the matrices it leaves work that every rank repeats on the whole (B, T, C) tensor: the two
 # LayerNorms and the residual additions. Their activations are stored, identical, on every
 # rank. Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer
@@ -175,7 +175,7 @@ ax.set_ylabel("KiB kept per rank per block")
 ax.set_title(f"Activation memory of one block (B={B}, T={s}, C={h}, {a} heads, float64)")
 ax.legend(fontsize=8)
 fig.tight_layout()
-save_figure(fig, "05", "activation_memory.png")
+save_figure(fig, "06", "activation_memory.png")
 
 # %% [markdown]
 # Without sequence parallelism the curve flattens towards the replicated 4 sbh, however many

@@ -11,10 +11,10 @@
 # ---
 
 # %% [markdown]
-# # Lesson 9: the same model on the GPU
+# # Lesson 12: the same model on the GPU
 #
-# **Prerequisites.** Lesson 2 (collectives under `mpirun`, `CommStats`) and lesson 3 (data
-# parallelism); lessons 4-5 for the dp x tp layout below. No GPU and no CUDA knowledge needed:
+# **Prerequisites.** Lesson 2 (collectives under `mpirun`, `CommStats`) and lesson 4 (data
+# parallelism); lessons 5-6 for the dp x tp layout below. No GPU and no CUDA knowledge needed:
 # the lesson runs on any machine and says what would differ on a GPU.
 #
 # **You will be able to** run minipar on a GPU, explain what CUDA-aware MPI and host staging
@@ -47,7 +47,7 @@ from minipar.dist.comm import run_threads
 from minipar.lessons import mpirun, out_dir, save_figure
 from minipar.nn import functional as F
 
-OUT = out_dir("09")
+OUT = out_dir("12")
 
 # %% [markdown]
 # ## 1. Choosing the backend, and the GPU
@@ -309,12 +309,12 @@ ax.set_ylabel("path to MPI")
 ax.set_title("What one dp=2 step moves: staging adds two copies of every buffer")
 ax.legend(loc="lower right")
 fig.tight_layout()
-save_figure(fig, "09", "staging.png")
+save_figure(fig, "12", "staging.png")
 
 # %% [markdown]
 # Staging doubles the bytes each rank pushes through PCIe and puts the host in the path; with
 # CUDA-aware MPI on NVLink the same allreduce is an order of magnitude faster (the ratio
-# printed above). Overlapping the gradient sync with backward (`--bucket-mb`, lesson 3) hides
+# printed above). Overlapping the gradient sync with backward (`--bucket-mb`, lesson 4) hides
 # either behind compute.
 #
 # ### Try: a faster host link

@@ -11,16 +11,16 @@
 # ---
 
 # %% [markdown]
-# # Lesson 7: 3D parallelism — data, tensor and pipeline at once
+# # Lesson 8: 3D parallelism — data, tensor and pipeline at once
 #
-# **Prerequisites.** Lessons 3 (data parallelism, ZeRO), 4 (tensor parallelism) and 6
-# (pipeline schedules, the bubble); lesson 5 for the `--sequence-parallel` layout. Reading a
+# **Prerequisites.** Lessons 4 (data parallelism, ZeRO), 5 (tensor parallelism) and 7
+# (pipeline schedules, the bubble); lesson 6 for the `--sequence-parallel` layout. Reading a
 # Chrome trace helps but is not needed.
 #
 # **You will be able to** place ranks on a dp x pp x tp mesh and name every rank's partners,
 # run and trace a 3D job, and compare layouts of one model by speed, memory and traffic.
 #
-# Lessons 3 to 6 split the work along one axis at a time. Real runs combine all three
+# Lessons 4 to 7 split the work along one axis at a time. Real runs combine all three
 # (Narayanan et al. 2021, "PTD-P"): tensor parallelism inside a node where links are fastest,
 # pipeline stages across nodes, and data parallelism over whatever is left. In minipar the
 # three axes form one rank grid, the `Mesh`, and nothing else changes: the engine runs the same
@@ -66,7 +66,7 @@ assert rows[5][1] == (0, 1, 1) and rows[5][2] == {"dp": (5, 7), "tp": (4, 5), "p
 # Rank 5, for example, is dp replica 0, pipeline stage 1, tensor shard 1 (asserted above). It
 # exchanges partial sums with rank 4 (its tp partner) four times per block, sends gradients to
 # rank 1 (same dp and tp coordinates, previous stage) and receives activations from it, and
-# *sums* its gradients with rank 7, the other replica of the same shard: as in lesson 3, each
+# *sums* its gradients with rank 7, the other replica of the same shard: as in lesson 4, each
 # rank's loss is already divided by the token count of the whole global batch, so the sum is
 # the serial gradient.
 #
@@ -95,7 +95,7 @@ print(f"dp {DP_TRY} x pp {PP_TRY} x tp {TP_TRY}: rank 5 is (dp, pp, tp) = "
 # Chrome trace (open it at https://ui.perfetto.dev); `--plot` draws the last step.
 
 # %%
-OUT = out_dir("07")
+OUT = out_dir("08")
 common = ["--quiet", "--steps", "10", "--eval-every", "10", "--model", "default"]
 log = mpirun(8, ["-m", "minipar.train", *common, "--dp", "2", "--tp", "2", "--pp", "2",
                  "--microbatches", "4", "--zero", "1", "--summary", OUT / "3d.json",
@@ -111,7 +111,7 @@ show_image(OUT / "timeline.png")
 # 1F1B over 4 microbatches: stage 1 starts late (it waits for the first activation) and
 # finishes its backwards early; stage 0 idles at the start of the backward phase. That idle
 # time is the pipeline bubble, (p - 1) / (m + p - 1) = 1/5 of the step by the formula of
-# lesson 6. Inside every forward and backward box, thin communication marks are the tp
+# lesson 7. Inside every forward and backward box, thin communication marks are the tp
 # allreduces; at the end the gradient sync (reduce-scatter and allgather under ZeRO-1) runs
 # over the dp group.
 #
@@ -183,7 +183,7 @@ for name, tps, state, moved, loss in table:
 # What to notice:
 #
 # - **Memory.** Pure data parallelism keeps a whole copy of the parameters, gradients and
-#   optimizer state on every rank; tp and pp each cut that in half here (ZeRO, lesson 3, cuts
+#   optimizer state on every rank; tp and pp each cut that in half here (ZeRO, lesson 4, cuts
 #   it along dp instead).
 # - **Traffic.** Data parallelism moves the gradients once per step; tensor parallelism moves
 #   activations four times per block per microbatch, which is why it belongs inside a node;
@@ -203,7 +203,7 @@ assert all(0.45 < state[n] / state["dp 4"] < 0.55 for n in ("dp 2 x tp 2", "dp 2
 # %% [markdown]
 # ### Try: ZeRO on the data-parallel layout
 #
-# ZeRO (lesson 3) cuts the state along dp instead. Predict: with `--zero 1` on dp 4 the
+# ZeRO (lesson 4) cuts the state along dp instead. Predict: with `--zero 1` on dp 4 the
 # optimizer state per rank is a quarter (plus padding), parameters and gradients unchanged;
 # with `--zero 3` everything is about a quarter. Change `ZERO` and check.
 
@@ -237,4 +237,4 @@ except MPIRunError as exc:
     assert "--dp 3" in line
 
 # %% [markdown]
-# Lesson 8 takes these same formulas to thousands of GPUs with the cost model and simulator.
+# Lesson 9 takes these same formulas to thousands of GPUs with the cost model and simulator.

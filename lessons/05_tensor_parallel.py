@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # Lesson 4: tensor parallelism — splitting every matrix of a layer
+# # Lesson 5: tensor parallelism — splitting every matrix of a layer
 #
 # **Prerequisites.** Lesson 1 (the block's kernels and their backward passes) and lesson 2
 # (allreduce, `run_threads`, `CommStats`). Matrix products by blocks: (x W)[:, cols] = x W[:, cols].
@@ -398,4 +398,4 @@ except MPIRunError as exc:
 #
 # Tensor parallelism splits the weights and the work, but look again at the block: the
 # LayerNorms and the residual additions run on the whole (B, T, C) on *every* rank, and their
-# activations are stored tp times. Lesson 5 removes that waste with sequence parallelism.
+# activations are stored tp times. Lesson 6 removes that waste with sequence parallelism.

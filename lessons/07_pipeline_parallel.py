@@ -11,10 +11,10 @@
 # ---
 
 # %% [markdown]
-# # Lesson 6: pipeline parallelism — GPipe, 1F1B, interleaving and zero bubble
+# # Lesson 7: pipeline parallelism — GPipe, 1F1B, interleaving and zero bubble
 #
 # **Prerequisites.** Lesson 1 (forward and backward of a block; activations kept for backward)
-# and lesson 3 (microbatches and gradient accumulation). Point-to-point send and receive
+# and lesson 4 (microbatches and gradient accumulation). Point-to-point send and receive
 # (lesson 2). No tensor parallelism needed.
 #
 # **You will be able to** draw the timeline of GPipe, 1F1B, interleaved 1F1B and ZB-H1 for any
@@ -57,7 +57,7 @@ from minipar.parallel.program_checks import check_program
 from minipar.parallel.schedules import make_schedule, naive
 from minipar.sim.simulator import bubble_formula, simulate, unit_cost
 
-OUT = out_dir("06")
+OUT = out_dir("07")
 UNITS = "unit costs: a forward = 1"  # the x axis of simulated timelines
 
 
@@ -436,7 +436,7 @@ ax.set_title("peak activations of a stage, p = 4 (measured, thread world)")
 ax.legend(frameon=False)
 ax.grid(alpha=0.3)
 fig.tight_layout()
-save_figure(fig, "06", "memory.png")
+save_figure(fig, "07", "memory.png")
 
 # %% [markdown]
 # GPipe's peak grows with m: every microbatch's activations wait for the backward phase.
@@ -491,4 +491,4 @@ print(f"d_model {gpt.d_model}, seq {gpt.seq_len}: V = {V_EVEN} makes the head "
 assert abs(h_even / b_even - 1) < 0.01
 
 # %% [markdown]
-# Lesson 7 combines pipeline stages with data and tensor parallelism on one rank grid.
+# Lesson 8 combines pipeline stages with data and tensor parallelism on one rank grid.
