@@ -305,23 +305,25 @@ for size in ("22b", "175b", "530b", "1t"):
         ratios[full.name] * full.measured["step_time_s"])
     print(f"  {size:5s} SP + selective saves {pub:.0%} of the step (predicted {ours:.0%})")
     assert abs(ours - pub) < 0.05
-assert max(ptdp) < 1.25 and min(ptdp) > 1 and max(korth) < 1 and min(zero3) > 1.5
+assert within == len(ratios) and max(ptdp) < 1.25 and max(korth) < 1
+assert min(zero3) < 1 < max(zero3)  # bandwidth-bound runs now predicted below the measured
 
 # %% [markdown]
 # What this says, honestly (the ranges are the numbers printed above, the asserts keep them so):
 #
-# * PTD-P's own runs (tables 1 and 2) are all predicted *faster* than measured, by a margin that
-#   stays in the printed range from 32 to 2240 GPUs: the model's shape is right, and the systematic
-#   gap is what it leaves out (kernels below 80% of peak on small shapes, the data loader,
-#   imbalanced stages, network congestion).
+# * PTD-P's own runs (tables 1 and 2) are predicted at about their measured speed or *faster*, by a
+#   margin that stays in the printed range from 32 to 2240 GPUs: the model's shape is right, and
+#   the systematic gap is what it leaves out (kernels below 80% of peak on small shapes, the data
+#   loader, imbalanced stages, network congestion).
 # * Korthikanti et al.'s step times are all predicted *shorter* too, and the model gets the gain of
 #   sequence parallelism + selective recomputation over full recomputation within 5 points of the
 #   published one, from first principles: less recomputed work, fewer memory-bound passes.
-# * The ZeRO-3 rows miss badly (more than 1.5 x too optimistic). The model assumes parameter
-#   gathers are perfectly prefetched behind compute and that a ring over 1536 ranks runs at link
-#   speed. DeepSpeed's 2021 ZeRO-3 did neither at that scale: PTD-P measured it falling from
-#   144 to 44 TFLOP/s as the GPU count grew at a fixed batch. A model is only as good as what it
-#   chooses to count; here it did not count implementation overheads.
+# * The ZeRO-3 rows are where a model that ignores bandwidth would miss by 1.6 to 5 x: PTD-P
+#   measured DeepSpeed's ZeRO-3 falling from 144 to 44 TFLOP/s as the GPU count grew at a fixed
+#   batch, because every rank gathers every parameter and reduce-scatters every gradient each
+#   step, over a ring that spans nodes at one network card per rank. minipar's model charges each
+#   unit max(compute, its gathers and reduce-scatters) (``minipar/sim/overlap.py``), so the fall
+#   is predicted: within 25% on every row. A model is only as good as what it chooses to count.
 
 # %% [markdown]
 # ## 6. Predicted and measured, on one time axis, on this machine
