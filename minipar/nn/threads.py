@@ -132,10 +132,39 @@ def map_rows(fn, rows: int, elements: int, block: int | None = None,
             f.result()
 
 
+def map_blocks(fn, n_blocks: int, parts: int | None = None) -> None:
+    """Call ``fn(i)`` for every i in range(n_blocks), each worker taking the next block as it
+    comes free: a worker slowed down by another process on its core takes fewer blocks instead
+    of making the others wait for it (static halves would wait for the slower one)."""
+    n = workers() if parts is None else parts
+    if (backend.name() != "numpy" or n <= 1 or n_blocks <= 1
+            or threading.current_thread().name.startswith("minipar-kernel")):
+        for i in range(n_blocks):
+            fn(i)
+        return
+    blocks = iter(range(n_blocks))
+    take = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with take:
+                i = next(blocks, None)
+            if i is None:
+                return
+            fn(i)
+
+    futures = [_pool(n).submit(drain) for _ in range(min(n, n_blocks) - 1)]
+    try:
+        drain()  # the calling thread works too
+    finally:
+        for f in futures:
+            f.result()
+
+
 def cache_rows(row_elements: int, target: int = 1 << 15) -> int:
     """Rows per slice so a slice of one array holds about ``target`` elements (128 KiB of
     float32: a few such arrays fit a core's L2 cache)."""
     return max(1, target // max(1, row_elements))
 
-__all__ = ["workers", "one_blas_thread", "row_slices", "map_rows", "cache_rows",
+__all__ = ["workers", "one_blas_thread", "row_slices", "map_rows", "map_blocks", "cache_rows",
            "MIN_ROWS_ELEMENTS"]
