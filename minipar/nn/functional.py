@@ -21,7 +21,8 @@ kernel runs that slice function over pieces of the rows on the rank's worker thr
 rows at a time so each pass stays in cache. Rows are independent, so the result is the same bit
 for bit as one call over all rows; the reductions over rows (dg, db) are taken over the whole
 array, as before. Attention's batched small products run with one BLAS thread each, and the
-linear layers' GEMMs in row blocks that the workers take as they come free (``matmul``).
+linear layers' GEMMs in row blocks that the workers take as they come free
+(``threads.matmul``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ GELU_A = 0.044715
 def linear_fwd(x, w, b=None):
     """(..., in) @ (in, out) + (out,) -> (..., out). Flattens leading dims into one GEMM."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    y = matmul(x2, w)  # (N, out)
+    y = threads.matmul(x2, w)  # (N, out)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b is not None)
@@ -58,49 +59,16 @@ def linear_bwd(dy, cache):
 def linear_bwd_input(dy, cache):
     """The input-gradient half, dx = dy W^T (zero-bubble pipelines run it first)."""
     x, w, _ = cache
-    return matmul(dy.reshape(-1, dy.shape[-1]), w.T).reshape(x.shape)  # (..., in)
+    return threads.matmul(dy.reshape(-1, dy.shape[-1]), w.T).reshape(x.shape)  # (..., in)
 
 
 def linear_bwd_weight(dy, cache):
     """The weight-gradient half, dW = x^T dy and db (may run later, off the critical path)."""
     x, _, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-    dw = matmul(x.reshape(-1, x.shape[-1]).T, dy2)  # (in, out)
+    dw = threads.matmul(x.reshape(-1, x.shape[-1]).T, dy2)  # (in, out)
     db = dy2.sum(axis=0) if has_bias else None  # (out,)
     return dw, db
-
-
-GEMM_BLOCK_ROWS = 64  # rows of a per block: big enough for BLAS to run near its peak
-
-
-def matmul(a, b):
-    """a @ b for 2-D a (n, k) and b (k, m).
-
-    Plain form: ``a @ b``. On the NumPy backend a large product is cut into blocks of rows of
-    a, each one single-threaded BLAS call, taken by the rank's worker threads as they come free
-    (``threads.map_blocks``): with another process on a core, the other worker simply takes
-    more blocks, where BLAS's own threads split the work in fixed halves and wait for the
-    slower. The blocks depend only on the shape and the worker count, never on timing, so a
-    result is reproducible; at the model's shapes it is bit for bit the one-call result (the
-    tests check it), though BLAS may round small pieces differently, as it does when its own
-    thread count changes."""
-    xp = backend.xp()
-    n, m = a.shape[0], b.shape[1]
-    parts = threads.workers()
-    if (backend.name() != "numpy" or parts <= 1 or n < 2 * GEMM_BLOCK_ROWS
-            or n * m * a.shape[1] < (1 << 22)):
-        return a @ b
-    out = xp.empty((n, m), dtype=xp.result_type(a, b))  # (n, m)
-    blocks = min(4 * parts, n // GEMM_BLOCK_ROWS)
-    bounds = [n * i // blocks for i in range(blocks + 1)]
-
-    def block(i):
-        lo, hi = bounds[i], bounds[i + 1]
-        xp.matmul(a[lo:hi], b, out=out[lo:hi])
-
-    with threads.one_blas_thread():
-        threads.map_blocks(block, blocks)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
