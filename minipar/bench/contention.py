@@ -4,9 +4,10 @@ A rank rarely has its machine to itself: another job, or more ranks than cores u
 ``mpirun``. A step whose threads meet at a barrier per small operation then slows down by far
 more than the CPU it lost (the issue measured 744 ms instead of 4.4 ms for one attention
 product). This times the same serial step alone and beside one process that spins on a core,
-the two interleaved step by step, and reports the slowdown: with c cores and a busy process on one of them,
-a step that degrades in proportion to its CPU share is about c / (c - 1/2)..c / (c - 1) slower
-(2 cores: 1.3x-2x); the target is at most ~2.5x.
+the two interleaved step by step, and reports the slowdown. With c cores and one of them taken,
+a step that degrades in proportion to the CPU it gets is c / (c - 1/2) to c / (c - 1) slower
+(2 cores: 1.3x to 2x, the busy process getting half a core or a whole one); the target is at
+most ~2.5x.
 """
 
 from __future__ import annotations

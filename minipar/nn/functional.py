@@ -20,7 +20,9 @@ over each (batch, head)) are written for a slice of rows, ``_..._rows(...)``, an
 kernel runs that slice function over pieces of the rows on the rank's worker threads, a few
 rows at a time so each pass stays in cache. Rows are independent, so the result is the same bit
 for bit as one call over all rows; the reductions over rows (dg, db) are taken over the whole
-array, as before. Attention's batched small products run with one BLAS thread each.
+array, as before. Attention's batched small products run with one BLAS thread each, and the
+linear layers' GEMMs in row blocks that the workers take as they come free
+(``threads.matmul``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ GELU_A = 0.044715
 def linear_fwd(x, w, b=None):
     """(..., in) @ (in, out) + (out,) -> (..., out). Flattens leading dims into one GEMM."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-    y = x2 @ w  # (N, out)
+    y = threads.matmul(x2, w)  # (N, out)
     if b is not None:
         y += b
     return y.reshape(*x.shape[:-1], w.shape[1]), (x, w, b is not None)
@@ -57,14 +59,14 @@ def linear_bwd(dy, cache):
 def linear_bwd_input(dy, cache):
     """The input-gradient half, dx = dy W^T (zero-bubble pipelines run it first)."""
     x, w, _ = cache
-    return (dy.reshape(-1, dy.shape[-1]) @ w.T).reshape(x.shape)  # (..., in)
+    return threads.matmul(dy.reshape(-1, dy.shape[-1]), w.T).reshape(x.shape)  # (..., in)
 
 
 def linear_bwd_weight(dy, cache):
     """The weight-gradient half, dW = x^T dy and db (may run later, off the critical path)."""
     x, _, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
-    dw = x.reshape(-1, x.shape[-1]).T @ dy2  # (in, out)
+    dw = threads.matmul(x.reshape(-1, x.shape[-1]).T, dy2)  # (in, out)
     db = dy2.sum(axis=0) if has_bias else None  # (out,)
     return dw, db
 

@@ -9,6 +9,10 @@ product against 4.4 ms with one thread. So batched small products run with one B
 each (``one_blas_thread``), and their batch is split over the workers instead, one wait per
 operation instead of one per matrix (``map_rows``).
 
+The linear layers' large GEMMs (``matmul``) are cut into row blocks that the workers take as
+they come free, each one BLAS call with one thread: a worker that loses its core to another
+process takes fewer blocks instead of making the product wait for it.
+
 Why workers. NumPy's elementwise kernels (GELU, softmax, LayerNorm, AdamW) use one core; on a
 machine with two, half of it idles through them. ``map_rows`` runs the same plain kernel on
 contiguous pieces of the rows in a small pool of threads (NumPy releases the GIL inside its
@@ -132,10 +136,72 @@ def map_rows(fn, rows: int, elements: int, block: int | None = None,
             f.result()
 
 
+def map_blocks(fn, n_blocks: int, parts: int | None = None) -> None:
+    """Call ``fn(i)`` for every i in range(n_blocks), each worker taking the next block as it
+    comes free: a worker slowed down by another process on its core takes fewer blocks instead
+    of making the others wait for it (static halves would wait for the slower one)."""
+    n = workers() if parts is None else parts
+    if (backend.name() != "numpy" or n <= 1 or n_blocks <= 1
+            or threading.current_thread().name.startswith("minipar-kernel")):
+        for i in range(n_blocks):
+            fn(i)
+        return
+    blocks = iter(range(n_blocks))
+    take = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with take:
+                i = next(blocks, None)
+            if i is None:
+                return
+            fn(i)
+
+    futures = [_pool(n).submit(drain) for _ in range(min(n, n_blocks) - 1)]
+    try:
+        drain()  # the calling thread works too
+    finally:
+        for f in futures:
+            f.result()
+
+
 def cache_rows(row_elements: int, target: int = 1 << 15) -> int:
     """Rows per slice so a slice of one array holds about ``target`` elements (128 KiB of
     float32: a few such arrays fit a core's L2 cache)."""
     return max(1, target // max(1, row_elements))
 
-__all__ = ["workers", "one_blas_thread", "row_slices", "map_rows", "cache_rows",
-           "MIN_ROWS_ELEMENTS"]
+GEMM_BLOCK_ROWS = 64  # rows of a per block: big enough for BLAS to run near its peak
+
+
+def matmul(a, b):
+    """a @ b for 2-D a (n, k) and b (k, m).
+
+    Plain form: ``a @ b``. On the NumPy backend a large product is cut into blocks of rows of
+    a, each one single-threaded BLAS call, taken by the rank's worker threads as they come free
+    (``map_blocks``): with another process on a core, the other worker simply takes
+    more blocks, where BLAS's own threads split the work in fixed halves and wait for the
+    slower. The blocks depend only on the shape and the worker count, never on timing, so a
+    result is reproducible; at the model's shapes it is bit for bit the one-call result (the
+    tests check it), though BLAS may round small pieces differently, as it does when its own
+    thread count changes."""
+    xp = backend.xp()
+    n, m = a.shape[0], b.shape[1]
+    parts = workers()
+    if (backend.name() != "numpy" or parts <= 1 or n < 2 * GEMM_BLOCK_ROWS
+            or n * m * a.shape[1] < (1 << 22)):
+        return a @ b
+    out = xp.empty((n, m), dtype=xp.result_type(a, b))  # (n, m)
+    blocks = min(4 * parts, n // GEMM_BLOCK_ROWS)
+    bounds = [n * i // blocks for i in range(blocks + 1)]
+
+    def block(i):
+        lo, hi = bounds[i], bounds[i + 1]
+        xp.matmul(a[lo:hi], b, out=out[lo:hi])
+
+    with one_blas_thread():
+        map_blocks(block, blocks)
+    return out
+
+
+__all__ = ["workers", "one_blas_thread", "row_slices", "map_rows", "map_blocks", "cache_rows",
+           "matmul", "MIN_ROWS_ELEMENTS", "GEMM_BLOCK_ROWS"]
