@@ -126,10 +126,3 @@ def evaluate_snapshots(replica: Replica, snapshots: list) -> list[tuple]:
         metrics = replica.evaluate(weights)
         out.append((seconds, updates, metrics.get("exact_match", metrics["loss"])))
     return out
-
-
-def describe(result: ModeResult) -> str:
-    t = result.times
-    share = t.wait_s / max(t.busy_s + t.wait_s, 1e-12)
-    return (f"{result.mode}: busy {t.busy_s:.2f} s, waiting {t.wait_s:.2f} s "
-            f"({100 * share:.0f}% waiting)")

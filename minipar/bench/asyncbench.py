@@ -23,7 +23,9 @@ import time
 
 from minipar.dist.launch import configure_threads
 
-MODE_RUNS = (("sync", {}), ("ps", {}), ("ssp", {"staleness": 2}), ("local-sgd", {"sync_every": 4}))
+SSP_BOUND, LOCAL_H = 2, 4
+MODE_RUNS = (("sync", {}), ("ps", {}), ("ssp", {"staleness": SSP_BOUND}),
+             ("local-sgd", {"sync_every": LOCAL_H}))
 PROG = "python -m minipar.bench --async"
 
 
@@ -151,7 +153,7 @@ def rates(row: dict) -> tuple[str, str]:
         return f"{wall / steps:.4f} s/step", f"{S.sync_step_s(compute, comm):.4f} s/step"
     if row["mode"] == "local-sgd":
         return (f"{wall / steps:.4f} s/step",
-                f"{S.local_sgd_step_s(compute, comm, 4):.4f} s/step")
+                f"{S.local_sgd_step_s(compute, comm, LOCAL_H):.4f} s/step")
     model = S.ps_updates_per_s if row["mode"] == "ps" else S.ssp_updates_per_s
     return f"{pushes / wall:.1f} updates/s", f"{model(compute, comm):.1f} updates/s"
 
@@ -195,7 +197,8 @@ def plot(rows: list, path: str, target: float) -> str:
         label = row["mode"] + ("" if row["straggler"] is None else " (straggler)")
         ax_t.plot(secs, metric, style, color=colors[row["mode"]], label=label)
         ax_b.plot(batches, metric, style, color=colors[row["mode"]], label=label)
-    for ax, xlabel in ((ax_t, "wall time (s)"), (ax_b, "worker batches used (B / workers rows each)")):
+    data_label = "worker batches used (B / workers rows each)"
+    for ax, xlabel in ((ax_t, "wall time (s)"), (ax_b, data_label)):
         ax.axhline(target, color="#999999", lw=0.8, ls=":")
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
@@ -239,7 +242,7 @@ def main(argv=None) -> int:
         return 1
     print(f"{args.ranks} ranks (1 server or idle + {args.ranks - 1} workers), {args.model} "
           f"model on sort, batch {args.batch_size}, {args.steps} steps per worker, AdamW lr "
-          f"{args.lr:g}; ssp s=2, local-sgd H=4; EM = held-out exact match")
+          f"{args.lr:g}; ssp s={SSP_BOUND}, local-sgd H={LOCAL_H}; EM = held-out exact match")
     print(report(rows, args.target))
     if args.json:
         with open(args.json, "w") as fh:

@@ -254,7 +254,8 @@ class Server:
 
 
 class Worker:
-    """One worker rank: pull, compute, push, ``steps`` times; ``delay`` slows its compute."""
+    """One worker rank: pull, compute, push until server 0 says STOP; ``delay`` slows its
+    compute."""
 
     def __init__(self, comm: Comm, roles: Roles, worker: int, grad_fn: GradFn, dtype,
                  delay: Callable[[float], float] | None = None) -> None:

@@ -45,3 +45,10 @@ def make_delay(rank: int, straggler: tuple[int, float] | None = None, jitter: fl
         extra = rng.exponential(jitter) if jitter > 0 else 0.0
         return (factor - 1.0 + extra) * compute_s
     return delay
+
+
+def delay_from_flags(straggler: str | None, jitter: float, rank: int, world_size: int,
+                     seed: int = 0) -> Callable[[float], float] | None:
+    """This rank's delay as ``--straggler RANK:FACTOR`` and ``--jitter J`` ask for it."""
+    parsed = parse_straggler(straggler, world_size) if straggler else None
+    return make_delay(rank, parsed, jitter, seed)

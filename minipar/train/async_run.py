@@ -63,16 +63,15 @@ def check_mode(args, world: int) -> None:
 
 def run_async(args, cfg, task, world, say) -> dict:
     """Train in ``args.mode`` (collective over ``world``); returns the summary on every rank."""
-    from minipar import backend
     from minipar.modes import Replica, run_mode
-    from minipar.parallel.stragglers import make_delay, parse_straggler
+    from minipar.parallel.stragglers import delay_from_flags, parse_straggler
 
     with_server = args.mode in ("ps", "ssp")
     servers = (args.servers or 1) if with_server else 0
     workers = world.size - servers
     replica = Replica(cfg, task, args.batch_size, workers, seed=args.seed, dtype=args.dtype)
     straggler = parse_straggler(args.straggler, world.size) if args.straggler else None
-    delay = make_delay(world.rank, straggler, args.jitter, args.seed)
+    delay = delay_from_flags(args.straggler, args.jitter, world.rank, world.size, args.seed)
     say(f"mode    | {args.mode}: " + (
         f"{servers} server(s) + {workers} worker(s), staleness "
         f"{'unbounded' if args.mode == 'ps' else args.staleness}" if with_server else
@@ -104,4 +103,4 @@ def run_async(args, cfg, task, world, say) -> dict:
             "wall_s": wall, "eval": metrics, "ranks": [
                 {"busy_s": b, "wait_s": w, "steps": n} for b, w, n in times],
             "staleness": stale, "final_loss_worker0": None if not result.losses
-            else result.losses[-1], "weights_dtype": str(backend.to_host(result.weights).dtype)}
+            else result.losses[-1]}

@@ -277,12 +277,10 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
 
 def _straggler_delay(args, world):
     """The sleep after each of this rank's steps that ``--straggler``/``--jitter`` ask for."""
-    if not getattr(args, "straggler", None) and not getattr(args, "jitter", 0.0):
-        return None
-    from minipar.parallel.stragglers import make_delay, parse_straggler
+    from minipar.parallel.stragglers import delay_from_flags
 
-    straggler = parse_straggler(args.straggler, world.size) if args.straggler else None
-    return make_delay(world.rank, straggler, args.jitter, args.seed)
+    return delay_from_flags(getattr(args, "straggler", None), getattr(args, "jitter", 0.0),
+                            world.rank, world.size, args.seed)
 
 
 def _train_steps(args, cfg, task, engine, mesh, start, console, tracer, save) -> Record:
