@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def chunks_per_stage(args) -> int:
+    """Model chunks per stage: 2 for the interleaved schedule, else 1."""
+    return 2 if args.schedule == "interleaved" else 1
+
+
 def split_values(text: str) -> list[str]:
     """``equal,balanced`` or ``equal;6,2``: the --partition value of each run."""
     if ";" in text:
@@ -86,6 +91,7 @@ def measure(args, split: str, workdir: str) -> dict:
                      "--layers", str(args.layers), "--d-model", str(args.d_model),
                      "--vocab", str(args.vocab), "--batch-size", str(args.batch_size),
                      "--microbatches", str(args.microbatches), "--schedule", args.schedule,
+                     "--virtual-stages", str(chunks_per_stage(args)),
                      "--steps", str(args.steps), "--eval-every", str(10 ** 9),
                      "--partition", split, "--trace", trace, "--summary", summary],
            timeout=args.timeout, stream=False)
@@ -121,7 +127,7 @@ def predict(args, cfg, blocks: list[int], hw) -> float:
     from minipar.sim.costmodel import Workload
     from minipar.sim.timing import estimate
 
-    v = 2 if args.schedule == "interleaved" else 1
+    v = chunks_per_stage(args)
     par = ParallelConfig(pp=args.pp, schedule=args.schedule, microbatches=args.microbatches,
                          virtual_stages=v, partition=tuple(blocks))
     work = Workload(global_batch=args.batch_size,
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
 
     cfg = replace(MODEL_PRESETS["default"], vocab_size=args.vocab, n_layers=args.layers,
                   d_model=args.d_model)
-    v = 2 if args.schedule == "interleaved" else 1
+    v = chunks_per_stage(args)
     try:
         if args.steps <= args.warmup:
             raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
