@@ -251,3 +251,23 @@ def test_banner_shows_the_chosen_split():
                            "--quiet", "--partition", "balanced"], n=2)
     assert codes == [0, 0]
     assert "split   | --partition " in out and "(balanced)" in out
+
+
+def test_simulate_cli_takes_the_same_partition(capsys):
+    """``python -m minipar.simulate --partition``: the split shows in the layout and moves the
+    predicted step; a bad one is one line naming the flag."""
+    from minipar.simulate import main as simulate
+
+    base = ["--model", "gpt3-125m", "--layers", "8", "--vocab", "200000", "--pp", "2",
+            "--gpus", "2", "--global-batch", "16", "--json"]
+    import json
+
+    assert simulate(base) == 0
+    equal = json.loads(capsys.readouterr().out)
+    assert simulate([*base, "--partition", "balanced"]) == 0
+    balanced = json.loads(capsys.readouterr().out)
+    assert equal["layout"]["partition"] == [] and balanced["layout"]["partition"] == [7, 1]
+    assert balanced["step_time_s"] < equal["step_time_s"]
+    assert simulate([*base, "--partition", "4,3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--partition 4,3: the counts sum to 7" in err[0]
