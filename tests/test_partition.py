@@ -6,6 +6,7 @@ between splits; bad values are one line naming the flag."""
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from minipar.dist.comm import local_comm, run_threads
 from minipar.models.gpt import build_chunks
 from minipar.nn.module import BuildContext
 from minipar.parallel.schedules import Bwd, Fwd
-from minipar.sim.costmodel import Workload, model_flops, param_count
+from minipar.sim.costmodel import Workload, model_flops, param_count, units
 from minipar.sim.hardware import A100_80GB
 from minipar.sim.partition import balanced_blocks, partition, resolve_partition, unit_flops
 from minipar.sim.timing import instruction_costs
@@ -84,8 +85,10 @@ def test_each_stage_builds_the_blocks_its_partition_names(data):
     ctx = BuildContext(0, "float64", local_comm(), False)
     for s in range(pp):
         built = build_chunks(cfg, ctx, pp, v, s, blocks)
-        for chunk, cost in zip(built, report.stage_chunks(s)):
-            assert len(chunk.blocks) == blocks[chunk.spec.index] == cost.n_layers
+        par = ParallelConfig(pp=pp, virtual_stages=v, partition=blocks)
+        for chunk, cost, unit in zip(built, report.stage_chunks(s), units(cfg, par, s)):
+            n = sum(u.kind == "block" for u in unit)
+            assert len(chunk.blocks) == blocks[chunk.spec.index] == cost.n_layers == n
         assert report.stage_params(s) == sum(int(np.prod(p.full_shape))
                                              for c in built for p in c.params())
     assert sum(report.stage_params(s) for s in range(pp)) == param_count(cfg)
@@ -237,8 +240,6 @@ def test_a_checkpoint_saved_under_one_split_resumes_under_another(tmp_path):
     assert codes == [0, 0], err
     assert "--partition 1,2 (explicit)" in out
 
-    import json
-
     def losses(p):
         return json.loads(p.read_text())["losses"]
 
@@ -260,8 +261,6 @@ def test_simulate_cli_takes_the_same_partition(capsys):
 
     base = ["--model", "gpt3-125m", "--layers", "8", "--vocab", "200000", "--pp", "2",
             "--gpus", "2", "--global-batch", "16", "--json"]
-    import json
-
     assert simulate(base) == 0
     equal = json.loads(capsys.readouterr().out)
     assert simulate([*base, "--partition", "balanced"]) == 0

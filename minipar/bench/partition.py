@@ -6,12 +6,12 @@ vocabulary (2 b s h V FLOPs per microbatch), so with a large vocabulary it is th
 and every other stage waits for it. ``--partition balanced`` moves blocks off it
 (``minipar.sim.partition.balanced_blocks``). This benchmark runs the same model, batch and
 schedule with each split (``python -m minipar.train --pp P --partition ... --trace``, launched
-for you), and reads each training step from the trace: a stage is busy while it runs a forward
+for you, the splits alternating ``--repeat`` times), and reads each training step from the trace: a stage is busy while it runs a forward
 or backward pass; the bubble is the idle share of the pipeline phase, 1 - sum of busy /
 (P x time to the last pass), the simulator's definition (``minipar.sim.simulator``). The
 median over the timed steps is reported beside the simulator's prediction for the same layout,
-on this machine as a GEMM rate describes it (``--hardware-file`` from ``python -m minipar.bench
---measure-hardware`` describes it better).
+on this machine as the CPU-time rate of the model's GEMMs describes it (``--hardware-file``
+from ``python -m minipar.bench --measure-hardware`` describes it better).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "names (explicit counts: 'equal;6,2')")
     p.add_argument("--steps", type=int, default=8, help="training steps per split")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the median")
+    p.add_argument("--repeat", type=int, default=2, help="runs per split, alternating splits")
     p.add_argument("--hardware-file", default=None, metavar="FILE",
                    help="this machine for the prediction (python -m minipar.bench "
                         "--measure-hardware); default: a quick GEMM measurement")
@@ -83,7 +84,7 @@ def step_bubbles(doc: dict, ranks: int) -> list[dict]:
 
 
 def measure(args, split: str, workdir: str) -> dict:
-    """Train with ``--partition split`` under mpirun; the median step's measured numbers."""
+    """Train with ``--partition split`` under mpirun; each timed step's measured numbers."""
     from minipar.dist.mpirun import mpirun
 
     trace, summary = os.path.join(workdir, "trace.json"), os.path.join(workdir, "s.json")
@@ -99,25 +100,39 @@ def measure(args, split: str, workdir: str) -> dict:
         steps = step_bubbles(json.load(fh), args.pp)[args.warmup:]
     with open(summary) as fh:
         done = json.load(fh)
-    blocks, shape = done["layout"]["partition"], done["model"]
-    mid = sorted(steps, key=lambda s: s["bubble"])[len(steps) // 2]
-    return {"split": split, "blocks": blocks, "model": shape, "bubble": statistics.median(
-        s["bubble"] for s in steps), "pipeline_s": statistics.median(
-        s["pipeline_s"] for s in steps), "busy_s": mid["busy_s"], "steps": len(steps)}
+    return {"split": split, "blocks": done["layout"]["partition"], "model": done["model"],
+            "per_step": steps}
 
 
-def hardware(args):
-    """This machine for the simulator: the measured file, else one GEMM rate (1 thread)."""
+def summarize(runs: list[dict]) -> dict:
+    """One split's runs as one row: the medians over its steps of the bubble, the pipeline
+    time and each stage's busy time."""
+    steps = [s for run in runs for s in run["per_step"]]
+    busy = [statistics.median(s["busy_s"][r] for s in steps)
+            for r in range(len(steps[0]["busy_s"]))]
+    return {**{k: runs[0][k] for k in ("split", "blocks", "model")},
+            "bubble": statistics.median(s["bubble"] for s in steps),
+            "imbalance": statistics.median(max(s["busy_s"]) * len(s["busy_s"]) / sum(s["busy_s"])
+                                           for s in steps),
+            "pipeline_s": statistics.median(s["pipeline_s"] for s in steps),
+            "busy_s": busy, "steps": len(steps), "runs": len(runs), "per_step": steps}
+
+
+def hardware(args, seq_len: int):
+    """This machine for the simulator: the measured file, else the CPU-time rate of the
+    block's GEMMs at this model's shapes (``minipar.bench.probe``), one thread per rank."""
     from minipar.sim.hardware import Hardware
 
     path = args.hardware_file
     if path is None:
-        from minipar.bench.step import gemm_flops
+        from minipar.bench.probe import Workload as Probe
+        from minipar.bench.probe import measure_gemm
 
+        rate = measure_gemm(Probe(d_model=args.d_model, seq_len=seq_len,
+                                  batch_size=max(1, args.batch_size // args.microbatches)))
         fd, path = tempfile.mkstemp(suffix=".json")
         with os.fdopen(fd, "w") as fh:
-            json.dump({"gemm_flops": gemm_flops("float32", 512, 0.5), "cores": os.cpu_count()},
-                      fh)
+            json.dump({"gemm_flops": rate, "cores": os.cpu_count()}, fh)
     return Hardware.from_bench_json(path).shared_by(args.pp)
 
 
@@ -137,19 +152,24 @@ def predict(args, cfg, blocks: list[int], hw) -> float:
 
 
 def report(rows: list[dict]) -> str:
-    lines = [f"{'--partition':<12} {'blocks':<14} {'bubble':>8} {'predicted':>10} "
-             f"{'pipeline':>10}  busy per stage (s)"]
+    """The table: per split, the measured and predicted bubble, the slowest stage's busy time
+    over the mean (measured, and in FLOPs), the pipeline phase and each stage's busy time."""
+    lines = [f"{'--partition':<12} {'blocks':<10} {'bubble':>7} {'predicted':>9} "
+             f"{'slowest/mean':>12} {'FLOPs':>6} {'pipeline':>9}  busy per stage (s)"]
     for r in rows:
         busy = " ".join(f"{b:.3f}" for b in r["busy_s"])
-        lines.append(f"{r['split']:<12} {','.join(map(str, r['blocks'])):<14} "
-                     f"{100 * r['bubble']:>7.1f}% {100 * r['predicted']:>9.1f}% "
-                     f"{1e3 * r['pipeline_s']:>8.1f}ms  {busy}")
+        lines.append(f"{r['split']:<12} {','.join(map(str, r['blocks'])):<10} "
+                     f"{100 * r['bubble']:>6.1f}% {100 * r['predicted']:>8.1f}% "
+                     f"{r['imbalance']:>11.2f}x {r['flop_imbalance']:>5.2f}x "
+                     f"{1e3 * r['pipeline_s']:>7.0f}ms  {busy}")
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
-        lines.append(f"{b['split']} vs {a['split']}: pipeline phase "
-                     f"{a['pipeline_s'] / b['pipeline_s']:.2f}x faster (measured), bubble "
-                     f"{100 * a['bubble']:.1f}% -> {100 * b['bubble']:.1f}% (predicted "
-                     f"{100 * a['predicted']:.1f}% -> {100 * b['predicted']:.1f}%)")
+        lines.append(f"{a['split']} -> {b['split']}: bubble {100 * a['bubble']:.1f}% -> "
+                     f"{100 * b['bubble']:.1f}% (predicted {100 * a['predicted']:.1f}% -> "
+                     f"{100 * b['predicted']:.1f}%), slowest stage {a['imbalance']:.2f}x -> "
+                     f"{b['imbalance']:.2f}x the mean; pipeline phase "
+                     f"{a['pipeline_s'] / b['pipeline_s']:.2f}x as fast (times move with the "
+                     "machine's load, ratios within a step much less)")
     return "\n".join(lines)
 
 
@@ -158,6 +178,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from minipar.config import MODEL_PRESETS, ConfigError, replace
     from minipar.dist.mpirun import MPIRunError
+    from minipar.sim.hardware import Hardware
     from minipar.sim.partition import partition, resolve_partition
 
     cfg = replace(MODEL_PRESETS["default"], vocab_size=args.vocab, n_layers=args.layers,
@@ -166,29 +187,37 @@ def main(argv=None) -> int:
     try:
         if args.steps <= args.warmup:
             raise ConfigError(f"--steps {args.steps} must exceed --warmup {args.warmup}")
+        if args.repeat < 1:
+            raise ConfigError(f"--repeat must be >= 1, got {args.repeat}")
         for split in split_values(args.splits):
             resolve_partition(split, cfg, args.pp, v)  # one line now, not after a run
-        hw = hardware(args)
+        if args.hardware_file is not None:
+            Hardware.from_bench_json(args.hardware_file)
     except ConfigError as exc:
         print(f"minipar.bench: error: {exc}", file=sys.stderr)
         return 2
-    rows = []
-    for split in split_values(args.splits):
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                row = measure(args, split, tmp)
-            except MPIRunError as exc:
-                print(f"minipar.bench: error: the run with --partition {split} failed: "
-                      f"{str(exc)[-2000:]}", file=sys.stderr)
-                return 1
+    runs: dict = {split: [] for split in split_values(args.splits)}
+    for _ in range(args.repeat):  # alternate the splits: a change of load hits them alike
+        for split in runs:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    runs[split].append(measure(args, split, tmp))
+                except MPIRunError as exc:
+                    print(f"minipar.bench: error: the run with --partition {split} failed: "
+                          f"{str(exc)[-2000:]}", file=sys.stderr)
+                    return 1
+    rows, hw = [summarize(r) for r in runs.values()], None
+    for row in rows:
         m = row["model"]  # the model the run trained (the task sets the sequence length)
         cfg = replace(cfg, seq_len=m["seq_len"], n_heads=m["heads"])
+        hw = hw or hardware(args, cfg.seq_len)
         row["predicted"] = predict(args, cfg, row["blocks"], hw)
-        row["blocks"] = partition(cfg, args.pp, v, tuple(row["blocks"])).blocks
-        rows.append(row)
+        split = partition(cfg, args.pp, v, tuple(row["blocks"]))
+        row["blocks"], row["flop_imbalance"] = split.blocks, split.imbalance
     print(f"pp {args.pp}, {args.schedule} x {args.microbatches} microbatches, {args.layers} "
           f"layers, d_model {args.d_model}, vocab {args.vocab}, batch {args.batch_size}; "
-          f"median of {rows[0]['steps']} steps; predicted on {hw.name}")
+          f"median of {rows[0]['steps']} steps in {args.repeat} run(s) per split, alternating; "
+          f"predicted on {hw.name}")
     print(report(rows))
     if args.json:
         with open(args.json, "w") as fh:
