@@ -535,36 +535,44 @@ assert flop_runs["balanced"].makespan < flop_runs["equal"].makespan
 # %% [markdown]
 # Now measured. `python -m minipar.bench --partition` trains the same model with each split
 # under `mpirun -n 2` (here 8 blocks of width 128 and a 4096-token vocabulary, so that the head
-# weighs about 2.6 blocks), reads every step's passes from the `--trace` and reports the
-# median bubble (as the simulator defines it: time a stage is not in a forward or backward
-# pass, over p x the time to the last pass), the simulator's prediction for the same layout
-# on this machine (from a GEMM rate), and each stage's busy time.
+# weighs about 2.6 blocks), reads every step's passes from the `--trace` and reports medians
+# over the steps: the bubble (as the simulator defines it: time a stage is not in a forward or
+# backward pass, over p x the time to the last pass) beside the simulator's prediction for the
+# same layout on this machine (from the CPU-time rate of the model's matrix products), the
+# slowest stage's busy time over the mean (measured, and in FLOPs), and each stage's busy time.
 
 # %%
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 bench = subprocess.run([sys.executable, "-m", "minipar.bench", "--partition", "--d-model",
-                        "128", "--vocab", "4096", "--steps", "5", "--warmup", "1"],
+                        "128", "--vocab", "4096", "--steps", "5", "--warmup", "1", "--repeat",
+                        "1"],
                        capture_output=True, text=True, timeout=600, check=True)
 print(bench.stdout)
 
 # %% [markdown]
-# Measured on a 2-core machine shared with other jobs (so each number moves by several points
-# from run to run), with the command's defaults (width 256, vocabulary 8192, 8 blocks, 8
-# microbatches of 1F1B), two runs:
+# Measured on a 2-core machine shared with other jobs, with the command's defaults (8 blocks
+# of width 256, a vocabulary of 8192, 8 microbatches, each split run twice, alternating),
+# three runs: two of 1F1B and one with `--schedule interleaved` (2 chunks per stage):
 #
-# | split | blocks | bubble measured | predicted | pipeline phase |
-# |---|---|---|---|---|
-# | equal | 4,4 | 26.5%, 32.2% | 27.2%, 25.6% | 1347, 1275 ms |
-# | balanced | 5,3 | 17.9%, 20.1% | 17.9%, 15.3% | 1181, 1131 ms |
+# | schedule | split | blocks | bubble | predicted | slowest / mean: measured, FLOPs | pipeline |
+# |---|---|---|---|---|---|---|
+# | 1f1b | equal | 4,4 | 24.4%, 26.4% | 25.6%, 26.5% | 1.19x, 1.25x | 583, 596 ms |
+# | 1f1b | balanced | 5,3 | 21.4%, 24.6% | 15.2%, 16.7% | 1.04-1.06x, 1.06x | 524, 535 ms |
+# | interleaved | equal | 2,2,2,2 | 29.9% | 23.3% | 1.23x, 1.25x | 678 ms |
+# | interleaved | balanced | 3,2,2,1 | 27.1% | 14.1% | 1.03x, 1.06x | 505 ms |
 #
-# Balancing took a third off the bubble and made the pipeline phase 1.13-1.14x faster, as the
-# simulator predicted. With `--schedule interleaved` (2 chunks per stage) the bubble fell from
-# 32.1% to 26.2% (predicted 22.9% to 13.5%), yet the step was no faster on that busy machine.
-# FLOPs are a proxy for time: at small widths the head's softmax over the vocabulary and the
-# blocks' small matrix products cost more than their FLOPs say, and the busy column shows which
-# stage really is the slowest. Lesson 11 measures the other side of load balancing, a slow
-# rank in data parallelism.
+# Balancing did what the FLOPs said it would to the stages: the slowest stage went from about
+# 1.2x the mean busy time to within 6% of it, and the pipeline phase got 1.11x (1F1B) and
+# 1.34x (interleaved, one run) faster. The bubble fell less than the simulator predicts: with
+# the stages even, what is left is the fill and drain of the schedule (the formula's
+# (p-1)/(m+p-1) = 11% for 1F1B) plus the sends, receives and per-pass overheads of two
+# processes sharing two busy cores, which the simulator prices as if the cores were free. With
+# equal stages the prediction and the measurement agree within 1-7 points. FLOPs are a proxy for
+# time: at small widths the head's softmax over the vocabulary and the blocks' small matrix
+# products cost more than their FLOPs say (the tiny model of the run above may even get slower),
+# and the busy column shows which stage really is the slowest. Lesson 11 measures the other
+# side of load balancing: a slow rank in data parallelism.
 #
 # Lesson 8 combines pipeline stages with data and tensor parallelism on one rank grid.

@@ -6,12 +6,14 @@ vocabulary (2 b s h V FLOPs per microbatch), so with a large vocabulary it is th
 and every other stage waits for it. ``--partition balanced`` moves blocks off it
 (``minipar.sim.partition.balanced_blocks``). This benchmark runs the same model, batch and
 schedule with each split (``python -m minipar.train --pp P --partition ... --trace``, launched
-for you, the splits alternating ``--repeat`` times), and reads each training step from the trace: a stage is busy while it runs a forward
-or backward pass; the bubble is the idle share of the pipeline phase, 1 - sum of busy /
-(P x time to the last pass), the simulator's definition (``minipar.sim.simulator``). The
-median over the timed steps is reported beside the simulator's prediction for the same layout,
-on this machine as the CPU-time rate of the model's GEMMs describes it (``--hardware-file``
-from ``python -m minipar.bench --measure-hardware`` describes it better).
+for you, the splits alternating ``--repeat`` times so that a change of load hits them alike),
+and reads each training step from the trace: a stage is busy while it runs a forward or
+backward pass; the bubble is the idle share of the pipeline phase, 1 - sum of busy / (P x time
+to the last pass), the simulator's definition (``minipar.sim.simulator``). Medians over the
+timed steps are reported beside the simulator's prediction for the same layout, on this
+machine as the CPU-time rate of the model's GEMMs describes it (``--hardware-file`` from
+``python -m minipar.bench --measure-hardware`` describes it better), and the slowest stage's
+busy time over the mean, measured and in FLOPs (the partition report's balance).
 """
 
 from __future__ import annotations
