@@ -77,6 +77,7 @@ class ParallelConfig:
     microbatches: int = 1  # microbatches per step per dp rank (gradient accumulation)
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     bucket_mb: float = 0.0  # gradient bucket size for overlapped dp sync; 0 = sync after backward
+    partition: tuple[int, ...] = ()  # blocks per global chunk (--partition); () = equal split
 
     @property
     def world(self) -> int:
@@ -136,14 +137,42 @@ class ParallelConfig:
                 f"--sequence-parallel needs --tp {self.tp} to divide the sequence length "
                 f"({model.seq_len})")
         chunks = self.pp * self.virtual_stages
-        if model.n_layers % chunks:
+        if self.partition:
+            check_partition(self.partition, model.n_layers, self.pp, self.virtual_stages)
+        elif model.n_layers % chunks:
             raise ConfigError(
                 f"--layers {model.n_layers} must be divisible by --pp x --virtual-stages = "
-                f"{self.pp} x {self.virtual_stages} = {chunks}")
+                f"{self.pp} x {self.virtual_stages} = {chunks}, or split them with "
+                "--partition balanced or N,N,...")
         if model.tie_weights and self.pp > 1:
             raise ConfigError(
                 "--tie-weights with --pp > 1 is not supported: the embedding and the head live "
                 "on different stages")
+
+
+def check_partition(blocks: tuple[int, ...], n_layers: int, pp: int, virtual: int) -> None:
+    """An explicit ``--partition N,N,...``: one count per virtual stage (pp x virtual of them,
+    in global chunk order), each at least one block (every chunk then holds parameters, and a
+    stage never just forwards its input), summing to the model's layers."""
+    n_chunks = pp * virtual
+    shown = ",".join(str(b) for b in blocks)
+    if len(blocks) != n_chunks:
+        raise ConfigError(f"--partition {shown}: needs one block count per virtual stage, "
+                          f"--pp x --virtual-stages = {pp} x {virtual} = {n_chunks}, "
+                          f"got {len(blocks)}")
+    if min(blocks) < 1:
+        raise ConfigError(f"--partition {shown}: every virtual stage needs at least 1 block")
+    if sum(blocks) != n_layers:
+        raise ConfigError(f"--partition {shown}: the counts sum to {sum(blocks)}, the model "
+                          f"has --layers {n_layers}")
+
+
+def chunk_blocks(n_layers: int, n_chunks: int, partition: tuple[int, ...] = ()) -> list[int]:
+    """Blocks in each global chunk: ``partition`` when given, else the equal split (the one
+    rule ``minipar.models.gpt.chunk_specs``, the cost model and the simulator share)."""
+    if partition:
+        return list(partition)
+    return [n_layers // n_chunks] * n_chunks
 
 
 # ---------------------------------------------------------------------------------- output paths
@@ -186,4 +215,4 @@ def check_output(flag: str, path: str, kind: str, example: str = "run.json") -> 
 
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "MODEL_PRESETS", "SCHEDULE_NAMES",
-           "check_output", "replace"]
+           "check_output", "check_partition", "chunk_blocks", "replace"]

@@ -51,7 +51,8 @@ class Engine:
         self.grad_clip = grad_clip
         self.tracer = tracer
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
-        self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
+        self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank,
+                                   par.partition)
         self.params = [p for c in self.chunks for p in c.params()]
         # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
         self.dp: DataParallelStrategy = make_strategy(

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from minipar import backend
-from minipar.config import ModelConfig
+from minipar.config import ModelConfig, chunk_blocks
 from minipar.nn import functional as F
 from minipar.models.blocks import INIT_STD, Block
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
@@ -192,15 +192,22 @@ def _drop_caches(module: Module, mb) -> None:
         m._cache.pop(mb, None)
 
 
-def chunk_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[ChunkSpec]:
-    """The chunks pipeline rank ``stage`` holds: global chunks stage, stage + pp, ... (PTD-P)."""
+def chunk_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int,
+                partition: tuple[int, ...] = ()) -> list[ChunkSpec]:
+    """The chunks pipeline rank ``stage`` holds: global chunks stage, stage + pp, ... (PTD-P).
+
+    Global chunk g holds ``partition[g]`` consecutive blocks (``--partition``), or an equal
+    share when ``partition`` is empty: the one place the split is decided.
+    """
     n_chunks = pp * virtual
-    per = cfg.n_layers // n_chunks
-    return [ChunkSpec(g, n_chunks, g * per, per)
+    blocks = chunk_blocks(cfg.n_layers, n_chunks, partition)
+    firsts = [sum(blocks[:g]) for g in range(n_chunks)]
+    return [ChunkSpec(g, n_chunks, firsts[g], blocks[g])
             for g in range(stage, n_chunks, pp)]
 
 
 def build_chunks(cfg: ModelConfig, ctx: BuildContext, pp: int = 1, virtual: int = 1,
-                 stage: int = 0) -> list[GPTChunk]:
+                 stage: int = 0, partition: tuple[int, ...] = ()) -> list[GPTChunk]:
     """This rank's model chunks. The serial model is ``build_chunks(cfg, ctx)[0]``."""
-    return [GPTChunk(cfg, ctx, spec) for spec in chunk_specs(cfg, pp, virtual, stage)]
+    return [GPTChunk(cfg, ctx, spec)
+            for spec in chunk_specs(cfg, pp, virtual, stage, partition)]

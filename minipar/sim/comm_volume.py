@@ -96,7 +96,8 @@ def param_specs(model: ModelConfig, parallel: ParallelConfig, stage: int) -> lis
     vp = padded_vocab(model.vocab_size, t)
     out: list[ParamSpec] = []
     unit = 0
-    for spec in chunk_specs(model, parallel.pp, parallel.virtual_stages, stage):
+    for spec in chunk_specs(model, parallel.pp, parallel.virtual_stages, stage,
+                            parallel.partition):
         if spec.is_first:
             if model.pos == "learned":
                 out.append(ParamSpec("pos", (model.seq_len, h), unit, sp))

@@ -89,13 +89,14 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
 
     e = 8 if dtype == "float64" else 4
     rows = batch_size // par.dp // par.microbatches  # sequences per microbatch
-    layers = cfg.n_layers // (par.pp * par.virtual_stages)
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
                                           value_bytes=e, dropout=False, layernorm_rstd=True)
     logits = 3 * rows * cfg.seq_len * padded_vocab(cfg.vocab_size, par.tp) // par.tp * e
     worst: dict = {"total": -1}
     for stage in range(par.pp):
         n = cm.local_param_count(cfg, par, stage)
+        # the largest local chunk's blocks (all chunks are equal unless --partition says so)
+        layers = max(sum(u.kind == "block" for u in c) for c in cm.units(cfg, par, stage))
         live = cm.peak_live(par.schedule, par.pp, par.microbatches, par.virtual_stages, stage)
         mem = {"weights": e * n, "gradients": e * n // (par.dp if par.zero >= 2 else 1),
                "optimizer": (2 if optimizer == "adamw" else 1) * e * n

@@ -35,6 +35,8 @@ EXAMPLES = [
     ("mpirun -n 4 python -m minipar.train --tp 2 --dp 2 --sequence-parallel", "Megatron TP + SP"),
     ("mpirun -n 4 python -m minipar.train --pp 4 --layers 4 --schedule 1f1b --microbatches 8",
      "4 pipeline stages need 4 layers"),
+    ("mpirun -n 2 python -m minipar.train --pp 2 --layers 3 --partition balanced --microbatches 4",
+     "blocks split by FLOPs: the head makes the last stage heavy"),
     ("python -m minipar.train --task text --data book.txt --steps 200",
      "bytes of any UTF-8 file, ~20 s (with --model small: ~30 min)"),
 ]
@@ -135,6 +137,9 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                      help="microbatches per step per dp rank (gradient accumulation)")
     lay.add_argument("--virtual-stages", type=int, default=1,
                      help="model chunks per pipeline rank (interleaved schedule)")
+    lay.add_argument("--partition", default="equal", metavar="equal|balanced|N,N,...",
+                     help="blocks per virtual stage: equal (default), balanced (the embedding "
+                          "and head weigh on the first and last stage), or counts such as 3,1")
     mo = p.add_argument_group("synchronous or asynchronous (whole replicas, see lesson 11)")
     mo.add_argument("--mode", default="sync", choices=["sync", "ps", "ssp", "local-sgd"],
                     help="sync: the data-parallel step (default); ps: a parameter server, "
@@ -185,6 +190,7 @@ def make_configs(args, world: int):
     """Validated (ModelConfig, ParallelConfig, task) or ConfigError; no collective involved."""
     from minipar.config import MODEL_PRESETS, ConfigError, ModelConfig, ParallelConfig, replace
     from minipar.tasks import make_task
+    from minipar.sim.partition import resolve_partition
     from minipar.train.async_run import check_mode
     from minipar.train.checks import check_numbers
 
@@ -211,10 +217,11 @@ def make_configs(args, world: int):
     if args.mode != "sync":  # whole replicas: the layout flags were refused by check_mode
         return cfg, ParallelConfig(), task, f"--mode {args.mode}: one whole replica per rank"
     dp, tp, pp, note = pick_layout(args, world)
+    blocks = resolve_partition(args.partition, cfg, pp, args.virtual_stages)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
-                         bucket_mb=args.bucket_mb)
+                         bucket_mb=args.bucket_mb, partition=blocks)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 

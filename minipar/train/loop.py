@@ -265,7 +265,7 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
     if par.pp > 1:
         from minipar.sim.partition import partition
 
-        for line in partition(cfg, par.pp, par.virtual_stages).lines():
+        for line in partition(cfg, par.pp, par.virtual_stages, par.partition).lines():
             say(line)
     if resume is not None:
         lay = resume[2]["layout"]
@@ -323,7 +323,7 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
         "layout": {"dp": par.dp, "tp": par.tp, "pp": par.pp, "world": world.size,
                    "zero": par.zero, "sequence_parallel": par.sequence_parallel,
                    "schedule": par.schedule, "microbatches": par.microbatches,
-                   "virtual_stages": par.virtual_stages},
+                   "virtual_stages": par.virtual_stages, "partition": list(par.partition)},
         "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                   "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
         "task": task.name, "steps": args.steps, "start_step": start,
