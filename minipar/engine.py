@@ -101,8 +101,13 @@ class Engine:
         program's passes; its last two instructions, SyncGrads and Step, are the code below.
         """
         scale = self.scaler.scale  # fp16: backward starts from the loss scale, not 1
-        loss_here = self.gradients(inputs, targets, normalizer)  # 0 off the last stage
-        with self._span(SyncGrads()):
+        # fp16 overflow is an expected event, detected below and handled by skipping the step.
+        def quiet():
+            return (numpy.errstate(over="ignore", invalid="ignore") if self.scaler.enabled
+                    else nullcontext())
+        with quiet():
+            loss_here = self.gradients(inputs, targets, normalizer)  # 0 off the last stage
+        with self._span(SyncGrads()), quiet():
             self.dp.sync_grads()  # sum over dp (buckets may have started during the backward)
             loss, grad_norm = self._loss_and_norm(loss_here)  # the step's one world allreduce
         grad_norm /= scale  # the norm of the true gradient
