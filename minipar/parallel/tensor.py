@@ -283,11 +283,11 @@ class VocabParallelCrossEntropy(Module):
         self.tp = ctx.tp
         self.vocab = vocab
         self.ignore_index = ignore_index
-        self.dtype = ctx.dtype  # of the logits' gradient; the loss itself is computed in fp32
 
     def forward(self, logits, targets, normalizer=None, mb=0):
         """logits (B, T, V/tp), targets (B, T) -> scalar loss (same on every tp rank)."""
         xp, tp = backend.xp(), self.tp
+        dtype = logits.dtype  # of the logits' gradient (16-bit under mixed precision)
         logits = float32(logits)  # (B, T, V/tp): log-sum-exp in fp32 (minipar.nn.precision)
         mask_padding(logits, tp, self.vocab)
         valid = targets != self.ignore_index  # (B, T)
@@ -306,18 +306,18 @@ class VocabParallelCrossEntropy(Module):
         target_logit = tp.allreduce(xp.where(mine, picked, 0.0))  # (B, T)
         nll = xp.log(sumexp) - target_logit  # (B, T)
         loss = (nll * valid).sum() / max(norm, 1.0)
-        self.save(mb, (exps, sumexp, safe, mine, valid, norm))
+        self.save(mb, (exps, sumexp, safe, mine, valid, norm, dtype))
         return loss
 
     def backward(self, dloss=1.0, mb=0):
         """dlogits = (softmax - onehot(target)) * valid / normalizer, on this rank's columns."""
         xp = backend.xp()
-        exps, sumexp, safe, mine, valid, norm = self.pop(mb)
+        exps, sumexp, safe, mine, valid, norm, dtype = self.pop(mb)
         exps /= sumexp[..., None]  # softmax, in place over the cached exponentials
         b_idx, t_idx = xp.nonzero(mine)
         exps[b_idx, t_idx, safe[b_idx, t_idx]] -= 1.0
         exps *= (valid * (dloss / max(norm, 1.0)))[..., None]
-        return exps.astype(self.dtype, copy=False)  # (B, T, V/tp), 16-bit under mixed precision
+        return exps.astype(dtype, copy=False)  # (B, T, V/tp), 16-bit under mixed precision
 
 
 def vocab_parallel_argmax(logits, tp, vocab: int):
