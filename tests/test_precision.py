@@ -111,3 +111,20 @@ def test_dtype_is_an_alias_that_must_agree_with_precision():
     code, out, err = run_cli(["--precision", "fp16", "--steps", "2", "--eval-every", "2",
                               "--loss-scale", "1e12"])
     assert code == [0] and "skipped for fp16 overflow" in out and "loss scale" in out
+
+
+def test_the_loss_is_computed_in_fp32_from_16bit_logits():
+    """Cross-entropy of bf16 logits equals that of the same values in fp32 (to fp32 rounding);
+    in bf16 itself the log-sum-exp would be off by ~1e-3."""
+    from minipar.dist.comm import local_comm
+    from minipar.nn.module import BuildContext
+    from minipar.parallel.tensor import VocabParallelCrossEntropy
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(4, 8, 11)) * 4).astype(policy("bf16").dtype)
+    targets = rng.integers(0, 11, (4, 8))
+    ce = VocabParallelCrossEntropy(BuildContext(0, "bfloat16", local_comm()), 11)
+    got = float(ce.forward(logits.copy(), targets))
+    want = float(ce.forward(logits.astype(np.float32), targets, mb=1))
+    assert abs(got - want) <= 1e-6 * abs(want)
+    assert ce.backward(1.0, 0).dtype == logits.dtype  # the gradient goes back in 16 bits
