@@ -81,7 +81,8 @@ def test_zero_equals_plain_data_parallel_bit_for_bit(precision, zero):
                                                                       sequence_parallel=True),
                                  ParallelConfig(dp=2, tp=2, pp=2, microbatches=2, zero=1,
                                                 sequence_parallel=True)],
-                         ids=lambda p: f"dp{p.dp}tp{p.tp}pp{p.pp}z{p.zero}sp{int(p.sequence_parallel)}")
+                         ids=lambda p: f"dp{p.dp}tp{p.tp}pp{p.pp}z{p.zero}"
+                                       f"sp{int(p.sequence_parallel)}")
 def test_other_layouts_equal_serial_within_the_stated_tolerance(precision, par):
     _threads(cases.check_within_tolerance, par, cases.TINY, par, precision)
 
@@ -128,3 +129,20 @@ def test_the_loss_is_computed_in_fp32_from_16bit_logits():
     want = float(ce.forward(logits.astype(np.float32), targets, mb=1))
     assert abs(got - want) <= 1e-6 * abs(want)
     assert ce.backward(1.0, 0).dtype == logits.dtype  # the gradient goes back in 16 bits
+
+
+@pytest.mark.parametrize("precision", SIXTEEN)
+def test_a_resumed_16bit_run_equals_the_straight_run(tmp_path, precision):
+    """Checkpoints hold the 16-bit weights widened to fp32 (exact) and the fp32 master copy in
+    the optimizer state, so 3 + 2 steps equal 5 steps number for number."""
+    import json
+
+    base = ["--precision", precision, "--model", "tiny", "--batch-size", "8", "--eval-every",
+            "100"]
+    straight, resumed = tmp_path / "a.json", tmp_path / "b.json"
+    assert run_cli(base + ["--steps", "5", "--summary", str(straight)])[0] == [0]
+    assert run_cli(base + ["--steps", "3", "--save", str(tmp_path / "ck")])[0] == [0]
+    assert run_cli(base + ["--steps", "5", "--resume", str(tmp_path / "ck"), "--summary",
+                           str(resumed)])[0] == [0]
+    a, b = (json.loads(p.read_text()) for p in (straight, resumed))
+    assert a["losses"][3:] == b["losses"] and a["memory"] == b["memory"]

@@ -13,8 +13,9 @@ Dimension legend, used in the shape comments on every tensor line:
 
 Kernels take the array module from ``minipar.backend`` (NumPy or CuPy) and keep the dtype of
 their inputs (float32 or float64; given bfloat16 or float16 arrays, ``@fp32_math`` runs them in
-fp32 and rounds the results to 16 bits once, see ``minipar.nn.precision``). Temporaries are updated in place where that is safe, because
-on a CPU memory traffic, not arithmetic, is what these elementwise ops cost.
+fp32 and rounds the results to 16 bits once, see ``minipar.nn.precision``). Temporaries are
+updated in place where that is safe, because on a CPU memory traffic, not arithmetic, is what
+these elementwise ops cost.
 
 Speed on a CPU (``minipar.nn.threads``). Row-wise kernels (LayerNorm, GELU, attention's softmax
 over each (batch, head)) are written for a slice of rows, ``_..._rows(...)``, and the public

@@ -359,5 +359,5 @@ def model_state_bytes(model: ModelConfig, parallel: ParallelConfig, stage: int,
 
 __all__ = ["Collective", "ParamSpec", "param_specs", "dp_layout", "block_tp", "embed_tp",
            "head_tp", "chunk_tp", "partial_elements", "partial_grads_tp", "dp_sync",
-           "step_metrics", "pp_sends", "step_collectives", "tally", "predict_comm_bytes", "element_bytes",
-           "model_state_bytes"]
+           "step_metrics", "pp_sends", "step_collectives", "tally", "predict_comm_bytes",
+           "element_bytes", "model_state_bytes"]
