@@ -146,3 +146,15 @@ def test_a_resumed_16bit_run_equals_the_straight_run(tmp_path, precision):
                            str(resumed)])[0] == [0]
     a, b = (json.loads(p.read_text()) for p in (straight, resumed))
     assert a["losses"][3:] == b["losses"] and a["memory"] == b["memory"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.sampled_from(SIXTEEN), st.sampled_from([(2, 1, 1), (1, 2, 1), (2, 2, 1), (2, 1, 2),
+                                                  (1, 2, 2), (2, 2, 2), (4, 1, 1)]),
+       st.integers(0, 3), st.integers(1, 2), st.booleans(), st.integers(0, 99))
+def test_drawn_layouts_equal_serial_within_the_stated_tolerance(precision, sizes, zero, k, sp,
+                                                                seed):
+    dp, tp, pp = sizes
+    par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=zero if dp > 1 else 0, microbatches=pp * k,
+                         sequence_parallel=sp and tp > 1)
+    _threads(cases.check_within_tolerance, par, cases.TINY, par, precision, seed)
