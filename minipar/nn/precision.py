@@ -128,17 +128,24 @@ def _storage_dtype(values) -> object | None:
     return None
 
 
-def _up(v):
+def _up(v, widened: dict):
+    """``v`` with 16-bit arrays widened to fp32; ``widened`` maps id(fp32 copy) -> original."""
     if isinstance(v, tuple):
-        return tuple(_up(x) for x in v)
+        return tuple(_up(x, widened) for x in v)
     if hasattr(v, "dtype") and is_16bit(v.dtype):
-        return v.astype(numpy.float32)
+        wide = v.astype(numpy.float32)
+        widened[id(wide)] = v
+        return wide
     return v
 
 
-def _down(v, dtype):
+def _down(v, dtype, widened: dict):
+    """``v`` with fp32 arrays rounded to ``dtype``; a widened input comes back as the original
+    (a cache that keeps its input keeps the 16-bit array it was given, not a new copy)."""
     if isinstance(v, tuple):
-        return tuple(_down(x, dtype) for x in v)
+        return tuple(_down(x, dtype, widened) for x in v)
+    if id(v) in widened:
+        return widened[id(v)]
     if hasattr(v, "dtype") and v.dtype == numpy.float32:
         return v.astype(dtype)
     return v
@@ -156,7 +163,9 @@ def fp32_math(kernel):
         dtype = _storage_dtype(args)
         if dtype is None:
             return kernel(*args, **kwargs)
-        return _down(kernel(*_up(args), **kwargs), dtype)
+        widened: dict = {}
+        wide_args = _up(args, widened)  # kept alive, so the ids in ``widened`` stay unique
+        return _down(kernel(*wide_args, **kwargs), dtype, widened)
 
     return wrapped
 
