@@ -84,6 +84,15 @@ def _fsync_path(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ writing
+def _portable(v) -> numpy.ndarray:
+    """``v`` as an array any NumPy reads: a 16-bit float (bfloat16 has no .npy type) is widened
+    to float32, exactly; a run in any precision loads it and rounds to its own dtype."""
+    a = numpy.asarray(v)
+    if a.dtype.itemsize == 2 and a.dtype.kind in "fV":
+        return a.astype(numpy.float32)
+    return a
+
+
 def write(run_dir: str, step: int, params: dict, optim: dict, meta: dict,
           keep: int | None = None, replace_other_runs: bool = False) -> str:
     """Write ``run_dir/step-NNNNNN`` atomically (rank 0 only); returns its path.
@@ -105,7 +114,7 @@ def write(run_dir: str, step: int, params: dict, optim: dict, meta: dict,
         for fname, arrays in zip(FILES, (params, optim)):
             path = os.path.join(tmp, fname)
             with open(path, "wb") as fh:
-                numpy.savez(fh, **{k: numpy.asarray(v) for k, v in arrays.items()})
+                numpy.savez(fh, **{k: _portable(v) for k, v in arrays.items()})
                 fh.flush()
                 os.fsync(fh.fileno())
             files[fname] = _sha256(path)

@@ -41,14 +41,17 @@ def random_batches(cfg: ModelConfig, steps: int, batch: int, seed: int = 0,
 
 def train_layout(world, cfg: ModelConfig, par: ParallelConfig, batches, *, seed: int = 0,
                  dtype: str = "float64", lr: float = 1e-2, optimizer: str = "adamw",
-                 weight_decay: float = 0.01, grad_clip: float = 1.0) -> RunResult:
+                 weight_decay: float = 0.01, grad_clip: float = 1.0,
+                 precision: str | None = None, loss_scale: float = 2.0 ** 16,
+                 loss_scale_window: int = 200) -> RunResult:
     """Train on ``batches`` (global batches) with layout ``par``; collective over ``world``."""
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
     mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
     engine = Engine(cfg, par, mesh, seed=seed, dtype=dtype, optimizer=optimizer, lr=lr,
-                    weight_decay=weight_decay, grad_clip=grad_clip)
+                    weight_decay=weight_decay, grad_clip=grad_clip, precision=precision,
+                    loss_scale=loss_scale, loss_scale_window=loss_scale_window)
     result = RunResult()
     for x, y in batches:
         rows = len(x) // par.dp
@@ -81,7 +84,9 @@ def mismatches(result: RunResult, reference: RunResult, rtol: float) -> list[str
             bad.append(f"{kind}: names differ: {sorted(set(mine) ^ set(theirs))}")
             continue
         for name in theirs:
-            a, b = numpy.asarray(mine[name]), numpy.asarray(theirs[name])
+            # float64, so that 16-bit results (bfloat16, float16) compare exactly
+            a = numpy.asarray(mine[name]).astype(numpy.float64)
+            b = numpy.asarray(theirs[name]).astype(numpy.float64)
             if a.shape != b.shape:
                 bad.append(f"{kind} {name}: shape {a.shape} != serial {b.shape}")
                 continue

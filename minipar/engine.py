@@ -21,6 +21,7 @@ from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.nn.module import BuildContext
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient
+from minipar.nn.precision import LossScaler, policy, policy_of_dtype
 from minipar.parallel.data import DataParallelStrategy
 from minipar.parallel.pipeline import PipelineExecutor, StepData
 from minipar.parallel.schedules import Instr, Step, SyncGrads, chunk_location, make_schedule
@@ -34,6 +35,7 @@ class StepResult:
     grad_norm: float  # global gradient norm before clipping
     clip: float  # the factor gradients were scaled by (1.0 when not clipped)
     skipped: bool = False  # the update was skipped (non-finite loss or gradients)
+    loss_scale: float = 1.0  # the fp16 loss scale this step's backward used
 
 
 class Engine:
@@ -41,13 +43,18 @@ class Engine:
 
     def __init__(self, model: ModelConfig, par: ParallelConfig, mesh, *, seed: int = 0,
                  dtype: str = "float32", optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0, grad_clip: float = 1.0, tracer=None):
+                 weight_decay: float = 0.0, grad_clip: float = 1.0, tracer=None,
+                 precision: str | None = None, loss_scale: float = 2.0 ** 16,
+                 loss_scale_window: int = 200):
         model.validate()
         par.validate(model, world_size=mesh.world.size)
         if tracer is not None:  # every collective of every layer becomes a trace event
             mesh = traced_mesh(mesh, tracer)
         self.model_cfg, self.par, self.mesh = model, par, mesh
-        self.dtype = dtype
+        # Which dtype where (minipar.nn.precision): --precision, or the older --dtype.
+        self.policy = policy(precision) if precision else policy_of_dtype(dtype)
+        dtype = self.dtype = self.policy.dtype
+        self.scaler = LossScaler(self.policy.loss_scaling, loss_scale, loss_scale_window)
         self.grad_clip = grad_clip
         self.tracer = tracer
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
@@ -56,7 +63,8 @@ class Engine:
         self.params = [p for c in self.chunks for p in c.params()]
         # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
         self.dp: DataParallelStrategy = make_strategy(
-            par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
+            par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            **self._precision_options())
         self.program = make_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
         self.executor = PipelineExecutor(self.program, self.chunks, mesh, dtype, tracer)
         self.step_count = 0
@@ -68,6 +76,13 @@ class Engine:
         self._measured = False
         self.peak_activation_bytes = 0  # this stage's peak over the steps run so far
         self.memory_log: list = []  # the last step's MemorySample per pass
+
+    def _precision_options(self) -> dict:
+        """What the data-parallel strategy needs of the policy (none in fp32/fp64, so the
+        strategies are built exactly as before)."""
+        if not self.policy.mixed:
+            return {}
+        return {"grad_dtype": self.policy.grad_dtype(self.par.microbatches), "master": True}
 
     # -- training -------------------------------------------------------------------------------
 
@@ -86,22 +101,31 @@ class Engine:
         sum over ranks and microbatches equals the serial mean loss. The executor runs the
         program's passes; its last two instructions, SyncGrads and Step, are the code below.
         """
-        loss_here = self.gradients(inputs, targets, normalizer)  # 0 off the last stage
-        with self._span(SyncGrads()):
+        scale = self.scaler.scale  # fp16: backward starts from the loss scale, not 1
+        # fp16 overflow is an expected event, detected below and handled by skipping the step.
+        def quiet():
+            return (numpy.errstate(over="ignore", invalid="ignore") if self.scaler.enabled
+                    else nullcontext())
+        with quiet():
+            loss_here = self.gradients(inputs, targets, normalizer)  # 0 off the last stage
+        with self._span(SyncGrads()), quiet():
             self.dp.sync_grads()  # sum over dp (buckets may have started during the backward)
             loss, grad_norm = self._loss_and_norm(loss_here)  # the step's one world allreduce
+        grad_norm /= scale  # the norm of the true gradient
         self.step_count += 1
         clip = clip_coefficient(grad_norm, self.grad_clip)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # alike on every rank
-        if not finite and not skip_nonfinite:
+        # fp16 overflow: every rank saw the same non-finite grad_sq, so every rank skips.
+        overflow = self.scaler.update(finite)
+        if not finite and not skip_nonfinite and not overflow:
             raise FloatingPointError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) "
                                      f"at step {self.step_count}")
         with self._span(Step()):
             if finite:
-                if clip != 1.0:
-                    self.dp.scale_grads(clip)  # clip to the global norm (Pascanu et al. 2013)
+                if clip / scale != 1.0:  # clip to the global norm (Pascanu et al. 2013)
+                    self.dp.scale_grads(clip / scale)  # and unscale (in fp32 when mixed)
                 self.dp.step(self._lr if lr is None else lr)
-        return StepResult(loss, grad_norm, clip, skipped=not finite)
+        return StepResult(loss, grad_norm, clip, skipped=not finite, loss_scale=scale)
 
     def gradients(self, inputs, targets, normalizer: float) -> float:
         """Forward and backward only: every ``Param.grad`` holds this rank's gradient of the
@@ -109,6 +133,8 @@ class Engine:
         step continues with the sync and the update; an asynchronous worker sends the gradient
         to a parameter server instead."""
         data = self._microbatches(inputs, targets, normalizer)
+        for chunk in self.chunks:
+            chunk.loss_scale = self.scaler.scale
         self.dp.zero_grad()
         return self._run_passes(data)
 
@@ -266,7 +292,8 @@ class Engine:
             local_params[p.name] = cut(full).astype(self.dtype)
             states = {k.split("/")[-1]: v for k, v in optim.items()
                       if k.rsplit("/", 1)[0] == p.name}
-            local_optim[p.name] = {k: cut(v).astype(self.dtype) for k, v in states.items()}
+            local_optim[p.name] = {k: cut(v).astype(self.policy.master_dtype)
+                                   for k, v in states.items()}
         self.dp.load_local(local_params, local_optim, optimizer_steps)
 
     def memory(self) -> dict:

@@ -74,6 +74,12 @@ ALLOWED = {
     ("train/loop.py", "continuation", "numpy.array"): "host token ids rendered as text",
     ("train/loop.py", "_start", "numpy.zeros_like"):
         "a fresh optimizer state (--force) as full host tensors, like a checkpoint's",
+    ("dist/mpi_comm.py", "_op16", "*"):
+        "MPI's user-defined reduction of 16-bit floats runs on host buffers MPI hands it",
+    ("dist/mpi_comm.py", "_op16.combine", "*"):
+        "MPI's user-defined reduction of 16-bit floats runs on host buffers MPI hands it",
+    ("engine.py", "Engine.train_step.quiet", "numpy.errstate"):
+        "fp16 overflow is expected and handled: NumPy's floating-point warnings off for the step",
     ("engine.py", "Engine.evaluate", "*"):
         "host bookkeeping around forward_only (which uploads): padding host batches, host "
         "targets against downloaded predictions, metric counters, perplexity of a float",

@@ -17,6 +17,7 @@ from minipar.config import ModelConfig, chunk_blocks
 from minipar.nn import functional as F
 from minipar.models.blocks import INIT_STD, Block
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
+from minipar.nn.precision import sum_fp32
 from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import (
     SEQ_AXIS, VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead,
@@ -58,7 +59,7 @@ class Embedding(Module):
         if self.pos is not None:
             dpos = self.pos.data * 0  # (T, C)
             start = self.tp.rank * t_local if self.sp else 0
-            dpos[start:start + t_local] = dh.sum(axis=0)
+            dpos[start:start + t_local] = sum_fp32(dh, axis=0)
             self.pos.accumulate(dpos)
         self.tok.backward(dh, mb)
         return None
@@ -134,6 +135,7 @@ class GPTChunk(Module):
         self.units = [u for u in [self.embed, *self.blocks, self.head] if u is not None]
         self.deferred = DeferredWeightGrads()  # zero-bubble W passes waiting to run
         self.hooks = Hooks()
+        self.loss_scale = 1.0  # the seed of backward: fp16's loss scale (minipar.nn.precision)
 
     def forward(self, x, mb=0, targets=None, normalizer=None):
         """Token ids (first chunk) or activations in; activations or the loss (last chunk) out."""
@@ -154,7 +156,7 @@ class GPTChunk(Module):
         the B/W split of zero-bubble schedules (``minipar.parallel.deferral``; LayerNorm,
         embedding and row-parallel bias gradients are cheap and are computed at once).
         """
-        g = 1.0 if self.head is not None else dy
+        g = self.loss_scale if self.head is not None else dy
         with self.deferred.collect(self, mb) if defer_weight_grads else nullcontext():
             for unit in reversed(self.units):
                 self.hooks.pre_backward(unit, mb)

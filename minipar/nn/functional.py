@@ -12,8 +12,10 @@ Dimension legend, used in the shape comments on every tensor line:
     V  vocabulary (local to this tp rank)     N  tokens, B * T, when flattened
 
 Kernels take the array module from ``minipar.backend`` (NumPy or CuPy) and keep the dtype of
-their inputs (float32 or float64). Temporaries are updated in place where that is safe, because
-on a CPU memory traffic, not arithmetic, is what these elementwise ops cost.
+their inputs (float32 or float64; given bfloat16 or float16 arrays, ``@fp32_math`` runs them in
+fp32 and rounds the results to 16 bits once, see ``minipar.nn.precision``). Temporaries are
+updated in place where that is safe, because on a CPU memory traffic, not arithmetic, is what
+these elementwise ops cost.
 
 Speed on a CPU (``minipar.nn.threads``). Row-wise kernels (LayerNorm, GELU, attention's softmax
 over each (batch, head)) are written for a slice of rows, ``_..._rows(...)``, and the public
@@ -31,6 +33,7 @@ import math
 
 from minipar import backend
 from minipar.nn import threads
+from minipar.nn.precision import fp32_math
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant (Hendrycks & Gimpel 2016)
 GELU_A = 0.044715
@@ -40,6 +43,7 @@ GELU_A = 0.044715
 # Linear: y = x W + b, with W stored (in, out) so the forward is one GEMM over all tokens.
 
 
+@fp32_math
 def linear_fwd(x, w, b=None):
     """(..., in) @ (in, out) + (out,) -> (..., out). Flattens leading dims into one GEMM."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -56,12 +60,14 @@ def linear_bwd(dy, cache):
     return dx, dw, db
 
 
+@fp32_math
 def linear_bwd_input(dy, cache):
     """The input-gradient half, dx = dy W^T (zero-bubble pipelines run it first)."""
     x, w, _ = cache
     return threads.matmul(dy.reshape(-1, dy.shape[-1]), w.T).reshape(x.shape)  # (..., in)
 
 
+@fp32_math
 def linear_bwd_weight(dy, cache):
     """The weight-gradient half, dW = x^T dy and db (may run later, off the critical path)."""
     x, _, has_bias = cache
@@ -90,6 +96,7 @@ def embedding_fwd(ids, w, valid=None):
     return y, (safe, valid, w.shape)
 
 
+@fp32_math
 def embedding_bwd(dy, cache):
     """dW (rows, C): each token's gradient added to its row (repeated ids accumulate).
 
@@ -137,6 +144,7 @@ def add_positions_fwd(x, pos):
     return x + pos, None
 
 
+@fp32_math
 def add_positions_bwd(dy, cache=None):
     """dx = dy; dpos = dy summed over the batch."""
     return dy, dy.sum(axis=0)
@@ -155,6 +163,7 @@ def residual_bwd(dy, cache=None):
 # LayerNorm (Ba et al. 2016) over the last axis.
 
 
+@fp32_math
 def layernorm_fwd(x, g, b, eps: float = 1e-5):
     """(..., C) -> (..., C): normalise each token to zero mean, unit variance, then scale+shift.
 
@@ -186,6 +195,7 @@ def _layernorm_rows(x, g, b, eps, xhat, rstd, y) -> None:
     y += b
 
 
+@fp32_math
 def layernorm_bwd(dy, cache):
     """Returns dx, dg, db. dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))."""
     xp = backend.xp()
@@ -220,6 +230,7 @@ def _layernorm_bwd_rows(dy, xhat, rstd, g, dx) -> None:
 # GELU, tanh approximation: 0.5 x (1 + tanh(k (x + a x^3))).
 
 
+@fp32_math
 def gelu_fwd(x):
     """y = 0.5 x (1 + tanh(k (x + a x^3))); the cache keeps x and the tanh."""
     xp = backend.xp()
@@ -247,6 +258,7 @@ def _gelu_rows(x, y, t) -> None:
     y *= 0.5
 
 
+@fp32_math
 def gelu_bwd(dy, cache):
     """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2), times dy."""
     xp = backend.xp()
@@ -316,6 +328,7 @@ def causal_bias(t: int, dtype):
     return _causal_cache[key]
 
 
+@fp32_math
 def attention_fwd(q, k, v):
     """q, k, v (B, H, T, D) -> (B, H, T, D): softmax(q k^T / sqrt(D) + causal) v.
 
@@ -354,6 +367,7 @@ def _attention_rows(q, k, v, bias, scale, p, y) -> None:
     xp.matmul(p, v, out=y)  # (n, T, D)
 
 
+@fp32_math
 def attention_bwd(dy, cache):
     """Returns dq, dk, dv, each (B, H, T, D).
 
@@ -402,6 +416,7 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
+@fp32_math
 def mha_fwd(qkv, n_heads: int):
     """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D).
 
@@ -416,6 +431,7 @@ def mha_fwd(qkv, n_heads: int):
     return merge_heads(y), (cache, n_heads)
 
 
+@fp32_math
 def mha_bwd(dy, cache):
     """dy (B, T, H*D) -> dqkv (B, T, 3*H*D).
 
@@ -433,6 +449,7 @@ def mha_bwd(dy, cache):
 # minipar.parallel.tensor, which equals this one on a single rank and is tested against it).
 
 
+@fp32_math
 def cross_entropy_fwd(logits, targets, ignore_index: int = -100, normalizer=None):
     """logits (N, V), targets (N,) -> scalar loss.
 
@@ -453,6 +470,7 @@ def cross_entropy_fwd(logits, targets, ignore_index: int = -100, normalizer=None
     return loss, (shifted, lse, safe, valid, norm)
 
 
+@fp32_math
 def cross_entropy_bwd(dloss, cache):
     """dlogits = (softmax - onehot) * valid / normalizer * dloss."""
     xp = backend.xp()

@@ -128,12 +128,15 @@ class DataParallel(DataParallelStrategy):
     backward; every replica keeps the full parameters, gradients and optimizer state."""
 
     def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0):
+                 weight_decay: float = 0.0, grad_dtype: str | None = None, master: bool = False):
         self.params = [p for c in chunks for p in c.params()]
         self.mesh = mesh
-        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay)
+        # Mixed precision (minipar.nn.precision): fp32 master weights and state in the
+        # optimizer, gradients in grad_dtype (16-bit, or fp32 when microbatches accumulate).
+        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay, master)
         self.layout = FlatLayout.contiguous(self.params, 1, 0)  # one segment, no padding
-        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.params[0].data.dtype)
+        self.flat_grad = backend.xp().zeros(self.layout.total,
+                                            dtype=grad_dtype or self.params[0].data.dtype)
         self._grads = self.layout.bind_grads(self.flat_grad)  # p.grad: views of flat_grad
 
     def zero_grad(self) -> None:
@@ -155,7 +158,10 @@ class DataParallel(DataParallelStrategy):
         return 0.0 if self.mesh.dp_rank else local_grad_sq(self.params, self.mesh.tp_rank)
 
     def scale_grads(self, factor: float) -> None:
-        self.flat_grad *= factor
+        if self.optimizer.master:  # applied to the fp32 gradient at the step
+            self.optimizer.grad_factor *= factor
+        else:
+            self.flat_grad *= factor
 
     def step(self, lr: float) -> None:
         self.optimizer.step(lr)

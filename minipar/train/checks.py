@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy
+
 from minipar.config import ConfigError, ModelConfig, ParallelConfig, check_output
 
 # Numeric flags and what they must be; an absent flag (None) is not checked.
@@ -84,9 +86,15 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     batch 16384: 3.23 GiB estimated, 3.38 measured; with 4 microbatches 0.81 and 0.85;
     ``small``, batch 256: 0.83 and 0.86).
     """
+    from minipar.nn.precision import policy_of_dtype
     from minipar.parallel.tensor import padded_vocab
     from minipar.sim import costmodel as cm
 
+    # Model states by the precision's policy (ZeRO's 2 + 2 + 12 in bf16/fp16); activations at 4
+    # bytes unless float64, since a 16-bit run's kernels also hold fp32 temporaries.
+    pol = policy_of_dtype(dtype)
+    ew, eg = pol.itemsize, numpy.dtype(pol.grad_dtype(par.microbatches)).itemsize
+    k = pol.state_bytes(2 if optimizer == "adamw" else 1)
     e = 8 if dtype == "float64" else 4
     rows = batch_size // par.dp // par.microbatches  # sequences per microbatch
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
@@ -98,9 +106,8 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
         # the largest local chunk's blocks (all chunks are equal unless --partition says so)
         layers = max(sum(u.kind == "block" for u in c) for c in cm.units(cfg, par, stage))
         live = cm.peak_live(par.schedule, par.pp, par.microbatches, par.virtual_stages, stage)
-        mem = {"weights": e * n, "gradients": e * n // (par.dp if par.zero >= 2 else 1),
-               "optimizer": (2 if optimizer == "adamw" else 1) * e * n
-               // (par.dp if par.zero >= 1 else 1),
+        mem = {"weights": ew * n, "gradients": eg * n // (par.dp if par.zero >= 2 else 1),
+               "optimizer": k * n // (par.dp if par.zero >= 1 else 1),
                "activations": live * layers * block + (logits if stage == par.pp - 1 else 0),
                "working": block, "data": 2 * 8 * batch_size * cfg.seq_len}
         mem["total"] = sum(mem.values())

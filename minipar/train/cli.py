@@ -72,8 +72,17 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                    "tasks need 16 to 19 and refuse more than twice that without --force")
     m.add_argument("--vocab", type=int, help="override the vocabulary (text/benchmarks only)")
     m.add_argument("--tie-weights", action="store_true", help="share embedding and LM head")
-    m.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                   help="parameter and activation dtype (float64 for exact comparisons)")
+    m.add_argument("--precision", default=None, choices=["fp32", "fp64", "bf16", "fp16"],
+                   help="fp32 (default), fp64 (exact comparisons), or bf16/fp16 mixed precision: "
+                   "16-bit weights, activations and gradients, fp32 master weights and "
+                   "optimizer state (minipar.nn.precision)")
+    m.add_argument("--loss-scale", type=float, default=2.0 ** 16,
+                   help="fp16: the initial dynamic loss scale (default 65536)")
+    m.add_argument("--loss-scale-window", type=int, default=200,
+                   help="fp16: clean steps before the loss scale doubles (default 200)")
+    # The older name of --precision (float32 = fp32, float64 = fp64), kept out of the help.
+    m.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                   help=argparse.SUPPRESS)
     d = p.add_argument_group("data")
     d.add_argument("--task", default=None, help="sort (default), reverse, add, text")
     d.add_argument("--data", default=None, metavar="FILE",
@@ -186,6 +195,33 @@ def _given(value, default):
     return default if value is None else value
 
 
+def resolve_precision(args) -> None:
+    """One precision from --precision and its older alias --dtype: sets ``args.precision`` and
+    ``args.dtype`` (the working dtype: float32, float64, bfloat16 or float16); ConfigError
+    when the two flags disagree, or for bf16 on CuPy (which has no bfloat16)."""
+    from minipar import backend
+    from minipar.config import ConfigError
+    from minipar.nn.precision import DTYPE_OF, PRECISION_OF_DTYPE
+
+    old = PRECISION_OF_DTYPE.get(args.dtype) if args.dtype else None
+    if old and args.precision and old != args.precision:
+        raise ConfigError(f"--dtype {args.dtype} disagrees with --precision {args.precision}: "
+                          "--dtype is the old name of --precision (float32 = fp32, float64 = "
+                          "fp64); give only --precision")
+    args.precision = args.precision or old or "fp32"
+    args.dtype = DTYPE_OF[args.precision]
+    if args.precision == "bf16" and backend.name() == "cupy":
+        raise ConfigError("--precision bf16 is not supported on the cupy backend (CuPy has no "
+                          "bfloat16); use --precision fp16, or --backend numpy")
+    if args.precision in ("bf16", "fp16") and getattr(args, "mode", "sync") != "sync":
+        raise ConfigError(f"--precision {args.precision} needs --mode sync (the asynchronous "
+                          "modes keep whole fp32/fp64 replicas)")
+    if args.loss_scale <= 0 or not args.loss_scale < float("inf"):
+        raise ConfigError(f"--loss-scale must be a positive number, got {args.loss_scale}")
+    if args.loss_scale_window < 1:
+        raise ConfigError(f"--loss-scale-window must be >= 1, got {args.loss_scale_window}")
+
+
 def make_configs(args, world: int):
     """Validated (ModelConfig, ParallelConfig, task) or ConfigError; no collective involved."""
     from minipar.config import MODEL_PRESETS, ConfigError, ModelConfig, ParallelConfig, replace
@@ -197,6 +233,7 @@ def make_configs(args, world: int):
     if args.model not in MODEL_PRESETS:
         raise ConfigError(f"--model: unknown preset {args.model!r} "
                           f"(choose {', '.join(MODEL_PRESETS)})")
+    resolve_precision(args)
     check_numbers(args)
     if args.save_every and not args.save:
         raise ConfigError("--save-every needs --save DIR")

@@ -227,7 +227,9 @@ def _start(args, cfg, par, world, resume, tracer):
     mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
     engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
                     lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                    tracer=tracer)
+                    tracer=tracer, precision=getattr(args, "precision", None),
+                    loss_scale=getattr(args, "loss_scale", 2.0 ** 16),
+                    loss_scale_window=getattr(args, "loss_scale_window", 200))
     start = 0
     if resume is not None:
         params, optim, meta = resume
@@ -252,6 +254,8 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
     say(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
         f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {param_count(cfg):,} parameters "
         f"({args.dtype})")
+    say(f"numbers | precision {engine.policy.name}: weights/activations {engine.policy.dtype}, "
+        f"master and optimizer state {engine.policy.master_dtype}; {engine.scaler.describe()}")
     mem = engine.memory()
     estimate = f"; estimated peak {_fmt_bytes(memory['total'])}" if memory else ""
     say(f"memory  | rank 0 holds params {_fmt_bytes(mem['params'])}, grads "
@@ -302,7 +306,9 @@ def _train_steps(args, cfg, task, engine, mesh, start, console, tracer, save) ->
             _tag_step(tracer, n_events, step + 1)
         if result.skipped:
             rec.skipped.append(step + 1)
-            console.say(f"step {step + 1}: non-finite loss or gradients, step skipped")
+            console.say(f"step {step + 1}: non-finite loss or gradients, step skipped"
+                        + (f" (loss scale now {engine.scaler.scale:g})"
+                           if engine.scaler.enabled else ""))
         merge_stats(rec.comm, mesh.stats())
         rec.losses.append(result.loss)
         rec.tokens += args.batch_size * cfg.seq_len
@@ -329,6 +335,8 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
         "task": task.name, "steps": args.steps, "start_step": start,
         "skipped_steps": rec.skipped, "batch_size": args.batch_size,
         "dtype": args.dtype, "params": param_count(cfg), "losses": rec.losses,
+        "precision": engine.policy.name, "loss_scale": engine.scaler.scale,
+        "overflow_skips": engine.scaler.skipped,
         "final_loss": rec.losses[-1], "evals": rec.evals,
         "tokens_per_s": rec.tokens / rec.train_s if rec.train_s else 0.0, "wall_s": wall,
         "comm": rec.comm, "memory": engine.memory(),
@@ -342,6 +350,9 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
     console.say(f"done    | {args.steps - start} steps in {wall:.1f} s, "
                 f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {rec.losses[-1]:.4f}, "
                 f"{acc}")
+    if engine.scaler.enabled:
+        console.say(f"scale   | loss scale {engine.scaler.scale:g} at the end; "
+                    f"{engine.scaler.skipped} step(s) skipped for fp16 overflow")
     moved = sum(s["bytes"] for ops in rec.comm.values() for s in ops.values())
     if moved:
         console.say(f"comm    | {_fmt_bytes(moved)} moved by rank 0 over the run "
