@@ -70,6 +70,9 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                    "tasks need 16 to 19 and refuse more than twice that without --force")
     m.add_argument("--vocab", type=int, help="override the vocabulary (text/benchmarks only)")
     m.add_argument("--tie-weights", action="store_true", help="share embedding and LM head")
+    m.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="attention, residual and embedding dropout in training (0 = off); "
+                        "every layout draws the serial run's masks")
     m.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="parameter and activation dtype (float64 for exact comparisons)")
     d = p.add_argument_group("data")
@@ -205,7 +208,7 @@ def make_configs(args, world: int):
     cfg = replace(cfg, vocab_size=vocab, seq_len=task.seq_len, tie_weights=args.tie_weights,
                   n_layers=_given(args.layers, cfg.n_layers),
                   d_model=_given(args.d_model, cfg.d_model),
-                  n_heads=_given(args.heads, cfg.n_heads))
+                  n_heads=_given(args.heads, cfg.n_heads), dropout=args.dropout)
     cfg.validate()
     check_mode(args, world)
     if args.mode != "sync":  # whole replicas: the layout flags were refused by check_mode
