@@ -40,13 +40,18 @@ elements. No tracker, no forking, and the mask is the serial run's by constructi
 
 Backward multiplies by the same mask. The forward keeps the mask (one byte per element, a
 boolean array in the layer's cache, so the activation meter ``minipar.nn.memory`` counts it),
-as Megatron does and as Korthikanti et al. 2022 count it; regenerating it in backward would
-save that byte per element but repeat the Philox draw, which costs more than the multiply it
-feeds. The attention keeps the mask and the softmax output, not the dropped probabilities
+as Megatron does and as Korthikanti et al. 2022 count it. Regenerating it in backward (it is a
+pure function of the step and the indices) would save that byte per element at the price of a
+second Philox draw per element; keeping it makes the measured memory the memory the formula
+counts, and the backward as cheap as the forward's multiply. The attention keeps the mask and the softmax output, not the dropped probabilities
 (they are one elementwise product of the two, recomputed in backward).
 
-Evaluation and decoding run with the microbatch key ``"_eval"`` and no step, and draw nothing:
-dropout is off and the result is deterministic.
+The kernel pair itself, y = x * keep / (1 - P) and its backward, lives with the other kernels
+in ``minipar.nn.functional`` (the attention kernel applies it inside its per-head loop); this
+file is where the masks come from and the ``Dropout`` module of the residual stream.
+
+Evaluation and decoding run with the microbatch key ``"_eval"``, for which ``MaskSource.keep``
+draws nothing: dropout is off and the result is deterministic.
 """
 
 from __future__ import annotations
