@@ -43,8 +43,9 @@ boolean array in the layer's cache, so the activation meter ``minipar.nn.memory`
 as Megatron does and as Korthikanti et al. 2022 count it. Regenerating it in backward (it is a
 pure function of the step and the indices) would save that byte per element at the price of a
 second Philox draw per element; keeping it makes the measured memory the memory the formula
-counts, and the backward as cheap as the forward's multiply. The attention keeps the mask and the softmax output, not the dropped probabilities
-(they are one elementwise product of the two, recomputed in backward).
+counts, and the backward as cheap as the forward's multiply. The attention keeps the mask and
+the softmax output, not the dropped probabilities (one elementwise product of the two,
+recomputed in backward).
 
 The kernel pair itself, y = x * keep / (1 - P) and its backward, lives with the other kernels
 in ``minipar.nn.functional`` (the attention kernel applies it inside its per-head loop); this
