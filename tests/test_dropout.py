@@ -231,3 +231,26 @@ def test_the_command_trains_with_dropout_in_a_layout():
                                     "--eval-every", "3", "--quiet"], n=2)
     assert codes == [0, 0], err
     assert "exact match" in out
+
+
+def test_resume_with_dropout_continues_the_uninterrupted_losses(tmp_path):
+    """The masks are keyed by the step, which a checkpoint restores: 2 steps at tp 2 + SP,
+    saved, then 2 more at dp 2 give the losses of 4 uninterrupted serial steps. A checkpoint
+    also resumes with another P (dropout is how a run trains, not what the weights are)."""
+    import json
+
+    base = ["--quiet", "--dtype", "float64", "--model", "tiny", "--eval-every", "100",
+            "--batch-size", "8", "--dropout", "0.2"]
+    full, first, second = (tmp_path / f"{n}.json" for n in ("full", "a", "b"))
+    ckpt = str(tmp_path / "run")
+    assert inproc.train([*base, "--steps", "4", "--summary", str(full)])[0] == [0]
+    codes, _, err = inproc.train([*base, "--tp", "2", "--sequence-parallel", "--steps", "2",
+                                  "--save", ckpt, "--summary", str(first)], n=2)
+    assert codes == [0, 0], err
+    codes, _, err = inproc.train([*base, "--dp", "2", "--steps", "4", "--resume", ckpt,
+                                  "--summary", str(second)], n=2)
+    assert codes == [0, 0], err
+    got = [json.loads(p.read_text())["losses"] for p in (first, second, full)]
+    np.testing.assert_allclose(got[0] + got[1], got[2], rtol=1e-9)
+    codes, _, err = inproc.train([*base[:-1], "0", "--steps", "3", "--resume", ckpt])
+    assert codes == [0], err
