@@ -290,9 +290,12 @@ def read(step_dir: str, model: ModelConfig) -> tuple[dict, dict, dict]:
     """
     where = f"--resume {step_dir}"
     meta = verify(step_dir, where)
-    saved = meta["model"]
-    if saved != asdict(model):
-        diff = {k: (saved.get(k), v) for k, v in asdict(model).items() if saved.get(k) != v}
+    # Dropout is how a run trains, not what the weights are: a checkpoint resumes with any P
+    # (and one saved before --dropout existed has no such field).
+    saved = {k: v for k, v in meta["model"].items() if k != "dropout"}
+    want = {k: v for k, v in asdict(model).items() if k != "dropout"}
+    if saved != want:
+        diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
         raise CheckpointError(f"{where}: the checkpoint's model does not match this "
                               f"run's (saved, requested): {diff}")
     out = []

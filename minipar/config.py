@@ -28,6 +28,7 @@ class ModelConfig:
     d_ff: int = 0  # MLP inner width; 0 means the usual 4 x d_model
     tie_weights: bool = False  # share the embedding matrix with the LM head
     pos: str = "learned"  # positional encoding: "learned" or "sinusoidal"
+    dropout: float = 0.0  # P of attention, residual, embedding dropout (training); 0 = off
 
     @property
     def d_head(self) -> int:
@@ -50,6 +51,8 @@ class ModelConfig:
                 f"--heads {self.n_heads} must divide --d-model {self.d_model}")
         if self.pos not in ("learned", "sinusoidal"):
             raise ConfigError(f"--pos must be 'learned' or 'sinusoidal', got {self.pos!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"--dropout must be a probability in [0, 1), got {self.dropout!r}")
 
 
 # Named model shapes. The vocabulary and sequence length of a preset are overridden by the task

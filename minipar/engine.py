@@ -18,6 +18,7 @@ import numpy
 
 from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
+from minipar.nn.dropout import MaskSource
 from minipar.nn.module import BuildContext
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient
@@ -57,7 +58,9 @@ class Engine:
         self.scaler = LossScaler(self.policy.loss_scaling, loss_scale, loss_scale_window)
         self.grad_clip = grad_clip
         self.tracer = tracer
-        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
+        # Dropout masks are addressed by (seed, step, site, global element): see nn/dropout.py.
+        self.dropout = MaskSource(seed, model.dropout)
+        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel, self.dropout)
         self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank,
                                    par.partition)
         self.params = [p for c in self.chunks for p in c.params()]
@@ -127,12 +130,21 @@ class Engine:
                 self.dp.step(self._lr if lr is None else lr)
         return StepResult(loss, grad_norm, clip, skipped=not finite, loss_scale=scale)
 
-    def gradients(self, inputs, targets, normalizer: float) -> float:
+    def gradients(self, inputs, targets, normalizer: float, *, step: int | None = None,
+                  first_row: int | None = None) -> float:
         """Forward and backward only: every ``Param.grad`` holds this rank's gradient of the
         step's loss, not yet synced over dp; returns this rank's share of the loss. A training
         step continues with the sync and the update; an asynchronous worker sends the gradient
-        to a parameter server instead."""
+        to a parameter server instead.
+
+        ``step`` (default: the steps taken) and ``first_row`` (default: this dp rank's
+        contiguous share, ``dp_rank x rows``) say where these rows sit in which global batch:
+        dropout draws the serial run's mask of exactly those rows."""
         data = self._microbatches(inputs, targets, normalizer)
+        rows = len(inputs) // self.par.microbatches
+        first = self.mesh.dp_rank * len(inputs) if first_row is None else first_row
+        self.dropout.begin_step(self.step_count if step is None else step,
+                                [first + i * rows for i in range(self.par.microbatches)])
         for chunk in self.chunks:
             chunk.loss_scale = self.scaler.scale
         self.dp.zero_grad()

@@ -83,6 +83,12 @@ ALLOWED = {
     ("engine.py", "Engine.evaluate", "*"):
         "host bookkeeping around forward_only (which uploads): padding host batches, host "
         "targets against downloaded predictions, metric counters, perplexity of a float",
+    ("nn/dropout.py", "site_key", "numpy.random.SeedSequence"):
+        "a dropout site's Philox key, hashed on the host from (seed, step, site)",
+    ("nn/dropout.py", "philox_words", "numpy.random.Philox"):
+        "NumPy's Philox runs on the host; the same bits on every backend, masks uploaded once",
+    ("nn/dropout.py", "keep_mask", "numpy.empty"):
+        "the host keep mask, filled run by run from Philox, then uploaded by MaskSource.keep",
     ("sim/activations.py", "measure_block_activations", "numpy.random.default_rng"):
         "a measurement helper: host random input, uploaded with from_host",
     ("sim/activations.py", "measure_block_activations.rank", "numpy.ascontiguousarray"):

@@ -16,6 +16,7 @@ from minipar import backend
 from minipar.config import ModelConfig, chunk_blocks
 from minipar.nn import functional as F
 from minipar.models.blocks import INIT_STD, Block
+from minipar.nn.dropout import Dropout
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
 from minipar.nn.precision import sum_fp32
 from minipar.parallel.deferral import DeferredWeightGrads
@@ -26,7 +27,7 @@ from minipar.parallel.tensor import (
 
 
 class Embedding(Module):
-    """Token embedding (vocab-parallel) plus learned or sinusoidal positions."""
+    """Token embedding (vocab-parallel) plus learned or sinusoidal positions, then dropout."""
 
     def __init__(self, ctx: BuildContext, cfg: ModelConfig):
         super().__init__()
@@ -41,6 +42,7 @@ class Embedding(Module):
             self.pos = None
             self.table = backend.from_host(
                 backend.to_host(F.sinusoidal_positions(cfg.seq_len, cfg.d_model, ctx.dtype)))
+        self.drop = Dropout(ctx, "embed.out")
 
     def _positions(self, t_local: int):
         """The rows of the position table for this rank's tokens (all of them without SP)."""
@@ -52,9 +54,10 @@ class Embedding(Module):
         h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
         h += self._positions(h.shape[SEQ_AXIS])
         self.save(mb, h.shape[SEQ_AXIS])
-        return h
+        return self.drop.forward(h, mb)  # (B, T, C) or (B, T/tp, C)
 
     def backward(self, dh, mb=0):
+        dh = self.drop.backward(dh, mb)  # (B, T, C) or (B, T/tp, C)
         t_local = self.pop(mb)
         if self.pos is not None:
             dpos = self.pos.data * 0  # (T, C)

@@ -292,6 +292,21 @@ def _gelu_bwd_rows(dy, x, t, inner) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Inverted dropout (Srivastava et al. 2014) through a given keep mask; where the mask comes from,
+# and why every layout draws the same one, is minipar.nn.dropout.
+
+
+def dropout_fwd(x, keep, p: float):
+    """y = x * keep / (1 - P), elementwise, so E[y] = x and evaluation simply skips it."""
+    return backend.xp().where(keep, x * (1.0 / (1.0 - p)), 0.0).astype(x.dtype, copy=False)
+
+
+def dropout_bwd(dy, keep, p: float):
+    """dx = dy * keep / (1 - P): dropout is linear in x, so backward is the same product."""
+    return dropout_fwd(dy, keep, p)
+
+
+# ---------------------------------------------------------------------------------------------
 # Softmax over the last axis, with the row maximum subtracted so exp never overflows.
 
 
@@ -329,13 +344,15 @@ def causal_bias(t: int, dtype):
 
 
 @fp32_math
-def attention_fwd(q, k, v):
+def attention_fwd(q, k, v, keep=None, p_drop: float = 0.0):
     """q, k, v (B, H, T, D) -> (B, H, T, D): softmax(q k^T / sqrt(D) + causal) v.
 
     Plain form, over all heads at once:
         s = q @ k.swapaxes(-1, -2) * scale + causal;  p = softmax(s);  y = p @ v
     computed here a few (batch, head) pairs at a time (``_attention_rows``) on the worker
-    threads, each product with one BLAS thread (see ``minipar.nn.threads``)."""
+    threads, each product with one BLAS thread (see ``minipar.nn.threads``). With ``keep``
+    (B, H, T, T) the probabilities are dropped out first, y = dropout(p) @ v
+    (``minipar.nn.dropout``); the cache keeps p and the mask, not the dropped p."""
     xp = backend.xp()
     b, h, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
@@ -343,13 +360,17 @@ def attention_fwd(q, k, v):
     p = xp.empty((b * h, t, t), dtype=q.dtype)  # (B*H, T, T)
     y = xp.empty_like(q3)  # (B*H, T, D)
     bias = causal_bias(t, q.dtype)
+    keep3 = None if keep is None else keep.reshape(b * h, t, t)  # (B*H, T, T) bool
 
     def rows(r):
-        _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r])
+        drop = None if keep3 is None else (keep3[r], p_drop)
+        _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r], drop)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, b * h, b * h * t * t, threads.cache_rows(t * t, 1 << 16))
-    return y.reshape(q.shape), (q3, k3, v3, p, scale)
+    if keep3 is None:
+        return y.reshape(q.shape), (q3, k3, v3, p, scale)
+    return y.reshape(q.shape), (q3, k3, v3, p, scale, (keep3, p_drop))
 
 
 def _pairs(x):
@@ -357,14 +378,15 @@ def _pairs(x):
     return backend.xp().ascontiguousarray(x).reshape(-1, *x.shape[-2:])
 
 
-def _attention_rows(q, k, v, bias, scale, p, y) -> None:
-    """Attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D)."""
+def _attention_rows(q, k, v, bias, scale, p, y, drop=None) -> None:
+    """Attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D);
+    ``drop`` = (keep (n, T, T), P) drops out the probabilities before they weight v."""
     xp = backend.xp()
     xp.matmul(q, k.swapaxes(-1, -2), out=p)  # (n, T, T) scores
     p *= scale
     p += bias
     softmax_fwd(p, inplace=True)
-    xp.matmul(p, v, out=y)  # (n, T, D)
+    xp.matmul(p if drop is None else dropout_fwd(p, *drop), v, out=y)  # (n, T, D)
 
 
 @fp32_math
@@ -380,24 +402,30 @@ def attention_bwd(dy, cache):
 def _attention_grads(dy, cache):
     """dq, dk, dv stacked in one (3, B*H, T, D) array."""
     xp = backend.xp()
-    q, k, v, p, scale = cache
+    q, k, v, p, scale, *dropped = cache
+    keep, p_drop = dropped[0] if dropped else (None, 0.0)
     n, t, _ = q.shape
     dy3 = _pairs(dy)  # (B*H, T, D)
     grads = xp.empty((3, *q.shape), dtype=q.dtype)  # (3, B*H, T, D)
 
     def rows(r):
-        _attention_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r])
+        drop = None if keep is None else (keep[r], p_drop)
+        _attention_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r], drop)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, n, n * t * t, threads.cache_rows(t * t, 1 << 16))
     return grads
 
 
-def _attention_bwd_rows(dy, q, k, v, p, scale, out) -> None:
-    """Gradients of n (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D)."""
+def _attention_bwd_rows(dy, q, k, v, p, scale, out, drop=None) -> None:
+    """Gradients of n (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D);
+    with ``drop`` = (keep, P) the dropped probabilities are recomputed from p and the mask."""
     xp = backend.xp()
-    xp.matmul(p.swapaxes(-1, -2), dy, out=out[2])  # dv (n, T, D)
+    pd = p if drop is None else dropout_fwd(p, *drop)  # (n, T, T) what weighted v
+    xp.matmul(pd.swapaxes(-1, -2), dy, out=out[2])  # dv (n, T, D)
     dp = dy @ v.swapaxes(-1, -2)  # (n, T, T)
+    if drop is not None:
+        dp = dropout_bwd(dp, *drop)  # (n, T, T) through the same mask
     ds = softmax_bwd(dp, p)  # (n, T, T); masked entries have p = 0 so ds = 0 there
     ds *= scale
     xp.matmul(ds, k, out=out[0])  # dq (n, T, D)
@@ -417,8 +445,9 @@ def merge_heads(x):
 
 
 @fp32_math
-def mha_fwd(qkv, n_heads: int):
-    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D).
+def mha_fwd(qkv, n_heads: int, keep=None, p_drop: float = 0.0):
+    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D);
+    ``keep`` (B, H, T, T) drops out the attention probabilities (see ``attention_fwd``).
 
     Plain form: q, k, v = (split_heads(part, H) for part in the three thirds of qkv). Here one
     transposing copy makes all three contiguous per (batch, head) at once."""
@@ -427,7 +456,7 @@ def mha_fwd(qkv, n_heads: int):
     d = c3 // (3 * n_heads)
     qkv5 = xp.ascontiguousarray(
         qkv.reshape(b, t, 3, n_heads, d).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
-    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2])  # (B, H, T, D)
+    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2], keep, p_drop)  # (B, H, T, D)
     return merge_heads(y), (cache, n_heads)
 
 

@@ -217,3 +217,4 @@ class BuildContext:
     dtype: str
     tp: object  # minipar.dist.comm.Comm of the tensor-parallel group (size 1 when serial)
     sequence_parallel: bool = False
+    dropout: object = None  # minipar.nn.dropout.MaskSource of this rank; None: no dropout

@@ -97,8 +97,10 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     k = pol.state_bytes(2 if optimizer == "adamw" else 1)
     e = 8 if dtype == "float64" else 4
     rows = batch_size // par.dp // par.microbatches  # sequences per microbatch
+    masks = cfg.dropout > 0  # 1-byte masks kept; the dropped probabilities are not (dropout.py)
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
-                                          value_bytes=e, dropout=False, layernorm_rstd=True)
+                                          value_bytes=e, dropout=masks, layernorm_rstd=True)
+    block -= e * rows * (cfg.n_heads // par.tp) * cfg.seq_len ** 2 if masks else 0
     logits = 3 * rows * cfg.seq_len * padded_vocab(cfg.vocab_size, par.tp) // par.tp * e
     worst: dict = {"total": -1}
     for stage in range(par.pp):

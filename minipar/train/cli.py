@@ -83,6 +83,9 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     # The older name of --precision (float32 = fp32, float64 = fp64), kept out of the help.
     m.add_argument("--dtype", default=None, choices=["float32", "float64"],
                    help=argparse.SUPPRESS)
+    m.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="attention, residual and embedding dropout in training (0 = off); "
+                        "every layout draws the serial run's masks")
     d = p.add_argument_group("data")
     d.add_argument("--task", default=None, help="sort (default), reverse, add, text")
     d.add_argument("--data", default=None, metavar="FILE",
@@ -248,7 +251,7 @@ def make_configs(args, world: int):
     cfg = replace(cfg, vocab_size=vocab, seq_len=task.seq_len, tie_weights=args.tie_weights,
                   n_layers=_given(args.layers, cfg.n_layers),
                   d_model=_given(args.d_model, cfg.d_model),
-                  n_heads=_given(args.heads, cfg.n_heads))
+                  n_heads=_given(args.heads, cfg.n_heads), dropout=args.dropout)
     cfg.validate()
     check_mode(args, world)
     if args.mode != "sync":  # whole replicas: the layout flags were refused by check_mode
