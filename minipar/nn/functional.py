@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 
 from minipar import backend
-from minipar.nn import threads
+from minipar.nn import flops, threads
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant (Hendrycks & Gimpel 2016)
 GELU_A = 0.044715
@@ -43,6 +43,7 @@ GELU_A = 0.044715
 def linear_fwd(x, w, b=None):
     """(..., in) @ (in, out) + (out,) -> (..., out). Flattens leading dims into one GEMM."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    flops.add(2 * x2.shape[0] * x2.shape[1] * w.shape[1])
     y = threads.matmul(x2, w)  # (N, out)
     if b is not None:
         y += b
@@ -330,6 +331,7 @@ def attention_fwd(q, k, v):
     p = xp.empty((b * h, t, t), dtype=q.dtype)  # (B*H, T, T)
     y = xp.empty_like(q3)  # (B*H, T, D)
     bias = causal_bias(t, q.dtype)
+    flops.add(4 * b * h * t * t * d)  # q k^T and p v over the full (T, T), masked or not
 
     def rows(r):
         _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r])
