@@ -18,6 +18,7 @@ import numpy
 
 from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
+from minipar.nn import flops
 from minipar.nn.module import BuildContext
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient
@@ -50,7 +51,8 @@ class Engine:
         self.dtype = dtype
         self.grad_clip = grad_clip
         self.tracer = tracer
-        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
+        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel,
+                                attention=par.attention, recompute=par.recompute)
         self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
         self.params = [p for c in self.chunks for p in c.params()]
         # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
@@ -67,6 +69,7 @@ class Engine:
         self._measured = False
         self.peak_activation_bytes = 0  # this stage's peak over the steps run so far
         self.memory_log: list = []  # the last step's MemorySample per pass
+        self.forward_flops = (0, 0)  # the last step's forward FLOPs here: (all, recomputed)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -130,7 +133,9 @@ class Engine:
         """The program's forward and backward passes (and sends), measuring activation memory
         on this engine's first step or, with ``measure_activations``, on every step."""
         measure = self.measure_activations or not self._measured
-        loss = self.executor.run(data, measure_memory=measure)
+        with flops.counting() as counted:  # kernels' forward FLOPs, recomputation included
+            loss = self.executor.run(data, measure_memory=measure)
+        self.forward_flops = tuple(counted)
         self.memory_log = self.executor.memory_log  # empty when not measured
         self.peak_activation_bytes = max([self.peak_activation_bytes,
                                           *(s.bytes for s in self.memory_log)])

@@ -91,7 +91,11 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     rows = batch_size // par.dp // par.microbatches  # sequences per microbatch
     layers = cfg.n_layers // (par.pp * par.virtual_stages)
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
-                                          value_bytes=e, dropout=False, layernorm_rstd=True)
+                                          par.recompute, value_bytes=e, dropout=False,
+                                          layernorm_rstd=True, attention=par.attention)
+    working = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
+                                            value_bytes=e, dropout=False, layernorm_rstd=True,
+                                            attention=par.attention)  # the block in backward
     logits = 3 * rows * cfg.seq_len * padded_vocab(cfg.vocab_size, par.tp) // par.tp * e
     worst: dict = {"total": -1}
     for stage in range(par.pp):
@@ -101,7 +105,7 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
                "optimizer": (2 if optimizer == "adamw" else 1) * e * n
                // (par.dp if par.zero >= 1 else 1),
                "activations": live * layers * block + (logits if stage == par.pp - 1 else 0),
-               "working": block, "data": 2 * 8 * batch_size * cfg.seq_len}
+               "working": working, "data": 2 * 8 * batch_size * cfg.seq_len}
         mem["total"] = sum(mem.values())
         if mem["total"] > worst["total"]:
             worst = mem

@@ -72,6 +72,12 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     m.add_argument("--tie-weights", action="store_true", help="share embedding and LM head")
     m.add_argument("--dtype", default="float32", choices=["float32", "float64"],
                    help="parameter and activation dtype (float64 for exact comparisons)")
+    m.add_argument("--attention", default="plain", choices=["plain", "blockwise"],
+                   help="attention kernel: plain keeps the (T, T) softmax per head for backward, "
+                        "blockwise (flash-attention style) only O(T); the numbers agree")
+    m.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="activation recomputation (Korthikanti et al. 2022): selective reruns "
+                        "the attention core in backward, full reruns each block's forward")
     d = p.add_argument_group("data")
     d.add_argument("--task", default=None, help="sort (default), reverse, add, text")
     d.add_argument("--data", default=None, metavar="FILE",
@@ -214,7 +220,8 @@ def make_configs(args, world: int):
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
-                         bucket_mb=args.bucket_mb)
+                         bucket_mb=args.bucket_mb, attention=args.attention,
+                         recompute=args.recompute)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 
