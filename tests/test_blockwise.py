@@ -108,20 +108,28 @@ def test_steps_compose_in_any_order_like_a_ring(t, cuts, q_lo, order, seed):
     np.testing.assert_allclose(dv, dv_full, rtol=1e-11, atol=1e-12)
 
 
-def test_blocks_above_the_diagonal_are_skipped_and_flops_halve():
-    """With nb equal blocks the loop visits nb (nb + 1) / 2 pairs, never one whose keys all
-    come after its queries, and the FLOPs counted while it runs are exactly those pairs'."""
+def test_blocks_above_the_diagonal_are_skipped_and_flops_halve(monkeypatch):
+    """With nb key blocks of B tokens the scores computed cover nb (nb + 1) / 2 tiles of B x B,
+    each key block only against the queries at or after its first key (recorded as the kernel
+    runs), and the FLOPs counted while it runs are exactly those tiles'."""
     t, d, block = 256, 8, 32
     nb = t // block
-    pairs = blockwise.block_pairs(t, block)
-    assert len(pairs) == nb * (nb + 1) // 2
-    assert all(ka <= qb - 1 for _, qb, ka, _ in pairs)
-    assert blockwise.pair_flops(t, d, block) == len(pairs) * 4 * block * block * d
+    seen = []
+    real = blockwise._scores
+
+    def recording(q, k, scale, q_start, k_start):
+        seen.append((q_start, q.shape[1], k_start, k.shape[1], q.shape[0]))
+        return real(q, k, scale, q_start, k_start)
+
+    monkeypatch.setattr(blockwise, "_scores", recording)
     q = np.zeros((1, 2, t, d))
     with flops.counting() as plain:
         F.attention_fwd(q, q, q)
     with flops.counting() as blocked:
         BW.attention_fwd(q, q, q, block)
+    assert all(q0 == k0 and q0 + tq == t and tk == block for q0, tq, k0, tk, _ in seen)
+    assert sum(n * tq * tk for _, tq, _, tk, n in seen) == 2 * nb * (nb + 1) // 2 * block ** 2
+    assert blockwise.pair_flops(t, d, block) == nb * (nb + 1) // 2 * 4 * block * block * d
     assert plain[0] == 2 * 4 * t * t * d
     assert blocked[0] == 2 * blockwise.pair_flops(t, d, block)
     assert blocked[0] / plain[0] == (nb + 1) / (2 * nb)

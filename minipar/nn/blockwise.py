@@ -22,8 +22,10 @@ exactly, p_j = exp(s_j - lse), with delta = rowsum(dy * y) standing in for softm
     dq += ds_j k_j;     dk_j += ds_j^T q
 
 Causality by blocks: a key block entirely after a query block is skipped (no FLOPs), a key block
-entirely before it needs no mask, and only blocks on the diagonal are masked. So the kernel does
-about half the products of the plain one, which multiplies the full (T, T) and masks afterwards.
+entirely before it needs no mask, and only tiles on the diagonal are masked. Here each key block
+meets all the queries at or after its first key in one product (fewer, larger GEMMs than square
+tiles), so the kernel does about half the products of the plain one, which multiplies the full
+(T, T) and masks afterwards.
 
 ``forward_step`` and ``backward_step`` are that per-block update and its gradient, on blocks
 given with their positions in the sequence: a ring of ranks (context parallelism) can call them
@@ -75,10 +77,12 @@ def _scores(q, k, scale, q_start: int, k_start: int):
     xp = backend.xp()
     s = q @ k.swapaxes(-1, -2)  # (n, Tq, Tk)
     s *= scale
-    if relation(q_start, q.shape[1], k_start, k.shape[1]) == "diagonal":
-        qpos = xp.arange(q_start, q_start + q.shape[1])  # (Tq,)
-        kpos = xp.arange(k_start, k_start + k.shape[1])  # (Tk,)
-        s[:, kpos[None, :] > qpos[:, None]] = -xp.inf  # (Tq, Tk) mask, the same for every pair
+    tq, tk = q.shape[1], k.shape[1]
+    if relation(q_start, tq, k_start, tk) == "diagonal":
+        rows = min(tq, k_start + tk - 1 - q_start)  # queries before the block's last key
+        qpos = xp.arange(q_start, q_start + rows)[:, None]  # (r, 1)
+        kpos = xp.arange(k_start, k_start + tk)[None, :]  # (1, Tk)
+        s[:, :rows] += xp.where(kpos > qpos, -xp.inf, 0.0).astype(s.dtype)  # (r, Tk) mask
     return s
 
 
@@ -136,42 +140,41 @@ def backward_step(q, k, v, dy, lse, delta, scale: float, grads, q_start: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
-# One sequence: every query block against the key blocks at or before it.
+# One sequence: each key/value block folded into the queries at or after it.
 
 
-def block_pairs(t: int, block: int = BLOCK) -> list[tuple[int, int, int, int]]:
-    """(q_start, q_stop, k_start, k_stop) of every block pair the causal loop computes: key
-    blocks above the diagonal are never visited."""
-    starts = range(0, t, block)
-    return [(i, min(i + block, t), j, min(j + block, t)) for i in starts for j in starts
-            if relation(i, min(i + block, t) - i, j, min(j + block, t) - j) != "skip"]
+def key_blocks(t: int, block: int = BLOCK) -> list[tuple[int, int]]:
+    """(k_start, k_stop) of each key block. Key block [a, b) meets the queries [a, T): the
+    queries before a would see only masked keys, so those (query, key) tiles above the causal
+    diagonal are never computed, and the rest is one product per block (not one per tile)."""
+    return [(a, min(a + block, t)) for a in range(0, t, block)]
 
 
 def pair_flops(t: int, d: int, block: int = BLOCK) -> int:
-    """Forward FLOPs per (batch, head): q k^T and p v, 2 Tq Tk D each, over the pairs run."""
-    return sum(4 * (qb - qa) * (kb - ka) * d for qa, qb, ka, kb in block_pairs(t, block))
+    """Forward FLOPs per (batch, head): q k^T and p v, 2 Tq Tk D each, over the tiles run."""
+    return sum(4 * (t - a) * (b - a) * d for a, b in key_blocks(t, block))
 
 
 def attention_fwd(q, k, v, block: int = BLOCK):
     """q, k, v (B, H, T, D) -> y (B, H, T, D), the same as ``functional.attention_fwd``.
 
-    Plain form: softmax(q k^T / sqrt(D) + causal) v; here block by block (``forward_step``),
-    a few (batch, head) pairs at a time on the worker threads. The cache keeps q, k, v and the
-    log-sum-exp lse (B*H, T, 1); backward also needs y, which its caller passes back."""
+    Plain form: softmax(q k^T / sqrt(D) + causal) v; here one key/value block at a time
+    (``forward_step``), a few (batch, head) pairs at a time on the worker threads. The cache
+    keeps q, k, v and the log-sum-exp lse (B*H, T, 1); backward also needs y, which its
+    caller passes back."""
     xp = backend.xp()
     b, h, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
     q3, k3, v3 = (_pairs(a) for a in (q, k, v))  # (B*H, T, D) each
     y = xp.empty_like(q3)  # (B*H, T, D)
     lse = xp.empty((b * h, t, 1), dtype=q.dtype)  # (B*H, T, 1)
-    pairs = block_pairs(t, block)
 
     def rows(r):
-        for qa, qb in sorted({(qa, qb) for qa, qb, _, _ in pairs}):
-            state = init_state(q3[r, qa:qb])
-            for _, _, ka, kb in (p for p in pairs if p[0] == qa):
-                forward_step(q3[r, qa:qb], k3[r, ka:kb], v3[r, ka:kb], state, scale, qa, ka)
-            y[r, qa:qb], lse[r, qa:qb] = finish(state)
+        state = init_state(q3[r])  # (n, T, 1), (n, T, 1), (n, T, D)
+        for ka, kb in key_blocks(t, block):
+            later = State(*(a[:, ka:] for a in state))  # views: the queries at or after ka
+            forward_step(q3[r, ka:], k3[r, ka:kb], v3[r, ka:kb], later, scale, ka, ka)
+        y[r], lse[r] = finish(state)
 
     flops.add(b * h * pair_flops(t, d, block))
     with threads.one_blas_thread():
@@ -199,14 +202,12 @@ def attention_grads(dy3, delta, cache):
     q, k, v, lse, scale, block = cache
     n, t, _ = q.shape
     grads = xp.zeros((3, *q.shape), dtype=q.dtype)  # (3, B*H, T, D)
-    pairs = block_pairs(t, block)
 
     def rows(r):
         dq, dk, dv = grads[0, r], grads[1, r], grads[2, r]
-        for qa, qb, ka, kb in pairs:
-            backward_step(q[r, qa:qb], k[r, ka:kb], v[r, ka:kb], dy3[r, qa:qb], lse[r, qa:qb],
-                          delta[r, qa:qb], scale, (dq[:, qa:qb], dk[:, ka:kb], dv[:, ka:kb]),
-                          qa, ka)
+        for ka, kb in key_blocks(t, block):  # the queries at or after ka, as in the forward
+            backward_step(q[r, ka:], k[r, ka:kb], v[r, ka:kb], dy3[r, ka:], lse[r, ka:],
+                          delta[r, ka:], scale, (dq[:, ka:], dk[:, ka:kb], dv[:, ka:kb]), ka, ka)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, n, n * t * block, threads.cache_rows(t * block, 1 << 16))
@@ -245,5 +246,5 @@ def mha_bwd(dy, y, cache):
 
 
 __all__ = ["BLOCK", "State", "init_state", "relation", "forward_step", "finish", "backward_step",
-           "block_pairs", "pair_flops", "attention_fwd", "attention_bwd", "attention_grads",
+           "key_blocks", "pair_flops", "attention_fwd", "attention_bwd", "attention_grads",
            "mha_fwd", "mha_bwd"]
