@@ -27,6 +27,7 @@ PARALLEL_EQUALS_SERIAL = (
 ON_GPU = PARALLEL_EQUALS_SERIAL + (
     "tests/test_tensor_parallel.py::test_tensor_parallel_training_equals_serial",
     "tests/test_functional.py",
+    "tests/test_blockwise.py",
     "tests/test_model.py",
 )
 

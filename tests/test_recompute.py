@@ -160,3 +160,36 @@ def test_simulator_and_runtime_agree_on_the_recompute_names():
 
     assert choices(build_parser(), "--recompute") == RECOMPUTE_MODES == cm.RECOMPUTE
     assert choices(train_parser(), "--recompute") == RECOMPUTE_MODES
+
+
+def test_train_command_runs_every_mode_with_the_same_losses(tmp_path):
+    """``python -m minipar.train`` (in-process, 2 thread ranks, tp 2 + SP): --recompute gives
+    the same losses to the bit, --attention blockwise to rounding; the last lines say what was
+    kept and rerun; a bad value is one line naming the flag, and no step runs."""
+    import json
+
+    from inproc import train
+
+    base = ["--steps", "3", "--eval-every", "3", "--dtype", "float64", "--quiet", "--tp", "2",
+            "--sequence-parallel", "--batch-size", "8"]
+    losses = {}
+    for attention in ("plain", "blockwise"):
+        for rc in RECOMPUTE_MODES:
+            summary = tmp_path / f"{attention}-{rc}.json"
+            codes, out, err = train([*base, "--attention", attention, "--recompute", rc,
+                                     "--summary", str(summary)], n=2)
+            assert codes == [0, 0], err
+            run = json.loads(summary.read_text())
+            assert run["layout"]["recompute"] == rc
+            losses[attention, rc] = run["losses"]
+            if (attention, rc) != ("plain", "none"):
+                assert f"{attention} attention, recompute {rc}" in out
+            assert (run["forward_flops"]["recomputed"] > 0) == (rc != "none")
+    for attention in ("plain", "blockwise"):
+        assert losses[attention, "selective"] == losses[attention, "none"]
+        assert losses[attention, "full"] == losses[attention, "none"]
+    np.testing.assert_allclose(losses["blockwise", "none"], losses["plain", "none"], rtol=1e-12)
+    for flag, bad in (("--recompute", "some"), ("--attention", "flash")):
+        codes, out, err = train([flag, bad], n=2)
+        assert codes == [2, 2] and out == ""
+        assert len(err.strip().splitlines()) == 1 and flag in err, err

@@ -99,7 +99,7 @@ def forward_step(q, k, v, state: State, scale: float, q_start: int = 0,
     s = _scores(q, k, scale, q_start, k_start)  # (n, Tq, Tk)
     m_new = xp.maximum(state.m, s.max(axis=-1, keepdims=True))  # (n, Tq, 1)
     # A row that has seen only masked keys keeps m = -inf; shift it by 0 so exp gives 0, not nan.
-    shift = xp.where(xp.isneginf(m_new), 0.0, m_new)  # (n, Tq, 1)
+    shift = xp.where(m_new == -xp.inf, 0.0, m_new)  # (n, Tq, 1)
     alpha = xp.exp(state.m - shift)  # (n, Tq, 1): rescales what earlier blocks summed
     s -= shift
     p = xp.exp(s, out=s)  # (n, Tq, Tk): exp(s - m'), the block's unnormalised probabilities
