@@ -189,7 +189,8 @@ def test_train_command_runs_every_mode_with_the_same_losses(tmp_path):
         assert losses[attention, "selective"] == losses[attention, "none"]
         assert losses[attention, "full"] == losses[attention, "none"]
     np.testing.assert_allclose(losses["blockwise", "none"], losses["plain", "none"], rtol=1e-12)
-    for flag, bad in (("--recompute", "some"), ("--attention", "flash")):
-        codes, out, err = train([flag, bad], n=2)
+    for flag, bad in (("--recompute", "some"), ("--attention", "flash"),
+                      ("--recompute", "full --mode local-sgd")):
+        codes, out, err = train([flag, *bad.split()], n=2)
         assert codes == [2, 2] and out == ""
         assert len(err.strip().splitlines()) == 1 and flag in err, err
