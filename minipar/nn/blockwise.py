@@ -42,7 +42,7 @@ from minipar import backend
 from minipar.nn import flops, threads
 from minipar.nn.functional import merge_heads, split_heads
 
-BLOCK = 64  # query and key tokens per block; (n, 64, 64) scores stay in cache
+BLOCK = 64  # key tokens per block: (n, T, 64) scores per product instead of (n, T, T)
 
 
 class State(NamedTuple):
