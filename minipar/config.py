@@ -65,6 +65,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+ATTENTION_KERNELS = ("plain", "blockwise")  # minipar.nn.functional | minipar.nn.blockwise
+RECOMPUTE_MODES = ("none", "selective", "full")  # Korthikanti et al. 2022; the simulator's too
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     bucket_mb: float = 0.0  # gradient bucket size for overlapped dp sync; 0 = sync after backward
     partition: tuple[int, ...] = ()  # blocks per global chunk (--partition); () = equal split
+    attention: str = "plain"  # attention kernel, one of ATTENTION_KERNELS (the numbers agree)
+    recompute: str = "none"  # activation recomputation in backward, one of RECOMPUTE_MODES
 
     @property
     def world(self) -> int:
@@ -100,6 +104,12 @@ class ParallelConfig:
         if self.schedule not in SCHEDULE_NAMES:
             raise ConfigError(
                 f"--schedule must be one of {', '.join(SCHEDULE_NAMES)}, got {self.schedule!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, "
+                              f"got {self.attention!r}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, "
+                              f"got {self.recompute!r}")
         if self.schedule == "zb-h1" and (self.zero == 3 or self.bucket_mb > 0):
             raise ConfigError(
                 "--schedule zb-h1 defers weight gradients past each unit's backward, so it "
@@ -131,6 +141,9 @@ class ParallelConfig:
                     f"{self.microbatches}")
 
     def _validate_against_model(self, model: ModelConfig) -> None:
+        if self.attention == "blockwise" and model.dropout > 0:
+            raise ConfigError("--attention blockwise draws no attention-dropout masks: use "
+                              "--attention plain with --dropout, or --dropout 0")
         if model.n_heads % self.tp:
             raise ConfigError(f"--tp {self.tp} must divide the number of heads ({model.n_heads})")
         if model.ffn % self.tp:
@@ -218,4 +231,5 @@ def check_output(flag: str, path: str, kind: str, example: str = "run.json") -> 
 
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "MODEL_PRESETS", "SCHEDULE_NAMES",
-           "check_output", "check_partition", "chunk_blocks", "replace"]
+           "ATTENTION_KERNELS", "RECOMPUTE_MODES", "check_output", "check_partition",
+           "chunk_blocks", "replace"]

@@ -18,6 +18,7 @@ import numpy
 
 from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
+from minipar.nn import flops
 from minipar.nn.dropout import MaskSource
 from minipar.nn.module import BuildContext
 from minipar.models.gpt import build_chunks
@@ -60,7 +61,8 @@ class Engine:
         self.tracer = tracer
         # Dropout masks are addressed by (seed, step, site, global element): see nn/dropout.py.
         self.dropout = MaskSource(seed, model.dropout)
-        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel, self.dropout)
+        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel, self.dropout,
+                                attention=par.attention, recompute=par.recompute)
         self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank,
                                    par.partition)
         self.params = [p for c in self.chunks for p in c.params()]
@@ -79,6 +81,7 @@ class Engine:
         self._measured = False
         self.peak_activation_bytes = 0  # this stage's peak over the steps run so far
         self.memory_log: list = []  # the last step's MemorySample per pass
+        self.forward_flops = (0, 0)  # the last step's forward FLOPs here: (all, recomputed)
 
     def _precision_options(self) -> dict:
         """What the data-parallel strategy needs of the policy (none in fp32/fp64, so the
@@ -169,7 +172,9 @@ class Engine:
         """The program's forward and backward passes (and sends), measuring activation memory
         on this engine's first step or, with ``measure_activations``, on every step."""
         measure = self.measure_activations or not self._measured
-        loss = self.executor.run(data, measure_memory=measure)
+        with flops.counting() as counted:  # kernels' forward FLOPs, recomputation included
+            loss = self.executor.run(data, measure_memory=measure)
+        self.forward_flops = tuple(counted)
         self.memory_log = self.executor.memory_log  # empty when not measured
         self.peak_activation_bytes = max([self.peak_activation_bytes,
                                           *(s.bytes for s in self.memory_log)])

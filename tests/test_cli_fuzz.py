@@ -63,6 +63,8 @@ TRAIN_VALUES: dict[str, tuple | None] = {
     "--bucket-mb": (["0", "0.001"], ["-1"]), "--seed": (["0", "1"], ["-1"]),
     "--dtype": (["float64"], ["float16"]), "--keep": (["0", "2"], ["-1"]),
     "--save-every": (["1"], ["-1"]), "--dropout": (["0", "0.1"], ["1", "-0.1", "nan"]),
+    "--attention": (["plain", "blockwise"], ["flash"]),
+    "--recompute": (["none", "selective", "full"], ["some"]),
 }
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 
 from minipar import backend
-from minipar.nn import threads
+from minipar.nn import flops, threads
 from minipar.nn.precision import fp32_math
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant (Hendrycks & Gimpel 2016)
@@ -47,6 +47,7 @@ GELU_A = 0.044715
 def linear_fwd(x, w, b=None):
     """(..., in) @ (in, out) + (out,) -> (..., out). Flattens leading dims into one GEMM."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    flops.add(2 * x2.shape[0] * x2.shape[1] * w.shape[1])
     y = threads.matmul(x2, w)  # (N, out)
     if b is not None:
         y += b
@@ -361,6 +362,7 @@ def attention_fwd(q, k, v, keep=None, p_drop: float = 0.0):
     y = xp.empty_like(q3)  # (B*H, T, D)
     bias = causal_bias(t, q.dtype)
     keep3 = None if keep is None else keep.reshape(b * h, t, t)  # (B*H, T, T) bool
+    flops.add(4 * b * h * t * t * d)  # q k^T and p v over the full (T, T), masked or not
 
     def rows(r):
         drop = None if keep3 is None else (keep3[r], p_drop)

@@ -158,6 +158,10 @@ class Module:
                                "(forward called twice without backward)")
         self._cache[mb] = cache
 
+    def peek(self, mb):
+        """What ``save`` kept for microbatch ``mb``, left in place for its ``pop``."""
+        return self._cache[mb]
+
     def pop(self, mb):
         try:
             return self._cache.pop(mb)
@@ -218,3 +222,5 @@ class BuildContext:
     tp: object  # minipar.dist.comm.Comm of the tensor-parallel group (size 1 when serial)
     sequence_parallel: bool = False
     dropout: object = None  # minipar.nn.dropout.MaskSource of this rank; None: no dropout
+    attention: str = "plain"  # "plain" (functional) or "blockwise" (minipar.nn.blockwise)
+    recompute: str = "none"  # "none", "selective" or "full" (minipar.models.blocks)

@@ -86,6 +86,12 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, default=0.0, metavar="P",
                    help="attention, residual and embedding dropout in training (0 = off); "
                         "every layout draws the serial run's masks")
+    m.add_argument("--attention", default="plain", choices=["plain", "blockwise"],
+                   help="attention kernel: plain keeps the (T, T) softmax per head for backward, "
+                        "blockwise (flash-attention style) only O(T); the numbers agree")
+    m.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="activation recomputation (Korthikanti et al. 2022): selective reruns "
+                        "the attention core in backward, full reruns each block's forward")
     d = p.add_argument_group("data")
     d.add_argument("--task", default=None, help="sort (default), reverse, add, text")
     d.add_argument("--data", default=None, metavar="FILE",
@@ -261,7 +267,8 @@ def make_configs(args, world: int):
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
-                         bucket_mb=args.bucket_mb, partition=blocks)
+                         bucket_mb=args.bucket_mb, partition=blocks, attention=args.attention,
+                         recompute=args.recompute)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 

@@ -329,7 +329,8 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
         "layout": {"dp": par.dp, "tp": par.tp, "pp": par.pp, "world": world.size,
                    "zero": par.zero, "sequence_parallel": par.sequence_parallel,
                    "schedule": par.schedule, "microbatches": par.microbatches,
-                   "virtual_stages": par.virtual_stages, "partition": list(par.partition)},
+                   "virtual_stages": par.virtual_stages, "partition": list(par.partition),
+                   "attention": par.attention, "recompute": par.recompute},
         "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                   "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
         "task": task.name, "steps": args.steps, "start_step": start,
@@ -340,6 +341,7 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
         "final_loss": rec.losses[-1], "evals": rec.evals,
         "tokens_per_s": rec.tokens / rec.train_s if rec.train_s else 0.0, "wall_s": wall,
         "comm": rec.comm, "memory": engine.memory(),
+        "forward_flops": dict(zip(("all", "recomputed"), engine.forward_flops)),
     }
     if task.metric == "exact_match":
         summary["eval_accuracy"] = final["exact_match"]
@@ -353,6 +355,11 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
     if engine.scaler.enabled:
         console.say(f"scale   | loss scale {engine.scaler.scale:g} at the end; "
                     f"{engine.scaler.skipped} step(s) skipped for fp16 overflow")
+    if (par.attention, par.recompute) != ("plain", "none"):
+        fwd, again = engine.forward_flops
+        console.say(f"memory  | {par.attention} attention, recompute {par.recompute}: rank 0 "
+                    f"kept at most {_fmt_bytes(engine.peak_activation_bytes)} of activations; "
+                    f"forward {fwd / 1e9:.3f} GFLOP per step, {again / 1e9:.3f} of it recomputed")
     moved = sum(s["bytes"] for ops in rec.comm.values() for s in ops.values())
     if moved:
         console.say(f"comm    | {_fmt_bytes(moved)} moved by rank 0 over the run "
