@@ -46,7 +46,7 @@ from minipar.nn.module import Hooks
 from minipar.nn.optim import make_optimizer
 from minipar.parallel.data import (
     BucketedDataParallel, Buckets, DataParallel, DataParallelStrategy, allreduce_views,
-    params_used, state_of, unit_owners,
+    params_dtype, params_used, state_of, trainable_params, unit_owners,
 )
 from minipar.parallel.flat import FlatLayout, bucket_count
 
@@ -167,9 +167,9 @@ class ZeRO1(Buckets, ShardedState):
     def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, bucket_mb: float = 0.0,
                  microbatches: int | None = None):
-        self.params = [p for c in chunks for p in c.params()]
+        self.params = trainable_params(chunks)  # frozen ones stay whole on every rank
         self.mesh = mesh
-        self.dtype = self.params[0].data.dtype
+        self.dtype = params_dtype(chunks)
         dp = mesh.dp.size
         padded = -(-sum(int(p.data.size) for p in self.params) // dp) * dp
         n = bucket_count(padded * self.dtype.itemsize, bucket_mb, padded // dp)
@@ -305,9 +305,9 @@ class ZeRO3(ShardedState):
 
     def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0):
-        self.params = [p for c in chunks for p in c.params()]
+        self.params = trainable_params(chunks)  # frozen ones stay whole on every rank
         self.mesh = mesh
-        self.dtype = self.params[0].data.dtype
+        self.dtype = params_dtype(chunks)
         units, owner = unit_owners(chunks, self.params)
         finished_by = [[p for p in self.params if owner[id(p)] == u] for u in range(len(units))]
         self.layout = FlatLayout.segmented([ps for ps in finished_by if ps], mesh.dp.size,
@@ -335,7 +335,8 @@ class ZeRO3(ShardedState):
         for chunk in chunks:
             first, last = {}, {}
             for unit in chunk.units:
-                for k in sorted({segment_of[id(p)] for p in params_used(unit)}):
+                for k in sorted({segment_of[id(p)] for p in params_used(unit)
+                                 if id(p) in segment_of}):  # frozen ones are never gathered
                     first.setdefault(k, id(unit))
                     last[k] = id(unit)
             for unit in chunk.units:
