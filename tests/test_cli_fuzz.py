@@ -63,6 +63,8 @@ TRAIN_VALUES: dict[str, tuple | None] = {
     "--bucket-mb": (["0", "0.001"], ["-1"]), "--seed": (["0", "1"], ["-1"]),
     "--dtype": (["float64"], ["float16"]), "--keep": (["0", "2"], ["-1"]),
     "--save-every": (["1"], ["-1"]),
+    "--init-from": (["NEW/ckpt"], ["MISSING", "TEXT"]),
+    "--freeze": (["embed", "blocks.0,head"], ["emb", "a,,b"]),
 }
 
 
