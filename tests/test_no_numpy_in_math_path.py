@@ -74,6 +74,8 @@ ALLOWED = {
     ("train/loop.py", "continuation", "numpy.array"): "host token ids rendered as text",
     ("train/loop.py", "_start", "numpy.zeros_like"):
         "a fresh optimizer state (--force) as full host tensors, like a checkpoint's",
+    ("engine.py", "Engine.init_weights", "numpy.zeros"):
+        "a fresh optimizer state (--init-from) as full host tensors, like a checkpoint's",
     ("engine.py", "Engine.evaluate", "*"):
         "host bookkeeping around forward_only (which uploads): padding host batches, host "
         "targets against downloaded predictions, metric counters, perplexity of a float",

@@ -26,6 +26,8 @@ Everything here runs on every rank before any collective (from ``cli.prepare``).
 
 from __future__ import annotations
 
+import math
+
 from minipar.config import ConfigError, ModelConfig
 
 # ModelConfig fields and the flag that sets each (for the hint in a mismatch line).
@@ -141,8 +143,8 @@ def prepare_init(args, cfg: ModelConfig, task) -> tuple[tuple | None, tuple[str,
     frozen = check_freeze(freeze, shapes)
     lines = []
     if frozen:
-        n = sum(_numel(shapes[k]) for k in frozen)
-        total = sum(_numel(s) for s in shapes.values())
+        n = sum(math.prod(shapes[k]) for k in frozen)
+        total = sum(math.prod(s) for s in shapes.values())
         lines.append(f"freeze  | {','.join(freeze)}: {len(frozen)} of {len(shapes)} tensors, "
                      f"{n:,} of {total:,} parameters fixed (no update, no optimizer state, no "
                      "gradient sync)")
@@ -167,9 +169,3 @@ def check_resume_freeze(args, meta: dict) -> None:
         raise ConfigError(f"--resume {args.resume}: the checkpoint was trained with {said}, this "
                           f"run asks for {asked}; give the same --freeze")
 
-
-def _numel(shape: tuple) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
