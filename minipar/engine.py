@@ -20,9 +20,9 @@ from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.nn import flops
 from minipar.nn.dropout import MaskSource
-from minipar.nn.module import BuildContext
+from minipar.nn.module import BuildContext, matches_prefix
 from minipar.models.gpt import build_chunks
-from minipar.nn.optim import clip_coefficient
+from minipar.nn.optim import clip_coefficient, make_optimizer
 from minipar.nn.precision import LossScaler, policy, policy_of_dtype
 from minipar.parallel.data import DataParallelStrategy
 from minipar.parallel.pipeline import PipelineExecutor, StepData
@@ -47,7 +47,7 @@ class Engine:
                  dtype: str = "float32", optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, grad_clip: float = 1.0, tracer=None,
                  precision: str | None = None, loss_scale: float = 2.0 ** 16,
-                 loss_scale_window: int = 200):
+                 loss_scale_window: int = 200, freeze: tuple[str, ...] = ()):
         model.validate()
         par.validate(model, world_size=mesh.world.size)
         if tracer is not None:  # every collective of every layer becomes a trace event
@@ -66,6 +66,13 @@ class Engine:
         self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank,
                                    par.partition)
         self.params = [p for c in self.chunks for p in c.params()]
+        self.optimizer_name = optimizer
+        # Fine-tuning: parameters under a --freeze prefix stay out of the strategy (no update,
+        # no optimizer state, no gradient traffic); every rank keeps them whole.
+        for p in self.params:
+            p.frozen = any(matches_prefix(p.name, f) for f in freeze)
+        self.freeze = tuple(freeze)
+        self.frozen = [p for p in self.params if p.frozen]
         # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
         self.dp: DataParallelStrategy = make_strategy(
             par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
@@ -275,9 +282,13 @@ class Engine:
         """Every full (unsharded) parameter or gradient by name, on every rank (collective).
 
         Used by tests (parallel == serial) and checkpoints: the result does not depend on the
-        layout. Gathers over dp (ZeRO shards), tp (tensor shards) and the world (stages).
+        layout. Gathers over dp (ZeRO shards), tp (tensor shards) and the world (stages). A
+        frozen parameter has no gradient: it is in the parameters, not in the gradients.
         """
-        return self._gather_full(self.dp.local_params(grads))
+        local = self.dp.local_params(grads)
+        if not grads:
+            local.update({p.name: backend.to_host(p.data) for p in self.frozen})
+        return self._gather_full(local)
 
     def full_optimizer_state(self) -> dict:
         """{"<param>/<state>": full array} for the whole model, on every rank (collective)."""
@@ -311,9 +322,20 @@ class Engine:
                       if k.rsplit("/", 1)[0] == p.name}
             local_optim[p.name] = {k: cut(v).astype(self.policy.master_dtype)
                                    for k, v in states.items()}
+        for p in self.frozen:  # outside the strategy: loaded here, kept whole
+            p.data[...] = backend.from_host(local_params[p.name])
         self.dp.load_local(local_params, local_optim, optimizer_steps)
+
+    def init_weights(self, params: dict) -> None:
+        """Fine-tuning (``--init-from``): this rank's shards of the full ``params`` (a
+        checkpoint of any layout and ZeRO stage), with a fresh optimizer: zero state, step 0."""
+        names = make_optimizer(self.optimizer_name, [], 0.0, 0.0).state_names
+        fresh = {f"{p.name}/{k}": numpy.zeros(p.full_shape, dtype=self.policy.master_dtype)
+                 for p in self.params if not p.frozen for k in names}
+        self.load_full_state(params, fresh, 0)
 
     def memory(self) -> dict:
         mem = dict(self.dp.memory())
+        mem["params"] += sum(int(p.data.nbytes) for p in self.frozen)  # whole on every rank
         mem["activations_peak"] = self.peak_activation_bytes
         return mem

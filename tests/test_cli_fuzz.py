@@ -65,6 +65,8 @@ TRAIN_VALUES: dict[str, tuple | None] = {
     "--save-every": (["1"], ["-1"]), "--dropout": (["0", "0.1"], ["1", "-0.1", "nan"]),
     "--attention": (["plain", "blockwise"], ["flash"]),
     "--recompute": (["none", "selective", "full"], ["some"]),
+    "--init-from": (["NEW/ckpt"], ["MISSING", "TEXT"]),
+    "--freeze": (["embed", "blocks.0,head"], ["emb", "a,,b"]),
 }
 
 

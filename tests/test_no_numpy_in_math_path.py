@@ -80,6 +80,8 @@ ALLOWED = {
         "MPI's user-defined reduction of 16-bit floats runs on host buffers MPI hands it",
     ("engine.py", "Engine.train_step.quiet", "numpy.errstate"):
         "fp16 overflow is expected and handled: NumPy's floating-point warnings off for the step",
+    ("engine.py", "Engine.init_weights", "numpy.zeros"):
+        "a fresh optimizer state (--init-from) as full host tensors, like a checkpoint's",
     ("engine.py", "Engine.evaluate", "*"):
         "host bookkeeping around forward_only (which uploads): padding host batches, host "
         "targets against downloaded predictions, metric counters, perplexity of a float",

@@ -136,6 +136,13 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                         "(they are deleted at the first save)")
     c.add_argument("--resume", default=None, metavar="PATH",
                    help="a run directory (its newest checkpoint) or one step directory")
+    c.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start a new run (any task) from a checkpoint's weights "
+                        "(a run directory or one step directory, saved in any layout) with a "
+                        "fresh optimizer, step and schedule; the model flags must match it")
+    c.add_argument("--freeze", default=None, metavar="NAMES",
+                   help="comma-separated parameter-name prefixes to keep fixed, e.g. "
+                        "embed,blocks.0 (no update, no optimizer state, no gradient sync)")
     c.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradients are not finite, instead of stopping")
     c.add_argument("--check-collectives", action="store_true",
@@ -284,6 +291,8 @@ class Setup:
     run_id: str
     memory: dict
     resume: tuple | None = None  # (params, optim or None for a fresh optimizer, meta)
+    init: tuple | None = None  # --init-from: (params, meta, step dir)
+    freeze: tuple = ()  # --freeze: parameter-name prefixes
     warnings: list[str] = field(default_factory=list)
 
 
@@ -291,8 +300,10 @@ def _resume(args, cfg, task) -> tuple[tuple, list[str]]:
     """The checkpoint of ``--resume``, compared with this run; warnings under ``--force``."""
     from minipar import checkpoint
     from minipar.config import ConfigError
+    from minipar.train.finetune import check_resume_freeze
 
     params, optim, meta = checkpoint.load(args.resume, cfg)
+    check_resume_freeze(args, meta)
     if meta["step"] >= args.steps:
         raise ConfigError(f"--resume: the checkpoint is at step {meta['step']}, "
                           f"not before --steps {args.steps}")
@@ -314,12 +325,14 @@ def _resume(args, cfg, task) -> tuple[tuple, list[str]]:
 
 def prepare(args, world_size: int, ranks_here: int) -> Setup:
     """Every check, in the order a user fixes things; ConfigError on the first failure."""
-    from minipar.train import checks
+    from minipar.train import checks, finetune
 
     cfg, par, task, note = make_configs(args, world_size)
     warnings = [w for w in [checks.check_seq_len(args, task)] if w]
     checks.check_outputs(args)
     memory = checks.check_memory(args, cfg, par, ranks_here)
+    init, freeze, lines = finetune.prepare_init(args, cfg, task)
+    warnings = lines + warnings
     resume, run_id = None, uuid.uuid4().hex
     if args.resume:
         resume, more = _resume(args, cfg, task)
@@ -327,7 +340,8 @@ def prepare(args, world_size: int, ranks_here: int) -> Setup:
         run_id = resume[2]["run_id"]
     if args.save:
         _check_owner(args, resume[2]["run_id"] if resume else None)
-    return Setup(cfg, par, task, note, run_id, memory, resume, warnings)
+    return Setup(cfg, par, task, note, run_id, memory, resume, warnings=warnings, init=init,
+                 freeze=freeze)
 
 
 def _check_owner(args, run_id: str | None) -> None:
@@ -413,7 +427,8 @@ def _train(args, setup: Setup, world, rank0: bool, in_process: bool) -> int:
         with numpy.errstate(all="ignore"):
             summary = run(args, setup.cfg, setup.par, setup.task, world, setup.note,
                           blas_threads=BLAS_THREADS, resume=setup.resume, run_id=setup.run_id,
-                          memory=setup.memory, warnings=setup.warnings)
+                          memory=setup.memory, warnings=setup.warnings, init=setup.init,
+                          freeze=setup.freeze)
     except FloatingPointError as exc:  # every rank sees the same allreduced loss and norm
         if rank0:
             print(f"minipar.train: error: {exc} (use --skip-nonfinite to skip such steps)",

@@ -140,7 +140,8 @@ def save_checkpoint(engine, args, cfg, par, task, step: int, run_id: str,
         return None
     meta = {"model": asdict(cfg), "layout": asdict(par), "seed": args.seed, "task": task.name,
             "data_position": step, "optimizer": args.optimizer, "run_id": run_id,
-            "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype}
+            "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype,
+            "freeze": list(engine.freeze)}
     return checkpoint.write(args.save, step, params, optim, meta, keep=args.keep,
                             replace_other_runs=first and getattr(args, "overwrite", False))
 
@@ -219,8 +220,9 @@ def _evaluate(engine, task, args, step: int, console: Console) -> dict:
     return {"step": step, **metrics}
 
 
-def _start(args, cfg, par, world, resume, tracer):
-    """The mesh and the engine, at the checkpoint's step when resuming (collective)."""
+def _start(args, cfg, par, world, resume, tracer, init=None, freeze=()):
+    """The mesh and the engine, at the checkpoint's step when resuming, or at step 0 with a
+    checkpoint's weights when fine-tuning (``init``, see ``minipar.train.finetune``)."""
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
@@ -229,7 +231,9 @@ def _start(args, cfg, par, world, resume, tracer):
                     lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                     tracer=tracer, precision=getattr(args, "precision", None),
                     loss_scale=getattr(args, "loss_scale", 2.0 ** 16),
-                    loss_scale_window=getattr(args, "loss_scale_window", 200))
+                    loss_scale_window=getattr(args, "loss_scale_window", 200), freeze=freeze)
+    if init is not None:
+        engine.init_weights(init[0])
     start = 0
     if resume is not None:
         params, optim, meta = resume
@@ -368,13 +372,16 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
 
 
 def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=None,
-        resume=None, run_id: str = "", memory: dict | None = None, warnings=()):
+        resume=None, run_id: str = "", memory: dict | None = None, warnings=(), init=None,
+        freeze=()):
     """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere).
 
     ``resume`` is ``(params, optim, meta)`` from ``checkpoint.read`` (``optim`` None: a fresh
     optimizer state): training continues at the checkpoint's step with its weights, whatever
-    layout saved it. ``run_id`` goes into every checkpoint; ``memory`` is the estimate the
-    checks made and ``warnings`` lines they want printed.
+    layout saved it. ``init`` is ``(params, meta, step dir)`` of ``--init-from``: those
+    weights, with a fresh optimizer and step 0; ``freeze`` the ``--freeze`` prefixes.
+    ``run_id`` goes into every checkpoint; ``memory`` is the estimate the checks made and
+    ``warnings`` lines they want printed.
     """
     if getattr(args, "mode", "sync") != "sync":  # whole replicas, asynchronous or local SGD
         from minipar.train.async_run import run_async
@@ -391,7 +398,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         from minipar.observe.trace import Tracer
 
         tracer = Tracer(rank=world.rank)
-    mesh, engine, start = _start(args, cfg, par, world, resume, tracer)
+    mesh, engine, start = _start(args, cfg, par, world, resume, tracer, init, freeze)
     console = Console(world.rank == 0, out)
     banner(console, args, cfg, par, task, world, mesh, note, blas_threads, memory, engine,
            start, resume, warnings)
