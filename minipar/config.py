@@ -28,6 +28,9 @@ class ModelConfig:
     d_ff: int = 0  # MLP inner width; 0 means the usual 4 x d_model
     tie_weights: bool = False  # share the embedding matrix with the LM head
     pos: str = "learned"  # positional encoding: "learned" or "sinusoidal"
+    arch: str = "gpt"  # "gpt" (decoder only) or "encdec" (Vaswani et al. 2017, minipar.models)
+    src_len: int = 0  # encdec: the source length (S) the encoder reads; seq_len is the target's
+    norm: str = "pre"  # encdec: LayerNorm before each sublayer ("pre") or after ("post", the paper)
 
     @property
     def d_head(self) -> int:
@@ -50,6 +53,13 @@ class ModelConfig:
                 f"--heads {self.n_heads} must divide --d-model {self.d_model}")
         if self.pos not in ("learned", "sinusoidal"):
             raise ConfigError(f"--pos must be 'learned' or 'sinusoidal', got {self.pos!r}")
+        if self.arch not in ("gpt", "encdec"):
+            raise ConfigError(f"--arch must be 'gpt' or 'encdec', got {self.arch!r}")
+        if self.arch == "encdec" and (not isinstance(self.src_len, int) or self.src_len <= 0):
+            raise ConfigError(f"--arch encdec needs a source length > 0, got {self.src_len!r}")
+        if self.norm not in ("pre", "post") or (self.norm == "post" and self.arch != "encdec"):
+            raise ConfigError(f"--norm must be 'pre' or 'post' (post: --arch encdec only), "
+                              f"got {self.norm!r}")
 
 
 # Named model shapes. The vocabulary and sequence length of a preset are overridden by the task
