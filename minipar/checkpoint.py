@@ -281,7 +281,8 @@ def read(step_dir: str, model: ModelConfig) -> tuple[dict, dict, dict]:
     """
     where = f"--resume {step_dir}"
     meta = verify(step_dir, where)
-    saved = meta["model"]
+    # A field added since the checkpoint was written (arch, src_len, norm) has its default.
+    saved = {**asdict(ModelConfig()), **meta["model"]}
     if saved != asdict(model):
         diff = {k: (saved.get(k), v) for k, v in asdict(model).items() if saved.get(k) != v}
         raise CheckpointError(f"{where}: the checkpoint's model does not match this "

@@ -145,6 +145,12 @@ class ParallelConfig:
             raise ConfigError(
                 f"--sequence-parallel needs --tp {self.tp} to divide the sequence length "
                 f"({model.seq_len})")
+        if model.arch == "encdec" and self.pp * self.virtual_stages > 1:
+            raise ConfigError("--pp > 1 with --arch encdec is not supported yet: the "
+                              "encoder-decoder runs on one pipeline stage")
+        if self.sequence_parallel and model.arch == "encdec" and model.src_len % self.tp:
+            raise ConfigError(f"--sequence-parallel needs --tp {self.tp} to divide the source "
+                              f"length ({model.src_len})")
         chunks = self.pp * self.virtual_stages
         if model.n_layers % chunks:
             raise ConfigError(

@@ -19,6 +19,7 @@ import numpy
 from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.nn.module import BuildContext
+from minipar.models.encdec import build_encdec
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient
 from minipar.parallel.data import DataParallelStrategy
@@ -51,7 +52,8 @@ class Engine:
         self.grad_clip = grad_clip
         self.tracer = tracer
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
-        self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
+        build = build_encdec if model.arch == "encdec" else build_chunks
+        self.chunks = build(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
         self.params = [p for c in self.chunks for p in c.params()]
         # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
         self.dp: DataParallelStrategy = make_strategy(
