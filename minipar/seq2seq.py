@@ -11,9 +11,11 @@ gets a row exactly right or not:
   digit with the words around it ("thirty" alone is 30, "two and thirty" is 32).
 - ``summarize``: a document of 1 to 9 symbols from ``a b c d``, summarised as each symbol that
   occurs followed by its count, in alphabetical order: ``b a b d b`` -> ``a 1 b 3 d 1``.
-- ``qa``: a context of 2 to 4 facts, each a key (``A`` to ``H``, all different) and a two-digit
-  value, then ``?`` and one of the keys; the answer is that key's value:
-  ``A 3 7 C 0 1 ? C`` -> ``0 1``.
+- ``qa``: ``?`` and a key, then a context of 2 to 4 facts, each a key (``A`` to ``H``, all
+  different) and a two-digit value; the answer is the asked key's value:
+  ``? C A 3 7 C 0 1`` -> ``0 1``. The question comes first, at a fixed place, as a reader is
+  told what to look for before reading (with the question last, at a place that moves with the
+  number of facts, the model of ``--model default`` reached only 0.2 in 1500 steps).
 
 One vocabulary serves source and target (so ``--tie-weights`` can share one table among both
 embeddings and the head, as the paper does): ``<pad>`` (id 0, ``minipar.models.encdec.PAD``),
@@ -236,7 +238,7 @@ class QATask(Seq2SeqTask):
             values = rng.integers(0, 10, size=(k, 2))
             asked = int(rng.integers(0, k))
             facts = [w for key, v in zip(keys, values) for w in (key, str(v[0]), str(v[1]))]
-            rows.append(facts + ["?", keys[asked]])
+            rows.append(["?", keys[asked]] + facts)
             answers.append([str(d) for d in values[asked]])
         return self.encode(rows, self.src_len), self.encode(answers, self.answer_len)
 

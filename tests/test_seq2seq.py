@@ -43,6 +43,13 @@ def test_translate_answers_are_the_numbers_the_words_name():
     task = make_seq2seq_task("translate", 0)
     for src, ans, _, _ in rows(task):
         assert "".join(ans) == str(parse_number(src)), (src, ans)
+        for i, w in enumerate(src):  # units before tens, joined by "and": "two and thirty"
+            if w in ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty",
+                     "ninety") and i + 1 < len(src):
+                assert src[i + 1] not in ("one", "two", "three", "four", "five", "six",
+                                          "seven", "eight", "nine"), src
+            if w == "and":
+                assert VALUES[src[i - 1]] < 10 and VALUES[src[i + 1]] >= 20, src
 
 
 def test_summarize_answers_count_each_symbol():
@@ -55,7 +62,8 @@ def test_summarize_answers_count_each_symbol():
 def test_qa_answers_are_the_asked_keys_value():
     task = make_seq2seq_task("qa", 0)
     for src, ans, _, _ in rows(task):
-        facts, asked = src[:src.index("?")], src[-1]
+        assert src[0] == "?"
+        facts, asked = src[2:], src[1]
         table = {facts[i]: facts[i + 1:i + 3] for i in range(0, len(facts), 3)}
         assert len(table) == len(facts) // 3  # keys are distinct
         assert ans == table[asked], (src, ans)
