@@ -12,6 +12,7 @@ they can never tangle, and nothing is printed after the summary.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ def _n_params(cfg, engine) -> int:
     (one pipeline stage) the full shapes of the built model's parameters."""
     if cfg.arch != "encdec":
         return param_count(cfg)
-    return sum(int(numpy.prod(p.full_shape)) for p in engine.params)
+    return sum(math.prod(p.full_shape) for p in engine.params)
 
 
 def _comm_mode(world) -> str:
