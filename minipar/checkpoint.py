@@ -290,9 +290,10 @@ def read(step_dir: str, model: ModelConfig) -> tuple[dict, dict, dict]:
     """
     where = f"--resume {step_dir}"
     meta = verify(step_dir, where)
-    # Dropout is how a run trains, not what the weights are: a checkpoint resumes with any P
-    # (and one saved before --dropout existed has no such field).
-    saved = {k: v for k, v in meta["model"].items() if k != "dropout"}
+    # A field added since the checkpoint was written (arch, src_len, norm) has its default.
+    # Dropout is how a run trains, not what the weights are: a checkpoint resumes with any P.
+    saved = {k: v for k, v in {**asdict(ModelConfig()), **meta["model"]}.items()
+             if k != "dropout"}
     want = {k: v for k, v in asdict(model).items() if k != "dropout"}
     if saved != want:
         diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}

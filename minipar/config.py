@@ -29,6 +29,9 @@ class ModelConfig:
     tie_weights: bool = False  # share the embedding matrix with the LM head
     pos: str = "learned"  # positional encoding: "learned" or "sinusoidal"
     dropout: float = 0.0  # P of attention, residual, embedding dropout (training); 0 = off
+    arch: str = "gpt"  # "gpt" (decoder only) or "encdec" (Vaswani et al. 2017, minipar.models)
+    src_len: int = 0  # encdec: the source length (S) the encoder reads; seq_len is the target's
+    norm: str = "pre"  # encdec: LayerNorm before each sublayer ("pre") or after ("post", the paper)
 
     @property
     def d_head(self) -> int:
@@ -53,6 +56,16 @@ class ModelConfig:
             raise ConfigError(f"--pos must be 'learned' or 'sinusoidal', got {self.pos!r}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"--dropout must be a probability in [0, 1), got {self.dropout!r}")
+        if self.arch not in ("gpt", "encdec"):
+            raise ConfigError(f"--arch must be 'gpt' or 'encdec', got {self.arch!r}")
+        if self.arch == "encdec" and (not isinstance(self.src_len, int) or self.src_len <= 0):
+            raise ConfigError(f"--arch encdec needs a source length > 0, got {self.src_len!r}")
+        if self.norm not in ("pre", "post") or (self.norm == "post" and self.arch != "encdec"):
+            raise ConfigError(f"--norm must be 'pre' or 'post' (post: --arch encdec only), "
+                              f"got {self.norm!r}")
+        if self.arch == "encdec" and self.dropout > 0:
+            raise ConfigError("--dropout with --arch encdec is not supported yet: the "
+                              "encoder-decoder's layers draw no masks")
 
 
 # Named model shapes. The vocabulary and sequence length of a preset are overridden by the task
@@ -152,6 +165,16 @@ class ParallelConfig:
             raise ConfigError(
                 f"--sequence-parallel needs --tp {self.tp} to divide the sequence length "
                 f"({model.seq_len})")
+        if model.arch == "encdec" and (self.attention, self.recompute) != ("plain", "none"):
+            raise ConfigError("--attention blockwise and --recompute are not supported with "
+                              "--arch encdec yet: its encoder and cross-attention layers keep "
+                              "the plain kernel and every activation")
+        if model.arch == "encdec" and self.pp * self.virtual_stages > 1:
+            raise ConfigError("--pp > 1 with --arch encdec is not supported yet: the "
+                              "encoder-decoder runs on one pipeline stage")
+        if self.sequence_parallel and model.arch == "encdec" and model.src_len % self.tp:
+            raise ConfigError(f"--sequence-parallel needs --tp {self.tp} to divide the source "
+                              f"length ({model.src_len})")
         chunks = self.pp * self.virtual_stages
         if self.partition:
             check_partition(self.partition, model.n_layers, self.pp, self.virtual_stages)

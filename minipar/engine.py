@@ -21,6 +21,7 @@ from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.nn import flops
 from minipar.nn.dropout import MaskSource
 from minipar.nn.module import BuildContext, matches_prefix
+from minipar.models.encdec import build_encdec
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient, make_optimizer
 from minipar.nn.precision import LossScaler, policy, policy_of_dtype
@@ -63,8 +64,11 @@ class Engine:
         self.dropout = MaskSource(seed, model.dropout)
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel, self.dropout,
                                 attention=par.attention, recompute=par.recompute)
-        self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank,
-                                   par.partition)
+        if model.arch == "encdec":
+            self.chunks = build_encdec(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
+        else:
+            self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank,
+                                       par.partition)
         self.params = [p for c in self.chunks for p in c.params()]
         self.optimizer_name = optimizer
         # Fine-tuning: parameters under a --freeze prefix stay out of the strategy (no update,

@@ -29,6 +29,8 @@ HOST_ONLY = {
     "checkpoint.py": "files on disk: full host tensors by name",
     "compare.py": "compares gathered host copies (full_params returns host arrays)",
     "tasks.py": "makes host batches; the engine uploads them",
+    "seq2seq.py": "makes host batches of the encoder-decoder's tasks; the engine uploads them",
+    "train/show.py": "--show renders decoded rows on the host (after to_host)",
     "dist/assertions.py": "test assertions on host copies (backend.to_host first)",
     "train/cli.py": "the CLI: numpy.errstate for the host process",
 }

@@ -476,6 +476,71 @@ def mha_bwd(dy, cache):
 
 
 # ---------------------------------------------------------------------------------------------
+# Attention of one stream over another, with a mask: the encoder-decoder Transformer (Vaswani et
+# al. 2017, section 3.2.3). Its decoder's cross-attention takes queries from the decoder and keys
+# and values from the encoder's output, so Tq and Tk differ; the encoder's self-attention is the
+# case where both come from the source (and a key/value cache the case of one new query). The
+# mask is additive: 0 where a query may look, -inf where it may not (padding of the source). The
+# per-pair row functions are the causal kernel's own: only the layout around them is new.
+
+
+def padding_bias(valid, dtype):
+    """(B, Tk) bool, True on real tokens -> (B, 1, Tk) additive mask (-inf on padding keys)."""
+    xp = backend.xp()
+    return xp.where(valid, 0.0, -xp.inf).astype(dtype)[:, None, :]
+
+
+def cross_attention_fwd(q, kv, n_heads: int, bias):
+    """q (B, Tq, H*D), kv (B, Tk, 2*H*D) laid out [K | V], bias (B, 1 or Tq, Tk) -> (B, Tq, H*D).
+
+    Plain form, per batch row and head: y = softmax(q k^T / sqrt(D) + bias) v. Every query row
+    must see at least one key (a source is never all padding), else its softmax is 0/0."""
+    xp = backend.xp()
+    b, tq, c = q.shape
+    tk, d = kv.shape[1], c // n_heads
+    q3 = _pairs(split_heads(q, n_heads))  # (B*H, Tq, D)
+    kv5 = xp.ascontiguousarray(
+        kv.reshape(b, tk, 2, n_heads, d).transpose(2, 0, 3, 1, 4))  # (2, B, H, Tk, D)
+    k3, v3 = kv5[0].reshape(b * n_heads, tk, d), kv5[1].reshape(b * n_heads, tk, d)
+    bias3 = xp.repeat(bias, n_heads, axis=0)  # (B*H, 1 or Tq, Tk): each head its row's mask
+    p = xp.empty((b * n_heads, tq, tk), dtype=q.dtype)  # (B*H, Tq, Tk)
+    y = xp.empty_like(q3)  # (B*H, Tq, D)
+    scale = 1.0 / math.sqrt(d)
+
+    def rows(r):
+        _attention_rows(q3[r], k3[r], v3[r], bias3[r], scale, p[r], y[r])
+
+    with threads.one_blas_thread():
+        threads.map_rows(rows, b * n_heads, b * n_heads * tq * tk,
+                         threads.cache_rows(tq * tk, 1 << 16))
+    return merge_heads(y.reshape(b, n_heads, tq, d)), (q3, k3, v3, p, scale, n_heads)
+
+
+def cross_attention_bwd(dy, cache):
+    """dy (B, Tq, H*D) -> dq (B, Tq, H*D), dkv (B, Tk, 2*H*D) laid out [dK | dV].
+
+    Plain form: dv = p^T dy;  dp = dy v^T;  ds = softmax_bwd(dp, p) / sqrt(D);  dq = ds k;
+    dk = ds^T q. A key or value feeds every query that sees it, so its gradient sums over them;
+    masked entries have p = 0, so padding keys get no gradient."""
+    xp = backend.xp()
+    q3, k3, v3, p, scale, n_heads = cache
+    b, tq, c = dy.shape
+    tk, d = k3.shape[1], c // n_heads
+    dy3 = _pairs(split_heads(dy, n_heads))  # (B*H, Tq, D)
+    dq = xp.empty_like(q3)  # (B*H, Tq, D)
+    dkv = xp.empty((2, *k3.shape), dtype=k3.dtype)  # (2, B*H, Tk, D)
+
+    def rows(r):
+        out = (dq[r], dkv[0, r], dkv[1, r])  # (dq, dk, dv) of these pairs
+        _attention_bwd_rows(dy3[r], q3[r], k3[r], v3[r], p[r], scale, out)
+
+    with threads.one_blas_thread():
+        threads.map_rows(rows, len(q3), len(q3) * tq * tk, threads.cache_rows(tq * tk, 1 << 16))
+    dkv = dkv.reshape(2, b, n_heads, tk, d).transpose(1, 3, 0, 2, 4)  # (B, Tk, 2, H, D)
+    return merge_heads(dq.reshape(b, n_heads, tq, d)), dkv.reshape(b, tk, 2 * c)
+
+
+# ---------------------------------------------------------------------------------------------
 # Cross-entropy over the vocabulary (serial form; the model uses the vocabulary-parallel form in
 # minipar.parallel.tensor, which equals this one on a single rank and is tested against it).
 

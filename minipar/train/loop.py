@@ -12,6 +12,7 @@ they can never tangle, and nothing is printed after the summary.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,14 @@ def _fmt_bytes(n: float) -> str:
         n /= 1024
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
+
+
+def _n_params(cfg, engine) -> int:
+    """The model's parameters: the cost model's count for the GPT; for the encoder-decoder
+    (one pipeline stage) the full shapes of the built model's parameters."""
+    if cfg.arch != "encdec":
+        return param_count(cfg)
+    return sum(math.prod(p.full_shape) for p in engine.params)
 
 
 def _comm_mode(world) -> str:
@@ -125,6 +134,7 @@ class Record:
     skipped: list = field(default_factory=list)
     tokens: int = 0
     train_s: float = 0.0
+    decoded: float | None = None  # --show: exact match of cached greedy decoding (encdec)
 
 
 def save_checkpoint(engine, args, cfg, par, task, step: int, run_id: str,
@@ -256,7 +266,7 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
         f"{blas_threads or '?'} BLAS thread(s) per rank")
     say(f"backend | {backend.describe()}" + (f"; {_comm_mode(world)}" if world.size > 1 else ""))
     say(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-        f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {param_count(cfg):,} parameters "
+        f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {_n_params(cfg, engine):,} parameters "
         f"({args.dtype})")
     say(f"numbers | precision {engine.policy.name}: weights/activations {engine.policy.dtype}, "
         f"master and optimizer state {engine.policy.master_dtype}; {engine.scaler.describe()}")
@@ -339,7 +349,7 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
                   "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
         "task": task.name, "steps": args.steps, "start_step": start,
         "skipped_steps": rec.skipped, "batch_size": args.batch_size,
-        "dtype": args.dtype, "params": param_count(cfg), "losses": rec.losses,
+        "dtype": args.dtype, "params": _n_params(cfg, engine), "losses": rec.losses,
         "precision": engine.policy.name, "loss_scale": engine.scaler.scale,
         "overflow_skips": engine.scaler.skipped,
         "final_loss": rec.losses[-1], "evals": rec.evals,
@@ -347,6 +357,8 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
         "comm": rec.comm, "memory": engine.memory(),
         "forward_flops": dict(zip(("all", "recomputed"), engine.forward_flops)),
     }
+    if rec.decoded is not None:
+        summary["decoded_exact_match"] = rec.decoded
     if task.metric == "exact_match":
         summary["eval_accuracy"] = final["exact_match"]
         acc = f"held-out exact match {final['exact_match']:.3f}"
@@ -419,6 +431,10 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     finally:
         console.close_bar()  # an error line after this starts on a line of its own
     wall = time.perf_counter() - t_start
+    if getattr(args, "show", 0) and cfg.arch == "encdec":  # collective: gathers the weights
+        from minipar.train.show import show
+
+        rec.decoded = show(engine, task, args.show, console.say)
     if tracer is not None:
         _write_trace(tracer, world, args, par, rec.losses, console)
     if world.rank != 0:
