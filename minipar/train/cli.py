@@ -330,13 +330,17 @@ def _encdec_configs(args, world: int):
                   arch="encdec", norm=args.norm, tie_weights=args.tie_weights,
                   pos=_given(args.pos, base.pos), n_layers=_given(args.layers, base.n_layers),
                   d_model=_given(args.d_model, base.d_model),
-                  n_heads=_given(args.heads, base.n_heads))
+                  n_heads=_given(args.heads, base.n_heads), dropout=args.dropout)
     cfg.validate()
+    if getattr(args, "partition", "equal") != "equal":
+        raise ConfigError("--partition applies to GPT pipelines; --arch encdec runs on one "
+                          "pipeline stage")
     dp, tp, pp, note = pick_layout(args, world)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
-                         bucket_mb=args.bucket_mb)
+                         bucket_mb=args.bucket_mb, attention=args.attention,
+                         recompute=args.recompute)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 
