@@ -152,6 +152,10 @@ def save_checkpoint(engine, args, cfg, par, task, step: int, run_id: str,
             "data_position": step, "optimizer": args.optimizer, "run_id": run_id,
             "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype,
             "freeze": list(engine.freeze)}
+    if engine.scaler.enabled:  # fp16: the dynamic loss scale is state, like Adam's moments
+        sc = engine.scaler
+        meta["loss_scale"] = {"scale": sc.scale, "clean_steps": sc.clean_steps,
+                              "skipped": sc.skipped}
     return checkpoint.write(args.save, step, params, optim, meta, keep=args.keep,
                             replace_other_runs=first and getattr(args, "overwrite", False))
 
@@ -252,6 +256,11 @@ def _start(args, cfg, par, world, resume, tracer, init=None, freeze=()):
             optim = {k: numpy.zeros_like(v) for k, v in engine.full_optimizer_state().items()}
             steps = 0
         engine.load_full_state(params, optim, steps)
+        saved_scale = meta.get("loss_scale")
+        if engine.scaler.enabled and saved_scale and optim is not None:
+            engine.scaler.scale = float(saved_scale["scale"])
+            engine.scaler.clean_steps = int(saved_scale["clean_steps"])
+            engine.scaler.skipped = int(saved_scale["skipped"])
         start = int(meta["step"])
         engine.step_count = start
     return mesh, engine, start
