@@ -145,14 +145,16 @@ class ParallelConfig:
             raise ConfigError(
                 f"--sequence-parallel needs --tp {self.tp} to divide the sequence length "
                 f"({model.seq_len})")
-        if model.arch == "encdec" and self.pp * self.virtual_stages > 1:
-            raise ConfigError("--pp > 1 with --arch encdec is not supported yet: the "
-                              "encoder-decoder runs on one pipeline stage")
         if self.sequence_parallel and model.arch == "encdec" and model.src_len % self.tp:
             raise ConfigError(f"--sequence-parallel needs --tp {self.tp} to divide the source "
                               f"length ({model.src_len})")
         chunks = self.pp * self.virtual_stages
-        if model.n_layers % chunks:
+        if model.arch == "encdec" and (2 * model.n_layers) % chunks:
+            raise ConfigError(
+                f"--arch encdec has 2 x --layers = {2 * model.n_layers} layers (encoder and "
+                f"decoder), which --pp x --virtual-stages = {self.pp} x {self.virtual_stages} "
+                f"= {chunks} must divide")
+        if model.arch != "encdec" and model.n_layers % chunks:
             raise ConfigError(
                 f"--layers {model.n_layers} must be divisible by --pp x --virtual-stages = "
                 f"{self.pp} x {self.virtual_stages} = {chunks}")

@@ -20,6 +20,7 @@ from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.nn.module import BuildContext
 from minipar.models.encdec import build_encdec
+from minipar.models.encdec_pipeline import build_encdec_chunks, message_shape
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient
 from minipar.parallel.data import DataParallelStrategy
@@ -53,6 +54,8 @@ class Engine:
         self.tracer = tracer
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
         build = build_encdec if model.arch == "encdec" else build_chunks
+        if model.arch == "encdec" and par.pp * par.virtual_stages > 1:
+            build = build_encdec_chunks  # stages of encoder layers, then decoder layers
         self.chunks = build(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
         self.params = [p for c in self.chunks for p in c.params()]
         # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
@@ -78,6 +81,15 @@ class Engine:
         if self.par.sequence_parallel:
             t //= self.mesh.tp.size
         return (rows, t, self.model_cfg.d_model)
+
+    def boundary_shapes(self, rows: int) -> dict | None:
+        """The encoder-decoder's message shape into each global chunk (None: the GPT's one)."""
+        n_chunks = self.par.pp * self.par.virtual_stages
+        if self.model_cfg.arch != "encdec" or n_chunks == 1:
+            return None
+        return {g: message_shape(self.model_cfg, g, rows, self.par.pp, self.par.virtual_stages,
+                                 self.mesh.tp.size, self.par.sequence_parallel)
+                for g in range(1, n_chunks)}
 
     def train_step(self, inputs, targets, normalizer: float, lr: float | None = None,
                    skip_nonfinite: bool = False) -> StepResult:
@@ -126,7 +138,7 @@ class Engine:
         # own rows, not the whole step's batch (views would pin the full array).
         return StepData([xin[i * rows:(i + 1) * rows].copy() for i in range(m)],
                         [xtg[i * rows:(i + 1) * rows].copy() for i in range(m)],
-                        float(normalizer), self.act_shape(rows))
+                        float(normalizer), self.act_shape(rows), self.boundary_shapes(rows))
 
     def _run_passes(self, data: StepData) -> float:
         """The program's forward and backward passes (and sends), measuring activation memory
@@ -162,14 +174,18 @@ class Engine:
         n_chunks = p * self.par.virtual_stages
         h = backend.from_host(numpy.ascontiguousarray(inputs))
         tg = None if targets is None else backend.from_host(numpy.ascontiguousarray(targets))
-        shape = self.act_shape(len(inputs))
+        shapes = self.boundary_shapes(len(inputs))
         out = None
         for g in range(n_chunks):
             stage, local = chunk_location(g, p)
             if stage != self.mesh.pp_rank:
                 continue
             if g > 0 and chunk_location(g - 1, p)[0] != stage:
+                shape = self.act_shape(len(inputs)) if shapes is None else shapes[g]
                 h = pp.recv(shape, self.dtype, chunk_location(g - 1, p)[0], tag=3)
+            if g > 0 and getattr(self.chunks[local], "reads_inputs", False):
+                ids = backend.from_host(numpy.ascontiguousarray(inputs))
+                h = (ids, h)  # an encoder-decoder stage also reads the ids (padding, decoder)
             if g == n_chunks - 1:
                 out = self.chunks[local].evaluate(h, tg)
             else:
