@@ -20,7 +20,10 @@ from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
 from minipar.nn.module import BuildContext
 from minipar.models.encdec import build_encdec
-from minipar.models.encdec_pipeline import build_encdec_chunks, message_shape
+from minipar.models.encdec_pipeline import (
+    build_encdec_chunks, dataflow, encdec_blocks, message_shape,
+)
+from minipar.parallel.program_checks import check_dataflow
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient
 from minipar.parallel.data import DataParallelStrategy
@@ -62,6 +65,10 @@ class Engine:
         self.dp: DataParallelStrategy = make_strategy(
             par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
         self.program = make_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
+        if build is build_encdec_chunks:  # the pair messages carry what every stage needs
+            n_chunks = par.pp * par.virtual_stages
+            check_dataflow(self.program, dataflow(model.n_layers,
+                                                  encdec_blocks(model.n_layers, n_chunks)))
         self.executor = PipelineExecutor(self.program, self.chunks, mesh, dtype, tracer)
         self.step_count = 0
         self._lr = lr
