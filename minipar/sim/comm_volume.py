@@ -32,6 +32,7 @@ from minipar.config import ModelConfig, ParallelConfig
 from minipar.models.gpt import chunk_specs
 from minipar.parallel.flat import FlatLayout, bucket_count
 from minipar.parallel.tensor import padded_vocab
+from minipar.sim import encdec_cost
 from minipar.sim.costmodel import units
 
 
@@ -92,6 +93,8 @@ def param_specs(model: ModelConfig, parallel: ParallelConfig, stage: int) -> lis
     embedding's, transposed, when the weights are tied inside one chunk. ``tests`` check this
     list against the parameters of the built model.
     """
+    if model.arch == "encdec":  # the encoder-decoder's units (minipar.sim.encdec_cost)
+        return [ParamSpec(*row) for row in encdec_cost.param_rows(model, parallel, stage)]
     h, f, t, sp = model.d_model, model.ffn, parallel.tp, parallel.sequence_parallel
     vp = padded_vocab(model.vocab_size, t)
     out: list[ParamSpec] = []
@@ -278,11 +281,17 @@ def step_collectives(model: ModelConfig, parallel: ParallelConfig, batch_size: i
     dp, m = parallel.dp, parallel.microbatches
     b = batch_size // (dp * m)
     out: list[Collective] = []
-    for _ in range(m):
+    if model.arch == "encdec":  # its tp collectives and pair messages: minipar.sim.encdec_cost
+        out += [Collective(*c) for c in encdec_cost.stage_tp(model, parallel, stage, b,
+                                                             dtype_bytes, m)]
+        out += [Collective(*c) for c in encdec_cost.pp_sends(model, parallel, stage, b,
+                                                             dtype_bytes, m)]
+    for _ in range(m if model.arch != "encdec" else 0):
         for j in range(parallel.virtual_stages):
             out += chunk_tp(model, parallel, stage, j, b, dtype_bytes, backward=False)
             out += chunk_tp(model, parallel, stage, j, b, dtype_bytes, backward=True)
-    out += pp_sends(model, parallel, stage, b, dtype_bytes, m)
+    if model.arch != "encdec":
+        out += pp_sends(model, parallel, stage, b, dtype_bytes, m)
     out += partial_grads_tp(model, parallel, stage, dtype_bytes, dp_rank)
     out += dp_sync(model, parallel, stage, dtype_bytes, m, dp_rank)
     return out + step_metrics(parallel)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from minipar.config import ConfigError, ModelConfig, ParallelConfig, replace
 from minipar.parallel.tensor import padded_vocab
+from minipar.sim import encdec_cost
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
@@ -133,6 +134,9 @@ def units(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[list
     embedding when it sits on another stage, as Megatron-LM does). The vocabulary is padded to a
     multiple of tp and split over it; learned positions and the final LayerNorm are replicated.
     """
+    if model.arch == "encdec":  # source/target embeddings, encoder and decoder layers, head
+        return [[Unit(k, n) for k, n in chunk]
+                for chunk in encdec_cost.units(model, parallel, stage)]
     h, t = model.d_model, parallel.tp
     vp = padded_vocab(model.vocab_size, t)
     block = Unit("block", block_param_count(model, t))

@@ -48,3 +48,17 @@ def test_encdec_pipeline_layouts_equal_serial_under_mpirun(world, data, norm, se
     cfg = encdec_cfg(n_layers=layers, norm=norm)
     bad = layout_mismatches(world, cfg, par, rows=1, seed=seed)
     collective_assert(world, not bad, f"{par}: {bad[:3]}")
+
+
+def test_encdec_predicted_comm_equals_mpicomm_stats(world):
+    """The cost model's bytes for the encoder-decoder (pair messages, tp with its cross K/V f,
+    ZeRO) equal what every rank's MPIComm records, group by group."""
+    from test_comm_prediction import comm_problems
+    from test_encdec_cost import encdec_layouts, run
+
+    @settings(max_examples=6)  # derandomized by tests/mpi/conftest.py: all ranks agree
+    @given(case=encdec_layouts(world=world.size))
+    def prop(case):
+        bad = comm_problems(case, world.rank, run(world, case))
+        collective_assert(world, not bad, f"{case['par']}: {bad[:2]}")
+    prop()
