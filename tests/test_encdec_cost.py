@@ -21,7 +21,7 @@ from minipar.nn.module import BuildContext
 from minipar.parallel.data import unit_owners
 from minipar.sim import costmodel as cm
 from minipar.sim import encdec_cost as ec
-from minipar.sim.comm_volume import param_specs
+from minipar.sim.comm_volume import param_specs, predict_comm_bytes
 from encdec_cases import encdec_batches, encdec_cfg
 from test_comm_prediction import comm_problems
 
@@ -136,3 +136,59 @@ def test_pair_adds_the_memory_to_every_decoder_boundary():
     assert [ec.message_bytes(cfg, par, g, b, e) for g in (1, 2, 3)] == \
         [b * 6 * h * e, b * 6 * h * e, b * 10 * h * e]
     assert ec.extra_pair_bytes(cfg, par, b, e, 2) == 2 * 2 * b * h * e * (2 * (6 - 4) + 6)
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)])
+def test_layer_activation_bytes_equal_the_measured_caches(tp, sp):
+    """What each encoder and decoder layer keeps after a forward (the activation meter,
+    ``minipar.nn.memory``) equals ``layer_activation_bytes``, byte for byte."""
+    from minipar.dist.mesh import Mesh
+    from minipar.nn import memory
+
+    cfg = encdec_cfg(n_layers=1, d_model=16, src_len=6, seq_len=4, vocab_size=11)
+    (x, y), = encdec_batches(cfg, 1, 3)
+
+    def body(world):
+        engine = Engine(cfg, ParallelConfig(tp=tp, sequence_parallel=sp), Mesh(world, tp=tp),
+                        dtype="float64")
+        model = engine.chunks[0]
+        model.forward(x, 0, y, 1.0)
+        return [memory.activation_bytes(layer) for layer in (model.encoder[0],
+                                                             model.decoder[0])]
+
+    for got in run_threads(body, tp):
+        assert got == [ec.layer_activation_bytes(cfg, kind, 3, tp, sp, 8)
+                       for kind in ("encoder", "decoder")]
+
+
+def test_simulate_command_prices_the_encoder_decoder(capsys):
+    """``python -m minipar.simulate --arch encdec``: the JSON's bytes per group are the comm
+    model's, the pipeline's extra over GPT-sized messages is the memory's B*S*C per microbatch
+    each way at the one (encoder -> decoder) boundary of pp 2, less B*T*C; bad input is one
+    line."""
+    import json
+
+    from minipar.config import replace
+    from minipar.simulate import main
+    from minipar.sim.presets import MODELS
+
+    argv = ["--arch", "encdec", "--model", "gpt3-125m", "--layers", "2", "--seq-len", "64",
+            "--src-len", "128", "--pp", "2", "--dp", "2", "--global-batch", "8", "--dtype", "fp32"]
+    assert main(argv + ["--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    model = replace(MODELS["gpt3-125m"][0], n_layers=2, seq_len=64, arch="encdec", src_len=128)
+    par = ParallelConfig(dp=2, pp=2, microbatches=4)
+    want = {g: sum(v["bytes"] for v in ops.values())
+            for g, ops in predict_comm_bytes(model, par, 8, 4, stage=0).items()}
+    assert est["comm_bytes_per_step"] == want
+    h, m = 768, 4
+    assert est["pipeline_bytes_sent"] - est["pipeline_bytes_sent_gpt_sized"] == \
+        2 * m * 1 * (128 - 64) * h * 4
+    assert est["params"] == cm.param_count(model)
+    assert main(argv) == 0 and "memory pair" in capsys.readouterr().out
+    assert main(argv[:-2] + ["--timeline", "x.png"]) == 2
+    assert main(["--src-len", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["minipar.simulate: error: --timeline/--trace need the time model, which is "
+                   "the GPT's: leave them out with --arch encdec",
+                   "minipar.simulate: error: --src-len applies to --arch encdec"]

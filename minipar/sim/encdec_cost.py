@@ -187,27 +187,50 @@ def pp_sends(model: ModelConfig, parallel: ParallelConfig, stage: int, b: int, e
     return out
 
 
-def extra_pair_bytes(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
-                     m: int) -> int:
-    """What the memory adds to the pipeline's traffic per step over a GPT-sized stream
-    (b, T, h) at every boundary: sum over boundaries of (message - b T h) bytes, both ways."""
+def pipeline_bytes(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
+                   m: int) -> tuple[int, int]:
+    """(bytes this model sends between stages per step on one pipeline of one tp rank, the
+    same for a GPT-sized (b, T, h) message at every boundary), activations and gradients."""
     n = parallel.pp * parallel.virtual_stages
     rows = part_lengths(model, parallel.tp, parallel.sequence_parallel)
     gpt = b * rows["x_dec"] * model.d_model * e
-    return sum(2 * m * (message_bytes(model, parallel, g, b, e) - gpt) for g in range(1, n))
+    mine = sum(message_bytes(model, parallel, g, b, e) for g in range(1, n))
+    return 2 * m * mine, 2 * m * gpt * (n - 1)
+
+
+def extra_pair_bytes(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
+                     m: int) -> int:
+    """What the encoder-decoder's messages add over GPT-sized ones, per step and pipeline:
+    B*S*C per decoder boundary (the memory) and B*(S - T)*C per encoder boundary, both ways."""
+    mine, gpt = pipeline_bytes(model, parallel, b, e, m)
+    return mine - gpt
 
 
 # ------------------------------------------------------------------------- FLOPs, activations
-def forward_flops(model: ModelConfig, b: int) -> float:
-    """Matrix-multiply FLOPs of one forward for b pairs (2 per multiply-add): per encoder layer
-    2bS(4h^2 + 2hF) + 4bS^2h; per decoder layer self-attention 8bTh^2 + 4bT^2h, cross-attention
-    4bTh^2 (Q, out) + 4bSh^2 (K/V of the memory) + 4bTSh (scores, values), MLP 4bThF; the
-    logits 2bThV (Korthikanti et al. 2022, appendix A, with S and T apart)."""
+def layer_forward_flops(model: ModelConfig, kind: str, b: int) -> float:
+    """Matrix-multiply FLOPs of one unit's forward for b pairs (2 per multiply-add): an encoder
+    layer 2bS(4h^2 + 2hF) + 4bS^2h; a decoder layer's self-attention 8bTh^2 + 4bT^2h,
+    cross-attention 4bTh^2 (Q, out) + 4bSh^2 (K/V of the memory) + 4bTSh (scores, values), MLP
+    4bThF; the head's logits 2bThV (Korthikanti et al. 2022, appendix A, with S and T apart)."""
     s, t, h, f, v = model.src_len, model.seq_len, model.d_model, model.ffn, model.vocab_size
-    enc = 2 * b * s * (4 * h * h + 2 * h * f) + 4 * b * s * s * h
-    dec = (8 * b * t * h * h + 4 * b * t * t * h + 4 * b * t * h * h + 4 * b * s * h * h
-           + 4 * b * t * s * h + 4 * b * t * h * f)
-    return model.n_layers * (enc + dec) + 2 * b * t * h * v
+    if kind == "encoder":
+        return 2 * b * s * (4 * h * h + 2 * h * f) + 4 * b * s * s * h
+    if kind == "decoder":
+        return (8 * b * t * h * h + 4 * b * t * t * h + 4 * b * t * h * h + 4 * b * s * h * h
+                + 4 * b * t * s * h + 4 * b * t * h * f)
+    return 2 * b * t * h * v if kind == "head" else 0
+
+
+def forward_flops(model: ModelConfig, b: int) -> float:
+    """One forward of the whole model for b pairs: L encoder and L decoder layers, the head."""
+    return (model.n_layers * (layer_forward_flops(model, "encoder", b)
+                              + layer_forward_flops(model, "decoder", b))
+            + layer_forward_flops(model, "head", b))
+
+
+def chunk_forward_flops(model: ModelConfig, parallel: ParallelConfig, g: int, b: int) -> float:
+    """Forward FLOPs of global chunk g (its layers, and the head's logits on the last)."""
+    return sum(layer_forward_flops(model, kind, b) for kind, _ in chunk_kinds(model, parallel, g))
 
 
 def model_flops(model: ModelConfig, batch: int) -> float:
@@ -216,15 +239,21 @@ def model_flops(model: ModelConfig, batch: int) -> float:
 
 
 def layer_activation_bytes(model: ModelConfig, kind: str, b: int, tp: int = 1,
-                           sequence_parallel: bool = False, value_bytes: int = 4) -> int:
+                           sequence_parallel: bool = False, value_bytes: int = 4,
+                           recompute: str = "none") -> int:
     """Bytes one layer keeps for its backward per microbatch, minipar's kernels (no dropout,
     LayerNorm keeps 1/std), by the terms of ``costmodel.block_activation_terms``: an encoder
     layer is a GPT block over S tokens; a decoder layer a block over T tokens plus the
     cross-attention's LayerNorm, Q input, the memory (its K/V input, (b, S', h)), [Q], [K|V]
-    (b, S, 2h/t), the (a/t) T S softmax and the merged heads."""
-    e, h, a = value_bytes, model.d_model, model.n_heads // tp
+    (b, S, 2h/t), the (a/t) T S softmax and the merged heads. Selective recomputation drops
+    the softmax terms; full keeps the layer's input (and a decoder layer's memory shard)."""
+    e, h = value_bytes, model.d_model
+    a = 0 if recompute == "selective" else model.n_heads // tp
     s, t = model.src_len, model.seq_len
     div = tp if sequence_parallel else 1
+    if recompute == "full":
+        n = {"encoder": s, "decoder": t}.get(kind, 0)
+        return e * b * h * (n + (s if kind == "decoder" else 0)) // div
 
     def block(n: int) -> int:
         nl = n // div  # tokens per rank in the LayerNorm / residual regions
@@ -239,3 +268,11 @@ def layer_activation_bytes(model: ModelConfig, kind: str, b: int, tp: int = 1,
              + e * b * t * h // tp + e * 2 * b * s * h // tp + e * b * a * t * s
              + e * b * t * h // tp)
     return block(t) + cross
+
+
+def chunk_activation_bytes(model: ModelConfig, parallel: ParallelConfig, g: int, b: int,
+                           value_bytes: int = 4, recompute: str = "none") -> int:
+    """Bytes global chunk g's layers keep per microbatch (``layer_activation_bytes`` summed)."""
+    return sum(layer_activation_bytes(model, kind, b, parallel.tp, parallel.sequence_parallel,
+                                      value_bytes, recompute)
+               for kind, _ in chunk_kinds(model, parallel, g))
