@@ -274,3 +274,16 @@ def message_shape(cfg: ModelConfig, g: int, rows: int, pp: int, virtual: int, tp
     parts = boundary_parts(cfg.n_layers, encdec_blocks(cfg.n_layers, pp * virtual, counts))
     n = part_lengths(cfg, tp, sequence_parallel)
     return (rows, sum(n[p] for p in parts[g]), cfg.d_model)
+
+
+def describe_stages(cfg: ModelConfig, pp: int, virtual: int) -> str:
+    """One banner line: the layers of each global chunk and what crosses each boundary."""
+    L = cfg.n_layers  # noqa: N806
+    blocks = encdec_blocks(L, pp * virtual)
+    parts = boundary_parts(L, blocks)
+    cells, start = [], 0
+    for g, n in enumerate(blocks):
+        names = [f"enc{i}" if i < L else f"dec{i - L}" for i in range(start, start + n)]
+        cells.append(("" if g == 0 else f" ={'+'.join(parts[g])}=> ") + ",".join(names))
+        start += n
+    return f"stages  | {''.join(cells)} (chunks in order; the decoder's boundaries carry the pair)"

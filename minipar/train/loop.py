@@ -272,7 +272,11 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
                 if par.pp > 1 else "")
     say(f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, "
         f"lr {args.lr}{schedule}")
-    if par.pp > 1:
+    if par.pp * par.virtual_stages > 1 and cfg.arch == "encdec":
+        from minipar.models.encdec_pipeline import describe_stages
+
+        say(describe_stages(cfg, par.pp, par.virtual_stages))
+    elif par.pp > 1:
         from minipar.sim.partition import partition
 
         for line in partition(cfg, par.pp, par.virtual_stages).lines():
