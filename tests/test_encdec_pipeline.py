@@ -154,3 +154,30 @@ def test_message_shapes_are_the_packed_pair():
     shapes = [EP.message_shape(cfg, g, 3, 4, 1) for g in range(1, 4)]
     assert shapes == [(3, 6, 16), (3, 6, 16), (3, 4 + 6, 16)]
     assert EP.message_shape(cfg, 3, 3, 4, 1, tp=2, sequence_parallel=True) == (3, 5, 16)
+
+
+@pytest.mark.parametrize("counts", [(1, 3), (3, 1), (1, 2, 1)])
+def test_explicit_partition_equals_serial(counts):
+    """--partition N,N over the 2L encoder and decoder layers: a pair boundary at pp 2 (3,1),
+    an encoder boundary (1,3), three stages."""
+    from dataclasses import replace
+
+    cfg = encdec_cfg(n_layers=2)
+    par = ParallelConfig(pp=len(counts), schedule="1f1b", microbatches=2, partition=counts)
+    assert run_threads(lambda w: layout_mismatches(w, cfg, par, 1, 4), par.world)[0] == []
+    with pytest.raises(ConfigError, match="--partition 2,1: --arch encdec needs 2 counts"):
+        replace(par, pp=2, partition=(2, 1)).validate(cfg)
+
+
+def test_balanced_partition_gives_decoder_chunks_fewer_layers():
+    """A decoder layer costs more than an encoder layer (cross-attention), so the balanced
+    split of 4 + 4 layers over 2 stages puts the boundary inside the decoder; the CLI takes it
+    and refuses a bad one with one line."""
+    from minipar.sim.encdec_cost import resolve_partition
+
+    cfg = encdec_cfg(n_layers=4, d_model=64, seq_len=8, src_len=8)
+    blocks = resolve_partition("balanced", cfg, 2, 1)
+    assert sum(blocks) == 8 and blocks[0] > blocks[1]
+    assert resolve_partition("equal", cfg, 2, 1) == ()
+    with pytest.raises(ConfigError, match="--partition 'x'"):
+        resolve_partition("x", cfg, 2, 1)

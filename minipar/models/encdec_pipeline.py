@@ -276,10 +276,11 @@ def message_shape(cfg: ModelConfig, g: int, rows: int, pp: int, virtual: int, tp
     return (rows, sum(n[p] for p in parts[g]), cfg.d_model)
 
 
-def describe_stages(cfg: ModelConfig, pp: int, virtual: int) -> str:
+def describe_stages(cfg: ModelConfig, pp: int, virtual: int,
+                    counts: tuple[int, ...] = ()) -> str:
     """One banner line: the layers of each global chunk and what crosses each boundary."""
     L = cfg.n_layers  # noqa: N806
-    blocks = encdec_blocks(L, pp * virtual)
+    blocks = encdec_blocks(L, pp * virtual, counts)
     parts = boundary_parts(L, blocks)
     cells, start = [], 0
     for g, n in enumerate(blocks):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from math import prod
 
-from minipar.config import ModelConfig, ParallelConfig
+from minipar.config import ConfigError, ModelConfig, ParallelConfig, check_encdec_split
 from minipar.models.encdec_pipeline import boundary_parts, encdec_blocks, part_lengths
 from minipar.parallel.tensor import padded_vocab
 
@@ -36,7 +36,7 @@ def chunk_kinds(model: ModelConfig, parallel: ParallelConfig, g: int) -> list[tu
     src_embed, encoder, enc_norm, tgt_embed, decoder, head."""
     L = model.n_layers  # noqa: N806
     n = parallel.pp * parallel.virtual_stages
-    blocks = encdec_blocks(L, n) if n > 1 else [2 * L]
+    blocks = encdec_blocks(L, n, parallel.partition) if n > 1 else [2 * L]
     lo = sum(blocks[:g])
     hi = lo + blocks[g]
     out = [("src_embed", 0)] if lo == 0 else []
@@ -166,7 +166,7 @@ def message_bytes(model: ModelConfig, parallel: ParallelConfig, g: int, b: int, 
     """Bytes of the message into global chunk g (and of its gradient): x_enc, memory, or the
     packed pair (x_dec, memory); under SP each rank's sequence shard."""
     n = parallel.pp * parallel.virtual_stages
-    parts = boundary_parts(model.n_layers, encdec_blocks(model.n_layers, n))[g]
+    parts = boundary_parts(model.n_layers, encdec_blocks(model.n_layers, n, parallel.partition))[g]
     rows = part_lengths(model, parallel.tp, parallel.sequence_parallel)
     return b * sum(rows[p] for p in parts) * model.d_model * e
 
@@ -276,3 +276,55 @@ def chunk_activation_bytes(model: ModelConfig, parallel: ParallelConfig, g: int,
     return sum(layer_activation_bytes(model, kind, b, parallel.tp, parallel.sequence_parallel,
                                       value_bytes, recompute)
                for kind, _ in chunk_kinds(model, parallel, g))
+
+
+# -------------------------------------------------------------------------------- partition
+def balanced_blocks(model: ModelConfig, n_chunks: int) -> list[int]:
+    """Layers per global chunk (each >= 1) minimising the largest chunk's forward FLOPs, the
+    head's logits counted on the last: a decoder layer costs more than an encoder layer, so
+    decoder chunks get fewer. Dynamic programming over contiguous splits; ties keep the
+    split nearest to equal."""
+    L = model.n_layers  # noqa: N806
+    units = 2 * L
+    if n_chunks > units:
+        raise ConfigError(f"--partition balanced: {n_chunks} virtual stages need at least "
+                          f"{n_chunks} layers, --arch encdec has 2 x --layers = {units}")
+    cost = [layer_forward_flops(model, "encoder" if i < L else "decoder", 1)
+            for i in range(units)]
+    cost[-1] += layer_forward_flops(model, "head", 1)
+    inf = float("inf")
+    best = [[inf] * (units + 1) for _ in range(n_chunks + 1)]
+    take = [[0] * (units + 1) for _ in range(n_chunks + 1)]
+    best[0][0] = 0.0
+    for c in range(1, n_chunks + 1):
+        for k in range(c, units - (n_chunks - c) + 1):
+            for t in range(1, k - c + 2):
+                val = max(best[c - 1][k - t], sum(cost[k - t:k]))
+                near = abs(t - units / n_chunks) < abs(take[c][k] - units / n_chunks)
+                if val < best[c][k] or (val == best[c][k] and near):
+                    best[c][k], take[c][k] = val, t
+    blocks, k = [], units
+    for c in range(n_chunks, 0, -1):
+        blocks.append(take[c][k])
+        k -= take[c][k]
+    return blocks[::-1]
+
+
+def resolve_partition(text: str, model: ModelConfig, pp: int, virtual: int) -> tuple[int, ...]:
+    """``--partition equal|balanced|N,N,...`` for the encoder-decoder -> layers per global
+    chunk (``()`` = equal); one ``ConfigError`` line naming the flag otherwise."""
+    n_chunks = pp * virtual
+    text = text.strip()
+    if text == "equal" or n_chunks == 1:
+        if text not in ("equal", "balanced"):
+            raise ConfigError(f"--partition {text}: needs --pp > 1 (one stage holds every layer)")
+        return ()
+    if text == "balanced":
+        return tuple(balanced_blocks(model, n_chunks))
+    try:
+        blocks = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--partition {text!r}: expected equal, balanced or layer counts "
+                          "per virtual stage such as 3,1") from None
+    check_encdec_split(blocks, model.n_layers, n_chunks)
+    return blocks
