@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 _OVERRIDES = (("n_layers", "--layers", "layers"), ("d_model", "--d-model", "d_model"),
               ("n_heads", "--heads", "heads"), ("seq_len", "--seq-len", "seq_len"),
               ("vocab_size", "--vocab", "vocab"), ("d_ff", "--d-ff", "d_ff"))
-_POSITIVE = ("src_len", "gpus", "dp", "tp", "pp", "virtual_stages", "microbatch_size", "global_batch",
-             "top")
+_POSITIVE = ("gpus", "dp", "tp", "pp", "virtual_stages", "microbatch_size", "global_batch",
+             "top", "src_len")
 
 
 def check_flags(args) -> None:
