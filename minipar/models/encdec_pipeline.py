@@ -7,10 +7,10 @@ explicit count per chunk); the source embedding goes with the first encoder laye
 final LayerNorm with the last, the target embedding with the first decoder layer, the head with
 the last decoder layer.
 
-What crosses a boundary (the design of Megatron-LM's T5, Shoeybi et al. 2019 / Narayanan et al.
-2021; here written from that description). The decoder needs the encoder's output, the memory
-(B, S, C), in EVERY decoder layer's cross-attention, so in every decoder stage. The activation
-passed between stages is therefore a pair once the encoder is done:
+What crosses a boundary (Megatron-LM's design for T5, compared below). The decoder needs the
+encoder's output, the memory (B, S, C), in EVERY decoder layer's cross-attention, so in every
+decoder stage. The activation passed between stages is therefore a pair once the encoder is
+done:
 
 * inside the encoder: ``x_enc`` (B, S, C), the encoder stream;
 * at the encoder -> decoder boundary: ``memory`` (B, S, C) alone (the next chunk starts with the
@@ -28,15 +28,21 @@ batch.
 
 Cost. Each boundary inside the decoder carries B*S*C extra elements per microbatch forward and
 as many backward (under sequence parallelism B*(S/tp)*C), on top of the GPT's B*T*C; a boundary
-inside the encoder carries B*S*C in place of B*T*C. ``minipar.sim.costmodel.encdec_boundary``
-prices exactly these bytes. Megatron's T5 pipeline sends the same thing: its stage-to-stage
-tensor is the decoder hidden state together with the encoder output (Narayanan et al. 2021,
-SC'21, and the Megatron-LM T5 model's "encoder_and_decoder" model type, where a decoder stage
-receives both tensors and returns both gradients). An alternative, broadcasting the memory once
-from the encoder's last stage to every decoder stage and reducing its gradient back, sends
-B*S*C to each decoder stage once rather than along the chain, but needs a collective over the
-decoder stages and a second pair of messages per microbatch; the chained pair is simpler and
-its checks are those of every other pipeline message.
+inside the encoder carries B*S*C in place of B*T*C. ``minipar.sim.encdec_cost.message_bytes``
+prices exactly these bytes (tested equal to the runtime's ``CommStats``).
+
+Megatron-LM (Shoeybi et al. 2019; the pipeline schedules of Narayanan et al. 2021) pipelines T5
+the same way, as its ``pretrain_t5.py`` documents: in the encoder section one tensor goes
+downstream (the encoder's hidden state), in the decoder section two (the finished encoder output
+and the decoder's hidden state), with their gradients back. Two differences: Megatron sends
+the two tensors as two messages and makes each stage wholly encoder or wholly decoder
+(``--pipeline-model-parallel-split-rank``), while here the pair is one packed buffer (one
+message, so the program checker's matching and deadlock proof apply unchanged) and a chunk may
+hold the encoder's end and the decoder's start. The alternative, broadcasting the memory once
+from the encoder's last stage to every decoder stage and reducing its gradient back, sends it to
+each decoder stage once rather than along the chain, but needs a collective over the decoder
+stages in the middle of the schedule; the chained pair is simpler and checked like every other
+pipeline message.
 """
 
 from __future__ import annotations
