@@ -169,14 +169,13 @@ class ParallelConfig:
             raise ConfigError("--attention blockwise and --recompute are not supported with "
                               "--arch encdec yet: its encoder and cross-attention layers keep "
                               "the plain kernel and every activation")
-        if model.arch == "encdec" and self.pp * self.virtual_stages > 1:
-            raise ConfigError("--pp > 1 with --arch encdec is not supported yet: the "
-                              "encoder-decoder runs on one pipeline stage")
         if self.sequence_parallel and model.arch == "encdec" and model.src_len % self.tp:
             raise ConfigError(f"--sequence-parallel needs --tp {self.tp} to divide the source "
                               f"length ({model.src_len})")
         chunks = self.pp * self.virtual_stages
-        if self.partition:
+        if model.arch == "encdec":  # encoder then decoder layers: 2 x --layers units
+            check_encdec_split(self.partition, model.n_layers, chunks)
+        elif self.partition:
             check_partition(self.partition, model.n_layers, self.pp, self.virtual_stages)
         elif model.n_layers % chunks:
             raise ConfigError(
@@ -204,6 +203,19 @@ def check_partition(blocks: tuple[int, ...], n_layers: int, pp: int, virtual: in
     if sum(blocks) != n_layers:
         raise ConfigError(f"--partition {shown}: the counts sum to {sum(blocks)}, the model "
                           f"has --layers {n_layers}")
+
+
+def check_encdec_split(blocks: tuple[int, ...], n_layers: int, n_chunks: int) -> None:
+    """The encoder-decoder's pipeline split (``minipar.models.encdec_pipeline.encdec_blocks``):
+    2 x --layers layers (encoder then decoder), equal shares or ``--partition N,N,...``."""
+    units = 2 * n_layers
+    if blocks and (len(blocks) != n_chunks or min(blocks) < 1 or sum(blocks) != units):
+        raise ConfigError(f"--partition {','.join(map(str, blocks))}: --arch encdec needs "
+                          f"{n_chunks} counts >= 1 (one per virtual stage) summing to {units} "
+                          "(the encoder's and the decoder's layers)")
+    if not blocks and units % n_chunks:
+        raise ConfigError(f"--arch encdec has 2 x --layers = {units} layers (encoder and "
+                          f"decoder), which --pp x --virtual-stages = {n_chunks} must divide")
 
 
 def chunk_blocks(n_layers: int, n_chunks: int, partition: tuple[int, ...] = ()) -> list[int]:

@@ -22,6 +22,10 @@ from minipar.nn import flops
 from minipar.nn.dropout import MaskSource
 from minipar.nn.module import BuildContext, matches_prefix
 from minipar.models.encdec import build_encdec
+from minipar.models.encdec_pipeline import (
+    build_encdec_chunks, dataflow, encdec_blocks, message_shape,
+)
+from minipar.parallel.program_checks import check_dataflow
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient, make_optimizer
 from minipar.nn.precision import LossScaler, policy, policy_of_dtype
@@ -64,7 +68,11 @@ class Engine:
         self.dropout = MaskSource(seed, model.dropout)
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel, self.dropout,
                                 attention=par.attention, recompute=par.recompute)
-        if model.arch == "encdec":
+        encdec_pp = model.arch == "encdec" and par.pp * par.virtual_stages > 1
+        if encdec_pp:  # stages of encoder layers, then decoder layers (encdec_pipeline)
+            self.chunks = build_encdec_chunks(model, self.ctx, par.pp, par.virtual_stages,
+                                              mesh.pp_rank, par.partition)
+        elif model.arch == "encdec":
             self.chunks = build_encdec(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
         else:
             self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank,
@@ -82,6 +90,10 @@ class Engine:
             par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
             **self._precision_options())
         self.program = make_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
+        if encdec_pp:  # the pair messages carry what every stage needs
+            n_chunks = par.pp * par.virtual_stages
+            check_dataflow(self.program, dataflow(model.n_layers, encdec_blocks(
+                model.n_layers, n_chunks, par.partition)))
         self.executor = PipelineExecutor(self.program, self.chunks, mesh, dtype, tracer)
         self.step_count = 0
         self._lr = lr
@@ -109,6 +121,16 @@ class Engine:
         if self.par.sequence_parallel:
             t //= self.mesh.tp.size
         return (rows, t, self.model_cfg.d_model)
+
+    def boundary_shapes(self, rows: int) -> dict | None:
+        """The encoder-decoder's message shape into each global chunk (None: the GPT's one)."""
+        n_chunks = self.par.pp * self.par.virtual_stages
+        if self.model_cfg.arch != "encdec" or n_chunks == 1:
+            return None
+        return {g: message_shape(self.model_cfg, g, rows, self.par.pp, self.par.virtual_stages,
+                                 self.mesh.tp.size, self.par.sequence_parallel,
+                                 self.par.partition)
+                for g in range(1, n_chunks)}
 
     def train_step(self, inputs, targets, normalizer: float, lr: float | None = None,
                    skip_nonfinite: bool = False) -> StepResult:
@@ -177,7 +199,7 @@ class Engine:
         # own rows, not the whole step's batch (views would pin the full array).
         return StepData([xin[i * rows:(i + 1) * rows].copy() for i in range(m)],
                         [xtg[i * rows:(i + 1) * rows].copy() for i in range(m)],
-                        float(normalizer), self.act_shape(rows))
+                        float(normalizer), self.act_shape(rows), self.boundary_shapes(rows))
 
     def _run_passes(self, data: StepData) -> float:
         """The program's forward and backward passes (and sends), measuring activation memory
@@ -215,14 +237,18 @@ class Engine:
         n_chunks = p * self.par.virtual_stages
         h = backend.from_host(numpy.ascontiguousarray(inputs))
         tg = None if targets is None else backend.from_host(numpy.ascontiguousarray(targets))
-        shape = self.act_shape(len(inputs))
+        shapes = self.boundary_shapes(len(inputs))
         out = None
         for g in range(n_chunks):
             stage, local = chunk_location(g, p)
             if stage != self.mesh.pp_rank:
                 continue
             if g > 0 and chunk_location(g - 1, p)[0] != stage:
+                shape = self.act_shape(len(inputs)) if shapes is None else shapes[g]
                 h = pp.recv(shape, self.dtype, chunk_location(g - 1, p)[0], tag=3)
+            if g > 0 and getattr(self.chunks[local], "reads_inputs", False):
+                ids = backend.from_host(numpy.ascontiguousarray(inputs))
+                h = (ids, h)  # an encoder-decoder stage also reads the ids (padding, decoder)
             if g == n_chunks - 1:
                 out = self.chunks[local].evaluate(h, tg)
             else:

@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                        ("--heads", "attention heads"), ("--seq-len", "context length"),
                        ("--vocab", "vocabulary size"), ("--d-ff", "MLP width (0 = 4 d_model)")):
         m.add_argument(flag, type=int, help=f"override the preset's {what}")
+    m.add_argument("--arch", choices=("gpt", "encdec"), default="gpt",
+                   help="encdec: the preset as an encoder-decoder, --layers encoder and as many "
+                        "decoder layers (counts, memory, bytes and bubble; no clock)")
+    m.add_argument("--src-len", type=int, help="encdec: source length (default --seq-len)")
     lay = p.add_argument_group("layout")
     lay.add_argument("--gpus", type=int, help="GPU count; dp = gpus / (tp x pp) if --dp absent")
     lay.add_argument("--dp", type=int, help="data parallel size")
@@ -100,7 +104,7 @@ _OVERRIDES = (("n_layers", "--layers", "layers"), ("d_model", "--d-model", "d_mo
               ("n_heads", "--heads", "heads"), ("seq_len", "--seq-len", "seq_len"),
               ("vocab_size", "--vocab", "vocab"), ("d_ff", "--d-ff", "d_ff"))
 _POSITIVE = ("gpus", "dp", "tp", "pp", "virtual_stages", "microbatch_size", "global_batch",
-             "top")
+             "top", "src_len")
 
 
 def check_flags(args) -> None:
@@ -127,6 +131,10 @@ def resolve_model(args):
     over = {key: getattr(args, attr) for key, _, attr in _OVERRIDES
             if getattr(args, attr) is not None and getattr(args, attr) != getattr(model, key)}
     model = replace(model, **over)
+    if getattr(args, "arch", "gpt") == "encdec":  # the encoder reads src_len tokens
+        model = replace(model, arch="encdec", src_len=args.src_len or model.seq_len)
+    elif getattr(args, "src_len", None) is not None:
+        raise ConfigError("--src-len applies to --arch encdec")
     model.validate()
     name = args.model
     if over:
@@ -331,6 +339,8 @@ def _run(args) -> int:
     if args.search:
         return _run_search(args)
     model, par, work, hw, name = resolve(args)
+    if model.arch == "encdec":
+        return _run_encdec(args, model, par, work, name)
     passes = 2 * par.pp * par.microbatches * par.virtual_stages
     want_plot = bool(args.timeline or args.trace)
     if want_plot and passes > 20000:
@@ -354,6 +364,19 @@ def _run(args) -> int:
               "selective/full, --zero 1-3, --sequence-parallel, or more --tp/--pp",
               file=sys.stderr)
         return 1
+    return 0
+
+
+def _run_encdec(args, model, par, work, name) -> int:
+    """--arch encdec: the counts of ``minipar.sim.encdec_estimate`` (no timeline, no clock)."""
+    from minipar.sim import encdec_estimate
+
+    if args.timeline or args.trace:
+        raise ConfigError("--timeline/--trace need the time model, which is the GPT's: leave "
+                          "them out with --arch encdec")
+    est = encdec_estimate.estimate(model, par, work)
+    print(json.dumps(est, default=float) if args.json
+          else encdec_estimate.report(name, model, par, work, est))
     return 0
 
 

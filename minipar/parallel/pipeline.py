@@ -39,6 +39,9 @@ class StepData:
     targets: list  # per microbatch (B_mb, T) targets (used by the last chunk)
     normalizer: float  # scored tokens in the whole global batch
     act_shape: tuple  # (B_mb, T or T/tp, C): what crosses a stage boundary
+    # The encoder-decoder's messages differ by boundary: {global chunk g: shape of the message
+    # into g} (x_enc, memory, or the pair (x_dec, memory) packed; minipar.models.encdec_pipeline)
+    boundary_shapes: dict | None = None
 
 
 @dataclass
@@ -124,6 +127,8 @@ class PipelineExecutor:
             x = self.st.acts_in.pop(key)
         else:  # p == 1 with several chunks: the previous chunk's output stays on this rank
             x = self.st.acts_out.pop((ins.mb, ins.chunk - 1))
+        if getattr(chunk, "reads_inputs", False) and not self._is_first(ins.chunk):
+            x = (self.data.inputs[ins.mb], x)  # ids are data on every stage, not a transfer
         if self._is_last(ins.chunk):
             loss = chunk.forward(x, ins.mb, self.data.targets[ins.mb], self.data.normalizer)
             self.st.loss += float(loss)
@@ -162,21 +167,24 @@ class PipelineExecutor:
         dest = S.peer(self.stage, ins, self.p)
         self.st.sends.append((self.pp.isend(buf, dest, tag), buf))
 
-    def _recv(self, store: dict, ins, tag: int) -> None:
+    def _recv(self, store: dict, ins, tag: int, g: int) -> None:
+        """Receive the message into (or the gradient out of) global chunk g."""
         src = S.peer(self.stage, ins, self.p)
-        store[(ins.mb, ins.chunk)] = self.pp.recv(self.data.act_shape, self.dtype, src, tag)
+        shapes = self.data.boundary_shapes
+        shape = self.data.act_shape if shapes is None else shapes[g]
+        store[(ins.mb, ins.chunk)] = self.pp.recv(shape, self.dtype, src, tag)
 
     def _send_act(self, ins) -> None:
         self._isend(self.st.acts_out, ins, TAG_ACT)
 
     def _recv_act(self, ins) -> None:
-        self._recv(self.st.acts_in, ins, TAG_ACT)
+        self._recv(self.st.acts_in, ins, TAG_ACT, self._global(ins.chunk))
 
     def _send_grad(self, ins) -> None:
         self._isend(self.st.grads_out, ins, TAG_GRAD)
 
     def _recv_grad(self, ins) -> None:
-        self._recv(self.st.grads_in, ins, TAG_GRAD)
+        self._recv(self.st.grads_in, ins, TAG_GRAD, self._global(ins.chunk) + 1)
 
 
 __all__ = ["PipelineExecutor", "StepData", "TAG_ACT", "TAG_GRAD"]

@@ -231,6 +231,43 @@ def _check_matching(program: Program) -> int:
     return sum(len(x) for x in sends.values())
 
 
+def check_dataflow(program: Program, flow: dict) -> list[tuple[str, ...]]:
+    """Check what the messages carry, for a model whose boundary messages are not all alike.
+
+    ``flow`` (from the model, e.g. ``minipar.models.encdec_pipeline.dataflow``) names per
+    global chunk the parts it ``makes``, ``uses`` and ``ends`` (consumes for good), and per
+    chunk g the parts its incoming message ``carries`` (the encoder-decoder's pair
+    ``("x_dec", "memory")``). Walking the chunks in order, a part is live from the chunk that
+    makes it until the one that ends it; the message into g must carry exactly the parts live
+    after g - 1, so a part every later chunk needs (the memory, read by each decoder stage's
+    cross-attention) can be neither dropped nor invented. Gradients cross the same boundaries
+    with the same parts, so the check covers both directions. Combined with ``check_program``'s
+    matching (every message received once, in order, no deadlock) each send and its receive
+    agree on the parts. Returns ``carries``.
+    """
+    n = program.n_stages * program.n_chunks
+    makes, uses, ends, carries = (flow[k] for k in ("makes", "uses", "ends", "carries"))
+    if not all(len(x) == n for x in (makes, uses, ends, carries)):
+        raise ProgramError(f"dataflow: needs one entry per global chunk ({n})")
+    live: set = set()
+    for g in range(n):
+        if set(carries[g]) != live or len(carries[g]) != len(set(carries[g])):
+            raise ProgramError(f"dataflow: the message into global chunk {g} carries "
+                               f"{sorted(carries[g])}, but {sorted(live)} are live there")
+        twice = live & set(makes[g])
+        if twice:
+            raise ProgramError(f"dataflow: global chunk {g} makes {sorted(twice)} again")
+        have = live | set(makes[g])
+        for what, need in (("uses", uses[g]), ("ends", ends[g])):
+            if not set(need) <= have:
+                raise ProgramError(f"dataflow: global chunk {g} {what} "
+                                   f"{sorted(set(need) - have)}, which no message brings")
+        live = have - set(ends[g])
+    if live:
+        raise ProgramError(f"dataflow: {sorted(live)} outlive the last chunk")
+    return [tuple(c) for c in carries]
+
+
 def check_program(program: Program) -> ProgramReport:
     """Validate a program and report its peak live microbatches; raise ``ProgramError``.
 
@@ -255,4 +292,4 @@ def check_program(program: Program) -> ProgramReport:
 
 
 __all__ = ["ProgramError", "DeadlockError", "ProgramReport", "check_program", "walk", "route",
-           "live_counts"]
+           "live_counts", "check_dataflow"]

@@ -35,6 +35,7 @@ from minipar.models.gpt import chunk_specs
 from minipar.nn.precision import policy
 from minipar.parallel.flat import FlatLayout, bucket_count
 from minipar.parallel.tensor import padded_vocab
+from minipar.sim import encdec_cost
 from minipar.sim.costmodel import units
 
 
@@ -95,6 +96,8 @@ def param_specs(model: ModelConfig, parallel: ParallelConfig, stage: int) -> lis
     embedding's, transposed, when the weights are tied inside one chunk. ``tests`` check this
     list against the parameters of the built model.
     """
+    if model.arch == "encdec":  # the encoder-decoder's units (minipar.sim.encdec_cost)
+        return [ParamSpec(*row) for row in encdec_cost.param_rows(model, parallel, stage)]
     h, f, t, sp = model.d_model, model.ffn, parallel.tp, parallel.sequence_parallel
     vp = padded_vocab(model.vocab_size, t)
     out: list[ParamSpec] = []
@@ -300,11 +303,17 @@ def step_collectives(model: ModelConfig, parallel: ParallelConfig, batch_size: i
     dtype_bytes, grad_bytes = element_bytes(dtype_bytes, precision, m)
     b = batch_size // (dp * m)
     out: list[Collective] = []
-    for _ in range(m):
+    if model.arch == "encdec":  # its tp collectives and pair messages: minipar.sim.encdec_cost
+        out += [Collective(*c) for c in encdec_cost.stage_tp(model, parallel, stage, b,
+                                                             dtype_bytes, m)]
+        out += [Collective(*c) for c in encdec_cost.pp_sends(model, parallel, stage, b,
+                                                             dtype_bytes, m)]
+    for _ in range(m if model.arch != "encdec" else 0):
         for j in range(parallel.virtual_stages):
             out += chunk_tp(model, parallel, stage, j, b, dtype_bytes, backward=False)
             out += chunk_tp(model, parallel, stage, j, b, dtype_bytes, backward=True)
-    out += pp_sends(model, parallel, stage, b, dtype_bytes, m)
+    if model.arch != "encdec":
+        out += pp_sends(model, parallel, stage, b, dtype_bytes, m)
     out += partial_grads_tp(model, parallel, stage, grad_bytes, dp_rank)
     out += dp_sync(model, parallel, stage, grad_bytes, m, dp_rank, param_e=dtype_bytes)
     return out + step_metrics(parallel)

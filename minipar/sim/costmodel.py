@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from minipar.config import (RECOMPUTE_MODES, ConfigError, ModelConfig, ParallelConfig,
                             chunk_blocks, replace)
 from minipar.parallel.tensor import padded_vocab
+from minipar.sim import encdec_cost
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
@@ -134,6 +135,9 @@ def units(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[list
     embedding when it sits on another stage, as Megatron-LM does). The vocabulary is padded to a
     multiple of tp and split over it; learned positions and the final LayerNorm are replicated.
     """
+    if model.arch == "encdec":  # source/target embeddings, encoder and decoder layers, head
+        return [[Unit(k, n) for k, n in chunk]
+                for chunk in encdec_cost.units(model, parallel, stage)]
     h, t = model.d_model, parallel.tp
     vp = padded_vocab(model.vocab_size, t)
     block = Unit("block", block_param_count(model, t))
@@ -302,6 +306,20 @@ def activation_bytes_per_layer(model: ModelConfig, b: int, tp: int = 1,
                                       attention=attention).values())
 
 
+def encdec_activation_bytes(model: ModelConfig, parallel: ParallelConfig, stage: int, b: int,
+                            value_bytes: int) -> tuple[int, int]:
+    """(largest local chunk, largest layer) of an encoder-decoder stage, bytes kept per
+    microbatch with minipar's kernels (``minipar.sim.encdec_cost``): the runtime's memory
+    pre-check (``minipar.train.checks``) reads the encoder-decoder's activations here."""
+    chunks = range(stage, parallel.pp * parallel.virtual_stages, parallel.pp)
+    chunk = max(encdec_cost.chunk_activation_bytes(model, parallel, g, b, value_bytes)
+                for g in chunks)
+    layer = max(encdec_cost.layer_activation_bytes(model, k, b, parallel.tp,
+                                                   parallel.sequence_parallel, value_bytes)
+                for k in ("encoder", "decoder"))
+    return chunk, layer
+
+
 def peak_live(schedule: str, p: int, m: int, v: int, stage: int) -> int:
     """Peak (microbatch, chunk) activations live on a stage, without building the program.
 
@@ -334,7 +352,15 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, work: Workloa
     per_layer = activation_bytes_per_layer(model, b, t, sp, work.recompute) * e / 2
     live = peak_live(parallel.schedule, parallel.pp, m, parallel.virtual_stages, stage)
     acts = live * per_chunk_layers * per_layer
-    if work.recompute == "full":  # backward rematerialises one whole block at a time
+    if model.arch == "encdec":  # its chunks differ (encoder, decoder): the largest, live times
+        acts = live * max(encdec_cost.chunk_activation_bytes(model, parallel, g, b, e,
+                                                             work.recompute)
+                          for g in range(stage, parallel.pp * parallel.virtual_stages,
+                                         parallel.pp))
+        if work.recompute == "full":
+            acts += max(encdec_cost.layer_activation_bytes(model, k, b, t, sp, e)
+                        for k in ("encoder", "decoder"))
+    elif work.recompute == "full":  # backward rematerialises one whole block at a time
         acts += activation_bytes_per_layer(model, b, t, sp, "none") * e / 2
     if any(u.kind == "head" for c in chunks for u in c):  # fp32 logits (Korthikanti 4.3)
         acts += 4 * model.seq_len * b * padded_vocab(model.vocab_size, t) / t
@@ -362,4 +388,5 @@ __all__ = ["DTYPE_BYTES", "RECOMPUTE", "Workload", "Unit", "canonical_dtype", "d
            "logit_forward_flops", "model_flops", "hardware_flops", "ptdp_flops_eq3",
            "korthikanti_flops", "training_days", "zero_model_state_bytes",
            "block_activation_terms", "activation_bytes_per_layer", "peak_live",
+           "encdec_activation_bytes",
            "memory_per_stage", "memory_per_gpu"]

@@ -119,6 +119,10 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
                "optimizer": k * n // (par.dp if par.zero >= 1 else 1),
                "activations": live * layers * block + (logits if stage == par.pp - 1 else 0),
                "working": working, "data": 2 * 8 * batch_size * cfg.seq_len}
+        if cfg.arch == "encdec":  # encoder and decoder layers differ: the cost model's terms
+            chunk, mem["working"] = cm.encdec_activation_bytes(cfg, par, stage, rows, e)
+            mem["activations"] = live * chunk + (logits if stage == par.pp - 1 else 0)
+            mem["data"] = 2 * 8 * batch_size * (cfg.src_len + cfg.seq_len)
         mem["total"] = sum(mem.values())
         if mem["total"] > worst["total"]:
             worst = mem

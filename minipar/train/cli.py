@@ -332,15 +332,16 @@ def _encdec_configs(args, world: int):
                   d_model=_given(args.d_model, base.d_model),
                   n_heads=_given(args.heads, base.n_heads), dropout=args.dropout)
     cfg.validate()
-    if getattr(args, "partition", "equal") != "equal":
-        raise ConfigError("--partition applies to GPT pipelines; --arch encdec runs on one "
-                          "pipeline stage")
     dp, tp, pp, note = pick_layout(args, world)
+    from minipar.sim.encdec_cost import resolve_partition  # encoder then decoder layers
+
+    blocks = resolve_partition(getattr(args, "partition", "equal"), cfg, pp,
+                               args.virtual_stages)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
                          bucket_mb=args.bucket_mb, attention=args.attention,
-                         recompute=args.recompute)
+                         recompute=args.recompute, partition=blocks)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 

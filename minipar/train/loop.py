@@ -12,7 +12,6 @@ they can never tangle, and nothing is printed after the summary.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,11 +33,9 @@ def _fmt_bytes(n: float) -> str:
 
 
 def _n_params(cfg, engine) -> int:
-    """The model's parameters: the cost model's count for the GPT; for the encoder-decoder
-    (one pipeline stage) the full shapes of the built model's parameters."""
-    if cfg.arch != "encdec":
-        return param_count(cfg)
-    return sum(math.prod(p.full_shape) for p in engine.params)
+    """The model's parameters: the cost model's count, the GPT's or the encoder-decoder's
+    (``minipar.sim.encdec_cost``; a pipeline rank's ``engine.params`` are only its stage's)."""
+    return param_count(cfg)
 
 
 def _comm_mode(world) -> str:
@@ -289,7 +286,11 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
                 if par.pp > 1 else "")
     say(f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, "
         f"lr {args.lr}{schedule}")
-    if par.pp > 1:
+    if par.pp * par.virtual_stages > 1 and cfg.arch == "encdec":
+        from minipar.models.encdec_pipeline import describe_stages
+
+        say(describe_stages(cfg, par.pp, par.virtual_stages, par.partition))
+    elif par.pp > 1:
         from minipar.sim.partition import partition
 
         for line in partition(cfg, par.pp, par.virtual_stages, par.partition).lines():
