@@ -9,6 +9,9 @@ the attention's [Q|K|V] but not its core (scores, softmax, their use on V), reru
 (``Attention``); "full" keeps only each block's input and reruns the whole block's forward in
 backward (``Block``). The attention kernel is the plain one (``functional.mha_fwd``) or the
 blockwise one (``minipar.nn.blockwise``), which keeps O(T) per head instead of the (T, T) softmax.
+Under context parallelism (``ctx.cp`` of two or more ranks) it is ring attention
+(``minipar.parallel.context``) over this rank's T/cp tokens, whichever kernel was named: the
+ring is blockwise by construction.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import math
 from minipar.nn import blockwise, flops
 from minipar.nn import functional as F
 from minipar.nn.module import LayerNorm, Module, walk
+from minipar.parallel import context
 from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 INIT_STD = 0.02  # GPT-2's weight scale (Radford et al. 2019)
@@ -36,9 +40,13 @@ class Attention(Module):
                                       INIT_STD / math.sqrt(2 * cfg.n_layers))
         self.blockwise = ctx.attention == "blockwise"
         self.selective = ctx.recompute == "selective"
+        cp = ctx.cp
+        self.ring = context.Ring(cp, ctx.cp_split, cfg.seq_len) if cp and cp.size > 1 else None
 
     def core(self, qkv):
         """The attention core, (B, T, 3 C / tp) -> (B, T, C / tp) and its cache."""
+        if self.ring is not None:
+            return context.mha_fwd(qkv, self.local_heads, self.ring)
         if self.blockwise:
             return blockwise.mha_fwd(qkv, self.local_heads)
         return F.mha_fwd(qkv, self.local_heads)
@@ -56,7 +64,9 @@ class Attention(Module):
         if self.selective:
             with flops.recomputing():
                 _, cache = self.core(cache)  # the core's forward again: the same bits
-        if self.blockwise:
+        if self.ring is not None:
+            dqkv = context.mha_bwd(dy, y, cache, self.ring)  # (B, T, 3 C / tp)
+        elif self.blockwise:
             dqkv = blockwise.mha_bwd(dy, y, cache)  # (B, T, 3 C / tp)
         else:
             dqkv = F.mha_bwd(dy, cache)  # (B, T, 3 C / tp)

@@ -17,6 +17,7 @@ from minipar.config import ModelConfig
 from minipar.nn import functional as F
 from minipar.models.blocks import INIT_STD, Block
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
+from minipar.parallel.context import token_indices
 from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import (
     SEQ_AXIS, VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead,
@@ -31,6 +32,9 @@ class Embedding(Module):
         super().__init__()
         self.tp = ctx.tp
         self.sp = ctx.sequence_parallel
+        # Under context parallelism this rank's tokens sit at these global positions.
+        self.cp_index = None if ctx.cp is None or ctx.cp.size == 1 else backend.from_host(
+            token_indices(cfg.seq_len, ctx.cp.size, ctx.cp.rank, ctx.cp_split))
         self.tok = VocabParallelEmbedding(ctx, "embed", cfg.vocab_size, cfg.d_model, INIT_STD)
         if cfg.pos == "learned":
             self.pos = make_param(ctx, "pos", (cfg.seq_len, cfg.d_model), INIT_STD / 2)
@@ -41,11 +45,18 @@ class Embedding(Module):
             self.table = backend.from_host(
                 backend.to_host(F.sinusoidal_positions(cfg.seq_len, cfg.d_model, ctx.dtype)))
 
-    def _positions(self, t_local: int):
-        """The rows of the position table for this rank's tokens (all of them without SP)."""
-        table = self.pos.data if self.pos is not None else self.table
+    def _rows(self, t_local: int):
+        """Which rows of the position table this rank's tokens use: a slice (all of them
+        without SP), or global indices under context parallelism."""
         start = self.tp.rank * t_local if self.sp else 0
-        return table[start:start + t_local]
+        if self.cp_index is None:
+            return slice(start, start + t_local)
+        return self.cp_index[start:start + t_local]
+
+    def _positions(self, t_local: int):
+        """The rows of the position table for this rank's tokens."""
+        table = self.pos.data if self.pos is not None else self.table
+        return table[self._rows(t_local)]
 
     def forward(self, ids, mb=0):
         h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
@@ -57,8 +68,7 @@ class Embedding(Module):
         t_local = self.pop(mb)
         if self.pos is not None:
             dpos = self.pos.data * 0  # (T, C)
-            start = self.tp.rank * t_local if self.sp else 0
-            dpos[start:start + t_local] = dh.sum(axis=0)
+            dpos[self._rows(t_local)] = dh.sum(axis=0)  # distinct rows: assignment is a sum
             self.pos.accumulate(dpos)
         self.tok.backward(dh, mb)
         return None

@@ -223,3 +223,5 @@ class BuildContext:
     sequence_parallel: bool = False
     attention: str = "plain"  # "plain" (functional) or "blockwise" (minipar.nn.blockwise)
     recompute: str = "none"  # "none", "selective" or "full" (minipar.models.blocks)
+    cp: object = None  # Comm of the context-parallel group (None: no context parallelism)
+    cp_split: str = "zigzag"  # how a sequence is cut over cp (minipar.parallel.context)

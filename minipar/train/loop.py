@@ -191,7 +191,7 @@ def continuation(engine, task, n_new: int = 48) -> tuple[str, str]:
     inputs, _ = next(task.eval_batches(1))  # (1, T)
     tokens = [int(t) for t in inputs[0, : max(1, T // 2)]]
     n_prompt = len(tokens)
-    owner = mesh.tp_rank == 0 and mesh.dp_rank == 0
+    owner = mesh.tp_rank == 0 and mesh.dp_rank == 0 and mesh.cp_rank == 0
     with mesh.world.stats.paused():
         for _ in range(n_new):
             window = tokens[-T:]
@@ -224,7 +224,7 @@ def _start(args, cfg, par, world, resume, tracer):
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
-    mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
+    mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp, cp=par.cp)
     engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
                     lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                     tracer=tracer)
