@@ -1,0 +1,235 @@
+"""Context parallelism (``--cp``): ring attention and every cp layout against the serial run.
+
+The ring kernel (``minipar.parallel.context``) is checked against the plain attention kernel
+on the whole sequence and against central differences of that plain forward in float64 (an
+independent check of its backward). Every cp layout (cp alone, composed with dp, tp + sp and
+pp, both cuts, recomputation none/selective/full, both kernel flags) trains to the serial run's
+losses, gradients and updated weights on the thread world; ``tests/mpi/test_cp_mpi.py`` does
+the same under mpirun.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minipar.compare import mismatches, random_batches, serial_reference, train_layout
+from minipar.config import ConfigError, ModelConfig, ParallelConfig, replace
+from minipar.dist.comm import run_threads
+from minipar.dist.mesh import Mesh
+from minipar.nn import functional as F
+from minipar.parallel import context
+
+CFG = ModelConfig(vocab_size=11, seq_len=16, n_layers=2, d_model=16, n_heads=4)
+
+
+# ------------------------------------------------------------------------------ the sequence cut
+@pytest.mark.parametrize("split", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("cp", [1, 2, 3, 4])
+def test_every_token_on_exactly_one_rank(cp, split):
+    t = 4 * cp
+    idx = np.concatenate([context.token_indices(t, cp, r, split) for r in range(cp)])
+    assert sorted(idx.tolist()) == list(range(t))
+
+
+def test_zigzag_is_balanced_and_contiguous_is_not():
+    """Hand count: zig-zag rank r meets key chunks <= r and <= 2cp-1-r, (r+1) + (2cp-r) =
+    2cp+1 pairs; contiguous rank r meets r+1 blocks, so the last rank does cp x the first."""
+    for cp in (2, 4, 8):
+        assert context.pair_counts(16 * cp, cp, "zigzag") == [2 * cp + 1] * cp
+        assert context.pair_counts(16 * cp, cp, "contiguous") == list(range(1, cp + 1))
+    t, d = 64, 8  # FLOPs: every rank's total equals the plain kernel's full T x T products
+    for split in ("zigzag", "contiguous"):
+        per = [context.ring_flops(t, d, 4, r, split) for r in range(4)]
+        diag = 4 * t * t * d  # the plain kernel computes all T^2 pairs, then masks
+        assert sum(per) < diag
+    zz = [context.ring_flops(t, d, 4, r, "zigzag") for r in range(4)]
+    assert max(zz) == min(zz)
+
+
+# ------------------------------------------------------------------------------ the ring kernel
+def _ring_run(q, k, v, dy, cp, split):
+    """q, k, v, dy (n, T, D) whole -> y, dq, dk, dv (n, T, D) reassembled from every rank."""
+    t = q.shape[1]
+
+    def rank(comm):
+        ring = context.Ring(comm, split, t)
+        idx = context.token_indices(t, cp, comm.rank, split)
+        qs, ks, vs, dys = (np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy))
+        y, lse = ring.forward(qs, ks, vs)
+        delta = (dys * y).sum(-1, keepdims=True)
+        return idx, y, ring.backward(qs, ks, vs, dys, lse, delta)
+
+    out = [np.zeros_like(q) for _ in range(4)]
+    for idx, y, grads in run_threads(rank, cp):
+        for o, part in zip(out, (y, *grads)):
+            o[:, idx] = part
+    return out
+
+
+@settings(max_examples=12, deadline=None)
+@given(cp=st.sampled_from([2, 3, 4]), split=st.sampled_from(["zigzag", "contiguous"]),
+       chunk=st.integers(1, 3), n=st.integers(1, 3), d=st.sampled_from([2, 4]),
+       seed=st.integers(0, 10_000))
+def test_ring_equals_plain_attention_and_its_gradient(cp, split, chunk, n, d, seed):
+    t = 2 * cp * chunk
+    rng = np.random.default_rng(seed)
+    q, k, v, dy = (rng.normal(size=(n, t, d)) for _ in range(4))
+    y_ref, cache = F.attention_fwd(q[None], k[None], v[None])  # (1, n, T, D)
+    grads_ref = F.attention_bwd(dy[None], cache)
+    y, dq, dk, dv = _ring_run(q, k, v, dy, cp, split)
+    np.testing.assert_allclose(y, y_ref[0], rtol=1e-12, atol=1e-12)
+    for got, ref in zip((dq, dk, dv), grads_ref):
+        np.testing.assert_allclose(got, ref[0], rtol=1e-10, atol=1e-12)
+
+
+def test_ring_gradient_against_central_differences():
+    """d/dx sum(dy * attention(q, k, v)) by central differences of the plain forward: a check
+    that does not trust any backward kernel."""
+    rng = np.random.default_rng(5)
+    n, t, d, cp = 2, 8, 3, 2
+    q, k, v, dy = (rng.normal(size=(n, t, d)) for _ in range(4))
+    _, dq, dk, dv = _ring_run(q, k, v, dy, cp, "zigzag")
+
+    def f(q_, k_, v_):
+        return float((F.attention_fwd(q_[None], k_[None], v_[None])[0][0] * dy).sum())
+
+    eps = 1e-6
+    for which, grad in enumerate((dq, dk, dv)):
+        for pos in [(0, 0, 0), (1, 3, 2), (0, 7, 1), (1, 5, 0)]:
+            args = [q.copy(), k.copy(), v.copy()]
+            args[which][pos] += eps
+            hi = f(*args)
+            args[which][pos] -= 2 * eps
+            lo = f(*args)
+            assert grad[pos] == pytest.approx((hi - lo) / (2 * eps), rel=1e-6, abs=1e-8)
+
+
+def test_ring_moves_the_predicted_bytes():
+    """Forward: cp - 1 hops of the stacked K/V; backward: cp - 1 of K/V and cp of dK/dV."""
+    n, t, d, cp = 2, 8, 4, 4
+    rng = np.random.default_rng(0)
+    q, k, v, dy = (rng.normal(size=(n, t, d)) for _ in range(4))
+
+    def rank(comm):
+        ring = context.Ring(comm, "zigzag", t)
+        idx = context.token_indices(t, cp, comm.rank, "zigzag")
+        qs, ks, vs, dys = (np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy))
+        y, lse = ring.forward(qs, ks, vs)
+        fwd = comm.stats.as_dict()
+        ring.backward(qs, ks, vs, dys, lse, (dys * y).sum(-1, keepdims=True))
+        return fwd, comm.stats.as_dict()
+
+    block = 2 * n * (t // cp) * d * 8  # stacked K and V of one rank, float64
+    for fwd, total in run_threads(rank, cp):
+        assert fwd["send"]["bytes"] == fwd["recv"]["bytes"] == (cp - 1) * block
+        assert total["send"]["bytes"] == (cp - 1) * block + (cp - 1) * block + cp * block
+        assert total["send"]["calls"] == total["recv"]["calls"] == 3 * cp - 2
+
+
+# ------------------------------------------------------------------------ the mesh and the config
+def test_mesh_coordinates_and_groups():
+    def rank(world):
+        m = Mesh(world, dp=2, pp=1, tp=2, cp=2)
+        return (world.rank, m.dp_rank, m.cp_rank, m.tp_rank, m.rank_of(m.dp_rank, 0, m.tp_rank,
+                                                                        m.cp_rank),
+                m.cp.size, m.grad.size, m.grad.rank)
+
+    for r, dp, cp, tp, back, cps, gs, gr in run_threads(rank, 8):
+        assert r == back == (dp * 2 + cp) * 2 + tp
+        assert (cps, gs, gr) == (2, 4, dp * 2 + cp)
+
+
+@pytest.mark.parametrize("par, seq, needle", [
+    (ParallelConfig(cp=4), 12, "--cp 4 with --cp-split zigzag needs --seq-len (12) divisible by 8"),
+    (ParallelConfig(cp=3, cp_split="contiguous"), 16, "divisible by 3"),
+    (ParallelConfig(cp=2, cp_split="ring"), 16, "--cp-split must be one of"),
+    (ParallelConfig(cp=0), 16, "--cp must be a positive integer"),
+    (ParallelConfig(cp=4, tp=4, sequence_parallel=True), 24, "--tp 4 to divide the 6 tokens"),
+])
+def test_bad_cp_layouts_are_one_line(par, seq, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        par.validate(replace(CFG, seq_len=seq, n_heads=4))
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_world_size_error_names_cp():
+    with pytest.raises(ConfigError, match="--cp 2"):
+        ParallelConfig(dp=2, cp=2).validate(CFG, world_size=2)
+
+
+# -------------------------------------------------------------------- training equals the serial
+def _check(par: ParallelConfig, cfg: ModelConfig = CFG, steps: int = 2, seed: int = 3):
+    batches = random_batches(cfg, steps, 2 * par.dp * par.microbatches, seed=seed)
+    got = run_threads(lambda w: train_layout(w, cfg, par, batches, seed=seed), par.world)[0]
+    ref = serial_reference(cfg, batches, seed=seed)
+    bad = mismatches(got, ref, rtol=1e-9)
+    assert not bad, (par, bad[:4])
+    return got
+
+
+LAYOUTS = [
+    ParallelConfig(cp=2),
+    ParallelConfig(cp=4),
+    ParallelConfig(cp=2, cp_split="contiguous"),
+    ParallelConfig(cp=4, cp_split="contiguous", attention="blockwise"),
+    ParallelConfig(cp=2, dp=2),
+    ParallelConfig(cp=2, dp=2, zero=1),
+    ParallelConfig(cp=2, dp=2, zero=3),
+    ParallelConfig(cp=2, tp=2),
+    ParallelConfig(cp=2, tp=2, sequence_parallel=True),
+    ParallelConfig(cp=2, pp=2, microbatches=2),
+    ParallelConfig(cp=2, pp=2, microbatches=2, schedule="zb-h1"),
+    ParallelConfig(cp=2, recompute="selective"),
+    ParallelConfig(cp=2, recompute="full", cp_split="contiguous"),
+    ParallelConfig(cp=2, dp=2, tp=2, sequence_parallel=True, recompute="full"),
+]
+
+
+@pytest.mark.parametrize("par", LAYOUTS, ids=lambda p: f"dp{p.dp}cp{p.cp}tp{p.tp}pp{p.pp}"
+                         f"{'sp' if p.sequence_parallel else ''}z{p.zero}-{p.cp_split}-"
+                         f"{p.recompute}-{p.attention}")
+def test_cp_layout_equals_serial(par):
+    _check(par)
+
+
+@settings(max_examples=25, deadline=None)
+@given(cp=st.sampled_from([2, 4]), dp=st.sampled_from([1, 2]), tp=st.sampled_from([1, 2]),
+       pp=st.sampled_from([1, 2]), sp=st.booleans(),
+       split=st.sampled_from(["zigzag", "contiguous"]),
+       recompute=st.sampled_from(["none", "selective", "full"]),
+       attention=st.sampled_from(["plain", "blockwise"]), zero=st.sampled_from([0, 1, 3]),
+       seed=st.integers(0, 1000))
+def test_drawn_cp_layouts_equal_serial(cp, dp, tp, pp, sp, split, recompute, attention, zero,
+                                       seed):
+    if dp * tp * pp * cp > 8:
+        dp = 1
+    if dp * tp * pp * cp > 8:
+        pp = 1
+    par = ParallelConfig(cp=cp, dp=dp, tp=tp, pp=pp, sequence_parallel=sp and tp > 1,
+                         cp_split=split, recompute=recompute, attention=attention,
+                         zero=zero if dp > 1 else 0, microbatches=2 if pp > 1 else 1)
+    _check(par, steps=1, seed=seed)
+
+
+def test_cp_with_4d_mesh():
+    """dp x cp x pp x tp all two: 16 ranks, every axis at once."""
+    _check(ParallelConfig(dp=2, cp=2, pp=2, tp=2, sequence_parallel=True, microbatches=2),
+           steps=1)
+
+
+def test_evaluation_under_cp_equals_serial():
+    from minipar.engine import Engine
+
+    batches = random_batches(CFG, 1, 4, seed=9)
+
+    def run(world, par):
+        mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp, cp=par.cp)
+        engine = Engine(CFG, par, mesh, seed=1, dtype="float64")
+        return engine.evaluate(batches)
+
+    ref = run_threads(lambda w: run(w, ParallelConfig()), 1)[0]
+    for par in (ParallelConfig(cp=2), ParallelConfig(cp=2, dp=2, cp_split="contiguous")):
+        got = run_threads(lambda w: run(w, par), par.world)[0]
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-12), (par, key)
