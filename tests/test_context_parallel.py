@@ -19,6 +19,7 @@ from minipar.dist.comm import run_threads
 from minipar.dist.mesh import Mesh
 from minipar.nn import functional as F
 from minipar.parallel import context
+from test_comm_prediction import comm_problems, run
 
 CFG = ModelConfig(vocab_size=11, seq_len=16, n_layers=2, d_model=16, n_heads=4)
 
@@ -233,3 +234,26 @@ def test_evaluation_under_cp_equals_serial():
         got = run_threads(lambda w: run(w, par), par.world)[0]
         for key in ref:
             assert got[key] == pytest.approx(ref[key], rel=1e-12), (par, key)
+
+
+# -------------------------------------------------------------- predicted bytes == CommStats
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(cp=st.sampled_from([2, 4]), dp=st.sampled_from([1, 2]), tp=st.sampled_from([1, 2]),
+       pp=st.sampled_from([1, 2]), sp=st.booleans(), zero=st.sampled_from([0, 1, 2, 3]),
+       bucket=st.sampled_from([0.0, 0.001]), m=st.integers(1, 2),
+       recompute=st.sampled_from(["none", "selective", "full"]),
+       split=st.sampled_from(["zigzag", "contiguous"]))
+def test_predicted_cp_bytes_equal_commstats(cp, dp, tp, pp, sp, zero, bucket, m, recompute,
+                                            split):
+    """``predict_comm_bytes`` (its "cp" ring and "dpcp" gradient group included) against what
+    every rank of real cp steps records, group by group, call for call."""
+    while dp * tp * pp * cp > 8:
+        dp, pp = (1, pp) if dp > 1 else (dp, 1)
+    par = ParallelConfig(dp=dp, cp=cp, tp=tp, pp=pp, sequence_parallel=sp and tp > 1,
+                         zero=zero, bucket_mb=bucket if zero < 3 else 0.0, microbatches=m,
+                         recompute=recompute, cp_split=split)
+    cfg = ModelConfig(vocab_size=11, seq_len=2 * cp * 2, n_layers=2, d_model=8, n_heads=4)
+    case = {"cfg": cfg, "par": par, "batch": dp * m}
+    results = run_threads(lambda w: run(w, case), par.world)
+    bad = [b for rank, r in enumerate(results) for b in comm_problems(case, rank, r)]
+    assert not bad, f"{par}: {bad[:4]}"

@@ -120,9 +120,10 @@ class Mesh:
         return self if self.cp_size == 1 else GradSyncView(self)
 
     def comms(self) -> dict[str, Comm]:
-        out = {"world": self.world, "dp": self.dp, "pp": self.pp, "tp": self.tp, "cp": self.cp}
-        if self.grad is not self.dp:
-            out["dpcp"] = self.grad
+        """Every group by name; "cp" and "dpcp" (the gradient group) only with cp > 1."""
+        out = {"world": self.world, "dp": self.dp, "pp": self.pp, "tp": self.tp}
+        if self.cp_size > 1:
+            out.update(cp=self.cp, dpcp=self.grad)
         return out
 
     def stats(self) -> dict[str, dict]:

@@ -18,7 +18,7 @@ from minipar.config import ConfigError, ModelConfig, ParallelConfig, check_outpu
 # Numeric flags and what they must be; an absent flag (None) is not checked.
 POSITIVE = ("--batch-size", "--steps", "--eval-every", "--lr", "--threads", "--n-digits",
             "--layers", "--d-model", "--heads", "--seq-len", "--vocab", "--dp", "--tp", "--pp",
-            "--microbatches", "--virtual-stages")
+            "--microbatches", "--virtual-stages", "--cp")
 NON_NEGATIVE = ("--warmup", "--weight-decay", "--grad-clip", "--seed", "--save-every",
                 "--keep", "--bucket-mb")
 SEQ_LEN_SLACK = 2  # --seq-len beyond this many times a task's need is refused without --force
@@ -92,18 +92,21 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     layers = cfg.n_layers // (par.pp * par.virtual_stages)
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
                                           par.recompute, value_bytes=e, dropout=False,
-                                          layernorm_rstd=True, attention=par.attention)
+                                          layernorm_rstd=True, attention=par.attention,
+                                          cp=par.cp)
     working = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
                                             value_bytes=e, dropout=False, layernorm_rstd=True,
-                                            attention=par.attention)  # the block in backward
-    logits = 3 * rows * cfg.seq_len * padded_vocab(cfg.vocab_size, par.tp) // par.tp * e
+                                            attention=par.attention, cp=par.cp)  # in backward
+    logits = 3 * rows * cfg.seq_len // par.cp * padded_vocab(cfg.vocab_size, par.tp) \
+        // par.tp * e
     worst: dict = {"total": -1}
     for stage in range(par.pp):
         n = cm.local_param_count(cfg, par, stage)
         live = cm.peak_live(par.schedule, par.pp, par.microbatches, par.virtual_stages, stage)
-        mem = {"weights": e * n, "gradients": e * n // (par.dp if par.zero >= 2 else 1),
+        shards = par.dp * par.cp  # ZeRO shards over the gradient group, dp x cp
+        mem = {"weights": e * n, "gradients": e * n // (shards if par.zero >= 2 else 1),
                "optimizer": (2 if optimizer == "adamw" else 1) * e * n
-               // (par.dp if par.zero >= 1 else 1),
+               // (shards if par.zero >= 1 else 1),
                "activations": live * layers * block + (logits if stage == par.pp - 1 else 0),
                "working": working, "data": 2 * 8 * batch_size * cfg.seq_len}
         mem["total"] = sum(mem.values())
