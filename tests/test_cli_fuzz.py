@@ -65,6 +65,7 @@ TRAIN_VALUES: dict[str, tuple | None] = {
     "--save-every": (["1"], ["-1"]),
     "--attention": (["plain", "blockwise"], ["flash"]),
     "--recompute": (["none", "selective", "full"], ["some"]),
+    "--cp": (["1", "2"], ["-1", "0", "3"]), "--cp-split": (["zigzag", "contiguous"], ["ring"]),
 }
 
 

@@ -257,3 +257,50 @@ def test_predicted_cp_bytes_equal_commstats(cp, dp, tp, pp, sp, zero, bucket, m,
     results = run_threads(lambda w: run(w, case), par.world)
     bad = [b for rank, r in enumerate(results) for b in comm_problems(case, rank, r)]
     assert not bad, f"{par}: {bad[:4]}"
+
+
+# ------------------------------------------------------------------------------ the command
+@pytest.mark.parametrize("argv, n, needle", [
+    (["--cp", "3"], 1, "--cp 3"),
+    (["--cp", "2", "--seq-len", "18", "--force"], 2, "--cp 2 with --cp-split zigzag needs"),
+    (["--cp", "0"], 1, "--cp must be"),
+    (["--cp-split", "ring"], 1, "--cp-split"),
+    (["--cp", "2", "--mode", "local-sgd"], 2, "--cp"),
+])
+def test_bad_cp_flags_are_one_line_on_every_rank(argv, n, needle):
+    from inproc import train
+
+    codes, out, err = train(["--quiet", "--steps", "1", *argv], n=n)
+    assert set(codes) == {2}, (codes, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in err, err
+
+
+def test_cp_run_banner_and_resume_in_another_layout(tmp_path):
+    """Train at cp 2 and save; resume at dp 2 (and serially): the same losses as an unbroken
+    serial run, and a banner that shows the activations per rank falling with cp."""
+    from inproc import train
+
+    book = tmp_path / "book.txt"
+    book.write_text("It was the best of times, it was the worst of times. " * 300)
+    common = ["--task", "text", "--data", str(book), "--seq-len", "32", "--batch-size", "4",
+              "--quiet", "--dtype", "float64", "--eval-every", "100", "--layers", "2"]
+
+    def losses(path):
+        import json
+        return json.loads(path.read_text())["losses"]
+
+    codes, out, err = train([*common, "--steps", "4", "--cp", "2", "--save", str(tmp_path / "r"),
+                             "--save-every", "2", "--summary", str(tmp_path / "a.json")], n=2)
+    assert codes == [0, 0], err
+    assert "context | cp 2 (zigzag), ring attention: 16 of 32 tokens per rank" in out
+    assert "(cp 1, blockwise:" in out and "2.00x)" in out
+    step2 = tmp_path / "r" / "step-000002"
+    codes, out, err = train([*common, "--steps", "4", "--dp", "2", "--resume", str(step2),
+                             "--summary", str(tmp_path / "b.json")], n=2)
+    assert codes == [0, 0], err
+    codes, _, err = train([*common, "--steps", "4", "--summary", str(tmp_path / "s.json")])
+    assert codes == [0], err
+    serial, cp_run, resumed = (losses(tmp_path / f) for f in ("s.json", "a.json", "b.json"))
+    np.testing.assert_allclose(cp_run, serial, rtol=1e-9)
+    np.testing.assert_allclose(resumed, serial[2:], rtol=1e-9)

@@ -37,6 +37,8 @@ EXAMPLES = [
      "4 pipeline stages need 4 layers"),
     ("python -m minipar.train --task text --data book.txt --steps 200",
      "bytes of any UTF-8 file, ~20 s (with --model small: ~30 min)"),
+    ("mpirun -n 2 python -m minipar.train --cp 2 --task text --data book.txt --seq-len 256",
+     "context parallel: each sequence split over 2 ranks, ring attention"),
 ]
 EPILOG = "examples:\n" + "\n".join(f"  {cmd}\n      {what}" for cmd, what in EXAMPLES) + """
 
@@ -185,7 +187,9 @@ def pick_layout(args, world: int) -> tuple[int, int, int, str]:
         with_cp = f" x --cp {cp}" if cp > 1 else ""
         raise ConfigError(f"--tp {tp} x --pp {pp}{with_cp} = {tp * pp * cp} does not divide "
                           f"the number of ranks ({world})")
-    note = "" if len(given) == 3 else (
+    if cp > 1:
+        given["cp"] = cp
+    note = "" if len(given) >= 3 else (
         "no layout flags: all ranks do data parallelism" if not given else
         "unspecified sizes set to fill the world")
     return dp, tp, pp, note
