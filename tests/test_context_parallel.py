@@ -304,3 +304,65 @@ def test_cp_run_banner_and_resume_in_another_layout(tmp_path):
     serial, cp_run, resumed = (losses(tmp_path / f) for f in ("s.json", "a.json", "b.json"))
     np.testing.assert_allclose(cp_run, serial, rtol=1e-9)
     np.testing.assert_allclose(resumed, serial[2:], rtol=1e-9)
+
+
+# ------------------------------------------------------------------- activations per rank, measured
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("cp, tp, sp", [(2, 1, False), (4, 1, False), (2, 2, False),
+                                        (2, 2, True)])
+def test_measured_block_activations_equal_the_formula_at_s_over_cp(cp, tp, sp, recompute):
+    """What each rank's block keeps, tensor by tensor, equals ``block_activation_terms`` for a
+    sequence s/cp long with the blockwise kernel's log-sum-exp, and cp times less than cp 1."""
+    from minipar.sim import costmodel as cm
+    from minipar.sim.activations import measure_block_activations
+
+    cfg = replace(CFG, seq_len=32)
+    want = cm.block_activation_terms(cfg, 3, tp, sp, recompute, value_bytes=8, dropout=False,
+                                     layernorm_rstd=True, cp=cp)
+    for got in measure_block_activations(cfg, tp, sp, rows=3, recompute=recompute, cp=cp):
+        assert got == want
+    one = cm.block_activation_terms(cfg, 3, tp, sp, recompute, value_bytes=8, dropout=False,
+                                    layernorm_rstd=True, attention="blockwise")
+    assert sum(one.values()) == cp * sum(want.values())
+
+
+# ------------------------------------------------------------------------------- the simulator
+def test_simulator_reports_the_ring_bytes_and_searches_cp_for_long_sequences(capsys):
+    """``minipar.simulate --cp``: the ring's bytes sent per step are ``comm_volume``'s (the
+    runtime's, by the tests above), activations fall with cp, and --search tries cp > 1 only
+    for sequences long enough (``CP_MIN_TOKENS`` per rank)."""
+    import json
+
+    from minipar import simulate
+    from minipar.sim import comm_volume as cv
+
+    base = ["--model", "gpt3-125m", "--layers", "4", "--seq-len", "8192", "--global-batch",
+            "8", "--json"]
+    out = {}
+    for cp in (1, 2, 4):
+        for rc in ("none", "selective", "full"):
+            assert simulate.main([*base, "--gpus", "4", "--cp", str(cp), "--recompute", rc]) == 0
+            out[cp, rc] = json.loads(capsys.readouterr().out)
+    model = replace(simulate.MODELS["gpt3-125m"][0], n_layers=4, seq_len=8192)
+    for cp in (2, 4):
+        par = ParallelConfig(dp=4 // cp, cp=cp, microbatches=8 // (4 // cp), recompute="full")
+        want = cv.predict_comm_bytes(model, par, 8, 2)["cp"]["send"]["bytes"]
+        assert out[cp, "full"]["comm_bytes_per_step"]["cp"] == want
+        for rc in ("none", "selective", "full"):
+            acts = [out[c, rc]["memory_per_gpu_bytes"]["activations"] for c in (1, cp)]
+            assert acts[1] < acts[0]
+    assert simulate.main(["--model", "gpt3-13b", "--seq-len", "32768", "--gpus", "64",
+                          "--global-batch", "64", "--search", "--json", "--top", "50"]) == 0
+    ranked = json.loads(capsys.readouterr().out)["ranked"]
+    assert any(r["layout"]["cp"] > 1 for r in ranked)
+    assert simulate.main(["--model", "gpt3-13b", "--gpus", "64", "--search", "--json"]) == 0
+    assert all(r["layout"]["cp"] == 1 for r in json.loads(capsys.readouterr().out)["ranked"])
+
+
+def test_simulator_bad_cp_is_one_line(capsys):
+    from minipar import simulate
+
+    assert simulate.main(["--model", "gpt3-125m", "--seq-len", "1000", "--cp", "3",
+                          "--gpus", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cp 3" in err

@@ -69,6 +69,14 @@ def ring_flops(t: int, d: int, cp: int, rank: int, split: str = "zigzag") -> int
                _pairs_run(t, cp, rank, split))
 
 
+def busiest_share(t: int, cp: int, split: str = "zigzag") -> float:
+    """The busiest rank's attention work over a plain kernel's on its own T/cp tokens alone:
+    (2 cp + 1) / 4 for zig-zag, cp for the contiguous cut (its last rank). The time model
+    scales the attention core of a T/cp-token block by it."""
+    worst = max(ring_flops(t, 1, cp, r, split) for r in range(cp))
+    return worst / (4 * (t // cp) ** 2)
+
+
 def pair_counts(t: int, cp: int, split: str = "zigzag") -> list[int]:
     """How many (query chunk, key chunk) pairs each rank computes: the causal imbalance."""
     return [sum(1 for _ in _pairs_run(t, cp, r, split)) for r in range(cp)]
@@ -183,5 +191,6 @@ def mha_bwd(dy, y, cache, ring: Ring):
     return grads.transpose(1, 3, 0, 2, 4).reshape(b, t, 3 * c)  # (B, Tl, 3C)
 
 
-__all__ = ["TAG_KV", "TAG_DKV", "segments", "token_indices", "ring_flops", "pair_counts",
+__all__ = ["TAG_KV", "TAG_DKV", "segments", "token_indices", "ring_flops", "busiest_share",
+           "pair_counts",
            "Ring", "mha_fwd", "mha_bwd"]
