@@ -366,3 +366,16 @@ def test_simulator_bad_cp_is_one_line(capsys):
                           "--gpus", "3"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--cp 3" in err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--cp", "2", "--dropout", "0.1"], "--dropout with --cp > 1 is not supported"),
+    (["--cp", "2", "--arch", "encdec", "--task", "translate"], "--cp > 1 with --arch encdec"),
+])
+def test_cp_refuses_what_it_does_not_support_in_one_line(argv, needle):
+    from inproc import train
+
+    codes, _, err = train(["--quiet", "--steps", "1", *argv], n=2)
+    assert set(codes) == {2}, (codes, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err

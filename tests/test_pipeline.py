@@ -243,8 +243,9 @@ def test_partition_counts_what_each_stage_builds(cfg, data):
     assert sum(report.stage_params(s) for s in range(pp)) == param_count(cfg)
     assert sum(report.stage_flops(s) for s in range(pp)) == pytest.approx(model_flops(cfg, 1))
     lines = report.lines()
-    assert len(lines) == pp + 1 and lines[-1].startswith("balance |")
-    assert "embedding" in lines[0] and "head" in lines[pp - 1]
+    assert len(lines) == pp + 2 and lines[-1].startswith("balance |")
+    assert lines[0].startswith("split   | --partition ")
+    assert "embedding" in lines[1] and "head" in lines[pp]
 
 
 @settings(max_examples=30, deadline=None)

@@ -194,3 +194,22 @@ def test_train_command_runs_every_mode_with_the_same_losses(tmp_path):
         codes, out, err = train([flag, *bad.split()], n=2)
         assert codes == [2, 2] and out == ""
         assert len(err.strip().splitlines()) == 1 and flag in err, err
+
+
+@pytest.mark.parametrize("par", LAYOUTS[:4], ids=lambda p: f"dp{p.dp}tp{p.tp}pp{p.pp}"
+                         f"{'sp' if p.sequence_parallel else ''}")
+def test_recomputation_with_dropout_redraws_the_same_masks(par):
+    """A rerun forward must draw the masks it drew the first time (they are addressed by
+    step, site and element, not drawn in sequence), so recomputation still changes no number."""
+    cfg = replace(CFG, dropout=0.3)
+    batches = random_batches(cfg, 2, 4 * par.dp, seed=1)
+
+    def train(p, model):
+        if p.world == 1:
+            return train_layout(local_comm(), model, p, batches, seed=3)
+        return run_threads(lambda w: train_layout(w, model, p, batches, seed=3), p.world)[0]
+
+    runs = {rc: train(replace(par, recompute=rc), cfg) for rc in RECOMPUTE_MODES}
+    for rc in ("selective", "full"):
+        assert not _identical(runs[rc], runs["none"]), (rc, _identical(runs[rc], runs["none"]))
+    assert runs["none"].losses != train(par, CFG).losses  # the masks really dropped something

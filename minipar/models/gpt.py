@@ -13,10 +13,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from minipar import backend
-from minipar.config import ModelConfig
+from minipar.config import ModelConfig, chunk_blocks
 from minipar.nn import functional as F
 from minipar.models.blocks import INIT_STD, Block
+from minipar.nn.dropout import Dropout
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
+from minipar.nn.precision import sum_fp32
 from minipar.parallel.context import token_indices
 from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import (
@@ -26,24 +28,28 @@ from minipar.parallel.tensor import (
 
 
 class Embedding(Module):
-    """Token embedding (vocab-parallel) plus learned or sinusoidal positions."""
+    """Token embedding (vocab-parallel) plus learned or sinusoidal positions, then dropout."""
 
-    def __init__(self, ctx: BuildContext, cfg: ModelConfig):
+    def __init__(self, ctx: BuildContext, cfg: ModelConfig, name: str = "embed",
+                 pos_name: str = "pos", length: int | None = None):
+        # name, pos_name, length: the encoder-decoder embeds a source and a target this way
         super().__init__()
         self.tp = ctx.tp
         self.sp = ctx.sequence_parallel
+        length = cfg.seq_len if length is None else length
         # Under context parallelism this rank's tokens sit at these global positions.
         self.cp_index = None if ctx.cp is None or ctx.cp.size == 1 else backend.from_host(
-            token_indices(cfg.seq_len, ctx.cp.size, ctx.cp.rank, ctx.cp_split))
-        self.tok = VocabParallelEmbedding(ctx, "embed", cfg.vocab_size, cfg.d_model, INIT_STD)
+            token_indices(length, ctx.cp.size, ctx.cp.rank, ctx.cp_split))
+        self.tok = VocabParallelEmbedding(ctx, name, cfg.vocab_size, cfg.d_model, INIT_STD)
         if cfg.pos == "learned":
-            self.pos = make_param(ctx, "pos", (cfg.seq_len, cfg.d_model), INIT_STD / 2)
+            self.pos = make_param(ctx, pos_name, (length, cfg.d_model), INIT_STD / 2)
             self.pos.tp_partial_grad = ctx.sequence_parallel
             self.table = None
         else:
             self.pos = None
             self.table = backend.from_host(
-                backend.to_host(F.sinusoidal_positions(cfg.seq_len, cfg.d_model, ctx.dtype)))
+                backend.to_host(F.sinusoidal_positions(length, cfg.d_model, ctx.dtype)))
+        self.drop = Dropout(ctx, f"{name}.out")
 
     def _rows(self, t_local: int):
         """Which rows of the position table this rank's tokens use: a slice (all of them
@@ -62,13 +68,14 @@ class Embedding(Module):
         h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
         h += self._positions(h.shape[SEQ_AXIS])
         self.save(mb, h.shape[SEQ_AXIS])
-        return h
+        return self.drop.forward(h, mb)  # (B, T, C) or (B, T/tp, C)
 
     def backward(self, dh, mb=0):
+        dh = self.drop.backward(dh, mb)  # (B, T, C) or (B, T/tp, C)
         t_local = self.pop(mb)
         if self.pos is not None:
             dpos = self.pos.data * 0  # (T, C)
-            dpos[self._rows(t_local)] = dh.sum(axis=0)  # distinct rows: assignment is a sum
+            dpos[self._rows(t_local)] = sum_fp32(dh, axis=0)  # distinct rows: a sum
             self.pos.accumulate(dpos)
         self.tok.backward(dh, mb)
         return None
@@ -144,6 +151,7 @@ class GPTChunk(Module):
         self.units = [u for u in [self.embed, *self.blocks, self.head] if u is not None]
         self.deferred = DeferredWeightGrads()  # zero-bubble W passes waiting to run
         self.hooks = Hooks()
+        self.loss_scale = 1.0  # the seed of backward: fp16's loss scale (minipar.nn.precision)
 
     def forward(self, x, mb=0, targets=None, normalizer=None):
         """Token ids (first chunk) or activations in; activations or the loss (last chunk) out."""
@@ -164,7 +172,7 @@ class GPTChunk(Module):
         the B/W split of zero-bubble schedules (``minipar.parallel.deferral``; LayerNorm,
         embedding and row-parallel bias gradients are cheap and are computed at once).
         """
-        g = 1.0 if self.head is not None else dy
+        g = self.loss_scale if self.head is not None else dy
         with self.deferred.collect(self, mb) if defer_weight_grads else nullcontext():
             for unit in reversed(self.units):
                 self.hooks.pre_backward(unit, mb)
@@ -202,15 +210,22 @@ def _drop_caches(module: Module, mb) -> None:
         m._cache.pop(mb, None)
 
 
-def chunk_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[ChunkSpec]:
-    """The chunks pipeline rank ``stage`` holds: global chunks stage, stage + pp, ... (PTD-P)."""
+def chunk_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int,
+                partition: tuple[int, ...] = ()) -> list[ChunkSpec]:
+    """The chunks pipeline rank ``stage`` holds: global chunks stage, stage + pp, ... (PTD-P).
+
+    Global chunk g holds ``partition[g]`` consecutive blocks (``--partition``), or an equal
+    share when ``partition`` is empty: the one place the split is decided.
+    """
     n_chunks = pp * virtual
-    per = cfg.n_layers // n_chunks
-    return [ChunkSpec(g, n_chunks, g * per, per)
+    blocks = chunk_blocks(cfg.n_layers, n_chunks, partition)
+    firsts = [sum(blocks[:g]) for g in range(n_chunks)]
+    return [ChunkSpec(g, n_chunks, firsts[g], blocks[g])
             for g in range(stage, n_chunks, pp)]
 
 
 def build_chunks(cfg: ModelConfig, ctx: BuildContext, pp: int = 1, virtual: int = 1,
-                 stage: int = 0) -> list[GPTChunk]:
+                 stage: int = 0, partition: tuple[int, ...] = ()) -> list[GPTChunk]:
     """This rank's model chunks. The serial model is ``build_chunks(cfg, ctx)[0]``."""
-    return [GPTChunk(cfg, ctx, spec) for spec in chunk_specs(cfg, pp, virtual, stage)]
+    return [GPTChunk(cfg, ctx, spec)
+            for spec in chunk_specs(cfg, pp, virtual, stage, partition)]

@@ -36,8 +36,9 @@ def measure_block_activations(cfg: ModelConfig, tp: int, sequence_parallel: bool
 
     def rank(world):
         mesh = Mesh(world, tp=tp, cp=cp)
-        ctx = BuildContext(seed, dtype, mesh.tp, sequence_parallel, attention, recompute,
-                           cp=mesh.cp, cp_split=cp_split)
+        ctx = BuildContext(seed, dtype, mesh.tp, sequence_parallel,
+                           attention=attention, recompute=recompute, cp=mesh.cp,
+                           cp_split=cp_split)
         block = Block(ctx, "blocks.0", cfg)
         mine = full[:, token_indices(cfg.seq_len, cp, mesh.cp_rank, cp_split)]  # (B, T/cp, C)
         t = mine.shape[1] // tp if sequence_parallel else mine.shape[1]

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minipar.config import RECOMPUTE_MODES, ConfigError, ModelConfig, ParallelConfig, replace
+from minipar.config import (RECOMPUTE_MODES, ConfigError, ModelConfig, ParallelConfig,
+                            chunk_blocks, replace)
 from minipar.parallel.tensor import padded_vocab
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
@@ -141,10 +142,10 @@ def units(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[list
     n_chunks = parallel.pp * parallel.virtual_stages
     tied_here = model.tie_weights and n_chunks == 1
     head = Unit("head", 2 * h + (0 if tied_here else h * vp // t))
-    per_chunk = model.n_layers // n_chunks
+    blocks = chunk_blocks(model.n_layers, n_chunks, parallel.partition)
     out = []
     for g in range(stage, n_chunks, parallel.pp):
-        chunk = ([embed] if g == 0 else []) + [block] * per_chunk
+        chunk = ([embed] if g == 0 else []) + [block] * blocks[g]
         out.append(chunk + ([head] if g == n_chunks - 1 else []))
     return out
 
@@ -340,7 +341,8 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, work: Workloa
     e = dtype_bytes(work.dtype)
     b, t, sp = work.microbatch_size, parallel.tp, parallel.sequence_parallel
     m = work.microbatches(parallel.dp)
-    per_chunk_layers = model.n_layers // (parallel.pp * parallel.virtual_stages)
+    # Uneven chunks (--partition): the largest local chunk's blocks, an upper bound for v > 1.
+    per_chunk_layers = max(sum(u.kind == "block" for u in c) for c in chunks)
     cp = parallel.cp  # each rank holds s/cp tokens of every sequence
     per_layer = activation_bytes_per_layer(model, b, t, sp, work.recompute, cp=cp) * e / 2
     live = peak_live(parallel.schedule, parallel.pp, m, parallel.virtual_stages, stage)

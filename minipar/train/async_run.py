@@ -53,6 +53,7 @@ def check_mode(args, world: int) -> None:
         ("--zero", args.zero), ("--bucket-mb", args.bucket_mb),
         ("--microbatches", args.microbatches > 1), ("--save", args.save),
         ("--resume", args.resume), ("--trace", args.trace), ("--plot", args.plot),
+        ("--partition", getattr(args, "partition", "equal") != "equal"),
         ("--attention", args.attention != "plain"), ("--recompute", args.recompute != "none"),
         ("--cp", (getattr(args, "cp", None) or 1) > 1))
         if on]
