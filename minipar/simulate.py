@@ -210,10 +210,11 @@ def report(name: str, model, par, work, hw: Hardware, est: Estimate) -> str:
     b, mem, comm = est.breakdown, est.memory_per_gpu_bytes, est.comm_bytes_per_step
     tokens = work.global_batch * model.seq_len / est.step_time_s
     kinds = ", ".join(f"{k} {_si(v, 'B')}" for k, v in mem.items() if k not in ("total", "stage"))
+    comm_name = "tp + exposed cp ring comm" if par.cp > 1 else "tp comm"
     lines = [
         describe(name, model, par, work, hw),
         f"step time       {est.step_time_s:.3f} s  (stage {b['stage']}: compute "
-        f"{b['compute_s']:.3f} s, tp comm {b['tp_comm_s']:.3f} s, pipeline idle "
+        f"{b['compute_s']:.3f} s, {comm_name} {b['tp_comm_s']:.3f} s, pipeline idle "
         f"{b['pipeline_idle_s']:.3f} s, dp sync {b['dp_sync_exposed_s']:.3f} s, optimizer "
         f"{b['optimizer_s']:.3f} s" + (f", ZeRO-3 gathers {b['zero3_exposed_s']:.3f} s"
                                         if b["zero3_exposed_s"] > 1e-9 else "") + ")",

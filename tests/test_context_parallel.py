@@ -379,3 +379,56 @@ def test_cp_refuses_what_it_does_not_support_in_one_line(argv, needle):
     assert set(codes) == {2}, (codes, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
+
+
+# ---------------------------------------------------------- the ring as data, and the checker
+class _Recording:
+    """A cp Comm that records ("send", dest, tag) at isend and ("recv", source, tag) at the
+    wait of an irecv: the order ``Ring`` really makes its calls."""
+
+    def __init__(self, comm, log):
+        self._comm, self._log = comm, log
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def isend(self, x, dest, tag=0):
+        self._log.append(("send", dest, tag))
+        return self._comm.isend(x, dest, tag)
+
+    def irecv(self, shape, dtype, source, tag=0):
+        req = self._comm.irecv(shape, dtype, source, tag)
+        log = self._log
+
+        class _Waits:
+            def wait(self):
+                log.append(("recv", source, tag))
+                return req.wait()
+        return _Waits()
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_ring_program_is_what_the_ring_does_and_the_checker_proves_it(cp):
+    from minipar.parallel.program_checks import DeadlockError, check_messages
+
+    n, t, d = 2, 2 * cp * 2, 3
+    rng = np.random.default_rng(1)
+    q, k, v, dy = (rng.normal(size=(n, t, d)) for _ in range(4))
+
+    def rank(comm):
+        log: list = []
+        ring = context.Ring(_Recording(comm, log), "zigzag", t)
+        idx = context.token_indices(t, cp, comm.rank, "zigzag")
+        qs, ks, vs, dys = (np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy))
+        y, lse = ring.forward(qs, ks, vs)
+        ring.backward(qs, ks, vs, dys, lse, (dys * y).sum(-1, keepdims=True))
+        return log
+
+    assert run_threads(rank, cp) == context.ring_program(cp)
+    assert check_messages(context.ring_program(cp)) == cp * (3 * cp - 2)
+    assert check_messages(context.ring_program(cp, "full")) == cp * (4 * cp - 3)
+    broken = context.ring_program(cp)
+    broken[0] = [c for c in broken[0] if c[0] == "recv"] + [c for c in broken[0]
+                                                             if c[0] == "send"]
+    with pytest.raises(DeadlockError):  # every receive before any send: rank 1 never hears
+        check_messages(broken)

@@ -164,6 +164,31 @@ class Ring:
         return dq, dkv[0], dkv[1]
 
 
+# ------------------------------------------------------------------- the ring as data, checked
+def ring_program(cp: int, recompute: str = "none") -> list[list[tuple[str, int, int]]]:
+    """Per rank, the point-to-point calls one block's forward and backward make on the cp
+    group, in the order ``Ring`` makes them: ("send", next, tag) at each ``isend`` and
+    ("recv", previous, tag) where it waits for an ``irecv``. Selective or full recomputation
+    runs the forward ring again at the start of backward. ``program_checks.check_messages``
+    proves the list finishes and that every send is received; a test records ``Ring`` and
+    compares."""
+    def forward(nxt, prev):
+        return [c for _ in range(cp - 1) for c in (("send", nxt, TAG_KV), ("recv", prev, TAG_KV))]
+
+    def backward(nxt, prev):
+        out = []
+        for j in range(cp):
+            out += [("send", nxt, TAG_KV)] if j < cp - 1 else []
+            out += [("recv", prev, TAG_DKV)] if j > 0 else []
+            out += [("send", nxt, TAG_DKV)]
+            out += [("recv", prev, TAG_KV)] if j < cp - 1 else []
+        return out + [("recv", prev, TAG_DKV)]  # this rank's own dK, dV, home again
+
+    rerun = recompute in ("selective", "full")
+    return [forward((r + 1) % cp, (r - 1) % cp) * (2 if rerun else 1)
+            + backward((r + 1) % cp, (r - 1) % cp) for r in range(cp)]
+
+
 # ------------------------------------------------------- fused [Q | K | V] in, merged heads out
 def mha_fwd(qkv, n_heads: int, ring: Ring):
     """(B, Tl, 3*H*D) laid out [Q | K | V] -> (B, Tl, H*D), as ``functional.mha_fwd`` on the
@@ -192,5 +217,5 @@ def mha_bwd(dy, y, cache, ring: Ring):
 
 
 __all__ = ["TAG_KV", "TAG_DKV", "segments", "token_indices", "ring_flops", "busiest_share",
-           "pair_counts",
+           "pair_counts", "ring_program",
            "Ring", "mha_fwd", "mha_bwd"]
