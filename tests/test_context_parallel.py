@@ -432,3 +432,17 @@ def test_ring_program_is_what_the_ring_does_and_the_checker_proves_it(cp):
                                                              if c[0] == "send"]
     with pytest.raises(DeadlockError):  # every receive before any send: rank 1 never hears
         check_messages(broken)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("par", [ParallelConfig(cp=2), ParallelConfig(cp=4, cp_split="contiguous"),
+                                 ParallelConfig(cp=2, dp=2, tp=2, sequence_parallel=True,
+                                                zero=1)],
+                         ids=lambda p: f"dp{p.dp}cp{p.cp}tp{p.tp}")
+def test_cp_under_16bit_precision_equals_serial_within_the_stated_tolerance(precision, par):
+    """--precision composes with --cp: one step within the precision tests' tolerance of the
+    serial run in the same precision (the ring sums in another order)."""
+    import precision_cases as cases
+
+    run_threads(lambda w: cases.check_within_tolerance(w, cases.TINY, par, precision),
+                par.world)
