@@ -332,7 +332,8 @@ SEARCH_LEGEND = ("v: model chunks per pipeline rank, b: sequences per microbatch
 
 
 def search_table(rows: list, top: int) -> str:
-    head = (f"{'#':>3} {'dp':>5} {'cp':>3} {'tp':>3} {'pp':>3} {'v':>2} {'b':>2} {'m':>5} {'zero':>4} "
+    head = (f"{'#':>3} {'dp':>5} {'cp':>3} {'tp':>3} {'pp':>3} {'v':>2} {'b':>2} {'m':>5} "
+            f"{'zero':>4} "
             f"{'recompute':>9} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6} {'bubble':>7} "
             f"{'mem GB':>7}")
     lines = [SEARCH_LEGEND, head]

@@ -431,5 +431,6 @@ def predict_step_time(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batc
 
 __all__ = ["group_tier", "collective_time", "comm_time", "UnitCost", "overlapped", "ChunkCost",
            "zero3_traffic", "zero3_recompute_bytes", "first_touch_time",
-           "fresh_output_time", "chunk_costs", "group_sizes", "ring_kernels", "exposed_ring", "p2p_message_time", "sync_and_step",
+           "fresh_output_time", "chunk_costs", "group_sizes", "ring_kernels", "exposed_ring",
+           "p2p_message_time", "sync_and_step",
            "instruction_costs", "Estimate", "estimate", "predict_step_time"]
