@@ -39,7 +39,10 @@ TAG_KV, TAG_DKV = 41, 42  # the key/value ring and the dK/dV ring
 
 # ------------------------------------------------------------------------------ the sequence cut
 def segments(t: int, cp: int, rank: int, split: str = "zigzag") -> list[tuple[int, int]]:
-    """The (start, stop) global token ranges rank ``rank`` holds, in its local order."""
+    """The (start, stop) global token ranges rank ``rank`` holds, in its local order (all of
+    them, in order, when cp = 1)."""
+    if cp == 1:
+        return [(0, t)]
     if split == "zigzag":
         c = t // (2 * cp)
         return [(rank * c, (rank + 1) * c), ((2 * cp - 1 - rank) * c, (2 * cp - rank) * c)]
