@@ -19,6 +19,7 @@ from minipar.dist.comm import run_threads
 from minipar.dist.mesh import Mesh
 from minipar.nn import functional as F
 from minipar.parallel import context
+from on_device import down, up
 from test_comm_prediction import comm_problems, run
 
 CFG = ModelConfig(vocab_size=11, seq_len=16, n_layers=2, d_model=16, n_heads=4)
@@ -56,10 +57,10 @@ def _ring_run(q, k, v, dy, cp, split):
     def rank(comm):
         ring = context.Ring(comm, split, t)
         idx = context.token_indices(t, cp, comm.rank, split)
-        qs, ks, vs, dys = (np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy))
+        qs, ks, vs, dys = up(tuple(np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy)))
         y, lse = ring.forward(qs, ks, vs)
         delta = (dys * y).sum(-1, keepdims=True)
-        return idx, y, ring.backward(qs, ks, vs, dys, lse, delta)
+        return idx, down(y), down(ring.backward(qs, ks, vs, dys, lse, delta))
 
     out = [np.zeros_like(q) for _ in range(4)]
     for idx, y, grads in run_threads(rank, cp):
@@ -76,8 +77,8 @@ def test_ring_equals_plain_attention_and_its_gradient(cp, split, chunk, n, d, se
     t = 2 * cp * chunk
     rng = np.random.default_rng(seed)
     q, k, v, dy = (rng.normal(size=(n, t, d)) for _ in range(4))
-    y_ref, cache = F.attention_fwd(q[None], k[None], v[None])  # (1, n, T, D)
-    grads_ref = F.attention_bwd(dy[None], cache)
+    y_ref, cache = F.attention_fwd(*up((q[None], k[None], v[None])))  # (1, n, T, D)
+    y_ref, grads_ref = down(y_ref), down(F.attention_bwd(up(dy[None]), cache))
     y, dq, dk, dv = _ring_run(q, k, v, dy, cp, split)
     np.testing.assert_allclose(y, y_ref[0], rtol=1e-12, atol=1e-12)
     for got, ref in zip((dq, dk, dv), grads_ref):
@@ -93,7 +94,8 @@ def test_ring_gradient_against_central_differences():
     _, dq, dk, dv = _ring_run(q, k, v, dy, cp, "zigzag")
 
     def f(q_, k_, v_):
-        return float((F.attention_fwd(q_[None], k_[None], v_[None])[0][0] * dy).sum())
+        return float((down(F.attention_fwd(*up((q_[None], k_[None], v_[None])))[0])[0]
+                      * dy).sum())
 
     eps = 1e-6
     for which, grad in enumerate((dq, dk, dv)):
@@ -115,7 +117,7 @@ def test_ring_moves_the_predicted_bytes():
     def rank(comm):
         ring = context.Ring(comm, "zigzag", t)
         idx = context.token_indices(t, cp, comm.rank, "zigzag")
-        qs, ks, vs, dys = (np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy))
+        qs, ks, vs, dys = up(tuple(np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy)))
         y, lse = ring.forward(qs, ks, vs)
         fwd = comm.stats.as_dict()
         ring.backward(qs, ks, vs, dys, lse, (dys * y).sum(-1, keepdims=True))
@@ -419,7 +421,7 @@ def test_ring_program_is_what_the_ring_does_and_the_checker_proves_it(cp):
         log: list = []
         ring = context.Ring(_Recording(comm, log), "zigzag", t)
         idx = context.token_indices(t, cp, comm.rank, "zigzag")
-        qs, ks, vs, dys = (np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy))
+        qs, ks, vs, dys = up(tuple(np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy)))
         y, lse = ring.forward(qs, ks, vs)
         ring.backward(qs, ks, vs, dys, lse, (dys * y).sum(-1, keepdims=True))
         return log
