@@ -307,12 +307,247 @@ assert err > 1e-2
 # %% [markdown]
 # ## 5. Context parallelism (ring attention)
 #
-# *To come (issue 14, item 1): split the sequence over ranks; each rank keeps its query block
-# and passes key/value blocks around a ring, folding each one in with
-# `blockwise.forward_step` (and `backward_step` in backward) exactly as in section 2, with the
-# zig-zag split that balances the causal work; activation memory per rank against cp = 1, 2, 4
-# measured beside the formulas.*
+# Recomputation and the blockwise kernel shrink what one rank keeps, but every rank still sees
+# all T tokens. Context parallelism (`--cp N`, `minipar/parallel/context.py`) splits every
+# sequence over N ranks for the *whole* block. LayerNorm, the projections and the MLP act on
+# each token alone, so they run on the rank's T/N tokens and nothing moves. Attention needs the
+# earlier keys: **ring attention** (Liu et al. 2023) keeps each rank's queries in place and
+# passes the key/value blocks around the ring, one hop per step, each block folded in with
+# `blockwise.forward_step`, the online softmax of section 2. After N steps every query has met
+# every key. Backward sends K/V around again, and beside them the gradient accumulators dK/dV:
+# each rank adds its queries' share and passes the sum on; one last hop brings every block's
+# gradient home.
 #
+# ### Which tokens a rank holds
+#
+# The causal mask makes the cut matter. Cut contiguously, rank 0's queries see only its own
+# keys while the last rank's see all of them. The **zig-zag** cut (Megatron-LM's context
+# parallelism) cuts T into 2N chunks and gives rank r chunks r and 2N-1-r, an early and a late
+# one. Count the (query chunk, key chunk) pairs each rank computes, and the FLOPs:
+
+# %%
+from minipar.dist.comm import run_threads  # noqa: E402
+from minipar.parallel import context  # noqa: E402
+
+T_CP, D_CP = 64, 16
+for split in ("contiguous", "zigzag"):
+    print(f"{split:10s} rank 0 holds tokens "
+          f"{context.token_indices(T_CP, 4, 0, split)[[0, -1]].tolist()} (first, last); "
+          f"chunk pairs per rank {context.pair_counts(T_CP, 4, split)}")
+ring_work = {split: [context.ring_flops(T_CP, D_CP, 4, r, split) for r in range(4)]
+             for split in ("contiguous", "zigzag")}
+for split, per in ring_work.items():
+    print(f"{split:10s} forward attention FLOPs per rank {per}: busiest / mean = "
+          f"{max(per) / np.mean(per):.2f}")
+assert context.pair_counts(T_CP, 4, "zigzag") == [2 * 4 + 1] * 4  # (r + 1) + (2N - r) each
+assert context.pair_counts(T_CP, 4, "contiguous") == [1, 2, 3, 4]
+
+
+# %% [markdown]
+# And in time: each rank's kernel work alone (its queries against the key blocks the ring
+# brings it, forward and backward, no communication), timed one rank after the other:
+
+# %%
+def rank_kernel_work(t: int, cp: int, rank: int, split: str, n: int = 4, d: int = 32):
+    """A function running one rank's ring kernels (forward_step + backward_step for every key
+    block the ring brings it) with no messages: the work the causal cut gives that rank."""
+    rng = np.random.default_rng(0)
+    q, k, v, dy = (rng.normal(size=(n, t, d)) for _ in range(4))
+    mine = context.segments(t, cp, rank, split)
+    others = [context.segments(t, cp, r, split) for r in range(cp)]
+    scale = 1 / np.sqrt(d)
+
+    def once():
+        for qa, qb in mine:
+            st = blockwise.init_state(q[:, qa:qb])
+            grads = (np.zeros((n, qb - qa, d)), np.zeros((n, t, d)), np.zeros((n, t, d)))
+            for segs in others:
+                for ka, kb in segs:
+                    blockwise.forward_step(q[:, qa:qb], k[:, ka:kb], v[:, ka:kb], st, scale,
+                                           qa, ka)
+            _, lse = blockwise.finish(st)
+            for segs in others:
+                for ka, kb in segs:
+                    blockwise.backward_step(q[:, qa:qb], k[:, ka:kb], v[:, ka:kb],
+                                            dy[:, qa:qb], lse, lse * 0, scale,
+                                            (grads[0], grads[1][:, ka:kb], grads[2][:, ka:kb]),
+                                            qa, ka)
+    return once
+
+
+T_TIME, CP_TIME, REPEATS = 1024, 4, 5
+work = {(split, r): rank_kernel_work(T_TIME, CP_TIME, r, split)
+        for split in ("contiguous", "zigzag") for r in range(CP_TIME)}
+samples: dict = {key: [] for key in work}
+for _ in range(REPEATS):  # interleaved: a busy moment of the machine slows every rank alike
+    for key, fn in work.items():
+        t0 = time.process_time()  # CPU time: other processes on a shared machine do not count
+        fn()
+        samples[key].append(time.process_time() - t0)
+timed = {split: [float(np.median(samples[split, r])) for r in range(CP_TIME)]
+         for split in ("contiguous", "zigzag")}
+for split, secs in timed.items():
+    print(f"{split:10s} T {T_TIME}, cp {CP_TIME}: kernel CPU ms per rank "
+          f"{[round(1e3 * x, 1) for x in secs]}; busiest / mean {max(secs) / np.mean(secs):.2f}")
+
+fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+for ax, (what, data, unit) in zip(axes, (("forward FLOPs (T 64)", ring_work, 1e6),
+                                         (f"kernel CPU time, T {T_TIME}", timed, 1e-3))):
+    for i, (split, per) in enumerate(data.items()):
+        ax.bar(np.arange(len(per)) + 0.4 * i, np.array(per) / unit, 0.4, label=split)
+    ax.set_xlabel("cp rank")
+    ax.set_title(what + (" (M)" if unit == 1e6 else " (ms)"))
+axes[0].legend()
+save_figure(fig, "14", "cp_balance.png")
+
+# %% [markdown]
+# The contiguous cut leaves rank 0 nearly idle and rank 3 with four times its work: every
+# ring step waits for the slowest rank, so the step runs at the busiest rank's pace. Zig-zag
+# gives every rank the same 2N + 1 chunk pairs. The times follow the FLOPs only roughly: the
+# machine is shared, and small products run at a lower rate than large ones; the FLOP counts
+# are exact.
+#
+# ### The ring, by hand
+#
+# Four ranks in an in-process world, each with its T/4 tokens of q, k, v. Put the pieces back
+# in sequence order and compare with the plain kernel on the whole sequence:
+
+# %%
+def ring_on_threads(q, k, v, cp, split):
+    """Run the ring forward on cp thread ranks; the output in sequence order, and what each
+    rank's cp group recorded."""
+    t = q.shape[1]
+
+    def rank(comm):
+        idx = context.token_indices(t, cp, comm.rank, split)
+        ring = context.Ring(comm, split, t)
+        y, _ = ring.forward(*(np.ascontiguousarray(a[:, idx]) for a in (q, k, v)))
+        return idx, y, comm.stats.as_dict()
+
+    out = np.zeros_like(q)
+    stats = []
+    for idx, y_r, st in run_threads(rank, cp):
+        out[:, idx] = y_r
+        stats.append(st)
+    return out, stats
+
+
+rng = np.random.default_rng(3)
+qh, kh, vh = (rng.normal(size=(6, T_CP, D_CP)) for _ in range(3))
+y_ring, ring_stats = ring_on_threads(qh, kh, vh, 4, "zigzag")
+y_plain, _ = F.attention_fwd(qh[None], kh[None], vh[None])
+print(f"ring attention vs plain: max difference {np.abs(y_ring - y_plain[0]).max():.1e}")
+print(f"rank 0 sent {ring_stats[0]['send']['calls']} messages of "
+      f"{ring_stats[0]['send']['bytes'] // ring_stats[0]['send']['calls']:,d} B "
+      f"(its K and V: 2 x 6 heads x {T_CP // 4} tokens x {D_CP} x 8 B)")
+assert np.allclose(y_ring, y_plain[0], rtol=1e-12, atol=1e-12)
+assert ring_stats[0]["send"]["calls"] == 3  # N - 1 hops forward
+
+# %% [markdown]
+# ### A traced run: the ring on the timeline
+#
+# `--cp 4` under `mpirun`, with `--trace` (Chrome trace) and `--plot` (the last step's
+# timeline). On the cp group, every `isend`/`irecv` of the ring and every wait for a block is
+# an event of its own:
+
+# %%
+import json  # noqa: E402
+
+from minipar.lessons import mpirun, out_dir, show_image  # noqa: E402
+
+OUT14 = out_dir("14")
+book = OUT14 / "book.txt"
+book.write_text("It was the best of times, it was the worst of times. " * 400)
+log = mpirun(4, ["-m", "minipar.train", "--quiet", "--cp", "4", "--task", "text", "--data",
+                 book, "--seq-len", "256", "--steps", "3", "--eval-every", "3",
+                 "--batch-size", "4", "--trace", OUT14 / "cp_trace.json", "--plot", OUT14],
+             stream=False)
+print("\n".join(ln for ln in log.splitlines() if ln.startswith(("minipar", "context", "done",
+                                                                "memory"))))
+
+# %%
+show_image(OUT14 / "timeline.png")
+
+# %%
+trace = [e for e in json.loads((OUT14 / "cp_trace.json").read_text())["traceEvents"]
+         if e.get("ph") == "X" and e.get("args", {}).get("group") == "cp"]
+by_name: dict = {}
+for e in trace:
+    by_name.setdefault(e["name"], []).append(e.get("dur", 0.0) / 1e3)
+for name, durs in sorted(by_name.items()):
+    print(f"{name:16s} {len(durs):5d} events, {sum(durs):8.1f} ms in all")
+
+# %% [markdown]
+# Per step and block, each rank posts N - 1 = 3 key/value hops forward and 3 + 4 in backward
+# (K/V again, and dK/dV, whose last hop brings each block's gradient home), the counts
+# `sim.comm_volume.cp_ring` predicts and the tests check against `CommStats` call for call.
+# Inside a forward box the ring's sends start before the block's products and the waits come
+# after them: the transfer overlaps the compute.
+#
+# ### Activation memory per rank against T: cp = 1, 2, 4
+#
+# With cp ranks, a block keeps what the blockwise kernel keeps for a sequence T/cp long: every
+# term of section 3 with s replaced by s/cp, so cp times less per rank. Measured on every rank
+# of an in-process cp world (`measure_block_activations(..., cp=)`) beside the formula
+# (`block_activation_terms(..., cp=)`):
+
+# %%
+CPS = [1, 2, 4]
+cp_measured = {cp: [] for cp in CPS}
+cp_formula = {cp: [] for cp in CPS}
+for t in SEQS:
+    cfg_t = replace(cfg0, seq_len=t)
+    for cp in CPS:
+        ranks = measure_block_activations(cfg_t, 1, False, Bm, attention="blockwise", cp=cp)
+        cp_measured[cp].append(max(sum(r.values()) for r in ranks))  # the busiest rank
+        cp_formula[cp].append(activation_bytes_per_layer(cfg_t, Bm, 1, False, "none",
+                                                         attention="blockwise", cp=cp, **OURS))
+print(f"{'T':>5s}" + "".join(f"{'cp ' + str(cp):>12s}" for cp in CPS) + "   (KiB per rank)")
+for i, t in enumerate(SEQS):
+    print(f"{t:5d}" + "".join(f"{cp_measured[cp][i] / 2**10:12.1f}" for cp in CPS))
+assert cp_measured == cp_formula
+for cp in CPS:
+    assert all(one == cp * mine for one, mine in zip(cp_measured[1], cp_measured[cp]))
+
+fig, ax = plt.subplots(figsize=(7, 4))
+for cp, style in zip(CPS, ("o-", "s-", "^-")):
+    ax.plot(SEQS, np.array(cp_measured[cp]) / 2**10, style, label=f"cp {cp} (measured)")
+    ax.plot(SEQS, np.array(cp_formula[cp]) / 2**10, "k:", linewidth=0.8)
+ax.set_xscale("log", base=2)
+ax.set_yscale("log", base=2)
+ax.set_xlabel("sequence length T")
+ax.set_ylabel("KiB one rank's block keeps")
+ax.set_title("Context parallelism: activations per rank fall as 1/cp (dotted: formula)")
+ax.legend()
+save_figure(fig, "14", "activations_vs_cp.png")
+
+# %% [markdown]
+# And it changes no number beyond rounding: a cp = 2 run trains to the serial run's losses,
+# gradients and weights (the tests check every cp layout, with dp, tp + sp and pp, both cuts
+# and every recomputation mode, in threads and under `mpirun`):
+
+# %%
+from minipar.compare import mismatches, serial_reference  # noqa: E402
+
+cp_par = ParallelConfig(cp=2, recompute="selective")
+cp_run = run_threads(lambda w: train_layout(w, mcfg, cp_par, batches, seed=0), 2)[0]
+assert not mismatches(cp_run, serial_reference(mcfg, batches, seed=0), rtol=1e-9)
+print(f"cp 2 (zig-zag, selective recomputation) losses {np.round(cp_run.losses, 6).tolist()} "
+      f"== serial")
+
+# %% [markdown]
+# ### Try: cp = 8
+#
+# Predict first: with T = 64 and cp = 8 under zig-zag, how many chunk pairs does each rank
+# compute, and how many with the contiguous cut on its last rank? Change `CP_TRY`.
+
+# %%
+CP_TRY = 8  # Try: 2, 16
+print(f"cp {CP_TRY}: zig-zag {context.pair_counts(T_CP, CP_TRY, 'zigzag')}, contiguous "
+      f"{context.pair_counts(T_CP, CP_TRY, 'contiguous')}")
+assert context.pair_counts(T_CP, CP_TRY, "zigzag") == [2 * CP_TRY + 1] * CP_TRY
+
+# %% [markdown]
 # ## Summary
 #
 # - Plain attention keeps a (T, T) softmax per head and does 4 T^2 D FLOPs, masked half
@@ -321,3 +556,7 @@ assert err > 1e-2
 #   backward needs only the log-sum-exp. Blocks above the causal diagonal never run.
 # - Per block: none keeps e [sbh (16 + as/h) + 2sb], blockwise replaces as/h by a/h, selective
 #   drops it, full keeps e sbh; measured = formula to the byte, and no number changes.
+# - Context parallelism splits the sequence over cp ranks for the whole block; ring attention
+#   passes K/V blocks (and dK/dV in backward) around the ring with the same online softmax.
+#   The zig-zag cut gives every rank 2cp + 1 chunk pairs; contiguous gives 1, 2, ..., cp.
+#   Activations per rank are the blockwise terms at s/cp: measured = formula, cp times less.

@@ -54,7 +54,7 @@ def train_layout(world, cfg: ModelConfig, par: ParallelConfig, batches, *, seed:
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
-    mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
+    mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp, cp=par.cp)
     engine = Engine(cfg, par, mesh, seed=seed, dtype=dtype, optimizer=optimizer, lr=lr,
                     weight_decay=weight_decay, grad_clip=grad_clip, precision=precision,
                     loss_scale=loss_scale, loss_scale_window=loss_scale_window, freeze=freeze)

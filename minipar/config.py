@@ -80,6 +80,7 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 ATTENTION_KERNELS = ("plain", "blockwise")  # minipar.nn.functional | minipar.nn.blockwise
 RECOMPUTE_MODES = ("none", "selective", "full")  # Korthikanti et al. 2022; the simulator's too
+CP_SPLITS = ("zigzag", "contiguous")  # how --cp cuts a sequence (minipar.parallel.context)
 
 
 @dataclass(frozen=True)
@@ -98,16 +99,18 @@ class ParallelConfig:
     partition: tuple[int, ...] = ()  # blocks per global chunk (--partition); () = equal split
     attention: str = "plain"  # attention kernel, one of ATTENTION_KERNELS (the numbers agree)
     recompute: str = "none"  # activation recomputation in backward, one of RECOMPUTE_MODES
+    cp: int = 1  # context parallel ranks: each holds 1/cp of every sequence (ring attention)
+    cp_split: str = "zigzag"  # sequence cut over cp, one of CP_SPLITS (zigzag balances causal)
 
     @property
     def world(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
 
     def validate(self, model: ModelConfig | None = None, world_size: int | None = None,
                  batch_size: int | None = None) -> None:
         for flag, value in (("--dp", self.dp), ("--tp", self.tp), ("--pp", self.pp),
                             ("--microbatches", self.microbatches),
-                            ("--virtual-stages", self.virtual_stages)):
+                            ("--virtual-stages", self.virtual_stages), ("--cp", self.cp)):
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
         if self.zero not in (0, 1, 2, 3):
@@ -123,6 +126,9 @@ class ParallelConfig:
         if self.recompute not in RECOMPUTE_MODES:
             raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, "
                               f"got {self.recompute!r}")
+        if self.cp_split not in CP_SPLITS:
+            raise ConfigError(f"--cp-split must be one of {', '.join(CP_SPLITS)}, "
+                              f"got {self.cp_split!r}")
         if self.schedule == "zb-h1" and (self.zero == 3 or self.bucket_mb > 0):
             raise ConfigError(
                 "--schedule zb-h1 defers weight gradients past each unit's backward, so it "
@@ -138,8 +144,9 @@ class ParallelConfig:
                 f"--schedule interleaved needs --microbatches ({self.microbatches}) to be a "
                 f"multiple of --pp ({self.pp})")
         if world_size is not None and self.world != world_size:
+            cp = f" x --cp {self.cp}" if self.cp > 1 else ""
             raise ConfigError(
-                f"--dp {self.dp} x --pp {self.pp} x --tp {self.tp} = {self.world} does not "
+                f"--dp {self.dp}{cp} x --pp {self.pp} x --tp {self.tp} = {self.world} does not "
                 f"equal the number of ranks ({world_size})")
         if model is not None:
             self._validate_against_model(model)
@@ -165,6 +172,7 @@ class ParallelConfig:
             raise ConfigError(
                 f"--sequence-parallel needs --tp {self.tp} to divide the sequence length "
                 f"({model.seq_len})")
+        self._validate_cp(model)
         if model.arch == "encdec" and (self.attention, self.recompute) != ("plain", "none"):
             raise ConfigError("--attention blockwise and --recompute are not supported with "
                               "--arch encdec yet: its encoder and cross-attention layers keep "
@@ -186,6 +194,25 @@ class ParallelConfig:
             raise ConfigError(
                 "--tie-weights with --pp > 1 or --virtual-stages > 1 is not supported: the "
                 "embedding and the head live in different model chunks")
+
+    def _validate_cp(self, model: ModelConfig) -> None:
+        """Context parallelism cuts T into 2 cp (zigzag) or cp (contiguous) equal chunks, and
+        sequence parallelism then cuts a rank's T/cp tokens over tp."""
+        parts = 2 * self.cp if self.cp_split == "zigzag" else self.cp
+        if self.cp > 1 and model.arch == "encdec":
+            raise ConfigError("--cp > 1 with --arch encdec is not supported: context "
+                              "parallelism splits a decoder-only sequence; use --cp 1")
+        if self.cp > 1 and model.dropout > 0:
+            raise ConfigError("--dropout with --cp > 1 is not supported yet: ring attention "
+                              "draws no attention-dropout masks; use --dropout 0 or --cp 1")
+        if self.cp > 1 and model.seq_len % parts:
+            raise ConfigError(
+                f"--cp {self.cp} with --cp-split {self.cp_split} needs --seq-len "
+                f"({model.seq_len}) divisible by {parts}")
+        if self.cp > 1 and self.sequence_parallel and (model.seq_len // self.cp) % self.tp:
+            raise ConfigError(
+                f"--cp {self.cp} with --sequence-parallel needs --tp {self.tp} to divide the "
+                f"{model.seq_len // self.cp} tokens of a cp rank")
 
 
 def check_partition(blocks: tuple[int, ...], n_layers: int, pp: int, virtual: int) -> None:
@@ -266,5 +293,5 @@ def check_output(flag: str, path: str, kind: str, example: str = "run.json") -> 
 
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "MODEL_PRESETS", "SCHEDULE_NAMES",
-           "ATTENTION_KERNELS", "RECOMPUTE_MODES", "check_output", "check_partition",
+           "ATTENTION_KERNELS", "RECOMPUTE_MODES", "CP_SPLITS", "check_output", "check_partition",
            "chunk_blocks", "replace"]

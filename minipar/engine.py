@@ -29,6 +29,7 @@ from minipar.parallel.program_checks import check_dataflow
 from minipar.models.gpt import build_chunks
 from minipar.nn.optim import clip_coefficient, make_optimizer
 from minipar.nn.precision import LossScaler, policy, policy_of_dtype
+from minipar.parallel.context import token_indices
 from minipar.parallel.data import DataParallelStrategy
 from minipar.parallel.pipeline import PipelineExecutor, StepData
 from minipar.parallel.schedules import Instr, Step, SyncGrads, chunk_location, make_schedule
@@ -55,6 +56,9 @@ class Engine:
                  loss_scale_window: int = 200, freeze: tuple[str, ...] = ()):
         model.validate()
         par.validate(model, world_size=mesh.world.size)
+        if getattr(mesh, "cp_size", 1) != par.cp:
+            raise ConfigError(f"--cp {par.cp} does not match the mesh's cp group "
+                              f"({getattr(mesh, 'cp_size', 1)} ranks)")
         if tracer is not None:  # every collective of every layer becomes a trace event
             mesh = traced_mesh(mesh, tracer)
         self.model_cfg, self.par, self.mesh = model, par, mesh
@@ -67,7 +71,8 @@ class Engine:
         # Dropout masks are addressed by (seed, step, site, global element): see nn/dropout.py.
         self.dropout = MaskSource(seed, model.dropout)
         self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel, self.dropout,
-                                attention=par.attention, recompute=par.recompute)
+                                attention=par.attention, recompute=par.recompute,
+                                cp=getattr(mesh, "cp", None), cp_split=par.cp_split)
         encdec_pp = model.arch == "encdec" and par.pp * par.virtual_stages > 1
         if encdec_pp:  # stages of encoder layers, then decoder layers (encdec_pipeline)
             self.chunks = build_encdec_chunks(model, self.ctx, par.pp, par.virtual_stages,
@@ -85,10 +90,15 @@ class Engine:
             p.frozen = any(matches_prefix(p.name, f) for f in freeze)
         self.freeze = tuple(freeze)
         self.frozen = [p for p in self.params if p.frozen]
-        # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
+        # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers). It syncs
+        # over the gradient group: dp, or dp x cp under context parallelism.
+        sync_mesh = mesh.grad_sync_view() if hasattr(mesh, "grad_sync_view") else mesh
         self.dp: DataParallelStrategy = make_strategy(
-            par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            par, self.chunks, sync_mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
             **self._precision_options())
+        # Context parallelism: the global positions of this rank's tokens (None without cp).
+        self.cp_index = None if par.cp == 1 else token_indices(
+            model.seq_len, par.cp, mesh.cp_rank, par.cp_split)
         self.program = make_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
         if encdec_pp:  # the pair messages carry what every stage needs
             n_chunks = par.pp * par.virtual_stages
@@ -116,8 +126,8 @@ class Engine:
     # -- training -------------------------------------------------------------------------------
 
     def act_shape(self, rows: int) -> tuple:
-        """Shape of what crosses a pipeline boundary: (B_mb, T or T/tp, C)."""
-        t = self.model_cfg.seq_len
+        """Shape of what crosses a pipeline boundary: (B_mb, T or T/tp, C), T/cp under cp."""
+        t = self.model_cfg.seq_len // self.par.cp
         if self.par.sequence_parallel:
             t //= self.mesh.tp.size
         return (rows, t, self.model_cfg.d_model)
@@ -193,6 +203,7 @@ class Engine:
             raise ConfigError(f"this rank's {len(inputs)} rows are not divisible by "
                               f"--microbatches {m}")
         rows = len(inputs) // m
+        inputs, targets = self.local_tokens(inputs), self.local_tokens(targets)
         xin = backend.from_host(numpy.ascontiguousarray(inputs))
         xtg = backend.from_host(numpy.ascontiguousarray(targets))
         # Each microbatch gets its own buffers, so what a microbatch's caches keep alive is its
@@ -200,6 +211,23 @@ class Engine:
         return StepData([xin[i * rows:(i + 1) * rows].copy() for i in range(m)],
                         [xtg[i * rows:(i + 1) * rows].copy() for i in range(m)],
                         float(normalizer), self.act_shape(rows), self.boundary_shapes(rows))
+
+    def local_tokens(self, rows):
+        """This cp rank's columns (B, T/cp) of host rows (B, T); the rows as they are without
+        context parallelism."""
+        return rows if self.cp_index is None else numpy.asarray(rows)[:, self.cp_index]
+
+    def _cp_gather(self, local):
+        """(B, T/cp) per cp rank -> (B, T) in sequence order, on every cp rank (collective)."""
+        if self.cp_index is None:
+            return local
+        cp = self.mesh.cp
+        parts = backend.to_host(cp.allgather(backend.xp().ascontiguousarray(local)[None]))
+        order = numpy.concatenate([token_indices(self.model_cfg.seq_len, cp.size, r,
+                                                 self.par.cp_split) for r in range(cp.size)])
+        out = numpy.empty((local.shape[0], self.model_cfg.seq_len), dtype=parts.dtype)
+        out[:, order] = numpy.concatenate(list(parts), axis=1)  # (B, T)
+        return backend.from_host(out)
 
     def _run_passes(self, data: StepData) -> float:
         """The program's forward and backward passes (and sends), measuring activation memory
@@ -235,8 +263,9 @@ class Engine:
         stage. Returns (predictions (B, T), nll_sum) on the rank holding the head, else None."""
         pp, p = self.mesh.pp, self.par.pp
         n_chunks = p * self.par.virtual_stages
-        h = backend.from_host(numpy.ascontiguousarray(inputs))
-        tg = None if targets is None else backend.from_host(numpy.ascontiguousarray(targets))
+        h = backend.from_host(numpy.ascontiguousarray(self.local_tokens(inputs)))
+        tg = None if targets is None else backend.from_host(
+            numpy.ascontiguousarray(self.local_tokens(targets)))
         shapes = self.boundary_shapes(len(inputs))
         out = None
         for g in range(n_chunks):
@@ -250,7 +279,8 @@ class Engine:
                 ids = backend.from_host(numpy.ascontiguousarray(inputs))
                 h = (ids, h)  # an encoder-decoder stage also reads the ids (padding, decoder)
             if g == n_chunks - 1:
-                out = self.chunks[local].evaluate(h, tg)
+                preds, nll = self.chunks[local].evaluate(h, tg)
+                out = self._cp_gather(preds), nll  # (B, T): every cp rank's tokens
             else:
                 h = self.chunks[local].predict(h)
                 nxt = chunk_location(g + 1, p)[0]
@@ -283,7 +313,9 @@ class Engine:
                 preds, nll = out
                 preds = backend.to_host(preds)[:real]
                 ok = ((preds == tg[:real]) | (tg[:real] < 0)).all(axis=1)
-                totals += [ok.sum(), len(ok), float(nll), (tg >= 0).sum()]
+                totals[2] += float(nll)  # each cp rank's tokens' share; rows counted once:
+                if getattr(self.mesh, "cp_rank", 0) == 0:
+                    totals += [ok.sum(), len(ok), 0.0, (tg >= 0).sum()]
         totals = backend.to_host(self.mesh.world.allreduce(backend.from_host(totals)))
         mean_nll = totals[2] / max(totals[3], 1)
         return {"exact_match": totals[0] / max(totals[1], 1), "loss": mean_nll,
@@ -304,7 +336,8 @@ class Engine:
                 arr = p.sharding.full(tp.allgather_obj(arr), p.full_shape)
             full[p.name] = arr
         merged: dict = {}
-        for part in self.mesh.world.allgather_obj(full if self.mesh.dp_rank == 0 else {}):
+        first = self.mesh.dp_rank == 0 and getattr(self.mesh, "cp_rank", 0) == 0
+        for part in self.mesh.world.allgather_obj(full if first else {}):
             merged.update(part)
         return merged
 

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--dp", type=int, help="data parallel size")
     lay.add_argument("--tp", type=int, help="tensor parallel size")
     lay.add_argument("--pp", type=int, help="pipeline stages")
+    lay.add_argument("--cp", type=int, help="context parallel size: each sequence split over "
+                     "cp GPUs, ring attention (long sequences)")
+    lay.add_argument("--cp-split", default="zigzag", choices=("zigzag", "contiguous"),
+                     help="how --cp cuts a sequence (zigzag balances the causal mask)")
     lay.add_argument("--virtual-stages", type=int, help="model chunks per stage (interleaved)")
     lay.add_argument("--partition", default="equal", metavar="equal|balanced|N,N,...",
                      help="blocks per virtual stage, as python -m minipar.train --partition")
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 _OVERRIDES = (("n_layers", "--layers", "layers"), ("d_model", "--d-model", "d_model"),
               ("n_heads", "--heads", "heads"), ("seq_len", "--seq-len", "seq_len"),
               ("vocab_size", "--vocab", "vocab"), ("d_ff", "--d-ff", "d_ff"))
-_POSITIVE = ("gpus", "dp", "tp", "pp", "virtual_stages", "microbatch_size", "global_batch",
+_POSITIVE = ("gpus", "dp", "tp", "pp", "cp", "virtual_stages", "microbatch_size", "global_batch",
              "top", "src_len")
 
 
@@ -153,12 +157,15 @@ def resolve(args) -> tuple:
     if args.sequence_parallel and tp == 1:
         raise ConfigError("--sequence-parallel shards activations over the tensor-parallel "
                           "group: it needs --tp 2 or more")
+    cp = args.cp if args.cp is not None else 1
     if args.dp is not None:
         dp = args.dp
     elif args.gpus is not None:
-        if args.gpus % (tp * pp):
-            raise ConfigError(f"--gpus {args.gpus} is not divisible by --tp {tp} x --pp {pp}")
-        dp = args.gpus // (tp * pp)
+        if args.gpus % (tp * pp * cp):
+            with_cp = f" x --cp {cp}" if cp > 1 else ""
+            raise ConfigError(f"--gpus {args.gpus} is not divisible by --tp {tp} x --pp {pp}"
+                              f"{with_cp}")
+        dp = args.gpus // (tp * pp * cp)
     else:
         dp = run.dp if (run and args.tp is None and args.pp is None) else 1
     v = args.virtual_stages if args.virtual_stages is not None else 1
@@ -172,7 +179,8 @@ def resolve(args) -> tuple:
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero or 0,
                          sequence_parallel=args.sequence_parallel, schedule=schedule,
                          microbatches=max(1, work.microbatches(dp)), virtual_stages=v,
-                         bucket_mb=args.bucket_mb,
+                         bucket_mb=args.bucket_mb, cp=cp, cp_split=args.cp_split,
+                         recompute=work.recompute,
                          partition=resolve_partition(args.partition, model, pp, v))
     cm.check_layout(model, par, work, args.gpus)
     hw = get_hardware(args.hardware, args.hardware_file)
@@ -193,13 +201,14 @@ def _si(x: float, unit: str) -> str:
 def describe(name: str, model, par: ParallelConfig, work: cm.Workload, hw: Hardware) -> str:
     params = cm.param_count(model)
     v = f", v={par.virtual_stages}" if par.virtual_stages > 1 else ""
+    cp = f" x cp {par.cp} ({par.cp_split})" if par.cp > 1 else ""
     if par.partition:
         v += f", --partition {','.join(map(str, par.partition))}"
     count = f"{params / 1e9:.4g}B" if params >= 1e9 else f"{params / 1e6:.4g}M"
     return (f"{name}: {count} parameters ({model.n_layers} layers, d_model "
             f"{model.d_model}, {model.n_heads} heads, seq {model.seq_len}, vocab "
-            f"{model.vocab_size})\nlayout: {par.world} GPU(s) = dp {par.dp} x tp {par.tp} x pp "
-            f"{par.pp}, {par.schedule}{v}, {par.microbatches} microbatches of "
+            f"{model.vocab_size})\nlayout: {par.world} GPU(s) = dp {par.dp}{cp} x tp {par.tp} x "
+            f"pp {par.pp}, {par.schedule}{v}, {par.microbatches} microbatches of "
             f"{work.microbatch_size}, global batch {work.global_batch}, recompute "
             f"{work.recompute}, ZeRO {par.zero}, sequence parallel "
             f"{'on' if par.sequence_parallel else 'off'}, {work.dtype} on {hw.name}")
@@ -209,10 +218,11 @@ def report(name: str, model, par, work, hw: Hardware, est: Estimate) -> str:
     b, mem, comm = est.breakdown, est.memory_per_gpu_bytes, est.comm_bytes_per_step
     tokens = work.global_batch * model.seq_len / est.step_time_s
     kinds = ", ".join(f"{k} {_si(v, 'B')}" for k, v in mem.items() if k not in ("total", "stage"))
+    comm_name = "tp + exposed cp ring comm" if par.cp > 1 else "tp comm"
     lines = [
         describe(name, model, par, work, hw),
         f"step time       {est.step_time_s:.3f} s  (stage {b['stage']}: compute "
-        f"{b['compute_s']:.3f} s, tp comm {b['tp_comm_s']:.3f} s, pipeline idle "
+        f"{b['compute_s']:.3f} s, {comm_name} {b['tp_comm_s']:.3f} s, pipeline idle "
         f"{b['pipeline_idle_s']:.3f} s, dp sync {b['dp_sync_exposed_s']:.3f} s, optimizer "
         f"{b['optimizer_s']:.3f} s" + (f", ZeRO-3 gathers {b['zero3_exposed_s']:.3f} s"
                                         if b["zero3_exposed_s"] > 1e-9 else "") + ")",
@@ -224,7 +234,8 @@ def report(name: str, model, par, work, hw: Hardware, est: Estimate) -> str:
         f"memory per GPU  {_si(mem['total'], 'B')} of {_si(hw.memory_bytes, 'B')} "
         f"(worst stage {mem['stage']}): {kinds}",
         f"comm per step   per GPU: tp {_si(comm['tp'], 'B')}, dp {_si(comm['dp'], 'B')}, "
-        f"pp {_si(comm['pp'], 'B')}",
+        f"pp {_si(comm['pp'], 'B')}" + (f", cp {_si(comm['cp'], 'B')} (ring attention, "
+                                         f"sent)" if par.cp > 1 else ""),
     ]
     run = PTDP_TABLE1.get(name)  # None for an overridden preset: its name says so
     if run and (par.tp, par.pp, par.world, par.virtual_stages, par.zero, par.sequence_parallel,
@@ -244,7 +255,8 @@ def to_json(name: str, model, par, work, hw, est: Estimate) -> dict:
         "schedule": par.schedule, "microbatches": par.microbatches,
         "microbatch_size": work.microbatch_size, "global_batch": work.global_batch,
         "zero": par.zero, "sequence_parallel": par.sequence_parallel,
-        "recompute": work.recompute, "dtype": work.dtype})
+        "recompute": work.recompute, "dtype": work.dtype, "cp": par.cp,
+        "cp_split": par.cp_split})
     return out
 
 
@@ -253,11 +265,23 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+CP_MIN_TOKENS = 2048  # --search tries cp only while each rank keeps this many tokens or more
+
+
+def context_sizes(model, n: int) -> list[int]:
+    """The cp sizes --search tries with n GPUs left: 1, and for long sequences every divisor of
+    n that cuts the sequence into 2 cp zig-zag chunks and leaves each rank at least
+    ``CP_MIN_TOKENS`` tokens (shorter blocks cannot hide the ring's hops)."""
+    return [c for c in _divisors(n) if c == 1 or (
+        model.seq_len % (2 * c) == 0 and model.seq_len // c >= CP_MIN_TOKENS)]
+
+
 def search(model, gpus: int, work: cm.Workload, hw: Hardware, zero: int | None = None,
            recompute: str | None = None) -> tuple[list, Counter]:
-    """Every dp x tp x pp x microbatch size x schedule of ``gpus`` GPUs that fits, ranked by
-    predicted step time (closed form), with the cheapest recomputation and ZeRO stage that
-    fit; sequence parallelism whenever tp > 1. Returns (ranked rows, rejection counts)."""
+    """Every dp x cp x tp x pp x microbatch size x schedule of ``gpus`` GPUs that fits, ranked
+    by predicted step time (closed form), with the cheapest recomputation and ZeRO stage that
+    fit; sequence parallelism whenever tp > 1; context parallelism (zig-zag) for long
+    sequences (``context_sizes``). Returns (ranked rows, rejection counts)."""
     rows, rejected = [], Counter()
     tps = [t for t in _divisors(gpus) if t <= 4 * hw.gpus_per_node]
     for tp in tps:
@@ -268,34 +292,41 @@ def search(model, gpus: int, work: cm.Workload, hw: Hardware, zero: int | None =
             if model.n_layers % pp:
                 rejected[f"pp does not divide the layers ({model.n_layers})"] += 1
                 continue
-            dp = gpus // (tp * pp)
-            for b in (1, 2, 4, 8):
-                if work.global_batch % (dp * b):
-                    rejected["dp x microbatch size does not divide the global batch"] += 1
-                    continue
-                m = work.global_batch // (dp * b)
-                scheds = [("1f1b", 1)] + [("interleaved", v) for v in (2, 4) if pp > 1 and
-                                          m % pp == 0 and model.n_layers % (pp * v) == 0]
-                for schedule, v in scheds:
-                    row = _best_fit(model, work, hw, dp, tp, pp, b, m, schedule, v, zero,
-                                    recompute)
-                    if isinstance(row, float):
-                        rejected["out of memory even with full recomputation and ZeRO"] += 1
-                    else:
-                        rows.append(row)
+            for cp in context_sizes(model, gpus // (tp * pp)):
+                _search_cp(model, work, hw, gpus // (tp * pp * cp), tp, pp, cp, zero,
+                           recompute, rows, rejected)
     rows.sort(key=lambda r: r[1].step_time_s)
     return rows, rejected
 
 
-def _best_fit(model, work, hw, dp, tp, pp, b, m, schedule, v, zero, recompute):
+def _search_cp(model, work, hw, dp, tp, pp, cp, zero, recompute, rows, rejected) -> None:
+    """The microbatch sizes and schedules of one dp x cp x tp x pp, into rows / rejected."""
+    for b in (1, 2, 4, 8):
+        if work.global_batch % (dp * b):
+            rejected["dp x microbatch size does not divide the global batch"] += 1
+            continue
+        m = work.global_batch // (dp * b)
+        scheds = [("1f1b", 1)] + [("interleaved", v) for v in (2, 4) if pp > 1 and
+                                  m % pp == 0 and model.n_layers % (pp * v) == 0]
+        for schedule, v in scheds:
+            row = _best_fit(model, work, hw, dp, tp, pp, b, m, schedule, v, zero, recompute,
+                            cp)
+            if isinstance(row, float):
+                rejected["out of memory even with full recomputation and ZeRO"] += 1
+            else:
+                rows.append(row)
+
+
+def _best_fit(model, work, hw, dp, tp, pp, b, m, schedule, v, zero, recompute, cp=1):
     """(parallel, estimate, workload) for the first recompute/ZeRO choice that fits, else the
     smallest memory seen (a float)."""
     smallest = float("inf")
-    zeros = [zero] if zero is not None else ([0, 1] if dp > 1 else [0])
+    zeros = [zero] if zero is not None else ([0, 1] if dp * cp > 1 else [0])
     for rc in ([recompute] if recompute else cm.RECOMPUTE):
         for z in zeros:
             par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=z, sequence_parallel=tp > 1,
-                                 schedule=schedule, microbatches=m, virtual_stages=v)
+                                 schedule=schedule, microbatches=m, virtual_stages=v, cp=cp,
+                                 recompute=rc)
             w = replace(work, microbatch_size=b, recompute=rc)
             mem = cm.memory_per_gpu(model, par, w)["total"]
             if mem <= hw.memory_bytes:
@@ -305,17 +336,18 @@ def _best_fit(model, work, hw, dp, tp, pp, b, m, schedule, v, zero, recompute):
 
 
 SEARCH_LEGEND = ("v: model chunks per pipeline rank, b: sequences per microbatch, "
-                 "m: microbatches per step")
+                 "m: microbatches per step, cp: context parallel ranks (zig-zag)")
 
 
 def search_table(rows: list, top: int) -> str:
-    head = (f"{'#':>3} {'dp':>5} {'tp':>3} {'pp':>3} {'v':>2} {'b':>2} {'m':>5} {'zero':>4} "
+    head = (f"{'#':>3} {'dp':>5} {'cp':>3} {'tp':>3} {'pp':>3} {'v':>2} {'b':>2} {'m':>5} "
+            f"{'zero':>4} "
             f"{'recompute':>9} {'step s':>8} {'TFLOP/s':>8} {'MFU':>6} {'bubble':>7} "
             f"{'mem GB':>7}")
     lines = [SEARCH_LEGEND, head]
     for i, (par, est, w) in enumerate(rows[:top], 1):
         lines.append(
-            f"{i:>3} {par.dp:>5} {par.tp:>3} {par.pp:>3} {par.virtual_stages:>2} "
+            f"{i:>3} {par.dp:>5} {par.cp:>3} {par.tp:>3} {par.pp:>3} {par.virtual_stages:>2} "
             f"{w.microbatch_size:>2} {par.microbatches:>5} {par.zero:>4} {w.recompute:>9} "
             f"{est.step_time_s:>8.2f} {est.tflops_per_gpu:>8.1f} {100 * est.mfu:>5.1f}% "
             f"{100 * est.bubble_fraction:>6.1f}% {est.memory_per_gpu_bytes['total'] / GB:>7.1f}")
@@ -384,7 +416,7 @@ def _run_search(args) -> int:
     check_flags(args)
     if args.partition != "equal":
         raise ConfigError("--search compares equal splits: leave out --partition")
-    for flag in ("dp", "tp", "pp", "virtual_stages", "microbatch_size", "schedule"):
+    for flag in ("dp", "tp", "pp", "cp", "virtual_stages", "microbatch_size", "schedule"):
         if getattr(args, flag) is not None:
             raise ConfigError(f"--search chooses the layout itself: leave out "
                               f"--{flag.replace('_', '-')}")

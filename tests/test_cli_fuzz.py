@@ -67,6 +67,7 @@ TRAIN_VALUES: dict[str, tuple | None] = {
     "--recompute": (["none", "selective", "full"], ["some"]),
     "--init-from": (["NEW/ckpt"], ["MISSING", "TEXT"]),
     "--freeze": (["embed", "blocks.0,head"], ["emb", "a,,b"]),
+    "--cp": (["1", "2"], ["-1", "0", "3"]), "--cp-split": (["zigzag", "contiguous"], ["ring"]),
 }
 
 

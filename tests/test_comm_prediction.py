@@ -66,8 +66,10 @@ def recorded(stats: dict) -> dict:
 def comm_problems(case: dict, rank: int, result) -> list[str]:
     """Where this world rank's recorded traffic differs from the prediction ([] if nowhere)."""
     par = case["par"]
-    tp_rank, dp_rank, stage = rank % par.tp, rank // par.tp % par.dp, rank // (par.tp * par.dp)
-    want = predict_comm_bytes(case["cfg"], par, case["batch"], E, stage=stage, dp_rank=dp_rank)
+    tp_rank, cp_rank = rank % par.tp, rank // par.tp % par.cp
+    dp_rank, stage = rank // (par.tp * par.cp) % par.dp, rank // (par.tp * par.cp * par.dp)
+    want = predict_comm_bytes(case["cfg"], par, case["batch"], E, stage=stage,
+                              dp_rank=dp_rank * par.cp + cp_rank)  # the gradient group's rank
     bad = []
     for step, stats in enumerate(result.comm):
         got = recorded(stats)

@@ -70,6 +70,12 @@ ALLOWED = {
         "the global norm from the downloaded host sum of squares",
     ("engine.py", "Engine.forward_only", "numpy.ascontiguousarray"):
         "the host batch is made contiguous before its upload",
+    ("engine.py", "Engine.local_tokens", "numpy.asarray"):
+        "a cp rank's columns of the host batch, cut before its upload",
+    ("engine.py", "Engine._cp_gather", "*"):
+        "evaluation's predictions of every cp rank, reordered on the host (token ids)",
+    ("parallel/context.py", "token_indices", "*"):
+        "host integer positions of a rank's tokens (uploaded once by the embedding)",
     ("train/loop.py", "continuation", "numpy.zeros"):
         "host token ids (like every batch) and the next token, uploaded by forward_only and "
         "the allreduce",

@@ -101,7 +101,7 @@ def test_search_ranks_layouts_that_fit(capsys):
     assert times == sorted(times)
     for r in ranked:
         lay = r["layout"]
-        assert lay["dp"] * lay["tp"] * lay["pp"] == 64 and r["fits"]
+        assert lay["dp"] * lay["tp"] * lay["pp"] * lay["cp"] == 64 and r["fits"]
         assert r["memory_per_gpu_bytes"]["total"] <= 80 * 2 ** 30
     assert data["rejected"]  # some layouts are rejected, with reasons
     rc, text, _ = run(capsys, "--model", "gpt3-13b", "--gpus", "64", "--search", "--top", "3")

@@ -26,6 +26,10 @@ TRACED = {
 }
 
 
+# Point-to-point calls traced on a group made with ``p2p=True`` (cp: nothing else records them).
+P2P = {"isend": "send", "irecv": "recv"}
+
+
 def _nbytes(args: tuple) -> int:
     x = args[0] if args else None
     return int(getattr(x, "nbytes", 0))
@@ -34,13 +38,14 @@ def _nbytes(args: tuple) -> int:
 class TracedComm:
     """``comm`` with a tracer span around each collective; every other attribute is ``comm``'s."""
 
-    def __init__(self, comm, tracer) -> None:
+    def __init__(self, comm, tracer, p2p: bool = False) -> None:
         self._comm = comm
         self._tracer = tracer
+        self._p2p = p2p  # trace isend/irecv too (the ring of context parallelism)
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._comm, name)
-        kind = TRACED.get(name)
+        kind = TRACED.get(name) or (P2P.get(name) if self._p2p else None)
         if kind is None or self._comm.size == 1:
             return attr
         group = self._comm.name
@@ -66,10 +71,14 @@ def _traced_wait(tracer, req: Request, label: str, kind: str, group: str):
 
 
 def traced_mesh(mesh, tracer):
-    """A copy of ``mesh`` whose world, dp, pp and tp groups record collectives in ``tracer``."""
+    """A copy of ``mesh`` whose world, dp, pp, tp, cp and gradient groups record collectives in
+    ``tracer`` (cp its ring's sends and receives too)."""
     out = copy.copy(mesh)
     for name in ("world", "dp", "pp", "tp"):
         setattr(out, name, TracedComm(getattr(mesh, name), tracer))
+    if hasattr(mesh, "cp"):
+        out.cp = TracedComm(mesh.cp, tracer, p2p=True)
+        out.grad = out.dp if mesh.grad is mesh.dp else TracedComm(mesh.grad, tracer)
     return out
 
 

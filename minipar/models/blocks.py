@@ -12,6 +12,9 @@ the attention's [Q|K|V] but not its core (scores, softmax, their use on V), reru
 (``Attention``); "full" keeps only each block's input and reruns the whole block's forward in
 backward (``Block``). The attention kernel is the plain one (``functional.mha_fwd``) or the
 blockwise one (``minipar.nn.blockwise``), which keeps O(T) per head instead of the (T, T) softmax.
+Under context parallelism (``ctx.cp`` of two or more ranks) it is ring attention
+(``minipar.parallel.context``) over this rank's T/cp tokens, whichever kernel was named: the
+ring is blockwise by construction.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from minipar.nn import blockwise, flops
 from minipar.nn import functional as F
 from minipar.nn.dropout import Dropout
 from minipar.nn.module import LayerNorm, Module, walk
+from minipar.parallel import context
 from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 INIT_STD = 0.02  # GPT-2's weight scale (Radford et al. 2019)
@@ -42,9 +46,13 @@ class Attention(Module):
                                       INIT_STD / math.sqrt(2 * cfg.n_layers))
         self.blockwise = ctx.attention == "blockwise"
         self.selective = ctx.recompute == "selective"
+        cp = ctx.cp
+        self.ring = context.Ring(cp, ctx.cp_split, cfg.seq_len) if cp and cp.size > 1 else None
 
     def core(self, qkv, mb):
         """The attention core, (B, T, 3 C / tp) -> (B, T, C / tp) and its cache."""
+        if self.ring is not None:  # config refuses it with dropout: the ring draws no masks
+            return context.mha_fwd(qkv, self.local_heads, self.ring)
         if self.blockwise:  # config refuses it with dropout: its blocks draw no masks
             return blockwise.mha_fwd(qkv, self.local_heads)
         keep = self._probs_keep(qkv.shape[0], qkv.shape[1], mb)  # (B, H / tp, T, T) or None
@@ -72,7 +80,9 @@ class Attention(Module):
         if self.selective:
             with flops.recomputing():
                 _, cache = self.core(cache, mb)  # the core's forward again: the same bits
-        if self.blockwise:
+        if self.ring is not None:
+            dqkv = context.mha_bwd(dy, y, cache, self.ring)  # (B, T, 3 C / tp)
+        elif self.blockwise:
             dqkv = blockwise.mha_bwd(dy, y, cache)  # (B, T, 3 C / tp)
         else:
             dqkv = F.mha_bwd(dy, cache)  # (B, T, 3 C / tp)

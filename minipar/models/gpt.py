@@ -19,6 +19,7 @@ from minipar.models.blocks import INIT_STD, Block
 from minipar.nn.dropout import Dropout
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
 from minipar.nn.precision import sum_fp32
+from minipar.parallel.context import token_indices
 from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import (
     SEQ_AXIS, VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead,
@@ -36,6 +37,9 @@ class Embedding(Module):
         self.tp = ctx.tp
         self.sp = ctx.sequence_parallel
         length = cfg.seq_len if length is None else length
+        # Under context parallelism this rank's tokens sit at these global positions.
+        self.cp_index = None if ctx.cp is None or ctx.cp.size == 1 else backend.from_host(
+            token_indices(length, ctx.cp.size, ctx.cp.rank, ctx.cp_split))
         self.tok = VocabParallelEmbedding(ctx, name, cfg.vocab_size, cfg.d_model, INIT_STD)
         if cfg.pos == "learned":
             self.pos = make_param(ctx, pos_name, (length, cfg.d_model), INIT_STD / 2)
@@ -47,11 +51,18 @@ class Embedding(Module):
                 backend.to_host(F.sinusoidal_positions(length, cfg.d_model, ctx.dtype)))
         self.drop = Dropout(ctx, f"{name}.out")
 
-    def _positions(self, t_local: int):
-        """The rows of the position table for this rank's tokens (all of them without SP)."""
-        table = self.pos.data if self.pos is not None else self.table
+    def _rows(self, t_local: int):
+        """Which rows of the position table this rank's tokens use: a slice (all of them
+        without SP), or global indices under context parallelism."""
         start = self.tp.rank * t_local if self.sp else 0
-        return table[start:start + t_local]
+        if self.cp_index is None:
+            return slice(start, start + t_local)
+        return self.cp_index[start:start + t_local]
+
+    def _positions(self, t_local: int):
+        """The rows of the position table for this rank's tokens."""
+        table = self.pos.data if self.pos is not None else self.table
+        return table[self._rows(t_local)]
 
     def forward(self, ids, mb=0):
         h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
@@ -64,8 +75,7 @@ class Embedding(Module):
         t_local = self.pop(mb)
         if self.pos is not None:
             dpos = self.pos.data * 0  # (T, C)
-            start = self.tp.rank * t_local if self.sp else 0
-            dpos[start:start + t_local] = sum_fp32(dh, axis=0)
+            dpos[self._rows(t_local)] = sum_fp32(dh, axis=0)  # distinct rows: a sum
             self.pos.accumulate(dpos)
         self.tok.backward(dh, mb)
         return None

@@ -234,3 +234,5 @@ class BuildContext:
     dropout: object = None  # minipar.nn.dropout.MaskSource of this rank; None: no dropout
     attention: str = "plain"  # "plain" (functional) or "blockwise" (minipar.nn.blockwise)
     recompute: str = "none"  # "none", "selective" or "full" (minipar.models.blocks)
+    cp: object = None  # Comm of the context-parallel group (None: no context parallelism)
+    cp_split: str = "zigzag"  # how a sequence is cut over cp (minipar.parallel.context)

@@ -292,4 +292,43 @@ def check_program(program: Program) -> ProgramReport:
 
 
 __all__ = ["ProgramError", "DeadlockError", "ProgramReport", "check_program", "walk", "route",
-           "live_counts", "check_dataflow"]
+           "live_counts", "check_dataflow", "check_messages"]
+
+
+# ----------------------------------------------------------- point-to-point call lists (rings)
+def check_messages(calls: list[list[tuple[str, int, int]]]) -> int:
+    """Prove that per-rank lists of point-to-point calls finish under minipar's semantics
+    (a send never blocks; a receive blocks until the matching send, in order per (source,
+    destination, tag)) and that every send is received. ``calls[r]`` lists rank r's
+    ("send" | "recv", peer, tag) in program order: context parallelism's ring
+    (``minipar.parallel.context.ring_program``) is checked this way. Returns the number of
+    messages; raises ``DeadlockError`` naming the waiting ranks, or ``ProgramError`` for a
+    message nobody receives."""
+    pos = [0] * len(calls)
+    queued: dict = defaultdict(int)  # (source, destination, tag) -> sent, not yet received
+    sent = 0
+    while True:
+        moved = False
+        for r, mine in enumerate(calls):
+            while pos[r] < len(mine):
+                op, peer, tag = mine[pos[r]]
+                if op == "send":
+                    queued[r, peer, tag] += 1
+                    sent += 1
+                elif queued[peer, r, tag]:
+                    queued[peer, r, tag] -= 1
+                else:
+                    break  # blocked in this receive
+                pos[r] += 1
+                moved = True
+        if not moved:
+            break
+    waiting = [r for r, mine in enumerate(calls) if pos[r] < len(mine)]
+    if waiting:
+        raise DeadlockError("point-to-point calls cannot finish: " + "; ".join(
+            f"rank {r} waits in {calls[r][pos[r]]}" for r in waiting))
+    left = {k: n for k, n in queued.items() if n}
+    if left:
+        raise ProgramError(f"messages sent but never received (source, dest, tag): {left}")
+    return sent
+

@@ -15,32 +15,39 @@ from minipar.nn.memory import activation_breakdown, activation_bytes  # the one 
 
 def measure_block_activations(cfg: ModelConfig, tp: int, sequence_parallel: bool, rows: int,
                               dtype: str = "float64", seed: int = 0, recompute: str = "none",
-                              attention: str = "plain") -> list[dict[str, int]]:
-    """Build one ``Block`` on an in-process tp world, run its forward on random input, and
-    return every rank's ``activation_breakdown`` (rank order). Under sequence parallelism each
-    rank is given its T/tp tokens, as the previous layer's reduce-scatter would leave them.
-    ``recompute`` and ``attention`` choose what the block keeps (``minipar.models.blocks``);
-    under full recomputation the block itself holds its input, reported as "input"."""
+                              attention: str = "plain", cp: int = 1,
+                              cp_split: str = "zigzag") -> list[dict[str, int]]:
+    """Build one ``Block`` on an in-process cp x tp world, run its forward on random input, and
+    return every rank's ``activation_breakdown`` (rank order). Under context parallelism each
+    rank is given its T/cp tokens of every sequence; under sequence parallelism T/tp of those,
+    as the previous layer's reduce-scatter would leave them. ``recompute`` and ``attention``
+    choose what the block keeps (``minipar.models.blocks``); under full recomputation the block
+    itself holds its input, reported as "input"."""
     import numpy
 
     from minipar import backend
     from minipar.dist.comm import run_threads
+    from minipar.dist.mesh import Mesh
     from minipar.models.blocks import Block
     from minipar.nn.module import BuildContext
+    from minipar.parallel.context import token_indices
 
     full = numpy.random.default_rng(seed).normal(size=(rows, cfg.seq_len, cfg.d_model))
 
-    def rank(tp_comm):
-        ctx = BuildContext(seed, dtype, tp_comm, sequence_parallel,
-                           attention=attention, recompute=recompute)
+    def rank(world):
+        mesh = Mesh(world, tp=tp, cp=cp)
+        ctx = BuildContext(seed, dtype, mesh.tp, sequence_parallel,
+                           attention=attention, recompute=recompute, cp=mesh.cp,
+                           cp_split=cp_split)
         block = Block(ctx, "blocks.0", cfg)
-        t = cfg.seq_len // tp if sequence_parallel else cfg.seq_len
-        lo = tp_comm.rank * t if sequence_parallel else 0
-        x = backend.from_host(numpy.ascontiguousarray(full[:, lo:lo + t].astype(dtype)))
+        mine = full[:, token_indices(cfg.seq_len, cp, mesh.cp_rank, cp_split)]  # (B, T/cp, C)
+        t = mine.shape[1] // tp if sequence_parallel else mine.shape[1]
+        lo = mesh.tp_rank * t if sequence_parallel else 0
+        x = backend.from_host(numpy.ascontiguousarray(mine[:, lo:lo + t].astype(dtype)))
         block.forward(x, mb=0)
         return {k or "input": v for k, v in activation_breakdown(block).items()}
 
-    return run_threads(rank, tp)
+    return run_threads(rank, tp * cp)
 
 
 __all__ = ["activation_breakdown", "activation_bytes", "measure_block_activations"]

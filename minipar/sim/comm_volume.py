@@ -16,6 +16,12 @@ the engine builds them, and the runtime's own ``FlatLayout`` and ``bucket_count`
 and which tp-partial gradients fall in a dp rank's shard come from the code that runs. Only
 shapes are used: no weight is allocated, so a 175B-parameter layout costs a list of specs.
 
+Context parallelism (``--cp``) gives each rank s/cp tokens of every sequence, so every
+activation above is (b, s/cp, h); its ring attention adds point-to-point traffic on the "cp"
+group (``cp_ring``), and the gradient sync runs over dp x cp ("dpcp"; just "dp" when cp = 1).
+Recomputation reruns forward traffic in backward: the ring under selective and full, and under
+full also the block's tp collectives.
+
 Sources: Megatron-LM (Shoeybi et al. 2019) for the 2 + 2 allreduces per block and the
 vocab-parallel embedding and loss; Korthikanti et al. 2022 for sequence parallelism (each
 allreduce becomes an allgather and a reduce-scatter of the same volume); ZeRO (Rajbhandari et
@@ -128,7 +134,7 @@ def dp_layout(model: ModelConfig, parallel: ParallelConfig, stage: int, dp_rank:
     stages 0-2 one contiguous buffer cut into ``bucket_count`` segments (padded to a multiple of
     dp when sharded), stage 3 one padded segment per unit that owns parameters."""
     specs = param_specs(model, parallel, stage)
-    dp = parallel.dp
+    dp = parallel.dp * parallel.cp  # the gradient group: context-parallel ranks sync like dp
     if parallel.zero == 3:
         groups: dict[int, list] = {}
         for s in specs:
@@ -142,9 +148,26 @@ def dp_layout(model: ModelConfig, parallel: ParallelConfig, stage: int, dp_rank:
     return FlatLayout.contiguous(specs, dp, dp_rank, segments, sharded)
 
 
-def _act(model: ModelConfig, b: int, e: int) -> int:
-    """Bytes of one (b, s, h) activation."""
-    return b * model.seq_len * model.d_model * e
+def _act(model: ModelConfig, b: int, e: int, cp: int = 1) -> int:
+    """Bytes of one (b, s/cp, h) activation (a cp rank holds s/cp tokens of each sequence)."""
+    return b * (model.seq_len // cp) * model.d_model * e
+
+
+def cp_ring(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
+            backward: bool) -> list[Collective]:
+    """Ring attention of one block, one microbatch, one pass (``minipar.parallel.context``):
+    a message is a rank's stacked K and V (or dK and dV), 2 b (s/cp) (h/tp) values. Forward
+    passes K/V cp - 1 hops; backward passes K/V cp - 1 hops and dK/dV cp hops (the last brings
+    each block's gradient home), and reruns the forward ring first under selective or full
+    recomputation. Each send has its receive on the next rank: CommStats counts both."""
+    cp = parallel.cp
+    if cp == 1:
+        return []
+    msg = 2 * b * (model.seq_len // cp) * (model.d_model // parallel.tp) * e
+    hops = cp - 1
+    if backward:
+        hops = (cp - 1) * (2 if parallel.recompute in ("selective", "full") else 1) + cp
+    return [Collective("cp", "send", msg), Collective("cp", "recv", msg)] * hops
 
 
 def block_tp(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
@@ -156,7 +179,7 @@ def block_tp(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
     weight gradient (Korthikanti et al. 2022, section 4.2.2): 2 more allgathers."""
     if parallel.tp == 1:
         return []
-    x = _act(model, b, e)
+    x = _act(model, b, e, parallel.cp)
     if parallel.sequence_parallel:
         regather = [Collective("tp", "allgather", x)] * (2 if backward else 0)
         return [Collective("tp", "allgather", x), Collective("tp", "reduce_scatter", x)] * 2 + \
@@ -170,7 +193,7 @@ def embed_tp(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
     under SP a reduce-scatter forward whose backward is an allgather."""
     if parallel.tp == 1:
         return []
-    x = _act(model, b, e)
+    x = _act(model, b, e, parallel.cp)
     if parallel.sequence_parallel:
         return [Collective("tp", "allgather" if backward else "reduce_scatter", x)]
     return [] if backward else [Collective("tp", "allreduce", x)]
@@ -184,22 +207,29 @@ def head_tp(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
     target logit."""
     if parallel.tp == 1:
         return []
-    x = _act(model, b, e)
+    x = _act(model, b, e, parallel.cp)
     if backward:
         if parallel.sequence_parallel:
             return [Collective("tp", "allgather", x), Collective("tp", "reduce_scatter", x)]
         return [Collective("tp", "allreduce", x)]
     # The loss is computed in fp32 even under 16-bit mixed precision (minipar.nn.precision).
-    small = [Collective("tp", "allreduce", b * model.seq_len * max(e, 4))] * 3
+    small = [Collective("tp", "allreduce", b * (model.seq_len // parallel.cp) * max(e, 4))] * 3
     return ([Collective("tp", "allgather", x)] if parallel.sequence_parallel else []) + small
 
 
 def chunk_tp(model: ModelConfig, parallel: ParallelConfig, stage: int, chunk: int, b: int,
              e: int, backward: bool) -> list[Collective]:
-    """All tp collectives of one pass of one microbatch through one local chunk."""
+    """All tp and cp collectives of one pass of one microbatch through one local chunk, in
+    call order (a block's backward under full recomputation reruns its forward first)."""
     out: list[Collective] = []
     for unit in units(model, parallel, stage)[chunk]:
-        fn = {"embed": embed_tp, "block": block_tp, "head": head_tp}[unit.kind]
+        if unit.kind == "block":
+            if backward and parallel.recompute == "full":
+                out += block_tp(model, parallel, b, e, backward=False)
+            out += block_tp(model, parallel, b, e, backward) + \
+                cp_ring(model, parallel, b, e, backward)
+            continue
+        fn = {"embed": embed_tp, "head": head_tp}[unit.kind]
         out += fn(model, parallel, b, e, backward)
     return out
 
@@ -250,20 +280,21 @@ def dp_sync(model: ModelConfig, parallel: ParallelConfig, stage: int, e: int, m:
     unless mixed precision: 2, and ``e`` 4 when microbatches accumulate in fp32). ZeRO-3 moves
     weights and per-microbatch gradients in the working dtype.
     """
-    if parallel.dp == 1:
+    if parallel.dp * parallel.cp == 1:
         return []
+    g = "dp" if parallel.cp == 1 else "dpcp"  # the gradient group (dp_rank: the rank in it)
     pe = e if param_e is None else param_e
     layout = dp_layout(model, parallel, stage, dp_rank, e)
     sizes = [seg.size * e for seg in layout.segments]
     if parallel.zero == 0:
-        return [Collective("dp", "allreduce", n) for n in sizes]
+        return [Collective(g, "allreduce", n) for n in sizes]
     if parallel.zero in (1, 2):
-        return ([Collective("dp", "reduce_scatter", n) for n in sizes]
-                + [Collective("dp", "allgather", layout.total * pe)])
+        return ([Collective(g, "reduce_scatter", n) for n in sizes]
+                + [Collective(g, "allgather", layout.total * pe)])
     sizes = [seg.size * pe for seg in layout.segments]
-    per_mb = [c for n in sizes for c in (Collective("dp", "allgather", n),
-                                          Collective("dp", "allgather", n),
-                                          Collective("dp", "reduce_scatter", n))]
+    per_mb = [c for n in sizes for c in (Collective(g, "allgather", n),
+                                          Collective(g, "allgather", n),
+                                          Collective(g, "reduce_scatter", n))]
     return per_mb * m
 
 
@@ -276,7 +307,7 @@ def pp_sends(model: ModelConfig, parallel: ParallelConfig, stage: int, b: int, e
     p, v = parallel.pp, parallel.virtual_stages
     if p == 1:
         return []
-    x = _act(model, b, e) // (parallel.tp if parallel.sequence_parallel else 1)
+    x = _act(model, b, e, parallel.cp) // (parallel.tp if parallel.sequence_parallel else 1)
     out = []
     for j in range(v):
         g = j * p + stage
@@ -368,6 +399,6 @@ def model_state_bytes(model: ModelConfig, parallel: ParallelConfig, stage: int,
 
 
 __all__ = ["Collective", "ParamSpec", "param_specs", "dp_layout", "block_tp", "embed_tp",
-           "head_tp", "chunk_tp", "partial_elements", "partial_grads_tp", "dp_sync",
+           "head_tp", "chunk_tp", "cp_ring", "partial_elements", "partial_grads_tp", "dp_sync",
            "step_metrics", "pp_sends", "step_collectives", "tally", "predict_comm_bytes",
            "element_bytes", "model_state_bytes"]

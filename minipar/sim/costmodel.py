@@ -86,7 +86,8 @@ def check_layout(model: ModelConfig, parallel: ParallelConfig, work: Workload,
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{flag} must be a positive integer, got {value!r}")
     if gpus is not None and parallel.world != gpus:
-        raise ConfigError(f"--dp {parallel.dp} x --tp {parallel.tp} x --pp {parallel.pp} = "
+        cp = f" x --cp {parallel.cp}" if parallel.cp > 1 else ""
+        raise ConfigError(f"--dp {parallel.dp}{cp} x --tp {parallel.tp} x --pp {parallel.pp} = "
                           f"{parallel.world} does not equal --gpus {gpus}")
     if work.global_batch % (parallel.dp * work.microbatch_size):
         raise ConfigError(
@@ -240,7 +241,7 @@ def block_activation_terms(model: ModelConfig, b: int, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none", *,
                            value_bytes: int = 2, dropout: bool = True,
                            layernorm_rstd: bool = False,
-                           attention: str = "plain") -> dict[str, int]:
+                           attention: str = "plain", cp: int = 1) -> dict[str, int]:
     """Bytes one block keeps for its backward per microbatch of b sequences, on one tp rank,
     tensor by tensor: Korthikanti et al. 2022, section 4.1 and table 2.
 
@@ -267,12 +268,21 @@ def block_activation_terms(model: ModelConfig, b: int, tp: int = 1,
 
     The defaults are the paper's table 2 (16-bit values, dropout, no 1/std): with MLP width F,
     sbh (10 + (8 + 4F/h)/t + 5as/(ht)), or sbh (18 + 4F/h + 5as/h)/t under sequence parallelism;
-    F = 4h gives its sbh (10 + 24/t + 5as/(ht)) and sbh (34 + 5as/h)/t. minipar's block has no
+    F = 4h gives its sbh (10 + 24/t + 5as/(ht)) and sbh (34 + 5as/h)/t.
+
+    Context parallelism (``cp`` ranks, ``minipar.parallel.context``) gives each rank s/cp of
+    every sequence for the whole block, so every term is the one of a sequence s/cp long, and
+    its ring attention keeps what the blockwise kernel keeps (q, k, v and the log-sum-exp of its
+    own queries): with cp > 1 the terms are those of ``attention="blockwise"`` at s/cp.
+
+    minipar's block has no
     dropout and keeps LayerNorm's 1/std (``value_bytes=e, dropout=False, layernorm_rstd=True``):
     e [sbh (4 + (4 + 2F/h)/t + as/(ht)) + 2sb], or e [sbh (8 + 2F/h + as/h) + 2sb] / t; with
     F = 4h, 4 + 12/t and (16 + as/h)/t values per sbh.
     """
-    s, h, f, e = model.seq_len, model.d_model, model.ffn, value_bytes
+    s, h, f, e = model.seq_len // cp, model.d_model, model.ffn, value_bytes
+    if cp > 1:  # ring attention is blockwise by construction
+        attention = "blockwise"
     tokens = s // tp if sequence_parallel else s  # per sequence in the LayerNorm/residual regions
     if recompute == "full":
         return {"input": e * tokens * b * h}
@@ -297,13 +307,14 @@ def block_activation_terms(model: ModelConfig, b: int, tp: int = 1,
 def activation_bytes_per_layer(model: ModelConfig, b: int, tp: int = 1,
                                sequence_parallel: bool = False, recompute: str = "none", *,
                                value_bytes: int = 2, dropout: bool = True,
-                               layernorm_rstd: bool = False, attention: str = "plain") -> int:
+                               layernorm_rstd: bool = False, attention: str = "plain",
+                               cp: int = 1) -> int:
     """Activation bytes one block keeps per microbatch: the sum of ``block_activation_terms``
     (by default Korthikanti et al. 2022, table 2)."""
     return sum(block_activation_terms(model, b, tp, sequence_parallel, recompute,
                                       value_bytes=value_bytes, dropout=dropout,
                                       layernorm_rstd=layernorm_rstd,
-                                      attention=attention).values())
+                                      attention=attention, cp=cp).values())
 
 
 def encdec_activation_bytes(model: ModelConfig, parallel: ParallelConfig, stage: int, b: int,
@@ -343,13 +354,15 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, work: Workloa
     """Bytes one GPU of pipeline stage ``stage`` holds at its peak, by kind, and ``total``."""
     chunks = units(model, parallel, stage)
     n_local = sum(u.params for c in chunks for u in c)
-    out = zero_model_state_bytes(n_local, parallel.dp, parallel.zero, work.dtype)
+    # ZeRO shards over the gradient group, dp x cp (context-parallel ranks sync like dp ones).
+    out = zero_model_state_bytes(n_local, parallel.dp * parallel.cp, parallel.zero, work.dtype)
     e = dtype_bytes(work.dtype)
     b, t, sp = work.microbatch_size, parallel.tp, parallel.sequence_parallel
     m = work.microbatches(parallel.dp)
     # Uneven chunks (--partition): the largest local chunk's blocks, an upper bound for v > 1.
     per_chunk_layers = max(sum(u.kind == "block" for u in c) for c in chunks)
-    per_layer = activation_bytes_per_layer(model, b, t, sp, work.recompute) * e / 2
+    cp = parallel.cp  # each rank holds s/cp tokens of every sequence
+    per_layer = activation_bytes_per_layer(model, b, t, sp, work.recompute, cp=cp) * e / 2
     live = peak_live(parallel.schedule, parallel.pp, m, parallel.virtual_stages, stage)
     acts = live * per_chunk_layers * per_layer
     if model.arch == "encdec":  # its chunks differ (encoder, decoder): the largest, live times
@@ -361,13 +374,13 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, work: Workloa
             acts += max(encdec_cost.layer_activation_bytes(model, k, b, t, sp, e)
                         for k in ("encoder", "decoder"))
     elif work.recompute == "full":  # backward rematerialises one whole block at a time
-        acts += activation_bytes_per_layer(model, b, t, sp, "none") * e / 2
+        acts += activation_bytes_per_layer(model, b, t, sp, "none", cp=cp) * e / 2
     if any(u.kind == "head" for c in chunks for u in c):  # fp32 logits (Korthikanti 4.3)
-        acts += 4 * model.seq_len * b * padded_vocab(model.vocab_size, t) / t
+        acts += 4 * model.seq_len // cp * b * padded_vocab(model.vocab_size, t) / t
     out["activations"] = acts
     if parallel.zero >= 3:  # the gathered unit in use, the prefetched next, and its gradient
         biggest = max(u.params for c in chunks for u in c)
-        out["zero3_buffers"] = 3.0 * e * biggest * (1 - 1 / parallel.dp)
+        out["zero3_buffers"] = 3.0 * e * biggest * (1 - 1 / (parallel.dp * parallel.cp))
     out["total"] = sum(out.values())
     return out
 

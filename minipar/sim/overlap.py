@@ -57,9 +57,11 @@ def zero3_traffic(u, recomputed: bool, e: int, comm_time,
     unit's parameters after each forward, the recomputation is a forward, and the backward
     that follows gathers them again (the hooks of DeepSpeed's ZeRO-3, which PTD-P table 2
     ran; minipar itself does not recompute). ``comm_time(collectives)`` prices a list."""
-    flat = -(-u.params // parallel.dp) * parallel.dp * e  # padded to dp shards
-    gather = comm_time([cv.Collective("dp", "allgather", flat)])
-    scatter = comm_time([cv.Collective("dp", "reduce_scatter", flat)])
+    shards = parallel.dp * parallel.cp  # the gradient group: dp x cp ("dpcp") under cp
+    group = "dp" if parallel.cp == 1 else "dpcp"
+    flat = -(-u.params // shards) * shards * e  # padded to the shards
+    gather = comm_time([cv.Collective(group, "allgather", flat)])
+    scatter = comm_time([cv.Collective(group, "reduce_scatter", flat)])
     return gather, gather * (2 if recomputed else 1), scatter
 
 
@@ -67,10 +69,11 @@ def zero3_recompute_bytes(model: ModelConfig, parallel: ParallelConfig, work: Wo
                           stage: int) -> int:
     """Bytes of the extra gathers of recomputed blocks per step (see ``zero3_traffic``): not
     in ``comm_volume.dp_sync``, which counts what minipar's own ZeRO-3 moves."""
-    if parallel.zero < 3 or parallel.dp == 1 or work.recompute != "full":
+    shards = parallel.dp * parallel.cp
+    if parallel.zero < 3 or shards == 1 or work.recompute != "full":
         return 0
     e, m = dtype_bytes(work.dtype), work.microbatches(parallel.dp)
-    return m * sum(-(-u.params // parallel.dp) * parallel.dp * e
+    return m * sum(-(-u.params // shards) * shards * e
                    for chunk in units(model, parallel, stage) for u in chunk
                    if u.kind == "block")
 

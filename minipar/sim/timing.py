@@ -48,6 +48,7 @@ from minipar.sim.costmodel import (
     Workload, activation_bytes_per_layer, canonical_dtype, dtype_bytes, hardware_flops,
     local_param_count, memory_per_gpu, model_flops, param_count, units,
 )
+from minipar.parallel.context import busiest_share
 from minipar.parallel.tensor import padded_vocab
 from minipar.sim.hardware import Hardware
 from minipar.sim.overlap import UnitCost, overlapped, zero3_recompute_bytes, zero3_traffic
@@ -67,8 +68,9 @@ def group_tier(hw: Hardware, parallel: ParallelConfig, group: str) -> tuple[floa
     table 2's ZeRO-3 rows, whose data-parallel ring puts 8 ranks on every node, show no such
     gain, and neither do table 1's small-tp rows: see ``estimate``.)
     """
-    size, stride = {"tp": (parallel.tp, 1), "dp": (parallel.dp, parallel.tp),
-                    "pp": (parallel.pp, parallel.tp * parallel.dp)}[group]
+    t, c, d = parallel.tp, parallel.cp, parallel.dp  # rank order tp, cp, dp, pp (fastest first)
+    size, stride = {"tp": (t, 1), "cp": (c, t), "dp": (d, t * c), "dpcp": (d * c, t),
+                    "pp": (parallel.pp, t * c * d)}[group]
     if stride * size <= hw.gpus_per_node:
         return hw.intra_bw * hw.link_efficiency, hw.intra_latency
     return min(hw.intra_bw, hw.inter_bw) * hw.link_efficiency, hw.inter_latency
@@ -86,8 +88,14 @@ def collective_time(c: cv.Collective, size: int, tier: tuple[float, float]) -> f
     return lat + c.nbytes / bw
 
 
+def group_sizes(parallel: ParallelConfig) -> dict[str, int]:
+    """Ranks per group name, as ``cv.Collective.group`` names them."""
+    return {"tp": parallel.tp, "dp": parallel.dp, "pp": parallel.pp, "cp": parallel.cp,
+            "dpcp": parallel.dp * parallel.cp}
+
+
 def comm_time(cs: list[cv.Collective], hw: Hardware, parallel: ParallelConfig) -> float:
-    sizes = {"tp": parallel.tp, "dp": parallel.dp, "pp": parallel.pp}
+    sizes = group_sizes(parallel)
     return sum(collective_time(c, sizes[c.group], group_tier(hw, parallel, c.group))
                for c in cs)
 
@@ -109,6 +117,7 @@ class ChunkCost:
     zero3_bwd: float = 0.0  # gathers and reduce-scatters of the backward
     tp_bytes_fwd: float = 0.0
     tp_bytes_bwd: float = 0.0
+    cp_bytes: float = 0.0  # ring attention's sends, forward and backward
     units: list[UnitCost] = field(default_factory=list)  # in forward order
 
     @property
@@ -143,9 +152,9 @@ def first_touch_time(model: ModelConfig, parallel: ParallelConfig, work: Workloa
     e, b, t = dtype_bytes(work.dtype), work.microbatch_size, parallel.tp
     if kind == "block":
         kept = activation_bytes_per_layer(model, b, t, parallel.sequence_parallel,
-                                          work.recompute) * e / 2
+                                          work.recompute, cp=parallel.cp) * e / 2
     elif kind == "head":
-        kept = 4 * model.seq_len * b * padded_vocab(model.vocab_size, t) / t
+        kept = 4 * model.seq_len // parallel.cp * b * padded_vocab(model.vocab_size, t) / t
     else:
         kept = 0.0
     return kept / hw.first_touch_bw
@@ -157,7 +166,7 @@ def fresh_output_time(cs: list[cv.Collective], parallel: ParallelConfig, hw: Har
     what it frees). Output bytes per ``CommStats``' rule; 0 where memory is reused."""
     if hw.first_touch_bw <= 0:
         return 0.0
-    sizes = {"tp": parallel.tp, "dp": parallel.dp, "pp": parallel.pp}
+    sizes = group_sizes(parallel)
     out = sum(c.nbytes // sizes[c.group] if c.op == "reduce_scatter" else c.nbytes
               for c in cs if sizes[c.group] > 1)
     return out / hw.first_touch_bw
@@ -169,11 +178,12 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
     (``layers_only``: Transformer blocks alone, leaving out the embedding and the head)."""
     dt = canonical_dtype(work.dtype)
     e, b, t, sp = dtype_bytes(dt), work.microbatch_size, parallel.tp, parallel.sequence_parallel
-    blk = K.block_forward(model, b, t, sp, e, work.dropout)
+    local = model if parallel.cp == 1 else replace(model, seq_len=model.seq_len // parallel.cp)
+    blk = ring_kernels(K.block_forward(local, b, t, sp, e, work.dropout), model, parallel)
     redo = {"none": [], "full": blk,
             "selective": [k for k in blk if k.attention_core]}[work.recompute]
-    forward = {"block": blk, "embed": K.embed_forward(model, b, t, sp, e, work.dropout),
-               "head": K.head_forward(model, b, t, sp, e)}
+    forward = {"block": blk, "embed": K.embed_forward(local, b, t, sp, e, work.dropout),
+               "head": K.head_forward(local, b, t, sp, e)}
     tp_pass = {"block": cv.block_tp, "embed": cv.embed_tp, "head": cv.head_tp}
     out = []
     for chunk in units(model, parallel, stage):
@@ -192,9 +202,16 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
             fwd_comm = comm_time(f_cs, hw, parallel) + fresh_output_time(f_cs, parallel, hw)
             bwd_compute = K.total_time(again + bi, hw, dt)
             bwd_comm = comm_time(r_cs + b_cs, hw, parallel)
+            if u.kind == "block" and parallel.cp > 1:  # the ring, overlapped with the core
+                core = [k for k in forward["block"] if k.attention_core]
+                ring_f, ring_b = (cv.cp_ring(model, parallel, b, e, bwd) for bwd in (0, 1))
+                fwd_comm += exposed_ring(ring_f, core, hw, dt, parallel)
+                bwd_comm += exposed_ring(ring_b, [*again, *K.backward_of(core)[0]], hw, dt,
+                                         parallel)
+                c.cp_bytes += sum(y.nbytes for y in ring_f + ring_b if y.op == "send")
             x.fwd, x.bwd_input = fwd_compute + fwd_comm, bwd_compute + bwd_comm
             x.bwd_weight = K.total_time(bw, hw, dt)
-            if parallel.zero >= 3 and parallel.dp > 1:
+            if parallel.zero >= 3 and parallel.dp * parallel.cp > 1:
                 x.gather_fwd, x.gather_bwd, x.scatter = zero3_traffic(
                     u, u.kind == "block" and work.recompute == "full", e,
                     lambda cs: comm_time(cs, hw, parallel), parallel)
@@ -212,13 +229,34 @@ def chunk_costs(model: ModelConfig, parallel: ParallelConfig, work: Workload, hw
     return out
 
 
+def ring_kernels(blk: list[K.Kernel], model: ModelConfig,
+                 parallel: ParallelConfig) -> list[K.Kernel]:
+    """A block's kernels on a cp rank's s/cp tokens (``blk``), with its attention core scaled
+    to the busiest rank's ring: its queries meet (2 cp + 1)/4 (zig-zag) or cp (contiguous)
+    times the key/value tokens of one s/cp block (``context.busiest_share``)."""
+    if parallel.cp == 1:
+        return blk
+    f = busiest_share(model.seq_len, parallel.cp, parallel.cp_split)
+    return [replace(k, flops=k.flops * f, nbytes=k.nbytes * f) if k.attention_core else k
+            for k in blk]
+
+
+def exposed_ring(ring: list[cv.Collective], core: list[K.Kernel], hw: Hardware, dt: str,
+                 parallel: ParallelConfig) -> float:
+    """Seconds the ring's hops add beyond the attention core they overlap with: each hop's
+    send (lat + bytes / bw on the cp group's link) runs while the core works on a block."""
+    sends = [c for c in ring if c.op == "send"]
+    moving = comm_time(sends, hw, parallel)
+    return max(0.0, moving - K.total_time(core, hw, dt))
+
+
 def p2p_message_time(model: ModelConfig, parallel: ParallelConfig, work: Workload,
                      hw: Hardware, src: int, dst: int) -> float:
     """One activation or gradient between pipeline stages src and dst (PTD-P section 4.1:
     with scatter/gather each tp rank sends 1/t over its own NIC, then an NVLink allgather)."""
     e, t = dtype_bytes(work.dtype), parallel.tp
-    x = work.microbatch_size * model.seq_len * model.d_model * e
-    stride, gpn = parallel.tp * parallel.dp, hw.gpus_per_node
+    x = work.microbatch_size * (model.seq_len // parallel.cp) * model.d_model * e
+    stride, gpn = parallel.tp * parallel.cp * parallel.dp, hw.gpus_per_node
     same_node = (src * stride) // gpn == (dst * stride) // gpn
     bw = (hw.intra_bw if same_node else hw.inter_bw) * hw.link_efficiency
     lat = hw.intra_latency if same_node else hw.inter_latency
@@ -244,7 +282,8 @@ def sync_and_step(model: ModelConfig, parallel: ParallelConfig, work: Workload, 
     if parallel.bucket_mb > 0:
         sync = max(0.0, sync - last_bwd)
     sync += comm_time(cv.partial_grads_tp(model, parallel, stage, e), hw, parallel)
-    n = local_param_count(model, parallel, stage) / (parallel.dp if parallel.zero else 1)
+    shards = parallel.dp * parallel.cp  # ZeRO shards over the gradient group
+    n = local_param_count(model, parallel, stage) / (shards if parallel.zero else 1)
     return sync, K.optimizer_time(n, hw, e), dp_bytes
 
 
@@ -359,12 +398,12 @@ def _report(model, parallel, work, hw, stages, tail, step, bubble, m, timeline, 
     busy = m * sum(c.fwd + c.bwd for c in st)
     sync, opt, dp_bytes = tail[s]
     e = dtype_bytes(dt)
-    x = work.microbatch_size * model.seq_len * model.d_model * e
+    x = work.microbatch_size * (model.seq_len // parallel.cp) * model.d_model * e
     sends = sum(c.op == "send" for c in cv.pp_sends(model, parallel, s, work.microbatch_size,
                                                     e, m))
     pp_msg = x / parallel.tp if (parallel.sequence_parallel or work.scatter_gather) else x
     comm = {"tp": m * sum(c.tp_bytes_fwd + c.tp_bytes_bwd for c in st), "dp": dp_bytes,
-            "pp": sends * pp_msg}
+            "pp": sends * pp_msg, "cp": m * sum(c.cp_bytes for c in st)}
     comm["total"] = sum(comm.values())
     breakdown = {"compute_s": compute, "tp_comm_s": tp_comm,
                  "zero3_exposed_s": busy - compute - tp_comm,
@@ -392,5 +431,6 @@ def predict_step_time(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batc
 
 __all__ = ["group_tier", "collective_time", "comm_time", "UnitCost", "overlapped", "ChunkCost",
            "zero3_traffic", "zero3_recompute_bytes", "first_touch_time",
-           "fresh_output_time", "chunk_costs", "p2p_message_time", "sync_and_step",
+           "fresh_output_time", "chunk_costs", "group_sizes", "ring_kernels", "exposed_ring",
+           "p2p_message_time", "sync_and_step",
            "instruction_costs", "Estimate", "estimate", "predict_step_time"]

@@ -54,7 +54,8 @@ def check_mode(args, world: int) -> None:
         ("--microbatches", args.microbatches > 1), ("--save", args.save),
         ("--resume", args.resume), ("--trace", args.trace), ("--plot", args.plot),
         ("--partition", getattr(args, "partition", "equal") != "equal"),
-        ("--attention", args.attention != "plain"), ("--recompute", args.recompute != "none"))
+        ("--attention", args.attention != "plain"), ("--recompute", args.recompute != "none"),
+        ("--cp", (getattr(args, "cp", None) or 1) > 1))
         if on]
     if unsupported:
         raise ConfigError(f"--mode {mode} trains whole replicas, one per rank, without "

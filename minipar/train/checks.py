@@ -20,7 +20,7 @@ from minipar.config import ConfigError, ModelConfig, ParallelConfig, check_outpu
 # Numeric flags and what they must be; an absent flag (None) is not checked.
 POSITIVE = ("--batch-size", "--steps", "--eval-every", "--lr", "--threads", "--n-digits",
             "--layers", "--d-model", "--heads", "--seq-len", "--vocab", "--dp", "--tp", "--pp",
-            "--microbatches", "--virtual-stages")
+            "--microbatches", "--virtual-stages", "--cp")
 NON_NEGATIVE = ("--warmup", "--weight-decay", "--grad-clip", "--seed", "--save-every",
                 "--keep", "--bucket-mb")
 SEQ_LEN_SLACK = 2  # --seq-len beyond this many times a task's need is refused without --force
@@ -100,23 +100,26 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     masks = cfg.dropout > 0  # 1-byte masks kept; the dropped probabilities are not (dropout.py)
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
                                           par.recompute, value_bytes=e, dropout=masks,
-                                          layernorm_rstd=True, attention=par.attention)
+                                          layernorm_rstd=True, attention=par.attention,
+                                          cp=par.cp)
     working = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
                                             value_bytes=e, dropout=masks, layernorm_rstd=True,
-                                            attention=par.attention)  # the block in backward
+                                            attention=par.attention, cp=par.cp)  # in backward
     if masks:  # the table keeps the dropped probabilities too; dropout.py recomputes them
         dropped = e * rows * (cfg.n_heads // par.tp) * cfg.seq_len ** 2
         block -= dropped if par.recompute == "none" else 0
         working -= dropped
-    logits = 3 * rows * cfg.seq_len * padded_vocab(cfg.vocab_size, par.tp) // par.tp * e
+    logits = 3 * rows * cfg.seq_len // par.cp * padded_vocab(cfg.vocab_size, par.tp) \
+        // par.tp * e
     worst: dict = {"total": -1}
     for stage in range(par.pp):
         n = cm.local_param_count(cfg, par, stage)
         # the largest local chunk's blocks (all chunks are equal unless --partition says so)
         layers = max(sum(u.kind == "block" for u in c) for c in cm.units(cfg, par, stage))
         live = cm.peak_live(par.schedule, par.pp, par.microbatches, par.virtual_stages, stage)
-        mem = {"weights": ew * n, "gradients": eg * n // (par.dp if par.zero >= 2 else 1),
-               "optimizer": k * n // (par.dp if par.zero >= 1 else 1),
+        shards = par.dp * par.cp  # ZeRO shards over the gradient group, dp x cp
+        mem = {"weights": ew * n, "gradients": eg * n // (shards if par.zero >= 2 else 1),
+               "optimizer": k * n // (shards if par.zero >= 1 else 1),
                "activations": live * layers * block + (logits if stage == par.pp - 1 else 0),
                "working": working, "data": 2 * 8 * batch_size * cfg.seq_len}
         if cfg.arch == "encdec":  # encoder and decoder layers differ: the cost model's terms

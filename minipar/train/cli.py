@@ -39,10 +39,12 @@ EXAMPLES = [
      "blocks split by FLOPs: the head makes the last stage heavy"),
     ("python -m minipar.train --task text --data book.txt --steps 200",
      "bytes of any UTF-8 file, ~20 s (with --model small: ~30 min)"),
+    ("mpirun -n 2 python -m minipar.train --cp 2 --task text --data book.txt --seq-len 256",
+     "context parallel: each sequence split over 2 ranks, ring attention"),
 ]
 EPILOG = "examples:\n" + "\n".join(f"  {cmd}\n      {what}" for cmd, what in EXAMPLES) + """
 
-With no layout flags every rank does data parallelism. dp x tp x pp must equal the number of
+With no layout flags every rank does data parallelism. dp x cp x tp x pp must equal the number of
 ranks. Set --threads (or OMP_NUM_THREADS) to override the BLAS threads per rank, which default
 to cores / ranks on this machine. Use --force to run past the memory and --seq-len checks or to
 resume a checkpoint with another --task, --seed or --optimizer."""
@@ -161,6 +163,12 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     lay.add_argument("--dp", type=int, help="data parallel size")
     lay.add_argument("--tp", type=int, help="tensor parallel size")
     lay.add_argument("--pp", type=int, help="pipeline stages")
+    lay.add_argument("--cp", type=int, default=None,
+                     help="context parallel size: each sequence split over cp ranks, attention "
+                          "as a ring passing key/value blocks (long sequences)")
+    lay.add_argument("--cp-split", default="zigzag", choices=["zigzag", "contiguous"],
+                     help="how --cp cuts a sequence: zigzag (rank r holds chunks r and 2cp-1-r, "
+                          "balanced under the causal mask) or contiguous (unbalanced)")
     lay.add_argument("--zero", type=int, default=0, help="ZeRO stage over dp: 0, 1, 2, 3")
     lay.add_argument("--bucket-mb", type=float, default=0.0,
                      help="overlap dp gradient sync with backward in buckets of this size")
@@ -203,14 +211,18 @@ def pick_layout(args, world: int) -> tuple[int, int, int, str]:
         if v <= 0:
             raise ConfigError(f"--{k} must be a positive integer, got {v}")
     tp, pp = given.get("tp", 1), given.get("pp", 1)
+    cp = getattr(args, "cp", None) or 1  # context parallel ranks (validated with the rest)
     if "dp" in given:
         dp = given["dp"]
-    elif world % (tp * pp) == 0:
-        dp = world // (tp * pp)
+    elif world % (tp * pp * cp) == 0:
+        dp = world // (tp * pp * cp)
     else:
-        raise ConfigError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide the number of "
-                          f"ranks ({world})")
-    note = "" if len(given) == 3 else (
+        with_cp = f" x --cp {cp}" if cp > 1 else ""
+        raise ConfigError(f"--tp {tp} x --pp {pp}{with_cp} = {tp * pp * cp} does not divide "
+                          f"the number of ranks ({world})")
+    if cp > 1:
+        given["cp"] = cp
+    note = "" if len(given) >= 3 else (
         "no layout flags: all ranks do data parallelism" if not given else
         "unspecified sizes set to fill the world")
     return dp, tp, pp, note
@@ -290,7 +302,8 @@ def make_configs(args, world: int):
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
                          bucket_mb=args.bucket_mb, partition=blocks, attention=args.attention,
-                         recompute=args.recompute)
+                         recompute=args.recompute, cp=_given(args.cp, 1),
+                         cp_split=args.cp_split)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 
@@ -341,7 +354,8 @@ def _encdec_configs(args, world: int):
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
                          bucket_mb=args.bucket_mb, attention=args.attention,
-                         recompute=args.recompute, partition=blocks)
+                         recompute=args.recompute, partition=blocks, cp=_given(args.cp, 1),
+                         cp_split=args.cp_split)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 

@@ -203,7 +203,7 @@ def continuation(engine, task, n_new: int = 48) -> tuple[str, str]:
     inputs, _ = next(task.eval_batches(1))  # (1, T)
     tokens = [int(t) for t in inputs[0, : max(1, T // 2)]]
     n_prompt = len(tokens)
-    owner = mesh.tp_rank == 0 and mesh.dp_rank == 0
+    owner = mesh.tp_rank == 0 and mesh.dp_rank == 0 and mesh.cp_rank == 0
     with mesh.world.stats.paused():
         for _ in range(n_new):
             window = tokens[-T:]
@@ -237,7 +237,7 @@ def _start(args, cfg, par, world, resume, tracer, init=None, freeze=()):
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
-    mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
+    mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp, cp=par.cp)
     engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
                     lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                     tracer=tracer, precision=getattr(args, "precision", None),
@@ -282,6 +282,8 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
         f"{_fmt_bytes(mem['grads'])}, optimizer {_fmt_bytes(mem['optimizer'])}{estimate}")
     if par.tp > 1:
         say(f"tensor  | tp {par.tp}, sequence parallel {'on' if par.sequence_parallel else 'off'}")
+    if par.cp > 1:
+        say(context_line(cfg, par, args))
     schedule = (f", schedule {par.schedule} x {par.microbatches} microbatches"
                 if par.pp > 1 else "")
     say(f"task    | {task.name}, batch {args.batch_size}, {args.steps} steps, "
@@ -301,6 +303,30 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
             f"pp={lay['pp']})")
     for line in warnings:
         say(line)
+
+
+def context_line(cfg, par, args) -> str:
+    """The banner's context-parallel line: tokens per rank and the bytes one rank's blocks keep
+    for backward (``costmodel.block_activation_terms`` x layers x live microbatches, the
+    formula the tests check against the measured caches), beside the same for cp 1 with the
+    blockwise kernel, which keeps what the ring keeps, so the ratio is cp's alone."""
+    from minipar.config import replace
+    from minipar.sim import costmodel as cm
+
+    e = 8 if args.dtype == "float64" else 4
+    rows = args.batch_size // par.dp // par.microbatches
+    layers = cfg.n_layers // (par.pp * par.virtual_stages)
+    live = cm.peak_live(par.schedule, par.pp, par.microbatches, par.virtual_stages, 0)
+
+    def blocks(p) -> int:
+        return live * layers * cm.activation_bytes_per_layer(
+            cfg, rows, p.tp, p.sequence_parallel, p.recompute, value_bytes=e, dropout=False,
+            layernorm_rstd=True, attention=p.attention, cp=p.cp)
+
+    here, alone = blocks(par), blocks(replace(par, cp=1, attention="blockwise"))
+    return (f"context | cp {par.cp} ({par.cp_split}), ring attention: {cfg.seq_len // par.cp} "
+            f"of {cfg.seq_len} tokens per rank; blocks keep {_fmt_bytes(here)} of activations "
+            f"per rank (cp 1, blockwise: {_fmt_bytes(alone)}, {alone / max(here, 1):.2f}x)")
 
 
 def _straggler_delay(args, world):
@@ -354,7 +380,8 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
                    "zero": par.zero, "sequence_parallel": par.sequence_parallel,
                    "schedule": par.schedule, "microbatches": par.microbatches,
                    "virtual_stages": par.virtual_stages, "partition": list(par.partition),
-                   "attention": par.attention, "recompute": par.recompute},
+                   "attention": par.attention, "recompute": par.recompute, "cp": par.cp,
+                   "cp_split": par.cp_split},
         "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                   "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
         "task": task.name, "steps": args.steps, "start_step": start,
@@ -381,9 +408,10 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
     if engine.scaler.enabled:
         console.say(f"scale   | loss scale {engine.scaler.scale:g} at the end; "
                     f"{engine.scaler.skipped} step(s) skipped for fp16 overflow")
-    if (par.attention, par.recompute) != ("plain", "none"):
+    if (par.attention, par.recompute) != ("plain", "none") or par.cp > 1:
         fwd, again = engine.forward_flops
-        console.say(f"memory  | {par.attention} attention, recompute {par.recompute}: rank 0 "
+        kernel = "ring" if par.cp > 1 else par.attention
+        console.say(f"memory  | {kernel} attention, recompute {par.recompute}: rank 0 "
                     f"kept at most {_fmt_bytes(engine.peak_activation_bytes)} of activations; "
                     f"forward {fwd / 1e9:.3f} GFLOP per step, {again / 1e9:.3f} of it recomputed")
     moved = sum(s["bytes"] for ops in rec.comm.values() for s in ops.values())
