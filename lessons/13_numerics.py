@@ -23,7 +23,8 @@
 # 1. the float formats and their ranges;
 # 2. why the weights need an fp32 master copy;
 # 3. fp16's dynamic loss scale, in a run with forced overflows;
-# 4. ZeRO's 16 bytes per parameter, measured from the real buffers.
+# 4. ZeRO's 16 bytes per parameter, measured from the real buffers;
+# 5. dropout whose masks every layout draws alike, so parallel still equals serial.
 
 # %%
 import matplotlib.pyplot as plt
@@ -129,7 +130,135 @@ for precision in ("fp32", "bf16"):
               f"per rank ({mem})")
 
 # %% [markdown]
-# ## 5. Dropout that agrees across layouts
+# ## 5. Dropout that every layout draws the same
 #
-# (Reserved: the dropout section, a counter-based mask drawn from global indices and one mask
-# cut over tp ranks, is added here by the dropout work.)
+# Dropout (Srivastava et al. 2014) zeroes each activation with probability P while training and
+# scales the survivors by 1 / (1 - P), so that the expected output is the input and evaluation
+# simply leaves it out. GPT-2 and Megatron-LM drop three things: the attention probabilities,
+# each block's output before it joins the residual stream, and the embedding. With
+# `--dropout P` minipar does the same.
+#
+# Randomness is where parallel training usually stops being comparable with the serial run.
+# A generator such as `numpy.random.default_rng(seed)` hands out numbers *in the order they are
+# asked for*. The serial run asks for the whole (B, H, T, T) mask of the attention
+# probabilities at once; a tensor-parallel rank holds only its H/tp heads, so the numbers it
+# gets first are not the ones the serial run gave to those heads.
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+
+from minipar.lessons import save_figure
+from minipar.nn.dropout import keep_mask, philox_words, site_key, threshold
+
+B, H, T, TP, P = 1, 4, 8, 2, 0.3
+serial = np.random.default_rng(0).random((B, H, T, T)) >= P  # (B, H, T, T) the serial mask
+heads = H // TP
+for rank in range(TP):
+    stateful = np.random.default_rng(0).random((B, heads, T, T)) >= P  # what this rank draws
+    mine = serial[:, rank * heads:(rank + 1) * heads]  # what the serial run used for its heads
+    print(f"tp rank {rank}: a stateful generator gives the serial mask of its heads? "
+          f"{np.array_equal(stateful, mine)}")
+
+# %% [markdown]
+# Rank 0 happens to agree (it asks first), rank 1 does not. Megatron-LM (Shoeybi et al. 2019)
+# keeps the ranks *consistent with each other* with an **RNG tracker**: one generator state,
+# seeded alike on every tp rank, for the replicated regions (the residual stream, where every
+# rank must drop the same elements or the copies drift apart), and one state per tp rank,
+# seeded with the rank, for the sharded regions (each rank's own heads), switched around each
+# dropout call. That is correct training, but the masks depend on the layout: a tp = 2 run
+# drops other probabilities than tp = 1, so it cannot be compared with the serial run number
+# for number, and changing the layout changes the run.
+#
+# **Counter-based generators** remove the order altogether. Philox (Salmon et al. 2011,
+# "Parallel random numbers: as easy as 1, 2, 3") is a pure function of a counter and a key:
+# Philox4x64-10(counter, key) gives 256 random bits, with no state in between. So minipar
+# *addresses* the random number of each element instead of drawing it in turn:
+#
+#     key    = hash(seed, step, site)          site: the layer's name, "blocks.0.attn.probs"
+#     word g = 32-bit word (g mod 8) of Philox4x64-10(counter = g div 8, key)
+#     keep g = word g >= floor(P 2^32)
+#
+# where g is the element's index in the **global** tensor of the step: rows numbered over the
+# whole global batch (a dp rank's microbatch starts at its first global row), all heads, all
+# tokens. A rank computes the global indices of its own elements and evaluates the generator
+# only there: its heads (tp), its tokens (sequence parallelism), its rows (dp, microbatches),
+# its layers (pp: the site names the layer). Its elements are a few contiguous runs of the
+# global order, one per row, and each run is one call of NumPy's `Philox` with its counter set
+# to the run's start. No tracker, no forking, and no communication about randomness.
+
+# %%
+key = site_key(seed=0, step=0, site="blocks.0.attn.probs")
+whole = keep_mask(key, P, (B, H, T, T), (0, 0, 0, 0), (H, T, T))  # (B, H, T, T) serial
+for rank in range(TP):
+    h0 = rank * heads
+    mine = keep_mask(key, P, (B, heads, T, T), (0, h0, 0, 0), (H, T, T))  # this rank only
+    print(f"tp rank {rank}: heads {h0}..{h0 + heads - 1} drawn alone equal the serial slice? "
+          f"{np.array_equal(mine, whole[:, h0:h0 + heads])}")
+
+# One element by hand: head 3, query 5, key 2 has global index g; its word decides it.
+g = ((0 * H + 3) * T + 5) * T + 2
+word = int(philox_words(key, g, 1)[0])
+print(f"element (0, 3, 5, 2): g = {g}, word {word} >= {threshold(P)}? {word >= threshold(P)}; "
+      f"the mask says {bool(whole[0, 3, 5, 2])}")
+
+# %% [markdown]
+# The picture: the attention-probability mask of one sequence, heads side by side, each tp
+# rank's heads framed in its colour (above the diagonal the causal mask has already zeroed the
+# probabilities, so dropping them changes nothing). Under sequence parallelism the residual
+# mask is cut along the tokens instead, and each rank again draws only its rows of it.
+
+# %%
+colors = ["tab:blue", "tab:orange"]
+fig, axes = plt.subplots(1, H, figsize=(2.2 * H, 2.6))
+for h, ax in enumerate(axes):
+    ax.imshow(whole[0, h], cmap="gray", vmin=0, vmax=1)
+    ax.set_title(f"head {h}: tp rank {h // heads}", fontsize=9, color=colors[h // heads])
+    ax.set_xticks([]), ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_color(colors[h // heads])
+        side.set_linewidth(3)
+fig.suptitle(f"attention dropout mask, P = {P} (white = kept), cut over tp = {TP} ranks")
+fig.tight_layout()
+save_figure(fig, "13", "dropout_mask_over_tp.png")
+
+# %% [markdown]
+# Because each mask is the serial run's, every layout with dropout trains exactly as the serial
+# run does. Here 2 steps on three layouts, compared number for number (losses, the gradients
+# of the last step, the updated weights), and an evaluation, which draws no mask at all.
+
+# %%
+from minipar.compare import mismatches, random_batches, serial_reference, train_layout
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.dist.comm import run_threads
+from minipar.dist.mesh import Mesh
+from minipar.engine import Engine
+
+cfg = ModelConfig(vocab_size=11, seq_len=8, n_layers=4, d_model=16, n_heads=4, dropout=0.1)
+batches = random_batches(cfg, steps=2, batch=8, seed=0)
+reference = serial_reference(cfg, batches)
+for par in (ParallelConfig(tp=2, sequence_parallel=True, dp=2),
+            ParallelConfig(pp=2, schedule="1f1b", microbatches=4, dp=2, zero=1),
+            ParallelConfig(dp=2, tp=2, pp=2, microbatches=2, sequence_parallel=True)):
+    got = run_threads(lambda w: train_layout(w, cfg, par, batches), par.world)[0]
+    print(f"dp {par.dp} x tp {par.tp} x pp {par.pp}: differences from serial "
+          f"{mismatches(got, reference, rtol=1e-9)}")
+
+with_dropout = Engine(cfg, ParallelConfig(), Mesh.serial(), dtype="float64")
+without = Engine(ModelConfig(**{**cfg.__dict__, "dropout": 0.0}), ParallelConfig(),
+                 Mesh.serial(), dtype="float64")
+print("evaluation equal with and without dropout:",
+      with_dropout.evaluate(batches) == without.evaluate(batches))
+
+# %% [markdown]
+# **What backward keeps.** The backward pass multiplies by the same mask, so the forward keeps
+# it: one byte per element (a boolean array in the layer's cache, which the activation meter
+# of lesson 6 counts), as Megatron does and as Korthikanti et al. 2022 count it. Regenerating
+# it in backward would save that byte but draw Philox a second time, which costs more than the
+# multiply it feeds. The attention keeps the softmax output and the mask, not the dropped
+# probabilities (Korthikanti's table keeps those too, e bytes per score): they are recomputed
+# in backward as one elementwise product.
+#
+# **Exercise.** In `minipar/engine.py` make every dp rank number its rows from 0
+# (`first = 0` in `Engine.gradients`) and run `pytest tests/test_dropout_layouts.py`: which
+# layouts stop equalling the serial run, and why does tp = 2 still pass?

@@ -23,6 +23,7 @@ class RunResult:
     params: dict = field(default_factory=dict)  # name -> full parameter after the last step
     grads: dict = field(default_factory=dict)  # name -> full gradient of the last step
     comm: list = field(default_factory=list)  # per step: {group: {op: stats}} seen by this rank
+    initial: dict = field(default_factory=dict)  # name -> full parameter before the first step
 
 
 def random_batches(cfg: ModelConfig, steps: int, batch: int, seed: int = 0,
@@ -43,16 +44,25 @@ def train_layout(world, cfg: ModelConfig, par: ParallelConfig, batches, *, seed:
                  dtype: str = "float64", lr: float = 1e-2, optimizer: str = "adamw",
                  weight_decay: float = 0.01, grad_clip: float = 1.0,
                  precision: str | None = None, loss_scale: float = 2.0 ** 16,
-                 loss_scale_window: int = 200) -> RunResult:
-    """Train on ``batches`` (global batches) with layout ``par``; collective over ``world``."""
+                 loss_scale_window: int = 200, init: dict | None = None,
+                 freeze: tuple[str, ...] = ()) -> RunResult:
+    """Train on ``batches`` (global batches) with layout ``par``; collective over ``world``.
+
+    Fine-tuning: ``init`` (full tensors by name, as a checkpoint holds them) replaces the seed's
+    weights before the first step; ``freeze`` names parameter prefixes that are not trained.
+    """
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
     mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
     engine = Engine(cfg, par, mesh, seed=seed, dtype=dtype, optimizer=optimizer, lr=lr,
                     weight_decay=weight_decay, grad_clip=grad_clip, precision=precision,
-                    loss_scale=loss_scale, loss_scale_window=loss_scale_window)
+                    loss_scale=loss_scale, loss_scale_window=loss_scale_window, freeze=freeze)
+    if init is not None:
+        engine.init_weights(init)
     result = RunResult()
+    if init is not None or freeze:  # a collective: only the fine-tuning tests look at it
+        result.initial = engine.full_params()
     for x, y in batches:
         rows = len(x) // par.dp
         lo = mesh.dp_rank * rows

@@ -29,6 +29,8 @@ HOST_ONLY = {
     "checkpoint.py": "files on disk: full host tensors by name",
     "compare.py": "compares gathered host copies (full_params returns host arrays)",
     "tasks.py": "makes host batches; the engine uploads them",
+    "seq2seq.py": "makes host batches of the encoder-decoder's tasks; the engine uploads them",
+    "train/show.py": "--show renders decoded rows on the host (after to_host)",
     "dist/assertions.py": "test assertions on host copies (backend.to_host first)",
     "train/cli.py": "the CLI: numpy.errstate for the host process",
 }
@@ -80,9 +82,17 @@ ALLOWED = {
         "MPI's user-defined reduction of 16-bit floats runs on host buffers MPI hands it",
     ("engine.py", "Engine.train_step.quiet", "numpy.errstate"):
         "fp16 overflow is expected and handled: NumPy's floating-point warnings off for the step",
+    ("engine.py", "Engine.init_weights", "numpy.zeros"):
+        "a fresh optimizer state (--init-from) as full host tensors, like a checkpoint's",
     ("engine.py", "Engine.evaluate", "*"):
         "host bookkeeping around forward_only (which uploads): padding host batches, host "
         "targets against downloaded predictions, metric counters, perplexity of a float",
+    ("nn/dropout.py", "site_key", "numpy.random.SeedSequence"):
+        "a dropout site's Philox key, hashed on the host from (seed, step, site)",
+    ("nn/dropout.py", "philox_words", "numpy.random.Philox"):
+        "NumPy's Philox runs on the host; the same bits on every backend, masks uploaded once",
+    ("nn/dropout.py", "keep_mask", "numpy.empty"):
+        "the host keep mask, filled run by run from Philox, then uploaded by MaskSource.keep",
     ("sim/activations.py", "measure_block_activations", "numpy.random.default_rng"):
         "a measurement helper: host random input, uploaded with from_host",
     ("sim/activations.py", "measure_block_activations.rank", "numpy.ascontiguousarray"):

@@ -16,6 +16,7 @@ from minipar import backend
 from minipar.config import ModelConfig, chunk_blocks
 from minipar.nn import functional as F
 from minipar.models.blocks import INIT_STD, Block
+from minipar.nn.dropout import Dropout
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
 from minipar.nn.precision import sum_fp32
 from minipar.parallel.deferral import DeferredWeightGrads
@@ -26,21 +27,25 @@ from minipar.parallel.tensor import (
 
 
 class Embedding(Module):
-    """Token embedding (vocab-parallel) plus learned or sinusoidal positions."""
+    """Token embedding (vocab-parallel) plus learned or sinusoidal positions, then dropout."""
 
-    def __init__(self, ctx: BuildContext, cfg: ModelConfig):
+    def __init__(self, ctx: BuildContext, cfg: ModelConfig, name: str = "embed",
+                 pos_name: str = "pos", length: int | None = None):
+        # name, pos_name, length: the encoder-decoder embeds a source and a target this way
         super().__init__()
         self.tp = ctx.tp
         self.sp = ctx.sequence_parallel
-        self.tok = VocabParallelEmbedding(ctx, "embed", cfg.vocab_size, cfg.d_model, INIT_STD)
+        length = cfg.seq_len if length is None else length
+        self.tok = VocabParallelEmbedding(ctx, name, cfg.vocab_size, cfg.d_model, INIT_STD)
         if cfg.pos == "learned":
-            self.pos = make_param(ctx, "pos", (cfg.seq_len, cfg.d_model), INIT_STD / 2)
+            self.pos = make_param(ctx, pos_name, (length, cfg.d_model), INIT_STD / 2)
             self.pos.tp_partial_grad = ctx.sequence_parallel
             self.table = None
         else:
             self.pos = None
             self.table = backend.from_host(
-                backend.to_host(F.sinusoidal_positions(cfg.seq_len, cfg.d_model, ctx.dtype)))
+                backend.to_host(F.sinusoidal_positions(length, cfg.d_model, ctx.dtype)))
+        self.drop = Dropout(ctx, f"{name}.out")
 
     def _positions(self, t_local: int):
         """The rows of the position table for this rank's tokens (all of them without SP)."""
@@ -52,9 +57,10 @@ class Embedding(Module):
         h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
         h += self._positions(h.shape[SEQ_AXIS])
         self.save(mb, h.shape[SEQ_AXIS])
-        return h
+        return self.drop.forward(h, mb)  # (B, T, C) or (B, T/tp, C)
 
     def backward(self, dh, mb=0):
+        dh = self.drop.backward(dh, mb)  # (B, T, C) or (B, T/tp, C)
         t_local = self.pop(mb)
         if self.pos is not None:
             dpos = self.pos.data * 0  # (T, C)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 
 from minipar import backend
-from minipar.nn import threads
+from minipar.nn import flops, threads
 from minipar.nn.precision import fp32_math
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant (Hendrycks & Gimpel 2016)
@@ -47,6 +47,7 @@ GELU_A = 0.044715
 def linear_fwd(x, w, b=None):
     """(..., in) @ (in, out) + (out,) -> (..., out). Flattens leading dims into one GEMM."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    flops.add(2 * x2.shape[0] * x2.shape[1] * w.shape[1])
     y = threads.matmul(x2, w)  # (N, out)
     if b is not None:
         y += b
@@ -292,6 +293,21 @@ def _gelu_bwd_rows(dy, x, t, inner) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Inverted dropout (Srivastava et al. 2014) through a given keep mask; where the mask comes from,
+# and why every layout draws the same one, is minipar.nn.dropout.
+
+
+def dropout_fwd(x, keep, p: float):
+    """y = x * keep / (1 - P), elementwise, so E[y] = x and evaluation simply skips it."""
+    return backend.xp().where(keep, x * (1.0 / (1.0 - p)), 0.0).astype(x.dtype, copy=False)
+
+
+def dropout_bwd(dy, keep, p: float):
+    """dx = dy * keep / (1 - P): dropout is linear in x, so backward is the same product."""
+    return dropout_fwd(dy, keep, p)
+
+
+# ---------------------------------------------------------------------------------------------
 # Softmax over the last axis, with the row maximum subtracted so exp never overflows.
 
 
@@ -330,13 +346,15 @@ def causal_bias(t: int, dtype):
 
 
 @fp32_math
-def attention_fwd(q, k, v):
+def attention_fwd(q, k, v, keep=None, p_drop: float = 0.0):
     """q, k, v (B, H, T, D) -> (B, H, T, D): softmax(q k^T / sqrt(D) + causal) v.
 
     Plain form, over all heads at once:
         s = q @ k.swapaxes(-1, -2) * scale + causal;  p = softmax(s);  y = p @ v
     computed here a few (batch, head) pairs at a time (``_attention_rows``) on the worker
-    threads, each product with one BLAS thread (see ``minipar.nn.threads``)."""
+    threads, each product with one BLAS thread (see ``minipar.nn.threads``). With ``keep``
+    (B, H, T, T) the probabilities are dropped out first, y = dropout(p) @ v
+    (``minipar.nn.dropout``); the cache keeps p and the mask, not the dropped p."""
     xp = backend.xp()
     b, h, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
@@ -344,13 +362,18 @@ def attention_fwd(q, k, v):
     p = xp.empty((b * h, t, t), dtype=q.dtype)  # (B*H, T, T)
     y = xp.empty_like(q3)  # (B*H, T, D)
     bias = causal_bias(t, q.dtype)
+    keep3 = None if keep is None else keep.reshape(b * h, t, t)  # (B*H, T, T) bool
+    flops.add(4 * b * h * t * t * d)  # q k^T and p v over the full (T, T), as the cost model counts
 
     def rows(r):
-        _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r])
+        drop = None if keep3 is None else (keep3[r], p_drop)
+        _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r], drop)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, b * h, b * h * t * t, threads.cache_rows(t * t, 1 << 16))
-    return y.reshape(q.shape), (q3, k3, v3, p, scale)
+    if keep3 is None:
+        return y.reshape(q.shape), (q3, k3, v3, p, scale)
+    return y.reshape(q.shape), (q3, k3, v3, p, scale, (keep3, p_drop))
 
 
 def _pairs(x):
@@ -368,12 +391,13 @@ def causal_blocks(t: int, block: int | None = None) -> list[tuple[int, int]]:
     return [(lo, min(lo + block, t)) for lo in range(0, t, block)]
 
 
-def _attention_rows(q, k, v, bias, scale, p, y) -> None:
-    """Attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D).
+def _attention_rows(q, k, v, bias, scale, p, y, drop=None) -> None:
+    """Attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D);
+    ``drop`` = (keep (n, T, T), P) drops out the probabilities before they weight v.
 
-    Plain form: p = softmax(q k^T * scale + causal);  y = p v. Here one query block at a time,
-    over the keys it can see: with blocks of T/4 rows this computes 5/8 of the scores, and the
-    entries skipped are exactly those where p is 0 (they are set to 0)."""
+    Plain form: p = softmax(q k^T * scale + causal);  y = dropout(p) v. Here one query block at
+    a time, over the keys it can see: with blocks of T/4 rows this computes 5/8 of the scores,
+    and the entries skipped are exactly those where p is 0 (they are set to 0)."""
     xp = backend.xp()
     for lo, hi in causal_blocks(q.shape[1]):
         s = p[:, lo:hi, :hi]  # (n, bq, hi) the visible scores of this block
@@ -382,7 +406,8 @@ def _attention_rows(q, k, v, bias, scale, p, y) -> None:
         s[:, :, lo:] += bias[lo:hi, lo:hi]  # the mask is all 0 left of the diagonal block
         softmax_fwd(s, inplace=True)
         p[:, lo:hi, hi:] = 0.0
-        xp.matmul(s, v[:, :hi], out=y[:, lo:hi])  # (n, bq, D)
+        pd = s if drop is None else dropout_fwd(s, drop[0][:, lo:hi, :hi], drop[1])
+        xp.matmul(pd, v[:, :hi], out=y[:, lo:hi])  # (n, bq, D)
 
 
 @fp32_math
@@ -398,25 +423,29 @@ def attention_bwd(dy, cache):
 def _attention_grads(dy, cache):
     """dq, dk, dv stacked in one (3, B*H, T, D) array."""
     xp = backend.xp()
-    q, k, v, p, scale = cache
+    q, k, v, p, scale, *dropped = cache
+    keep, p_drop = dropped[0] if dropped else (None, 0.0)
     n, t, _ = q.shape
     dy3 = _pairs(dy)  # (B*H, T, D)
     grads = xp.empty((3, *q.shape), dtype=q.dtype)  # (3, B*H, T, D)
 
     def rows(r):
-        _attention_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r])
+        drop = None if keep is None else (keep[r], p_drop)
+        _attention_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r], drop)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, n, n * t * t, threads.cache_rows(t * t, 1 << 16))
     return grads
 
 
-def _attention_bwd_rows(dy, q, k, v, p, scale, out) -> None:
-    """Gradients of n (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D).
+def _attention_bwd_rows(dy, q, k, v, p, scale, out, drop=None) -> None:
+    """Gradients of n (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D);
+    with ``drop`` = (keep, P) the dropped probabilities are recomputed from p and the mask.
 
-    Plain form: dv = p^T dy;  ds = softmax_bwd(dy v^T, p) * scale;  dq = ds k;  dk = ds^T q.
-    Only the causal blocks where p can be non-zero are computed: query block [lo, hi) sees keys
-    [0, hi), so key block [lo, hi) is seen by queries [lo, T) (elsewhere p = ds = 0)."""
+    Plain form: dv = dropout(p)^T dy;  ds = softmax_bwd(dropout_bwd(dy v^T), p) * scale;
+    dq = ds k;  dk = ds^T q. Only the causal blocks where p can be non-zero are computed: query
+    block [lo, hi) sees keys [0, hi), so key block [lo, hi) is seen by queries [lo, T)
+    (elsewhere p = ds = 0)."""
     xp = backend.xp()
     dq, dk, dv = out
     t = q.shape[1]
@@ -424,11 +453,16 @@ def _attention_bwd_rows(dy, q, k, v, p, scale, out) -> None:
     for lo, hi in causal_blocks(t):  # query blocks: rows of ds, then dq
         dp = ds[:, lo:hi, :hi]  # (n, bq, hi)
         xp.matmul(dy[:, lo:hi], v[:, :hi].swapaxes(-1, -2), out=dp)
+        if drop is not None:  # through the same mask
+            dp[...] = dropout_bwd(dp, drop[0][:, lo:hi, :hi], drop[1])
         softmax_bwd(dp, p[:, lo:hi, :hi], inplace=True)  # ds, in place
         dp *= scale
         xp.matmul(dp, k[:, :hi], out=dq[:, lo:hi])  # (n, bq, D)
     for lo, hi in causal_blocks(t):  # key blocks: columns of p and ds, then dv and dk
-        xp.matmul(p[:, lo:, lo:hi].swapaxes(-1, -2), dy[:, lo:], out=dv[:, lo:hi])  # (n, bk, D)
+        pd = p[:, lo:, lo:hi]  # (n, T - lo, bk)
+        if drop is not None:  # what weighted v
+            pd = dropout_fwd(pd, drop[0][:, lo:, lo:hi], drop[1])
+        xp.matmul(pd.swapaxes(-1, -2), dy[:, lo:], out=dv[:, lo:hi])  # (n, bk, D)
         xp.matmul(ds[:, lo:, lo:hi].swapaxes(-1, -2), q[:, lo:], out=dk[:, lo:hi])  # (n, bk, D)
 
 
@@ -445,8 +479,9 @@ def merge_heads(x):
 
 
 @fp32_math
-def mha_fwd(qkv, n_heads: int):
-    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D).
+def mha_fwd(qkv, n_heads: int, keep=None, p_drop: float = 0.0):
+    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D);
+    ``keep`` (B, H, T, T) drops out the attention probabilities (see ``attention_fwd``).
 
     Plain form: q, k, v = (split_heads(part, H) for part in the three thirds of qkv). Here one
     transposing copy makes all three contiguous per (batch, head) at once."""
@@ -455,7 +490,7 @@ def mha_fwd(qkv, n_heads: int):
     d = c3 // (3 * n_heads)
     qkv5 = xp.ascontiguousarray(
         qkv.reshape(b, t, 3, n_heads, d).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
-    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2])  # (B, H, T, D)
+    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2], keep, p_drop)  # (B, H, T, D)
     return merge_heads(y), (cache, n_heads)
 
 
@@ -470,6 +505,71 @@ def mha_bwd(dy, cache):
     grads = _attention_grads(split_heads(dy, n_heads), att_cache)  # (3, B*H, T, D)
     grads = grads.reshape(3, b, n_heads, t, c // n_heads)  # (3, B, H, T, D)
     return grads.transpose(1, 3, 0, 2, 4).reshape(b, t, 3 * c)  # (B, T, 3C)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention of one stream over another, with a mask: the encoder-decoder Transformer (Vaswani et
+# al. 2017, section 3.2.3). Its decoder's cross-attention takes queries from the decoder and keys
+# and values from the encoder's output, so Tq and Tk differ; the encoder's self-attention is the
+# case where both come from the source (and a key/value cache the case of one new query). The
+# mask is additive: 0 where a query may look, -inf where it may not (padding of the source). The
+# per-pair row functions are the causal kernel's own: only the layout around them is new.
+
+
+def padding_bias(valid, dtype):
+    """(B, Tk) bool, True on real tokens -> (B, 1, Tk) additive mask (-inf on padding keys)."""
+    xp = backend.xp()
+    return xp.where(valid, 0.0, -xp.inf).astype(dtype)[:, None, :]
+
+
+def cross_attention_fwd(q, kv, n_heads: int, bias):
+    """q (B, Tq, H*D), kv (B, Tk, 2*H*D) laid out [K | V], bias (B, 1 or Tq, Tk) -> (B, Tq, H*D).
+
+    Plain form, per batch row and head: y = softmax(q k^T / sqrt(D) + bias) v. Every query row
+    must see at least one key (a source is never all padding), else its softmax is 0/0."""
+    xp = backend.xp()
+    b, tq, c = q.shape
+    tk, d = kv.shape[1], c // n_heads
+    q3 = _pairs(split_heads(q, n_heads))  # (B*H, Tq, D)
+    kv5 = xp.ascontiguousarray(
+        kv.reshape(b, tk, 2, n_heads, d).transpose(2, 0, 3, 1, 4))  # (2, B, H, Tk, D)
+    k3, v3 = kv5[0].reshape(b * n_heads, tk, d), kv5[1].reshape(b * n_heads, tk, d)
+    bias3 = xp.repeat(bias, n_heads, axis=0)  # (B*H, 1 or Tq, Tk): each head its row's mask
+    p = xp.empty((b * n_heads, tq, tk), dtype=q.dtype)  # (B*H, Tq, Tk)
+    y = xp.empty_like(q3)  # (B*H, Tq, D)
+    scale = 1.0 / math.sqrt(d)
+
+    def rows(r):
+        _attention_rows(q3[r], k3[r], v3[r], bias3[r], scale, p[r], y[r])
+
+    with threads.one_blas_thread():
+        threads.map_rows(rows, b * n_heads, b * n_heads * tq * tk,
+                         threads.cache_rows(tq * tk, 1 << 16))
+    return merge_heads(y.reshape(b, n_heads, tq, d)), (q3, k3, v3, p, scale, n_heads)
+
+
+def cross_attention_bwd(dy, cache):
+    """dy (B, Tq, H*D) -> dq (B, Tq, H*D), dkv (B, Tk, 2*H*D) laid out [dK | dV].
+
+    Plain form: dv = p^T dy;  dp = dy v^T;  ds = softmax_bwd(dp, p) / sqrt(D);  dq = ds k;
+    dk = ds^T q. A key or value feeds every query that sees it, so its gradient sums over them;
+    masked entries have p = 0, so padding keys get no gradient."""
+    xp = backend.xp()
+    q3, k3, v3, p, scale, n_heads = cache
+    b, tq, c = dy.shape
+    tk, d = k3.shape[1], c // n_heads
+    dy3 = _pairs(split_heads(dy, n_heads))  # (B*H, Tq, D)
+    dq = xp.empty_like(q3)  # (B*H, Tq, D)
+    dkv = xp.empty((2, *k3.shape), dtype=k3.dtype)  # (2, B*H, Tk, D)
+
+    def rows(r):
+        out = (dq[r], dkv[0, r], dkv[1, r])  # (dq, dk, dv) of these pairs
+        _attention_bwd_rows(dy3[r], q3[r], k3[r], v3[r], p[r], scale, out)
+
+    with threads.one_blas_thread():
+        threads.map_rows(rows, len(q3), len(q3) * tq * tk, threads.cache_rows(tq * tk, 1 << 16))
+    dkv = dkv.reshape(2, b, n_heads, tk, d).transpose(1, 3, 0, 2, 4)  # (B, Tk, 2, H, D)
+    return merge_heads(dq.reshape(b, n_heads, tq, d)), dkv.reshape(b, tk, 2 * c)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from minipar.nn.optim import make_optimizer, master_step
 from minipar.nn.precision import square_sum
 from minipar.parallel.data import (
     BucketedDataParallel, Buckets, DataParallel, DataParallelStrategy, allreduce_views,
-    params_used, state_of, unit_owners,
+    params_dtype, params_used, state_of, trainable_params, unit_owners,
 )
 from minipar.parallel.flat import FlatLayout, bucket_count
 
@@ -184,9 +184,9 @@ class ZeRO1(Buckets, ShardedState):
                  weight_decay: float = 0.0, bucket_mb: float = 0.0,
                  microbatches: int | None = None, grad_dtype: str | None = None,
                  master: bool = False):
-        self.params = [p for c in chunks for p in c.params()]
+        self.params = trainable_params(chunks)  # frozen ones stay whole on every rank
         self.mesh = mesh
-        self.dtype = self.params[0].data.dtype
+        self.dtype = params_dtype(chunks)
         self.grad_dtype = backend.xp().dtype(grad_dtype or self.dtype)
         dp = mesh.dp.size
         padded = -(-sum(int(p.data.size) for p in self.params) // dp) * dp
@@ -324,9 +324,9 @@ class ZeRO3(ShardedState):
 
     def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, grad_dtype: str | None = None, master: bool = False):
-        self.params = [p for c in chunks for p in c.params()]
+        self.params = trainable_params(chunks)  # frozen ones stay whole on every rank
         self.mesh = mesh
-        self.dtype = self.params[0].data.dtype
+        self.dtype = params_dtype(chunks)
         self.grad_dtype = backend.xp().dtype(grad_dtype or self.dtype)
         units, owner = unit_owners(chunks, self.params)
         finished_by = [[p for p in self.params if owner[id(p)] == u] for u in range(len(units))]
@@ -357,7 +357,8 @@ class ZeRO3(ShardedState):
         for chunk in chunks:
             first, last = {}, {}
             for unit in chunk.units:
-                for k in sorted({segment_of[id(p)] for p in params_used(unit)}):
+                for k in sorted({segment_of[id(p)] for p in params_used(unit)
+                                 if id(p) in segment_of}):  # frozen ones are never gathered
                     first.setdefault(k, id(unit))
                     last[k] = id(unit)
             for unit in chunk.units:

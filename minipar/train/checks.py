@@ -97,8 +97,17 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     k = pol.state_bytes(2 if optimizer == "adamw" else 1)
     e = 8 if dtype == "float64" else 4
     rows = batch_size // par.dp // par.microbatches  # sequences per microbatch
+    masks = cfg.dropout > 0  # 1-byte masks kept; the dropped probabilities are not (dropout.py)
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
-                                          value_bytes=e, dropout=False, layernorm_rstd=True)
+                                          par.recompute, value_bytes=e, dropout=masks,
+                                          layernorm_rstd=True, attention=par.attention)
+    working = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
+                                            value_bytes=e, dropout=masks, layernorm_rstd=True,
+                                            attention=par.attention)  # the block in backward
+    if masks:  # the table keeps the dropped probabilities too; dropout.py recomputes them
+        dropped = e * rows * (cfg.n_heads // par.tp) * cfg.seq_len ** 2
+        block -= dropped if par.recompute == "none" else 0
+        working -= dropped
     logits = 3 * rows * cfg.seq_len * padded_vocab(cfg.vocab_size, par.tp) // par.tp * e
     worst: dict = {"total": -1}
     for stage in range(par.pp):
@@ -109,7 +118,7 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
         mem = {"weights": ew * n, "gradients": eg * n // (par.dp if par.zero >= 2 else 1),
                "optimizer": k * n // (par.dp if par.zero >= 1 else 1),
                "activations": live * layers * block + (logits if stage == par.pp - 1 else 0),
-               "working": block, "data": 2 * 8 * batch_size * cfg.seq_len}
+               "working": working, "data": 2 * 8 * batch_size * cfg.seq_len}
         mem["total"] = sum(mem.values())
         if mem["total"] > worst["total"]:
             worst = mem

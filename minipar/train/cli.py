@@ -83,8 +83,23 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     # The older name of --precision (float32 = fp32, float64 = fp64), kept out of the help.
     m.add_argument("--dtype", default=None, choices=["float32", "float64"],
                    help=argparse.SUPPRESS)
+    m.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="attention, residual and embedding dropout in training (0 = off); "
+                        "every layout draws the serial run's masks")
+    m.add_argument("--attention", default="plain", choices=["plain", "blockwise"],
+                   help="attention kernel: plain keeps the (T, T) softmax per head for backward, "
+                        "blockwise (flash-attention style) only O(T); the numbers agree")
+    m.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="activation recomputation (Korthikanti et al. 2022): selective reruns "
+                        "the attention core in backward, full reruns each block's forward")
+    m.add_argument("--arch", default="gpt", help="gpt (decoder only, the default) or encdec "
+                   "(the encoder-decoder of Vaswani et al. 2017: --task translate, summarize, qa)")
+    m.add_argument("--norm", default="pre", help="encdec: LayerNorm before each sublayer (pre) "
+                   "or after it (post, the paper's)")
+    m.add_argument("--pos", default=None, help="positions: learned (default) or sinusoidal")
     d = p.add_argument_group("data")
-    d.add_argument("--task", default=None, help="sort (default), reverse, add, text")
+    d.add_argument("--task", default=None, help="sort (default), reverse, add, text; with "
+                   "--arch encdec: translate (default), summarize, qa")
     d.add_argument("--data", default=None, metavar="FILE",
                    help="UTF-8 text file for --task text (implies it)")
     d.add_argument("--n-digits", type=int, default=None,
@@ -101,6 +116,9 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     t.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
     t.add_argument("--summary", default=None, metavar="FILE", help="write a JSON summary")
+    t.add_argument("--show", type=int, default=0, metavar="N",
+                   help="--arch encdec: at the end print N held-out examples, source -> "
+                        "reference -> the model's greedy output")
     t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
     t.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
                    help="array backend: numpy, cupy (GPU), strict (CPU stand-in for a device)")
@@ -127,6 +145,13 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                         "(they are deleted at the first save)")
     c.add_argument("--resume", default=None, metavar="PATH",
                    help="a run directory (its newest checkpoint) or one step directory")
+    c.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start a new run (any task) from a checkpoint's weights "
+                        "(a run directory or one step directory, saved in any layout) with a "
+                        "fresh optimizer, step and schedule; the model flags must match it")
+    c.add_argument("--freeze", default=None, metavar="NAMES",
+                   help="comma-separated parameter-name prefixes to keep fixed, e.g. "
+                        "embed,blocks.0 (no update, no optimizer state, no gradient sync)")
     c.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradients are not finite, instead of stopping")
     c.add_argument("--check-collectives", action="store_true",
@@ -225,6 +250,7 @@ def resolve_precision(args) -> None:
 def make_configs(args, world: int):
     """Validated (ModelConfig, ParallelConfig, task) or ConfigError; no collective involved."""
     from minipar.config import MODEL_PRESETS, ConfigError, ModelConfig, ParallelConfig, replace
+    from minipar.seq2seq import SEQ2SEQ_TASKS
     from minipar.tasks import make_task
     from minipar.sim.partition import resolve_partition
     from minipar.train.async_run import check_mode
@@ -239,6 +265,10 @@ def make_configs(args, world: int):
         raise ConfigError("--save-every needs --save DIR")
     if args.overwrite and not args.save:
         raise ConfigError("--overwrite needs --save DIR")
+    if args.arch == "encdec" or args.task in SEQ2SEQ_TASKS:
+        return _encdec_configs(args, world)
+    if args.arch != "gpt" or args.norm != "pre" or args.show:
+        _check_arch(args)
     task_kw = {} if args.n_digits is None else {"n_digits": args.n_digits}
     task = make_task(args.task, args.seed, data_path=args.data, seq_len=args.seq_len, **task_kw)
     cfg: ModelConfig = MODEL_PRESETS[args.model]
@@ -248,7 +278,8 @@ def make_configs(args, world: int):
     cfg = replace(cfg, vocab_size=vocab, seq_len=task.seq_len, tie_weights=args.tie_weights,
                   n_layers=_given(args.layers, cfg.n_layers),
                   d_model=_given(args.d_model, cfg.d_model),
-                  n_heads=_given(args.heads, cfg.n_heads))
+                  n_heads=_given(args.heads, cfg.n_heads), dropout=args.dropout,
+                  pos=_given(args.pos, cfg.pos))
     cfg.validate()
     check_mode(args, world)
     if args.mode != "sync":  # whole replicas: the layout flags were refused by check_mode
@@ -258,7 +289,58 @@ def make_configs(args, world: int):
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
-                         bucket_mb=args.bucket_mb, partition=blocks)
+                         bucket_mb=args.bucket_mb, partition=blocks, attention=args.attention,
+                         recompute=args.recompute)
+    par.validate(cfg, world_size=world, batch_size=args.batch_size)
+    return cfg, par, task, note
+
+
+def _check_arch(args) -> None:
+    """--arch, and the flags that only the encoder-decoder takes, for a GPT run."""
+    from minipar.config import ConfigError
+
+    if args.arch not in ("gpt", "encdec"):
+        raise ConfigError(f"--arch must be gpt or encdec, got {args.arch!r}")
+    if args.norm != "pre":
+        raise ConfigError(f"--norm {args.norm} applies to --arch encdec (the GPT is pre-LN)")
+    if args.show:
+        raise ConfigError("--show prints decoded examples of --arch encdec")
+
+
+def _encdec_configs(args, world: int):
+    """make_configs for --arch encdec: the task sets the source and target lengths."""
+    from minipar.config import MODEL_PRESETS, ConfigError, ParallelConfig, replace
+    from minipar.seq2seq import make_seq2seq_task
+
+    if args.arch != "encdec":
+        raise ConfigError(f"--task {args.task} needs an encoder: add --arch encdec")
+    for flag, given in (("--data", args.data), ("--n-digits", args.n_digits),
+                        ("--seq-len", args.seq_len), ("--vocab", args.vocab)):
+        if given is not None:
+            raise ConfigError(f"{flag} does not apply to --arch encdec (its task sets the "
+                              "vocabulary and the source and target lengths)")
+    if args.mode != "sync":
+        raise ConfigError(f"--mode {args.mode} trains GPT replicas; --arch encdec needs "
+                          "--mode sync")
+    if args.show < 0:
+        raise ConfigError(f"--show must be >= 0, got {args.show}")
+    task = make_seq2seq_task(args.task, args.seed)
+    base = MODEL_PRESETS[args.model]
+    cfg = replace(base, vocab_size=task.vocab_size, seq_len=task.seq_len, src_len=task.src_len,
+                  arch="encdec", norm=args.norm, tie_weights=args.tie_weights,
+                  pos=_given(args.pos, base.pos), n_layers=_given(args.layers, base.n_layers),
+                  d_model=_given(args.d_model, base.d_model),
+                  n_heads=_given(args.heads, base.n_heads), dropout=args.dropout)
+    cfg.validate()
+    if getattr(args, "partition", "equal") != "equal":
+        raise ConfigError("--partition applies to GPT pipelines; --arch encdec runs on one "
+                          "pipeline stage")
+    dp, tp, pp, note = pick_layout(args, world)
+    par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
+                         sequence_parallel=args.sequence_parallel, schedule=args.schedule,
+                         microbatches=args.microbatches, virtual_stages=args.virtual_stages,
+                         bucket_mb=args.bucket_mb, attention=args.attention,
+                         recompute=args.recompute)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 
@@ -274,6 +356,8 @@ class Setup:
     run_id: str
     memory: dict
     resume: tuple | None = None  # (params, optim or None for a fresh optimizer, meta)
+    init: tuple | None = None  # --init-from: (params, meta, step dir)
+    freeze: tuple = ()  # --freeze: parameter-name prefixes
     warnings: list[str] = field(default_factory=list)
 
 
@@ -281,8 +365,10 @@ def _resume(args, cfg, task) -> tuple[tuple, list[str]]:
     """The checkpoint of ``--resume``, compared with this run; warnings under ``--force``."""
     from minipar import checkpoint
     from minipar.config import ConfigError
+    from minipar.train.finetune import check_resume_freeze
 
     params, optim, meta = checkpoint.load(args.resume, cfg)
+    check_resume_freeze(args, meta)
     if meta["step"] >= args.steps:
         raise ConfigError(f"--resume: the checkpoint is at step {meta['step']}, "
                           f"not before --steps {args.steps}")
@@ -304,12 +390,14 @@ def _resume(args, cfg, task) -> tuple[tuple, list[str]]:
 
 def prepare(args, world_size: int, ranks_here: int) -> Setup:
     """Every check, in the order a user fixes things; ConfigError on the first failure."""
-    from minipar.train import checks
+    from minipar.train import checks, finetune
 
     cfg, par, task, note = make_configs(args, world_size)
     warnings = [w for w in [checks.check_seq_len(args, task)] if w]
     checks.check_outputs(args)
     memory = checks.check_memory(args, cfg, par, ranks_here)
+    init, freeze, lines = finetune.prepare_init(args, cfg, task)
+    warnings = lines + warnings
     resume, run_id = None, uuid.uuid4().hex
     if args.resume:
         resume, more = _resume(args, cfg, task)
@@ -317,7 +405,8 @@ def prepare(args, world_size: int, ranks_here: int) -> Setup:
         run_id = resume[2]["run_id"]
     if args.save:
         _check_owner(args, resume[2]["run_id"] if resume else None)
-    return Setup(cfg, par, task, note, run_id, memory, resume, warnings)
+    return Setup(cfg, par, task, note, run_id, memory, resume, warnings=warnings, init=init,
+                 freeze=freeze)
 
 
 def _check_owner(args, run_id: str | None) -> None:
@@ -403,7 +492,8 @@ def _train(args, setup: Setup, world, rank0: bool, in_process: bool) -> int:
         with numpy.errstate(all="ignore"):
             summary = run(args, setup.cfg, setup.par, setup.task, world, setup.note,
                           blas_threads=BLAS_THREADS, resume=setup.resume, run_id=setup.run_id,
-                          memory=setup.memory, warnings=setup.warnings)
+                          memory=setup.memory, warnings=setup.warnings, init=setup.init,
+                          freeze=setup.freeze)
     except FloatingPointError as exc:  # every rank sees the same allreduced loss and norm
         if rank0:
             print(f"minipar.train: error: {exc} (use --skip-nonfinite to skip such steps)",

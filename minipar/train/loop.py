@@ -12,6 +12,7 @@ they can never tangle, and nothing is printed after the summary.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,14 @@ def _fmt_bytes(n: float) -> str:
         n /= 1024
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
+
+
+def _n_params(cfg, engine) -> int:
+    """The model's parameters: the cost model's count for the GPT; for the encoder-decoder
+    (one pipeline stage) the full shapes of the built model's parameters."""
+    if cfg.arch != "encdec":
+        return param_count(cfg)
+    return sum(math.prod(p.full_shape) for p in engine.params)
 
 
 def _comm_mode(world) -> str:
@@ -125,6 +134,7 @@ class Record:
     skipped: list = field(default_factory=list)
     tokens: int = 0
     train_s: float = 0.0
+    decoded: float | None = None  # --show: exact match of cached greedy decoding (encdec)
 
 
 def save_checkpoint(engine, args, cfg, par, task, step: int, run_id: str,
@@ -140,7 +150,12 @@ def save_checkpoint(engine, args, cfg, par, task, step: int, run_id: str,
         return None
     meta = {"model": asdict(cfg), "layout": asdict(par), "seed": args.seed, "task": task.name,
             "data_position": step, "optimizer": args.optimizer, "run_id": run_id,
-            "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype}
+            "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype,
+            "freeze": list(engine.freeze)}
+    if engine.scaler.enabled:  # fp16: the dynamic loss scale is state, like Adam's moments
+        sc = engine.scaler
+        meta["loss_scale"] = {"scale": sc.scale, "clean_steps": sc.clean_steps,
+                              "skipped": sc.skipped}
     return checkpoint.write(args.save, step, params, optim, meta, keep=args.keep,
                             replace_other_runs=first and getattr(args, "overwrite", False))
 
@@ -219,8 +234,9 @@ def _evaluate(engine, task, args, step: int, console: Console) -> dict:
     return {"step": step, **metrics}
 
 
-def _start(args, cfg, par, world, resume, tracer):
-    """The mesh and the engine, at the checkpoint's step when resuming (collective)."""
+def _start(args, cfg, par, world, resume, tracer, init=None, freeze=()):
+    """The mesh and the engine, at the checkpoint's step when resuming, or at step 0 with a
+    checkpoint's weights when fine-tuning (``init``, see ``minipar.train.finetune``)."""
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
@@ -229,7 +245,9 @@ def _start(args, cfg, par, world, resume, tracer):
                     lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                     tracer=tracer, precision=getattr(args, "precision", None),
                     loss_scale=getattr(args, "loss_scale", 2.0 ** 16),
-                    loss_scale_window=getattr(args, "loss_scale_window", 200))
+                    loss_scale_window=getattr(args, "loss_scale_window", 200), freeze=freeze)
+    if init is not None:
+        engine.init_weights(init[0])
     start = 0
     if resume is not None:
         params, optim, meta = resume
@@ -238,6 +256,11 @@ def _start(args, cfg, par, world, resume, tracer):
             optim = {k: numpy.zeros_like(v) for k, v in engine.full_optimizer_state().items()}
             steps = 0
         engine.load_full_state(params, optim, steps)
+        saved_scale = meta.get("loss_scale")
+        if engine.scaler.enabled and saved_scale and optim is not None:
+            engine.scaler.scale = float(saved_scale["scale"])
+            engine.scaler.clean_steps = int(saved_scale["clean_steps"])
+            engine.scaler.skipped = int(saved_scale["skipped"])
         start = int(meta["step"])
         engine.step_count = start
     return mesh, engine, start
@@ -252,7 +275,7 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
         f"{blas_threads or '?'} BLAS thread(s) per rank")
     say(f"backend | {backend.describe()}" + (f"; {_comm_mode(world)}" if world.size > 1 else ""))
     say(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-        f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {param_count(cfg):,} parameters "
+        f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {_n_params(cfg, engine):,} parameters "
         f"({args.dtype})")
     say(f"numbers | precision {engine.policy.name}: weights/activations {engine.policy.dtype}, "
         f"master and optimizer state {engine.policy.master_dtype}; {engine.scaler.describe()}")
@@ -329,18 +352,22 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
         "layout": {"dp": par.dp, "tp": par.tp, "pp": par.pp, "world": world.size,
                    "zero": par.zero, "sequence_parallel": par.sequence_parallel,
                    "schedule": par.schedule, "microbatches": par.microbatches,
-                   "virtual_stages": par.virtual_stages, "partition": list(par.partition)},
+                   "virtual_stages": par.virtual_stages, "partition": list(par.partition),
+                   "attention": par.attention, "recompute": par.recompute},
         "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                   "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
         "task": task.name, "steps": args.steps, "start_step": start,
         "skipped_steps": rec.skipped, "batch_size": args.batch_size,
-        "dtype": args.dtype, "params": param_count(cfg), "losses": rec.losses,
+        "dtype": args.dtype, "params": _n_params(cfg, engine), "losses": rec.losses,
         "precision": engine.policy.name, "loss_scale": engine.scaler.scale,
         "overflow_skips": engine.scaler.skipped,
         "final_loss": rec.losses[-1], "evals": rec.evals,
         "tokens_per_s": rec.tokens / rec.train_s if rec.train_s else 0.0, "wall_s": wall,
         "comm": rec.comm, "memory": engine.memory(),
+        "forward_flops": dict(zip(("all", "recomputed"), engine.forward_flops)),
     }
+    if rec.decoded is not None:
+        summary["decoded_exact_match"] = rec.decoded
     if task.metric == "exact_match":
         summary["eval_accuracy"] = final["exact_match"]
         acc = f"held-out exact match {final['exact_match']:.3f}"
@@ -353,6 +380,11 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
     if engine.scaler.enabled:
         console.say(f"scale   | loss scale {engine.scaler.scale:g} at the end; "
                     f"{engine.scaler.skipped} step(s) skipped for fp16 overflow")
+    if (par.attention, par.recompute) != ("plain", "none"):
+        fwd, again = engine.forward_flops
+        console.say(f"memory  | {par.attention} attention, recompute {par.recompute}: rank 0 "
+                    f"kept at most {_fmt_bytes(engine.peak_activation_bytes)} of activations; "
+                    f"forward {fwd / 1e9:.3f} GFLOP per step, {again / 1e9:.3f} of it recomputed")
     moved = sum(s["bytes"] for ops in rec.comm.values() for s in ops.values())
     if moved:
         console.say(f"comm    | {_fmt_bytes(moved)} moved by rank 0 over the run "
@@ -361,13 +393,16 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
 
 
 def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=None,
-        resume=None, run_id: str = "", memory: dict | None = None, warnings=()):
+        resume=None, run_id: str = "", memory: dict | None = None, warnings=(), init=None,
+        freeze=()):
     """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere).
 
     ``resume`` is ``(params, optim, meta)`` from ``checkpoint.read`` (``optim`` None: a fresh
     optimizer state): training continues at the checkpoint's step with its weights, whatever
-    layout saved it. ``run_id`` goes into every checkpoint; ``memory`` is the estimate the
-    checks made and ``warnings`` lines they want printed.
+    layout saved it. ``init`` is ``(params, meta, step dir)`` of ``--init-from``: those
+    weights, with a fresh optimizer and step 0; ``freeze`` the ``--freeze`` prefixes.
+    ``run_id`` goes into every checkpoint; ``memory`` is the estimate the checks made and
+    ``warnings`` lines they want printed.
     """
     if getattr(args, "mode", "sync") != "sync":  # whole replicas, asynchronous or local SGD
         from minipar.train.async_run import run_async
@@ -384,7 +419,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         from minipar.observe.trace import Tracer
 
         tracer = Tracer(rank=world.rank)
-    mesh, engine, start = _start(args, cfg, par, world, resume, tracer)
+    mesh, engine, start = _start(args, cfg, par, world, resume, tracer, init, freeze)
     console = Console(world.rank == 0, out)
     banner(console, args, cfg, par, task, world, mesh, note, blas_threads, memory, engine,
            start, resume, warnings)
@@ -405,6 +440,10 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     finally:
         console.close_bar()  # an error line after this starts on a line of its own
     wall = time.perf_counter() - t_start
+    if getattr(args, "show", 0) and cfg.arch == "encdec":  # collective: gathers the weights
+        from minipar.train.show import show
+
+        rec.decoded = show(engine, task, args.show, console.say)
     if tracer is not None:
         _write_trace(tracer, world, args, par, rec.losses, console)
     if world.rank != 0:
