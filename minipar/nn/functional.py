@@ -351,7 +351,7 @@ def attention_fwd(q, k, v, keep=None, p_drop: float = 0.0):
 
     Plain form, over all heads at once:
         s = q @ k.swapaxes(-1, -2) * scale + causal;  p = softmax(s);  y = p @ v
-    computed here a few (batch, head) pairs at a time (``_attention_rows``) on the worker
+    computed here a few (batch, head) pairs at a time (``_causal_rows``) on the worker
     threads, each product with one BLAS thread (see ``minipar.nn.threads``). With ``keep``
     (B, H, T, T) the probabilities are dropped out first, y = dropout(p) @ v
     (``minipar.nn.dropout``); the cache keeps p and the mask, not the dropped p."""
@@ -367,7 +367,7 @@ def attention_fwd(q, k, v, keep=None, p_drop: float = 0.0):
 
     def rows(r):
         drop = None if keep3 is None else (keep3[r], p_drop)
-        _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r], drop)
+        _causal_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r], drop)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, b * h, b * h * t * t, threads.cache_rows(t * t, 1 << 16))
@@ -391,11 +391,12 @@ def causal_blocks(t: int, block: int | None = None) -> list[tuple[int, int]]:
     return [(lo, min(lo + block, t)) for lo in range(0, t, block)]
 
 
-def _attention_rows(q, k, v, bias, scale, p, y, drop=None) -> None:
-    """Attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D);
+def _causal_rows(q, k, v, bias, scale, p, y, drop=None) -> None:
+    """Causal attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D);
     ``drop`` = (keep (n, T, T), P) drops out the probabilities before they weight v.
 
-    Plain form: p = softmax(q k^T * scale + causal);  y = dropout(p) v. Here one query block at
+    Plain form (``_attention_rows`` with the causal bias): p = softmax(q k^T * scale + causal);
+    y = dropout(p) v. Here one query block at
     a time, over the keys it can see: with blocks of T/4 rows this computes 5/8 of the scores,
     and the entries skipped are exactly those where p is 0 (they are set to 0)."""
     xp = backend.xp()
@@ -431,21 +432,21 @@ def _attention_grads(dy, cache):
 
     def rows(r):
         drop = None if keep is None else (keep[r], p_drop)
-        _attention_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r], drop)
+        _causal_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r], drop)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, n, n * t * t, threads.cache_rows(t * t, 1 << 16))
     return grads
 
 
-def _attention_bwd_rows(dy, q, k, v, p, scale, out, drop=None) -> None:
-    """Gradients of n (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D);
+def _causal_bwd_rows(dy, q, k, v, p, scale, out, drop=None) -> None:
+    """Gradients of n causal (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D);
     with ``drop`` = (keep, P) the dropped probabilities are recomputed from p and the mask.
 
-    Plain form: dv = dropout(p)^T dy;  ds = softmax_bwd(dropout_bwd(dy v^T), p) * scale;
-    dq = ds k;  dk = ds^T q. Only the causal blocks where p can be non-zero are computed: query
-    block [lo, hi) sees keys [0, hi), so key block [lo, hi) is seen by queries [lo, T)
-    (elsewhere p = ds = 0)."""
+    Plain form (``_attention_bwd_rows``): dv = dropout(p)^T dy;
+    ds = softmax_bwd(dropout_bwd(dy v^T), p) * scale;  dq = ds k;  dk = ds^T q.
+    Only the causal blocks where p can be non-zero are computed: query block [lo, hi) sees keys
+    [0, hi), so key block [lo, hi) is seen by queries [lo, T) (elsewhere p = ds = 0)."""
     xp = backend.xp()
     dq, dk, dv = out
     t = q.shape[1]
@@ -464,6 +465,27 @@ def _attention_bwd_rows(dy, q, k, v, p, scale, out, drop=None) -> None:
             pd = dropout_fwd(pd, drop[0][:, lo:, lo:hi], drop[1])
         xp.matmul(pd.swapaxes(-1, -2), dy[:, lo:], out=dv[:, lo:hi])  # (n, bk, D)
         xp.matmul(ds[:, lo:, lo:hi].swapaxes(-1, -2), q[:, lo:], out=dk[:, lo:hi])  # (n, bk, D)
+
+
+def _attention_rows(q, k, v, bias, scale, p, y) -> None:
+    """Attention of n (batch, head) pairs under any additive mask ``bias`` (cross-attention):
+    q (n, Tq, D), k, v (n, Tk, D) -> p (n, Tq, Tk), y (n, Tq, D)."""
+    xp = backend.xp()
+    xp.matmul(q, k.swapaxes(-1, -2), out=p)  # (n, Tq, Tk) scores
+    p *= scale
+    p += bias
+    softmax_fwd(p, inplace=True)
+    xp.matmul(p, v, out=y)  # (n, Tq, D)
+
+
+def _attention_bwd_rows(dy, q, k, v, p, scale, out) -> None:
+    """Gradients of ``_attention_rows``, written into out = (dq, dk, dv)."""
+    xp = backend.xp()
+    xp.matmul(p.swapaxes(-1, -2), dy, out=out[2])  # dv (n, Tk, D)
+    ds = softmax_bwd(dy @ v.swapaxes(-1, -2), p, inplace=True)  # (n, Tq, Tk); 0 where masked
+    ds *= scale
+    xp.matmul(ds, k, out=out[0])  # dq (n, Tq, D)
+    xp.matmul(ds.swapaxes(-1, -2), q, out=out[1])  # dk (n, Tk, D)
 
 
 def split_heads(x, n_heads: int):
