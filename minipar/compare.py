@@ -105,3 +105,16 @@ def mismatches(result: RunResult, reference: RunResult, rtol: float) -> list[str
             if err > rtol:
                 bad.append(f"{kind} {name}: max relative difference {err:.2e} > {rtol:.0e}")
     return bad
+
+
+def layout_mismatches(cfg: ModelConfig, par: ParallelConfig, rows: int, seed: int,
+                      steps: int = 2, rtol: float = 1e-9) -> dict[int, list[str]]:
+    """The property every layout test states, in one place: train ``steps`` random global
+    batches (``rows`` sequences per microbatch per dp rank) on ``par`` in a thread world and on
+    one rank; returns each rank's differences from the serial run (all empty when equal)."""
+    from minipar.dist.comm import run_threads
+
+    batches = random_batches(cfg, steps, par.dp * par.microbatches * rows, seed=seed)
+    reference = serial_reference(cfg, batches, seed=seed)
+    results = run_threads(lambda w: train_layout(w, cfg, par, batches, seed=seed), par.world)
+    return {rank: bad for rank, r in enumerate(results) if (bad := mismatches(r, reference, rtol))}

@@ -183,10 +183,10 @@ class ParallelConfig:
                 f"--layers {model.n_layers} must be divisible by --pp x --virtual-stages = "
                 f"{self.pp} x {self.virtual_stages} = {chunks}, or split them with "
                 "--partition balanced or N,N,...")
-        if model.tie_weights and self.pp > 1:
+        if model.tie_weights and self.pp * self.virtual_stages > 1:
             raise ConfigError(
-                "--tie-weights with --pp > 1 is not supported: the embedding and the head live "
-                "on different stages")
+                "--tie-weights with --pp > 1 or --virtual-stages > 1 is not supported: the "
+                "embedding and the head live in different model chunks")
 
 
 def check_partition(blocks: tuple[int, ...], n_layers: int, pp: int, virtual: int) -> None:
