@@ -110,6 +110,37 @@ def test_attention(b, h, t, d, seed):
     check(dv, loss, v)
 
 
+@settings(max_examples=20, deadline=None)
+@given(b=dims, h=dims, t=st.integers(1, 9), d=dims, block=st.integers(1, 4),
+       drop=st.booleans(), seed=st.integers(0, 2**16))
+def test_attention_in_causal_blocks_is_the_plain_form(b, h, t, d, block, drop, seed):
+    """Query blocks that skip the masked scores: the same p and y as the explicit causal softmax
+    (dropped out or not) and gradients equal to central differences, for blocks that do not
+    divide T too."""
+    saved, functional.ATTENTION_BLOCK = functional.ATTENTION_BLOCK, block
+    try:
+        _check_attention(b, h, t, d, drop, seed)
+    finally:
+        functional.ATTENTION_BLOCK = saved
+
+
+def _check_attention(b, h, t, d, drop, seed):
+    rng = np.random.default_rng(seed)
+    q, k, v, r = (rng.normal(size=(b, h, t, d)) for _ in range(4))
+    keep, p_drop = (rng.random((b, h, t, t)) > 0.3, 0.3) if drop else (None, 0.0)
+    y, cache = F.attention_fwd(q, k, v, keep, p_drop)
+    s = q @ k.swapaxes(-1, -2) / np.sqrt(d)
+    s = np.where(np.triu(np.ones((t, t), bool), 1), -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(cache[3].reshape(p.shape), p, rtol=1e-12, atol=1e-15)
+    pd = p if keep is None else np.where(keep, p / (1 - p_drop), 0.0)
+    np.testing.assert_allclose(y, pd @ v, rtol=1e-10, atol=1e-12)
+    loss = lambda: float((F.attention_fwd(q, k, v, keep, p_drop)[0] * r).sum())  # noqa: E731
+    for analytic, x in zip(F.attention_bwd(r, cache), (q, k, v)):
+        check(analytic, loss, x)
+
+
 def test_attention_is_causal():
     rng = np.random.default_rng(0)
     q, k, v = (rng.normal(size=(1, 2, 5, 3)) for _ in range(3))
