@@ -176,3 +176,67 @@ def test_drawn_cp_layouts_with_dropout_equal_serial(cp, dp, tp, sp, split, recom
     par = ParallelConfig(cp=cp, dp=dp, tp=tp, sequence_parallel=sp and tp > 1, cp_split=split,
                          recompute=recompute, attention=attention)
     assert not layout_mismatches(CFG, par, rows=1, seed=seed, steps=1)
+
+
+# ------------------------------------------------ what a block keeps, and recomputation
+@pytest.mark.parametrize("recompute", ["none", "selective", "full"])
+@pytest.mark.parametrize("cp, tp, sp", [(1, 1, False), (1, 2, True), (2, 1, False),
+                                        (2, 2, True), (4, 1, False)])
+def test_blockwise_and_ring_keep_no_attention_mask(cp, tp, sp, recompute):
+    """With dropout a blockwise or ring block keeps what it keeps without, plus the two
+    residual-stream masks (one byte per element of its tokens), and no (T, T) attention mask:
+    the measured bytes equal ``block_activation_terms(dropout=True, attention="blockwise")``."""
+    from minipar import backend
+    from minipar.dist.mesh import Mesh
+    from minipar.models.blocks import Block
+    from minipar.nn.memory import activation_breakdown
+    from minipar.nn.module import BuildContext
+    from minipar.sim import costmodel as cm
+
+    cfg, b = replace(CFG, seq_len=32), 3
+    full = np.random.default_rng(0).normal(size=(b, cfg.seq_len, cfg.d_model))
+
+    def rank(world):
+        mesh = Mesh(world, tp=tp, cp=cp)
+        ctx = BuildContext(0, "float64", mesh.tp, sp, _masks(0), attention="blockwise",
+                           recompute=recompute, cp=mesh.cp)
+        block = Block(ctx, "blocks.0", cfg)
+        mine = full[:, context.token_indices(cfg.seq_len, cp, mesh.cp_rank)]  # (B, T/cp, C)
+        t = mine.shape[1] // tp if sp else mine.shape[1]
+        lo = mesh.tp_rank * t if sp else 0
+        block.forward(backend.from_host(np.ascontiguousarray(mine[:, lo:lo + t])), mb=0)
+        return sum(activation_breakdown(block).values())
+
+    want = cm.activation_bytes_per_layer(cfg, b, tp, sp, recompute, value_bytes=8, dropout=True,
+                                         layernorm_rstd=True, attention="blockwise", cp=cp)
+    without = cm.activation_bytes_per_layer(cfg, b, tp, sp, recompute, value_bytes=8,
+                                            dropout=False, layernorm_rstd=True,
+                                            attention="blockwise", cp=cp)
+    assert run_threads(rank, tp * cp) == [want] * (tp * cp)
+    tokens = cfg.seq_len // cp // (tp if sp else 1)
+    assert want - without == (0 if recompute == "full" else 2 * b * tokens * cfg.d_model)
+
+
+def _same_bits(a, b) -> bool:
+    return a.losses == b.losses and all(np.array_equal(a.params[k], b.params[k])
+                                        and np.array_equal(a.grads[k], b.grads[k])
+                                        for k in a.params)
+
+
+@pytest.mark.parametrize("par", [ParallelConfig(attention="blockwise"), ParallelConfig(cp=2),
+                                 ParallelConfig(cp=2, tp=2, sequence_parallel=True)],
+                         ids=["blockwise", "cp2", "cp2tp2sp"])
+def test_recomputation_with_blockwise_dropout_changes_no_number(par):
+    """Selective and full recomputation rerun the kernel, which redraws each tile's mask: the
+    same bits as keeping everything (a wrongly addressed redraw would change them)."""
+    cfg = replace(LONG, seq_len=72) if par.cp == 1 else CFG  # two key blocks when serial
+    batches = random_batches(cfg, 2, 2, seed=1)
+
+    def train(p):
+        if p.world == 1:
+            return train_layout(local_comm(), cfg, p, batches, seed=3)
+        return run_threads(lambda w: train_layout(w, cfg, p, batches, seed=3), p.world)[0]
+
+    runs = {rc: train(replace(par, recompute=rc)) for rc in ("none", "selective", "full")}
+    assert _same_bits(runs["selective"], runs["none"])
+    assert _same_bits(runs["full"], runs["none"])
