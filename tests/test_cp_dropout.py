@@ -156,9 +156,14 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("cfg, par", LAYOUTS, ids=lambda x: "" if isinstance(x, ModelConfig)
-                         else f"dp{x.dp}cp{x.cp}tp{x.tp}pp{x.pp}{'sp' if x.sequence_parallel else ''}"
-                         f"z{x.zero}-{x.cp_split}-{x.recompute}-{x.attention}")
+def _name(x) -> str:
+    if isinstance(x, ModelConfig):
+        return f"h{x.n_heads}"
+    sp = "sp" if x.sequence_parallel else ""
+    return f"dp{x.dp}cp{x.cp}tp{x.tp}pp{x.pp}{sp}z{x.zero}-{x.cp_split}-{x.recompute}-{x.attention}"
+
+
+@pytest.mark.parametrize("cfg, par", LAYOUTS, ids=_name)
 def test_cp_with_dropout_equals_serial(cfg, par):
     bad = layout_mismatches(cfg, par, rows=2, seed=3)
     assert not bad, (par, bad)

@@ -240,6 +240,6 @@ def mha_bwd(dy, y, cache, ring: Ring):
     return grads.transpose(1, 3, 0, 2, 4).reshape(b, t, 3 * c)  # (B, Tl, 3C)
 
 
-__all__ = ["TAG_KV", "TAG_DKV", "segments", "token_indices", "dropout_tokens", "ring_flops", "busiest_share",
-           "pair_counts", "ring_program",
+__all__ = ["TAG_KV", "TAG_DKV", "segments", "token_indices", "dropout_tokens", "ring_flops",
+           "busiest_share", "pair_counts", "ring_program",
            "Ring", "mha_fwd", "mha_bwd"]
