@@ -245,3 +245,20 @@ def test_recomputation_with_blockwise_dropout_changes_no_number(par):
     runs = {rc: train(replace(par, recompute=rc)) for rc in ("none", "selective", "full")}
     assert _same_bits(runs["selective"], runs["none"])
     assert _same_bits(runs["full"], runs["none"])
+
+
+def test_the_command_trains_with_dropout_under_cp(tmp_path):
+    """``--cp 2 --dropout`` is no longer refused, and its losses are the serial run's."""
+    import json
+
+    from inproc import train
+
+    common = ["--quiet", "--dtype", "float64", "--steps", "3", "--dropout", "0.2",
+              "--eval-every", "100", "--batch-size", "4"]
+    runs = {}
+    for name, extra, n in (("cp", ["--cp", "2", "--attention", "blockwise"], 2),
+                           ("serial", [], 1)):
+        codes, _, err = train([*common, *extra, "--summary", str(tmp_path / name)], n=n)
+        assert set(codes) == {0}, err
+        runs[name] = json.loads((tmp_path / name).read_text())["losses"]
+    np.testing.assert_allclose(runs["cp"], runs["serial"], rtol=1e-9)
