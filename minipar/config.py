@@ -161,9 +161,6 @@ class ParallelConfig:
                     f"{self.microbatches}")
 
     def _validate_against_model(self, model: ModelConfig) -> None:
-        if self.attention == "blockwise" and model.dropout > 0:
-            raise ConfigError("--attention blockwise draws no attention-dropout masks: use "
-                              "--attention plain with --dropout, or --dropout 0")
         if model.n_heads % self.tp:
             raise ConfigError(f"--tp {self.tp} must divide the number of heads ({model.n_heads})")
         if model.ffn % self.tp:
@@ -202,9 +199,6 @@ class ParallelConfig:
         if self.cp > 1 and model.arch == "encdec":
             raise ConfigError("--cp > 1 with --arch encdec is not supported: context "
                               "parallelism splits a decoder-only sequence; use --cp 1")
-        if self.cp > 1 and model.dropout > 0:
-            raise ConfigError("--dropout with --cp > 1 is not supported yet: ring attention "
-                              "draws no attention-dropout masks; use --dropout 0 or --cp 1")
         if self.cp > 1 and model.seq_len % parts:
             raise ConfigError(
                 f"--cp {self.cp} with --cp-split {self.cp_split} needs --seq-len "

@@ -371,7 +371,6 @@ def test_simulator_bad_cp_is_one_line(capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--cp", "2", "--dropout", "0.1"], "--dropout with --cp > 1 is not supported"),
     (["--cp", "2", "--arch", "encdec", "--task", "translate"], "--cp > 1 with --arch encdec"),
 ])
 def test_cp_refuses_what_it_does_not_support_in_one_line(argv, needle):

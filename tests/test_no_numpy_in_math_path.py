@@ -99,6 +99,12 @@ ALLOWED = {
         "NumPy's Philox runs on the host; the same bits on every backend, masks uploaded once",
     ("nn/dropout.py", "keep_mask", "numpy.empty"):
         "the host keep mask, filled run by run from Philox, then uploaded by MaskSource.keep",
+    ("nn/dropout.py", "TileMasks.__call__", "numpy.ascontiguousarray"):
+        "a blockwise tile's host keep mask, cut from whole host mask rows, then uploaded",
+    ("nn/dropout.py", "Dropout._keep_runs", "numpy.flatnonzero"):
+        "where a cp rank's host token positions (an int array of the layout) stop being one run",
+    ("nn/dropout.py", "Dropout._keep_runs", "numpy.diff"):
+        "where a cp rank's host token positions (an int array of the layout) stop being one run",
     ("sim/activations.py", "measure_block_activations", "numpy.random.default_rng"):
         "a measurement helper: host random input, uploaded with from_host",
     ("sim/activations.py", "measure_block_activations.rank", "numpy.ascontiguousarray"):

@@ -51,10 +51,12 @@ class Attention(Module):
 
     def core(self, qkv, mb):
         """The attention core, (B, T, 3 C / tp) -> (B, T, C / tp) and its cache."""
-        if self.ring is not None:  # config refuses it with dropout: the ring draws no masks
-            return context.mha_fwd(qkv, self.local_heads, self.ring)
-        if self.blockwise:  # config refuses it with dropout: its blocks draw no masks
-            return blockwise.mha_fwd(qkv, self.local_heads)
+        if self.ring is not None:  # the ring draws each tile's mask by its global tokens
+            return context.mha_fwd(qkv, self.local_heads, self.ring,
+                                   self._probs_tiles(self.ring.seq_len, mb))
+        if self.blockwise:  # each tile's mask drawn in the kernel, again in backward
+            return blockwise.mha_fwd(qkv, self.local_heads,
+                                     drop=self._probs_tiles(qkv.shape[1], mb))
         keep = self._probs_keep(qkv.shape[0], qkv.shape[1], mb)  # (B, H / tp, T, T) or None
         p = 0.0 if keep is None else self.masks.p
         return F.mha_fwd(qkv, self.local_heads, keep, p)
@@ -72,6 +74,14 @@ class Attention(Module):
         h0 = self.tp.rank * self.local_heads  # this rank's first head of all H
         return self.masks.keep(self.site, mb, (b, self.local_heads, t, t), (h0, 0, 0),
                                (self.n_heads, t, t))  # (B, H / tp, T, T)
+
+    def _probs_tiles(self, t: int, mb):
+        """The same mask as ``_probs_keep``, addressed by tile for a blockwise kernel or the
+        ring (``dropout.TileMasks``; sequence length t), or None when dropout is off."""
+        if self.masks is None:
+            return None
+        h0 = self.tp.rank * self.local_heads
+        return self.masks.tiles(self.site, mb, self.local_heads, h0, self.n_heads, t)
 
     def backward(self, dy, mb=0):
         y = self.proj.peek(mb)  # (B, T, C / tp): the core's output, kept as proj's input
@@ -122,8 +132,9 @@ class Block(Module):
         self.attn = Attention(ctx, f"{name}.attn", cfg)
         self.ln2 = LayerNorm(ctx, f"{name}.ln2", cfg.d_model)
         self.mlp = MLP(ctx, f"{name}.mlp", cfg)
-        self.drop_attn = Dropout(ctx, f"{name}.attn.out")  # before each residual add
-        self.drop_mlp = Dropout(ctx, f"{name}.mlp.out")
+        tokens = context.dropout_tokens(ctx, cfg.seq_len)  # this cp rank's global positions
+        self.drop_attn = Dropout(ctx, f"{name}.attn.out", tokens)  # before each residual add
+        self.drop_mlp = Dropout(ctx, f"{name}.mlp.out", tokens)
         if ctx.sequence_parallel:  # LayerNorm sees only this rank's tokens: partial gradients
             for p in self.ln1.params() + self.ln2.params():
                 p.tp_partial_grad = True

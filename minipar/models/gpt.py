@@ -19,7 +19,7 @@ from minipar.models.blocks import INIT_STD, Block
 from minipar.nn.dropout import Dropout
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
 from minipar.nn.precision import sum_fp32
-from minipar.parallel.context import token_indices
+from minipar.parallel.context import dropout_tokens, token_indices
 from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import (
     SEQ_AXIS, VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead,
@@ -49,7 +49,7 @@ class Embedding(Module):
             self.pos = None
             self.table = backend.from_host(
                 backend.to_host(F.sinusoidal_positions(length, cfg.d_model, ctx.dtype)))
-        self.drop = Dropout(ctx, f"{name}.out")
+        self.drop = Dropout(ctx, f"{name}.out", dropout_tokens(ctx, length))
 
     def _rows(self, t_local: int):
         """Which rows of the position table this rank's tokens use: a slice (all of them

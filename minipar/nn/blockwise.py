@@ -31,6 +31,17 @@ tiles), so the kernel does about half the products of the plain one, which multi
 given with their positions in the sequence: a ring of ranks (context parallelism) can call them
 with key/value blocks arriving from other ranks; ``attention_fwd``/``attention_bwd`` are the
 loop over one sequence's blocks. Shapes: n = (batch, head) pairs, Tq/Tk the block lengths.
+
+Dropout of the attention probabilities (as ``functional.attention_fwd``: y = (keep * P / (1 - p))
+v with P the softmax) goes inside the block update: the normaliser l sums the *undropped*
+exp(s - m), acc sums the dropped ones times v, so y = acc / l is exactly the plain kernel's
+output. Each tile's keep mask is the serial run's slice, addressed by the tile's global query
+rows and keys (``dropout.TileMasks``), and backward asks for it again instead of storing it:
+
+    dv_j += (keep_j p_j / (1 - p))^T dy;   dp_j = keep_j (dy v_j^T) / (1 - p)
+
+and delta = rowsum(dy * y) still stands in for rowsum(p * dp), because
+rowsum_k(p_ik dp_ik) = sum_k (keep_ik p_ik / (1 - p)) (dy_i . v_k) = dy_i . y_i.
 """
 
 from __future__ import annotations
@@ -40,7 +51,7 @@ from typing import NamedTuple
 
 from minipar import backend
 from minipar.nn import flops, threads
-from minipar.nn.functional import merge_heads, split_heads
+from minipar.nn.functional import dropout_bwd, dropout_fwd, merge_heads, split_heads
 
 BLOCK = 64  # key tokens per block: (n, T, 64) scores per product instead of (n, T, T)
 
@@ -87,12 +98,13 @@ def _scores(q, k, scale, q_start: int, k_start: int):
 
 
 def forward_step(q, k, v, state: State, scale: float, q_start: int = 0,
-                 k_start: int = 0) -> None:
+                 k_start: int = 0, keep=None, p_drop: float = 0.0) -> None:
     """Fold one key/value block into the queries' running softmax, in place.
 
     q (n, Tq, D) at sequence positions q_start.., k, v (n, Tk, D) at k_start..; ``state`` from
     ``init_state`` or earlier steps. Blocks may come in any order (a ring delivers them
-    rotated): the update is the same rescaling whichever block set the maximum."""
+    rotated): the update is the same rescaling whichever block set the maximum. ``keep``
+    (n, Tq, Tk) drops out this tile's probabilities where they weight v, not in l."""
     xp = backend.xp()
     if relation(q_start, q.shape[1], k_start, k.shape[1]) == "skip":
         return
@@ -107,7 +119,7 @@ def forward_step(q, k, v, state: State, scale: float, q_start: int = 0,
     l *= alpha
     l += p.sum(axis=-1, keepdims=True)
     acc *= alpha
-    acc += p @ v  # (n, Tq, D)
+    acc += (p if keep is None else dropout_fwd(p, keep, p_drop)) @ v  # (n, Tq, D)
     m[...] = m_new
 
 
@@ -118,11 +130,12 @@ def finish(state: State):
 
 
 def backward_step(q, k, v, dy, lse, delta, scale: float, grads, q_start: int = 0,
-                  k_start: int = 0) -> None:
+                  k_start: int = 0, keep=None, p_drop: float = 0.0) -> None:
     """Add one (query block, key block) pair's gradients into grads = (dq, dk, dv), in place.
 
     q, dy (n, Tq, D), lse and delta = rowsum(dy * y) (n, Tq, 1) for the queries; k, v and the
-    dk, dv accumulators (n, Tk, D) for the key block (a ring passes dk, dv on with it)."""
+    dk, dv accumulators (n, Tk, D) for the key block (a ring passes dk, dv on with it);
+    ``keep`` (n, Tq, Tk) is the tile's dropout mask, the forward's again."""
     xp = backend.xp()
     dq, dk, dv = grads
     if relation(q_start, q.shape[1], k_start, k.shape[1]) == "skip":
@@ -130,8 +143,11 @@ def backward_step(q, k, v, dy, lse, delta, scale: float, grads, q_start: int = 0
     s = _scores(q, k, scale, q_start, k_start)  # (n, Tq, Tk)
     s -= lse
     p = xp.exp(s, out=s)  # (n, Tq, Tk): the softmax probabilities of this block, exactly
-    dv += p.swapaxes(-1, -2) @ dy  # (n, Tk, D)
+    pd = p if keep is None else dropout_fwd(p, keep, p_drop)  # (n, Tq, Tk): what weighted v
+    dv += pd.swapaxes(-1, -2) @ dy  # (n, Tk, D)
     ds = dy @ v.swapaxes(-1, -2)  # dp (n, Tq, Tk)
+    if keep is not None:
+        ds = dropout_bwd(ds, keep, p_drop)  # (n, Tq, Tk) through the same mask
     ds -= delta
     ds *= p
     ds *= scale  # softmax's backward, with delta in place of rowsum(dp * p)
@@ -155,13 +171,19 @@ def pair_flops(t: int, d: int, block: int = BLOCK) -> int:
     return sum(4 * (t - a) * (b - a) * d for a, b in key_blocks(t, block))
 
 
-def attention_fwd(q, k, v, block: int = BLOCK):
+def _tile(drop, r, q_start: int, tq: int, k_start: int, tk: int):
+    """(keep, P) of one tile for pairs r, or (None, 0) without dropout."""
+    return (None, 0.0) if drop is None else (drop(r, q_start, tq, k_start, tk), drop.p)
+
+
+def attention_fwd(q, k, v, block: int = BLOCK, drop=None):
     """q, k, v (B, H, T, D) -> y (B, H, T, D), the same as ``functional.attention_fwd``.
 
     Plain form: softmax(q k^T / sqrt(D) + causal) v; here one key/value block at a time
     (``forward_step``), a few (batch, head) pairs at a time on the worker threads. The cache
     keeps q, k, v and the log-sum-exp lse (B*H, T, 1); backward also needs y, which its
-    caller passes back."""
+    caller passes back. ``drop`` (``dropout.TileMasks``, or None) gives each tile's dropout
+    mask; the cache keeps it, an address, not a mask."""
     xp = backend.xp()
     b, h, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
@@ -173,13 +195,14 @@ def attention_fwd(q, k, v, block: int = BLOCK):
         state = init_state(q3[r])  # (n, T, 1), (n, T, 1), (n, T, D)
         for ka, kb in key_blocks(t, block):
             later = State(*(a[:, ka:] for a in state))  # views: the queries at or after ka
-            forward_step(q3[r, ka:], k3[r, ka:kb], v3[r, ka:kb], later, scale, ka, ka)
+            forward_step(q3[r, ka:], k3[r, ka:kb], v3[r, ka:kb], later, scale, ka, ka,
+                         *_tile(drop, r, ka, t - ka, ka, kb - ka))
         y[r], lse[r] = finish(state)
 
     flops.add(b * h * pair_flops(t, d, block))
     with threads.one_blas_thread():
         threads.map_rows(rows, b * h, b * h * t * block, threads.cache_rows(t * block, 1 << 16))
-    return y.reshape(q.shape), (q3, k3, v3, lse, scale, block)
+    return y.reshape(q.shape), (q3, k3, v3, lse, scale, block, drop)
 
 
 def _pairs(x):
@@ -199,7 +222,7 @@ def attention_bwd(dy, y, cache):
 def attention_grads(dy3, delta, cache):
     """dq, dk, dv stacked in one (3, B*H, T, D) array, from dy3 (B*H, T, D) and delta."""
     xp = backend.xp()
-    q, k, v, lse, scale, block = cache
+    q, k, v, lse, scale, block, drop = cache
     n, t, _ = q.shape
     grads = xp.zeros((3, *q.shape), dtype=q.dtype)  # (3, B*H, T, D)
 
@@ -207,7 +230,8 @@ def attention_grads(dy3, delta, cache):
         dq, dk, dv = grads[0, r], grads[1, r], grads[2, r]
         for ka, kb in key_blocks(t, block):  # the queries at or after ka, as in the forward
             backward_step(q[r, ka:], k[r, ka:kb], v[r, ka:kb], dy3[r, ka:], lse[r, ka:],
-                          delta[r, ka:], scale, (dq[:, ka:], dk[:, ka:kb], dv[:, ka:kb]), ka, ka)
+                          delta[r, ka:], scale, (dq[:, ka:], dk[:, ka:kb], dv[:, ka:kb]), ka, ka,
+                          *_tile(drop, r, ka, t - ka, ka, kb - ka))
 
     with threads.one_blas_thread():
         threads.map_rows(rows, n, n * t * block, threads.cache_rows(t * block, 1 << 16))
@@ -218,14 +242,15 @@ def attention_grads(dy3, delta, cache):
 # Fused [Q | K | V] in, merged heads out: the drop-in for ``functional.mha_fwd``/``mha_bwd``.
 
 
-def mha_fwd(qkv, n_heads: int, block: int = BLOCK):
-    """(B, T, 3*H*D) laid out [Q | K | V] -> (B, T, H*D), as ``functional.mha_fwd``."""
+def mha_fwd(qkv, n_heads: int, block: int = BLOCK, drop=None):
+    """(B, T, 3*H*D) laid out [Q | K | V] -> (B, T, H*D), as ``functional.mha_fwd``; ``drop``
+    (``dropout.TileMasks``) drops out the attention probabilities."""
     xp = backend.xp()
     b, t, c3 = qkv.shape
     d = c3 // (3 * n_heads)
     qkv5 = xp.ascontiguousarray(
         qkv.reshape(b, t, 3, n_heads, d).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
-    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2], block)  # (B, H, T, D)
+    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2], block, drop)  # (B, H, T, D)
     return merge_heads(y), (cache, n_heads)
 
 

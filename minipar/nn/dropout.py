@@ -158,15 +158,61 @@ class MaskSource:
         mask = keep_mask(site_key(self.seed, self.step, site), self.p, tuple(shape), start, full)
         return backend.from_host(mask)
 
+    def tiles(self, site: str, mb, local_heads: int, h0: int, n_heads: int, t: int):
+        """The ``TileMasks`` of ``site``'s (B, n_heads, t, t) mask for this rank's heads
+        h0 .. h0 + local_heads - 1, or None when dropout is off (P = 0, or evaluation)."""
+        if not self.active or mb == EVAL:
+            return None
+        if self.step is None or mb not in self.first_rows:
+            raise RuntimeError(f"dropout at {site}: microbatch {mb!r} has no global rows; "
+                               "the engine sets them with begin_step before each step")
+        return TileMasks(site_key(self.seed, self.step, site), self.p, self.first_rows[mb],
+                         local_heads, h0, n_heads, t)
+
+
+class TileMasks:
+    """The attention-probability mask of one (site, microbatch) as a function of the tile: a
+    blockwise kernel or a ring (``minipar.nn.blockwise``, ``minipar.parallel.context``) asks
+    for the keep mask of the (query range, key range) tile it is about to compute, for some of
+    its (batch, head) pairs, and gets the serial run's (B, H, T, T) mask there.
+
+    Nothing is stored: backward asks again with the same address and gets the same bits, so a
+    blockwise kernel keeps O(T) per head with dropout too (the cost model counts no mask for
+    it). A tile is drawn as whole mask rows (one Philox run per (batch, head): the tile's rows
+    are contiguous in the global order only across all T keys) and cut to its keys, since one
+    generator call costs about as much as a few thousand words."""
+
+    def __init__(self, key, p: float, row0: int, local_heads: int, h0: int, n_heads: int,
+                 t: int):
+        self.key, self.p, self.row0 = key, p, row0
+        self.hl, self.h0, self.n_heads, self.t = local_heads, h0, n_heads, t
+
+    def __call__(self, pairs: slice, q_start: int, tq: int, k_start: int, tk: int):
+        """Keep mask (n, tq, tk) on the device of (batch, head) pairs ``pairs`` (numbered
+        batch-major over this rank's heads, as the kernels' (B*H/tp) axis), global query rows
+        q_start.. and global keys k_start.."""
+        b0, b1 = pairs.start // self.hl, -(-pairs.stop // self.hl)  # the batch rows touched
+        rows = keep_mask(self.key, self.p, (b1 - b0, self.hl, tq, self.t),
+                         (self.row0 + b0, self.h0, q_start, 0),
+                         (self.n_heads, self.t, self.t))  # (b, H/tp, tq, T) whole rows
+        rows = rows.reshape(-1, tq, self.t)[pairs.start - b0 * self.hl:pairs.stop - b0 * self.hl]
+        return backend.from_host(numpy.ascontiguousarray(rows[:, :, k_start:k_start + tk]))
+
 
 class Dropout(Module):
     """Dropout of an activation of the residual stream, (B, T, C), or (B, T/tp, C) under
-    sequence parallelism, where this rank holds tokens [rank T/tp, (rank + 1) T/tp)."""
+    sequence parallelism, where this rank holds tokens [rank T/tp, (rank + 1) T/tp).
 
-    def __init__(self, ctx, site: str):
+    Under context parallelism ``tokens`` = (global positions of this cp rank's tokens in local
+    order, host int array; the global length T): the rank's tokens are then one or more
+    contiguous runs of the sequence (two chunks under the zig-zag cut), each drawn as its own
+    block of the global (B, T, C) mask."""
+
+    def __init__(self, ctx, site: str, tokens: tuple | None = None):
         super().__init__()
         self.site, self.masks = site, ctx.dropout
         self.tp, self.sp = ctx.tp, ctx.sequence_parallel
+        self.tokens = tokens
 
     def _on(self) -> bool:
         return self.masks is not None and self.masks.active
@@ -176,12 +222,27 @@ class Dropout(Module):
             return x  # off: the very same array, so P = 0 is bit for bit the model without it
         b, t, c = x.shape
         t0 = self.tp.rank * t if self.sp else 0
-        keep = self.masks.keep(self.site, mb, x.shape, (t0, 0),
-                               (t * self.tp.size if self.sp else t, c))  # (B, T, C)
+        if self.tokens is not None:
+            keep = self._keep_runs(mb, b, t0, t, c)  # (B, T, C)
+        else:
+            keep = self.masks.keep(self.site, mb, x.shape, (t0, 0),
+                                   (t * self.tp.size if self.sp else t, c))  # (B, T, C)
         if keep is None:  # evaluation
             return x
         self.save(mb, keep)  # 1 byte per element, kept for backward
         return dropout_fwd(x, keep, self.masks.p)  # (B, T, C)
+
+    def _keep_runs(self, mb, b: int, t0: int, t: int, c: int):
+        """The mask of local tokens t0 .. t0 + t - 1 under context parallelism: one block of
+        the global mask per contiguous run of their global positions. None in evaluation."""
+        positions, length = self.tokens
+        pos = positions[t0:t0 + t]  # (t,) global positions, in local order
+        cuts = [0, *(numpy.flatnonzero(numpy.diff(pos) != 1) + 1).tolist(), t]
+        parts = [self.masks.keep(self.site, mb, (b, e - a, c), (int(pos[a]), 0), (length, c))
+                 for a, e in zip(cuts[:-1], cuts[1:])]  # (B, run, C) each
+        if parts[0] is None:
+            return None
+        return parts[0] if len(parts) == 1 else backend.xp().concatenate(parts, axis=1)
 
     def backward(self, dy, mb=0):
         if not self._on():
@@ -190,4 +251,4 @@ class Dropout(Module):
 
 
 __all__ = ["site_key", "philox_words", "threshold", "keep_mask", "dropout_fwd", "dropout_bwd",
-           "MaskSource", "Dropout", "WORDS_PER_BLOCK"]
+           "MaskSource", "TileMasks", "Dropout", "WORDS_PER_BLOCK"]

@@ -21,6 +21,11 @@ per rank grows 1 : 2 : ... : cp. The zig-zag cut (Megatron-LM's context parallel
 al. 2023, "Striped Attention", for the idea) cuts T into 2 cp chunks and gives rank r chunks r
 and 2 cp - 1 - r, an early and a late one, so every rank runs 2 cp + 1 chunk pairs
 (``pair_counts``).
+
+Dropout of the attention probabilities goes inside the block update (``blockwise``): the tile of
+this rank's query chunk against a key chunk from rank src draws the serial run's mask at those
+global rows and keys (``dropout.TileMasks``; under zig-zag each of the two chunks is its own
+contiguous run of rows), and backward draws it again from the same address.
 """
 
 from __future__ import annotations
@@ -53,6 +58,14 @@ def segments(t: int, cp: int, rank: int, split: str = "zigzag") -> list[tuple[in
 def token_indices(t: int, cp: int, rank: int, split: str = "zigzag") -> numpy.ndarray:
     """Global positions of the rank's tokens, in local order (T/cp,) int64; a host array."""
     return numpy.concatenate([numpy.arange(a, b) for a, b in segments(t, cp, rank, split)])
+
+
+def dropout_tokens(ctx, t: int) -> tuple | None:
+    """What ``dropout.Dropout`` needs under context parallelism: (this rank's global token
+    positions, T), or None without cp (the rank then holds the whole sequence)."""
+    if ctx.cp is None or ctx.cp.size == 1:
+        return None
+    return token_indices(t, ctx.cp.size, ctx.cp.rank, ctx.cp_split), t
 
 
 def _pairs_run(t: int, cp: int, rank: int, split: str):
@@ -107,8 +120,9 @@ class Ring:
         recv = self.comm.irecv(buf.shape, buf.dtype, self.prev, tag)
         return recv, self.comm.isend(buf, self.next, tag)
 
-    def forward(self, q, k, v):
-        """q, k, v (n, Tl, D): this rank's tokens -> y (n, Tl, D), lse (n, Tl, 1)."""
+    def forward(self, q, k, v, drop=None):
+        """q, k, v (n, Tl, D): this rank's tokens -> y (n, Tl, D), lse (n, Tl, 1); ``drop``
+        (``dropout.TileMasks`` or None) drops out the attention probabilities."""
         xp = backend.xp()
         scale = 1.0 / math.sqrt(q.shape[-1])
         state = init_state(q)  # (n, Tl, 1), (n, Tl, 1), (n, Tl, D)
@@ -124,14 +138,14 @@ class Ring:
                         continue
                     flops.add(4 * q.shape[0] * ql * kl * q.shape[-1])
                     forward_step(q[:, qo:qo + ql], kv[0, :, ko:ko + kl], kv[1, :, ko:ko + kl],
-                                 st, scale, qa, ka)
+                                 st, scale, qa, ka, *_tile(drop, q.shape[0], qa, ql, ka, kl))
             if moving is not None:
                 recv, send = moving
                 kv = recv.wait()  # (2, n, Tl, D): the previous rank's block
                 send.wait()
         return finish(state)
 
-    def backward(self, q, k, v, dy, lse, delta):
+    def backward(self, q, k, v, dy, lse, delta, drop=None):
         """dq, dk, dv (n, Tl, D) of this rank's tokens; dy (n, Tl, D), lse and delta (n, Tl, 1)."""
         xp = backend.xp()
         scale = 1.0 / math.sqrt(q.shape[-1])
@@ -147,9 +161,11 @@ class Ring:
                 qs = slice(qo, qo + ql)
                 for ka, ko, kl in self.layout(src):
                     ks = slice(ko, ko + kl)
+                    if relation(qa, ql, ka, kl) == "skip":
+                        continue
                     backward_step(q[:, qs], kv[0, :, ks], kv[1, :, ks], dy[:, qs], lse[:, qs],
                                   delta[:, qs], scale, (dq[:, qs], part[0, :, ks], part[1, :, ks]),
-                                  qa, ka)
+                                  qa, ka, *_tile(drop, q.shape[0], qa, ql, ka, kl))
             if arriving is not None:  # src's dK, dV summed by the ranks before this one
                 acc = arriving.wait()
                 acc += part
@@ -165,6 +181,11 @@ class Ring:
         for s in sends:
             s.wait()
         return dq, dkv[0], dkv[1]
+
+
+def _tile(drop, n: int, q_start: int, tq: int, k_start: int, tk: int):
+    """(keep (n, tq, tk), P) of one chunk pair for all n (batch, head) pairs, or (None, 0)."""
+    return (None, 0.0) if drop is None else (drop(slice(0, n), q_start, tq, k_start, tk), drop.p)
 
 
 # ------------------------------------------------------------------- the ring as data, checked
@@ -193,32 +214,32 @@ def ring_program(cp: int, recompute: str = "none") -> list[list[tuple[str, int, 
 
 
 # ------------------------------------------------------- fused [Q | K | V] in, merged heads out
-def mha_fwd(qkv, n_heads: int, ring: Ring):
+def mha_fwd(qkv, n_heads: int, ring: Ring, drop=None):
     """(B, Tl, 3*H*D) laid out [Q | K | V] -> (B, Tl, H*D), as ``functional.mha_fwd`` on the
     whole sequence would give for this rank's tokens. The cache keeps q, k, v and the
-    log-sum-exp: O(T/cp) per head."""
+    log-sum-exp: O(T/cp) per head, and ``drop``, the address of the dropout masks."""
     xp = backend.xp()
     b, t, c3 = qkv.shape
     d = c3 // (3 * n_heads)
     qkv5 = qkv.reshape(b, t, 3, n_heads, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, Tl, D)
     q, k, v = (xp.ascontiguousarray(a).reshape(b * n_heads, t, d) for a in qkv5)  # (n, Tl, D)
-    y, lse = ring.forward(q, k, v)  # (n, Tl, D), (n, Tl, 1)
-    return merge_heads(y.reshape(b, n_heads, t, d)), (q, k, v, lse, n_heads)
+    y, lse = ring.forward(q, k, v, drop)  # (n, Tl, D), (n, Tl, 1)
+    return merge_heads(y.reshape(b, n_heads, t, d)), (q, k, v, lse, n_heads, drop)
 
 
 def mha_bwd(dy, y, cache, ring: Ring):
     """dy and the forward's output y, both merged (B, Tl, H*D) -> dqkv (B, Tl, 3*H*D)."""
-    q, k, v, lse, n_heads = cache
+    q, k, v, lse, n_heads, drop = cache
     b, t, c = dy.shape
     heads = (b, t, n_heads, c // n_heads)
     delta = (dy.reshape(heads) * y.reshape(heads)).sum(-1)  # (B, Tl, H)
     delta = delta.transpose(0, 2, 1).reshape(b * n_heads, t, 1)  # (n, Tl, 1)
     dy3 = backend.xp().ascontiguousarray(split_heads(dy, n_heads)).reshape(q.shape)  # (n, Tl, D)
-    grads = backend.xp().stack(ring.backward(q, k, v, dy3, lse, delta))  # (3, n, Tl, D)
+    grads = backend.xp().stack(ring.backward(q, k, v, dy3, lse, delta, drop))  # (3, n, Tl, D)
     grads = grads.reshape(3, b, n_heads, t, c // n_heads)  # (3, B, H, Tl, D)
     return grads.transpose(1, 3, 0, 2, 4).reshape(b, t, 3 * c)  # (B, Tl, 3C)
 
 
-__all__ = ["TAG_KV", "TAG_DKV", "segments", "token_indices", "ring_flops", "busiest_share",
-           "pair_counts", "ring_program",
+__all__ = ["TAG_KV", "TAG_DKV", "segments", "token_indices", "dropout_tokens", "ring_flops",
+           "busiest_share", "pair_counts", "ring_program",
            "Ring", "mha_fwd", "mha_bwd"]
