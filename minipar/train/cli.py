@@ -103,6 +103,8 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--show", type=int, default=0, metavar="N",
                    help="--arch encdec: at the end print N held-out examples, source -> "
                         "reference -> the model's greedy output")
+    t.add_argument("--beam", type=int, default=1, metavar="K",
+                   help="--show decodes with beam search of width K (default 1: greedy)")
     t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
     t.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
                    help="array backend: numpy, cupy (GPU), strict (CPU stand-in for a device)")
@@ -212,7 +214,7 @@ def make_configs(args, world: int):
         raise ConfigError("--overwrite needs --save DIR")
     if args.arch == "encdec" or args.task in SEQ2SEQ_TASKS or args.src or args.tgt:
         return _encdec_configs(args, world)
-    if args.arch != "gpt" or args.norm != "pre" or args.show:
+    if args.arch != "gpt" or args.norm != "pre" or args.show or args.beam != 1:
         _check_arch(args)
     task_kw = {} if args.n_digits is None else {"n_digits": args.n_digits}
     task = make_task(args.task, args.seed, data_path=args.data, seq_len=args.seq_len, **task_kw)
@@ -245,8 +247,8 @@ def _check_arch(args) -> None:
         raise ConfigError(f"--arch must be gpt or encdec, got {args.arch!r}")
     if args.norm != "pre":
         raise ConfigError(f"--norm {args.norm} applies to --arch encdec (the GPT is pre-LN)")
-    if args.show:
-        raise ConfigError("--show prints decoded examples of --arch encdec")
+    if args.show or args.beam != 1:
+        raise ConfigError("--show and --beam decode examples of --arch encdec")
 
 
 def _encdec_configs(args, world: int):
@@ -267,6 +269,9 @@ def _encdec_configs(args, world: int):
                           "--mode sync")
     if args.show < 0:
         raise ConfigError(f"--show must be >= 0, got {args.show}")
+    if args.beam < 1 or (args.beam > 1 and not args.show):
+        raise ConfigError(f"--beam must be >= 1 and decodes --show's rows (add --show N), "
+                          f"got --beam {args.beam}")
     task = make_seq2seq_task(args.task, args.seed, src=args.src, tgt=args.tgt,
                              max_len=args.seq_len)
     base = MODEL_PRESETS[args.model]
