@@ -84,6 +84,15 @@ def _fsync_path(path: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ writing
+def _portable(v) -> numpy.ndarray:
+    """``v`` as an array any NumPy reads: a 16-bit float (bfloat16 has no .npy type) is widened
+    to float32, exactly; a run in any precision loads it and rounds to its own dtype."""
+    a = numpy.asarray(v)
+    if a.dtype.itemsize == 2 and a.dtype.kind in "fV":
+        return a.astype(numpy.float32)
+    return a
+
+
 def write(run_dir: str, step: int, params: dict, optim: dict, meta: dict,
           keep: int | None = None, replace_other_runs: bool = False) -> str:
     """Write ``run_dir/step-NNNNNN`` atomically (rank 0 only); returns its path.
@@ -105,7 +114,7 @@ def write(run_dir: str, step: int, params: dict, optim: dict, meta: dict,
         for fname, arrays in zip(FILES, (params, optim)):
             path = os.path.join(tmp, fname)
             with open(path, "wb") as fh:
-                numpy.savez(fh, **{k: numpy.asarray(v) for k, v in arrays.items()})
+                numpy.savez(fh, **{k: _portable(v) for k, v in arrays.items()})
                 fh.flush()
                 os.fsync(fh.fileno())
             files[fname] = _sha256(path)
@@ -188,19 +197,19 @@ def is_step_dir(path: str) -> bool:
             or any(os.path.exists(os.path.join(path, f)) for f in ("meta.json", *FILES)))
 
 
-def resolve(path: str) -> str:
-    """A step directory from ``--resume PATH``: a step directory itself, or a run directory
-    (then its newest checkpoint)."""
+def resolve(path: str, flag: str = "--resume") -> str:
+    """A step directory from ``--resume PATH`` (or ``flag PATH``): a step directory itself, or
+    a run directory (then its newest checkpoint)."""
     if not os.path.exists(path):
-        raise CheckpointError(f"--resume {path}: no such file or directory")
+        raise CheckpointError(f"{flag} {path}: no such file or directory")
     if not os.path.isdir(path):
-        raise CheckpointError(f"--resume {path}: not a directory (give a run directory or one "
+        raise CheckpointError(f"{flag} {path}: not a directory (give a run directory or one "
                               f"of its step-NNNNNN directories)")
     if is_step_dir(path):
         return path
     steps = list_steps(path)
     if not steps:
-        raise CheckpointError(f"--resume {path}: no checkpoint (step-NNNNNN/) in this directory")
+        raise CheckpointError(f"{flag} {path}: no checkpoint (step-NNNNNN/) in this directory")
     return os.path.join(path, step_dir_name(steps[-1]))
 
 
@@ -282,9 +291,12 @@ def read(step_dir: str, model: ModelConfig) -> tuple[dict, dict, dict]:
     where = f"--resume {step_dir}"
     meta = verify(step_dir, where)
     # A field added since the checkpoint was written (arch, src_len, norm) has its default.
-    saved = {**asdict(ModelConfig()), **meta["model"]}
-    if saved != asdict(model):
-        diff = {k: (saved.get(k), v) for k, v in asdict(model).items() if saved.get(k) != v}
+    # Dropout is how a run trains, not what the weights are: a checkpoint resumes with any P.
+    saved = {k: v for k, v in {**asdict(ModelConfig()), **meta["model"]}.items()
+             if k != "dropout"}
+    want = {k: v for k, v in asdict(model).items() if k != "dropout"}
+    if saved != want:
+        diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
         raise CheckpointError(f"{where}: the checkpoint's model does not match this "
                               f"run's (saved, requested): {diff}")
     out = []
@@ -323,3 +335,21 @@ def load(path: str, model: ModelConfig) -> tuple[dict, dict, dict]:
         hint = (f"; the newest intact checkpoint is older: --resume {older}" if older else
                 "; no older checkpoint in this directory is intact")
         raise CheckpointError(f"{exc}{hint}") from None
+
+
+def load_weights(path: str, flag: str = "--init-from") -> tuple[dict, dict, str]:
+    """(params, meta, step directory) of the checkpoint at ``path`` (a run directory: its
+    newest), verified against its schema and checksums; the optimizer state is not read.
+
+    Fine-tuning starts a new run from these weights, so unlike ``read`` the model need not be
+    this run's: the caller compares tensor by tensor and names what differs.
+    """
+    step_dir = resolve(path, flag)
+    where = f"{flag} {step_dir}"
+    meta = verify(step_dir, where)
+    try:
+        with numpy.load(os.path.join(step_dir, "model.npz")) as data:
+            params = {k: data[k] for k in data.files}
+    except Exception as exc:  # a file that matches its checksum but still fails to parse
+        raise CheckpointError(f"{where}: cannot read model.npz ({exc})") from None
+    return params, meta, step_dir

@@ -23,6 +23,7 @@ class RunResult:
     params: dict = field(default_factory=dict)  # name -> full parameter after the last step
     grads: dict = field(default_factory=dict)  # name -> full gradient of the last step
     comm: list = field(default_factory=list)  # per step: {group: {op: stats}} seen by this rank
+    initial: dict = field(default_factory=dict)  # name -> full parameter before the first step
 
 
 def random_batches(cfg: ModelConfig, steps: int, batch: int, seed: int = 0,
@@ -41,15 +42,27 @@ def random_batches(cfg: ModelConfig, steps: int, batch: int, seed: int = 0,
 
 def train_layout(world, cfg: ModelConfig, par: ParallelConfig, batches, *, seed: int = 0,
                  dtype: str = "float64", lr: float = 1e-2, optimizer: str = "adamw",
-                 weight_decay: float = 0.01, grad_clip: float = 1.0) -> RunResult:
-    """Train on ``batches`` (global batches) with layout ``par``; collective over ``world``."""
+                 weight_decay: float = 0.01, grad_clip: float = 1.0,
+                 precision: str | None = None, loss_scale: float = 2.0 ** 16,
+                 loss_scale_window: int = 200, init: dict | None = None,
+                 freeze: tuple[str, ...] = ()) -> RunResult:
+    """Train on ``batches`` (global batches) with layout ``par``; collective over ``world``.
+
+    Fine-tuning: ``init`` (full tensors by name, as a checkpoint holds them) replaces the seed's
+    weights before the first step; ``freeze`` names parameter prefixes that are not trained.
+    """
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
     mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
     engine = Engine(cfg, par, mesh, seed=seed, dtype=dtype, optimizer=optimizer, lr=lr,
-                    weight_decay=weight_decay, grad_clip=grad_clip)
+                    weight_decay=weight_decay, grad_clip=grad_clip, precision=precision,
+                    loss_scale=loss_scale, loss_scale_window=loss_scale_window, freeze=freeze)
+    if init is not None:
+        engine.init_weights(init)
     result = RunResult()
+    if init is not None or freeze:  # a collective: only the fine-tuning tests look at it
+        result.initial = engine.full_params()
     for x, y in batches:
         rows = len(x) // par.dp
         lo = mesh.dp_rank * rows
@@ -81,7 +94,9 @@ def mismatches(result: RunResult, reference: RunResult, rtol: float) -> list[str
             bad.append(f"{kind}: names differ: {sorted(set(mine) ^ set(theirs))}")
             continue
         for name in theirs:
-            a, b = numpy.asarray(mine[name]), numpy.asarray(theirs[name])
+            # float64, so that 16-bit results (bfloat16, float16) compare exactly
+            a = numpy.asarray(mine[name]).astype(numpy.float64)
+            b = numpy.asarray(theirs[name]).astype(numpy.float64)
             if a.shape != b.shape:
                 bad.append(f"{kind} {name}: shape {a.shape} != serial {b.shape}")
                 continue
@@ -90,3 +105,16 @@ def mismatches(result: RunResult, reference: RunResult, rtol: float) -> list[str
             if err > rtol:
                 bad.append(f"{kind} {name}: max relative difference {err:.2e} > {rtol:.0e}")
     return bad
+
+
+def layout_mismatches(cfg: ModelConfig, par: ParallelConfig, rows: int, seed: int,
+                      steps: int = 2, rtol: float = 1e-9) -> dict[int, list[str]]:
+    """The property every layout test states, in one place: train ``steps`` random global
+    batches (``rows`` sequences per microbatch per dp rank) on ``par`` in a thread world and on
+    one rank; returns each rank's differences from the serial run (all empty when equal)."""
+    from minipar.dist.comm import run_threads
+
+    batches = random_batches(cfg, steps, par.dp * par.microbatches * rows, seed=seed)
+    reference = serial_reference(cfg, batches, seed=seed)
+    results = run_threads(lambda w: train_layout(w, cfg, par, batches, seed=seed), par.world)
+    return {rank: bad for rank, r in enumerate(results) if (bad := mismatches(r, reference, rtol))}

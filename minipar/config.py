@@ -28,6 +28,7 @@ class ModelConfig:
     d_ff: int = 0  # MLP inner width; 0 means the usual 4 x d_model
     tie_weights: bool = False  # share the embedding matrix with the LM head
     pos: str = "learned"  # positional encoding: "learned" or "sinusoidal"
+    dropout: float = 0.0  # P of attention, residual, embedding dropout (training); 0 = off
     arch: str = "gpt"  # "gpt" (decoder only) or "encdec" (Vaswani et al. 2017, minipar.models)
     src_len: int = 0  # encdec: the source length (S) the encoder reads; seq_len is the target's
     norm: str = "pre"  # encdec: LayerNorm before each sublayer ("pre") or after ("post", the paper)
@@ -53,6 +54,8 @@ class ModelConfig:
                 f"--heads {self.n_heads} must divide --d-model {self.d_model}")
         if self.pos not in ("learned", "sinusoidal"):
             raise ConfigError(f"--pos must be 'learned' or 'sinusoidal', got {self.pos!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"--dropout must be a probability in [0, 1), got {self.dropout!r}")
         if self.arch not in ("gpt", "encdec"):
             raise ConfigError(f"--arch must be 'gpt' or 'encdec', got {self.arch!r}")
         if self.arch == "encdec" and (not isinstance(self.src_len, int) or self.src_len <= 0):
@@ -60,6 +63,9 @@ class ModelConfig:
         if self.norm not in ("pre", "post") or (self.norm == "post" and self.arch != "encdec"):
             raise ConfigError(f"--norm must be 'pre' or 'post' (post: --arch encdec only), "
                               f"got {self.norm!r}")
+        if self.arch == "encdec" and self.dropout > 0:
+            raise ConfigError("--dropout with --arch encdec is not supported yet: the "
+                              "encoder-decoder's layers draw no masks")
 
 
 # Named model shapes. The vocabulary and sequence length of a preset are overridden by the task
@@ -72,6 +78,8 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
 
 
 SCHEDULE_NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+ATTENTION_KERNELS = ("plain", "blockwise")  # minipar.nn.functional | minipar.nn.blockwise
+RECOMPUTE_MODES = ("none", "selective", "full")  # Korthikanti et al. 2022; the simulator's too
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,9 @@ class ParallelConfig:
     microbatches: int = 1  # microbatches per step per dp rank (gradient accumulation)
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved schedule)
     bucket_mb: float = 0.0  # gradient bucket size for overlapped dp sync; 0 = sync after backward
+    partition: tuple[int, ...] = ()  # blocks per global chunk (--partition); () = equal split
+    attention: str = "plain"  # attention kernel, one of ATTENTION_KERNELS (the numbers agree)
+    recompute: str = "none"  # activation recomputation in backward, one of RECOMPUTE_MODES
 
     @property
     def world(self) -> int:
@@ -106,6 +117,12 @@ class ParallelConfig:
         if self.schedule not in SCHEDULE_NAMES:
             raise ConfigError(
                 f"--schedule must be one of {', '.join(SCHEDULE_NAMES)}, got {self.schedule!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, "
+                              f"got {self.attention!r}")
+        if self.recompute not in RECOMPUTE_MODES:
+            raise ConfigError(f"--recompute must be one of {', '.join(RECOMPUTE_MODES)}, "
+                              f"got {self.recompute!r}")
         if self.schedule == "zb-h1" and (self.zero == 3 or self.bucket_mb > 0):
             raise ConfigError(
                 "--schedule zb-h1 defers weight gradients past each unit's backward, so it "
@@ -137,6 +154,9 @@ class ParallelConfig:
                     f"{self.microbatches}")
 
     def _validate_against_model(self, model: ModelConfig) -> None:
+        if self.attention == "blockwise" and model.dropout > 0:
+            raise ConfigError("--attention blockwise draws no attention-dropout masks: use "
+                              "--attention plain with --dropout, or --dropout 0")
         if model.n_heads % self.tp:
             raise ConfigError(f"--tp {self.tp} must divide the number of heads ({model.n_heads})")
         if model.ffn % self.tp:
@@ -145,6 +165,10 @@ class ParallelConfig:
             raise ConfigError(
                 f"--sequence-parallel needs --tp {self.tp} to divide the sequence length "
                 f"({model.seq_len})")
+        if model.arch == "encdec" and (self.attention, self.recompute) != ("plain", "none"):
+            raise ConfigError("--attention blockwise and --recompute are not supported with "
+                              "--arch encdec yet: its encoder and cross-attention layers keep "
+                              "the plain kernel and every activation")
         if model.arch == "encdec" and self.pp * self.virtual_stages > 1:
             raise ConfigError("--pp > 1 with --arch encdec is not supported yet: the "
                               "encoder-decoder runs on one pipeline stage")
@@ -152,14 +176,42 @@ class ParallelConfig:
             raise ConfigError(f"--sequence-parallel needs --tp {self.tp} to divide the source "
                               f"length ({model.src_len})")
         chunks = self.pp * self.virtual_stages
-        if model.n_layers % chunks:
+        if self.partition:
+            check_partition(self.partition, model.n_layers, self.pp, self.virtual_stages)
+        elif model.n_layers % chunks:
             raise ConfigError(
                 f"--layers {model.n_layers} must be divisible by --pp x --virtual-stages = "
-                f"{self.pp} x {self.virtual_stages} = {chunks}")
-        if model.tie_weights and self.pp > 1:
+                f"{self.pp} x {self.virtual_stages} = {chunks}, or split them with "
+                "--partition balanced or N,N,...")
+        if model.tie_weights and self.pp * self.virtual_stages > 1:
             raise ConfigError(
-                "--tie-weights with --pp > 1 is not supported: the embedding and the head live "
-                "on different stages")
+                "--tie-weights with --pp > 1 or --virtual-stages > 1 is not supported: the "
+                "embedding and the head live in different model chunks")
+
+
+def check_partition(blocks: tuple[int, ...], n_layers: int, pp: int, virtual: int) -> None:
+    """An explicit ``--partition N,N,...``: one count per virtual stage (pp x virtual of them,
+    in global chunk order), each at least one block (every chunk then holds parameters, and a
+    stage never just forwards its input), summing to the model's layers."""
+    n_chunks = pp * virtual
+    shown = ",".join(str(b) for b in blocks)
+    if len(blocks) != n_chunks:
+        raise ConfigError(f"--partition {shown}: needs one block count per virtual stage, "
+                          f"--pp x --virtual-stages = {pp} x {virtual} = {n_chunks}, "
+                          f"got {len(blocks)}")
+    if min(blocks) < 1:
+        raise ConfigError(f"--partition {shown}: every virtual stage needs at least 1 block")
+    if sum(blocks) != n_layers:
+        raise ConfigError(f"--partition {shown}: the counts sum to {sum(blocks)}, the model "
+                          f"has --layers {n_layers}")
+
+
+def chunk_blocks(n_layers: int, n_chunks: int, partition: tuple[int, ...] = ()) -> list[int]:
+    """Blocks in each global chunk: ``partition`` when given, else the equal split (the one
+    rule ``minipar.models.gpt.chunk_specs``, the cost model and the simulator share)."""
+    if partition:
+        return list(partition)
+    return [n_layers // n_chunks] * n_chunks
 
 
 # ---------------------------------------------------------------------------------- output paths
@@ -202,4 +254,5 @@ def check_output(flag: str, path: str, kind: str, example: str = "run.json") -> 
 
 
 __all__ = ["ConfigError", "ModelConfig", "ParallelConfig", "MODEL_PRESETS", "SCHEDULE_NAMES",
-           "check_output", "replace"]
+           "ATTENTION_KERNELS", "RECOMPUTE_MODES", "check_output", "check_partition",
+           "chunk_blocks", "replace"]

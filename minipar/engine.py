@@ -18,10 +18,13 @@ import numpy
 
 from minipar import backend
 from minipar.config import ConfigError, ModelConfig, ParallelConfig
-from minipar.nn.module import BuildContext
+from minipar.nn import flops
+from minipar.nn.dropout import MaskSource
+from minipar.nn.module import BuildContext, matches_prefix
 from minipar.models.encdec import build_encdec
 from minipar.models.gpt import build_chunks
-from minipar.nn.optim import clip_coefficient
+from minipar.nn.optim import clip_coefficient, make_optimizer
+from minipar.nn.precision import LossScaler, policy, policy_of_dtype
 from minipar.parallel.data import DataParallelStrategy
 from minipar.parallel.pipeline import PipelineExecutor, StepData
 from minipar.parallel.schedules import Instr, Step, SyncGrads, chunk_location, make_schedule
@@ -35,6 +38,7 @@ class StepResult:
     grad_norm: float  # global gradient norm before clipping
     clip: float  # the factor gradients were scaled by (1.0 when not clipped)
     skipped: bool = False  # the update was skipped (non-finite loss or gradients)
+    loss_scale: float = 1.0  # the fp16 loss scale this step's backward used
 
 
 class Engine:
@@ -42,22 +46,41 @@ class Engine:
 
     def __init__(self, model: ModelConfig, par: ParallelConfig, mesh, *, seed: int = 0,
                  dtype: str = "float32", optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0, grad_clip: float = 1.0, tracer=None):
+                 weight_decay: float = 0.0, grad_clip: float = 1.0, tracer=None,
+                 precision: str | None = None, loss_scale: float = 2.0 ** 16,
+                 loss_scale_window: int = 200, freeze: tuple[str, ...] = ()):
         model.validate()
         par.validate(model, world_size=mesh.world.size)
         if tracer is not None:  # every collective of every layer becomes a trace event
             mesh = traced_mesh(mesh, tracer)
         self.model_cfg, self.par, self.mesh = model, par, mesh
-        self.dtype = dtype
+        # Which dtype where (minipar.nn.precision): --precision, or the older --dtype.
+        self.policy = policy(precision) if precision else policy_of_dtype(dtype)
+        dtype = self.dtype = self.policy.dtype
+        self.scaler = LossScaler(self.policy.loss_scaling, loss_scale, loss_scale_window)
         self.grad_clip = grad_clip
         self.tracer = tracer
-        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel)
-        build = build_encdec if model.arch == "encdec" else build_chunks
-        self.chunks = build(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
+        # Dropout masks are addressed by (seed, step, site, global element): see nn/dropout.py.
+        self.dropout = MaskSource(seed, model.dropout)
+        self.ctx = BuildContext(seed, dtype, mesh.tp, par.sequence_parallel, self.dropout,
+                                attention=par.attention, recompute=par.recompute)
+        if model.arch == "encdec":
+            self.chunks = build_encdec(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank)
+        else:
+            self.chunks = build_chunks(model, self.ctx, par.pp, par.virtual_stages, mesh.pp_rank,
+                                       par.partition)
         self.params = [p for c in self.chunks for p in c.params()]
+        self.optimizer_name = optimizer
+        # Fine-tuning: parameters under a --freeze prefix stay out of the strategy (no update,
+        # no optimizer state, no gradient traffic); every rank keeps them whole.
+        for p in self.params:
+            p.frozen = any(matches_prefix(p.name, f) for f in freeze)
+        self.freeze = tuple(freeze)
+        self.frozen = [p for p in self.params if p.frozen]
         # The strategy may hook the chunks' units (bucket overlap, ZeRO-3's gathers).
         self.dp: DataParallelStrategy = make_strategy(
-            par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay)
+            par, self.chunks, mesh, optimizer=optimizer, lr=lr, weight_decay=weight_decay,
+            **self._precision_options())
         self.program = make_schedule(par.schedule, par.pp, par.microbatches, par.virtual_stages)
         self.executor = PipelineExecutor(self.program, self.chunks, mesh, dtype, tracer)
         self.step_count = 0
@@ -69,6 +92,14 @@ class Engine:
         self._measured = False
         self.peak_activation_bytes = 0  # this stage's peak over the steps run so far
         self.memory_log: list = []  # the last step's MemorySample per pass
+        self.forward_flops = (0, 0)  # the last step's forward FLOPs here: (all, recomputed)
+
+    def _precision_options(self) -> dict:
+        """What the data-parallel strategy needs of the policy (none in fp32/fp64, so the
+        strategies are built exactly as before)."""
+        if not self.policy.mixed:
+            return {}
+        return {"grad_dtype": self.policy.grad_dtype(self.par.microbatches), "master": True}
 
     # -- training -------------------------------------------------------------------------------
 
@@ -87,29 +118,49 @@ class Engine:
         sum over ranks and microbatches equals the serial mean loss. The executor runs the
         program's passes; its last two instructions, SyncGrads and Step, are the code below.
         """
-        loss_here = self.gradients(inputs, targets, normalizer)  # 0 off the last stage
-        with self._span(SyncGrads()):
+        scale = self.scaler.scale  # fp16: backward starts from the loss scale, not 1
+        # fp16 overflow is an expected event, detected below and handled by skipping the step.
+        def quiet():
+            return (numpy.errstate(over="ignore", invalid="ignore") if self.scaler.enabled
+                    else nullcontext())
+        with quiet():
+            loss_here = self.gradients(inputs, targets, normalizer)  # 0 off the last stage
+        with self._span(SyncGrads()), quiet():
             self.dp.sync_grads()  # sum over dp (buckets may have started during the backward)
             loss, grad_norm = self._loss_and_norm(loss_here)  # the step's one world allreduce
+        grad_norm /= scale  # the norm of the true gradient
         self.step_count += 1
         clip = clip_coefficient(grad_norm, self.grad_clip)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # alike on every rank
-        if not finite and not skip_nonfinite:
+        # fp16 overflow: every rank saw the same non-finite grad_sq, so every rank skips.
+        overflow = self.scaler.update(finite)
+        if not finite and not skip_nonfinite and not overflow:
             raise FloatingPointError(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) "
                                      f"at step {self.step_count}")
         with self._span(Step()):
             if finite:
-                if clip != 1.0:
-                    self.dp.scale_grads(clip)  # clip to the global norm (Pascanu et al. 2013)
+                if clip / scale != 1.0:  # clip to the global norm (Pascanu et al. 2013)
+                    self.dp.scale_grads(clip / scale)  # and unscale (in fp32 when mixed)
                 self.dp.step(self._lr if lr is None else lr)
-        return StepResult(loss, grad_norm, clip, skipped=not finite)
+        return StepResult(loss, grad_norm, clip, skipped=not finite, loss_scale=scale)
 
-    def gradients(self, inputs, targets, normalizer: float) -> float:
+    def gradients(self, inputs, targets, normalizer: float, *, step: int | None = None,
+                  first_row: int | None = None) -> float:
         """Forward and backward only: every ``Param.grad`` holds this rank's gradient of the
         step's loss, not yet synced over dp; returns this rank's share of the loss. A training
         step continues with the sync and the update; an asynchronous worker sends the gradient
-        to a parameter server instead."""
+        to a parameter server instead.
+
+        ``step`` (default: the steps taken) and ``first_row`` (default: this dp rank's
+        contiguous share, ``dp_rank x rows``) say where these rows sit in which global batch:
+        dropout draws the serial run's mask of exactly those rows."""
         data = self._microbatches(inputs, targets, normalizer)
+        rows = len(inputs) // self.par.microbatches
+        first = self.mesh.dp_rank * len(inputs) if first_row is None else first_row
+        self.dropout.begin_step(self.step_count if step is None else step,
+                                [first + i * rows for i in range(self.par.microbatches)])
+        for chunk in self.chunks:
+            chunk.loss_scale = self.scaler.scale
         self.dp.zero_grad()
         return self._run_passes(data)
 
@@ -132,7 +183,9 @@ class Engine:
         """The program's forward and backward passes (and sends), measuring activation memory
         on this engine's first step or, with ``measure_activations``, on every step."""
         measure = self.measure_activations or not self._measured
-        loss = self.executor.run(data, measure_memory=measure)
+        with flops.counting() as counted:  # kernels' forward FLOPs, recomputation included
+            loss = self.executor.run(data, measure_memory=measure)
+        self.forward_flops = tuple(counted)
         self.memory_log = self.executor.memory_log  # empty when not measured
         self.peak_activation_bytes = max([self.peak_activation_bytes,
                                           *(s.bytes for s in self.memory_log)])
@@ -233,9 +286,13 @@ class Engine:
         """Every full (unsharded) parameter or gradient by name, on every rank (collective).
 
         Used by tests (parallel == serial) and checkpoints: the result does not depend on the
-        layout. Gathers over dp (ZeRO shards), tp (tensor shards) and the world (stages).
+        layout. Gathers over dp (ZeRO shards), tp (tensor shards) and the world (stages). A
+        frozen parameter has no gradient: it is in the parameters, not in the gradients.
         """
-        return self._gather_full(self.dp.local_params(grads))
+        local = self.dp.local_params(grads)
+        if not grads:
+            local.update({p.name: backend.to_host(p.data) for p in self.frozen})
+        return self._gather_full(local)
 
     def full_optimizer_state(self) -> dict:
         """{"<param>/<state>": full array} for the whole model, on every rank (collective)."""
@@ -267,10 +324,22 @@ class Engine:
             local_params[p.name] = cut(full).astype(self.dtype)
             states = {k.split("/")[-1]: v for k, v in optim.items()
                       if k.rsplit("/", 1)[0] == p.name}
-            local_optim[p.name] = {k: cut(v).astype(self.dtype) for k, v in states.items()}
+            local_optim[p.name] = {k: cut(v).astype(self.policy.master_dtype)
+                                   for k, v in states.items()}
+        for p in self.frozen:  # outside the strategy: loaded here, kept whole
+            p.data[...] = backend.from_host(local_params[p.name])
         self.dp.load_local(local_params, local_optim, optimizer_steps)
+
+    def init_weights(self, params: dict) -> None:
+        """Fine-tuning (``--init-from``): this rank's shards of the full ``params`` (a
+        checkpoint of any layout and ZeRO stage), with a fresh optimizer: zero state, step 0."""
+        names = make_optimizer(self.optimizer_name, [], 0.0, 0.0).state_names
+        fresh = {f"{p.name}/{k}": numpy.zeros(p.full_shape, dtype=self.policy.master_dtype)
+                 for p in self.params if not p.frozen for k in names}
+        self.load_full_state(params, fresh, 0)
 
     def memory(self) -> dict:
         mem = dict(self.dp.memory())
+        mem["params"] += sum(int(p.data.nbytes) for p in self.frozen)  # whole on every rank
         mem["activations_peak"] = self.peak_activation_bytes
         return mem

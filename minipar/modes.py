@@ -58,7 +58,8 @@ class Replica:
         """The loss and flat gradient of worker ``worker``'s batch at its step ``step``."""
         self.load(weights)
         inputs, targets = self.batch(worker, step)
-        loss = self.engine.gradients(inputs, targets, self.task.n_scored(targets))
+        loss = self.engine.gradients(inputs, targets, self.task.n_scored(targets), step=step,
+                                     first_row=worker * len(inputs))  # dropout: global rows
         return loss, backend.xp().concatenate([p.grad.ravel() for p in self.params])
 
     def evaluate(self, weights) -> dict:

@@ -17,6 +17,7 @@ from collections import Counter
 from minipar.config import SCHEDULE_NAMES, ConfigError, ParallelConfig, check_output, replace
 from minipar.sim import costmodel as cm
 from minipar.sim.hardware import HARDWARE_NAMES, Hardware, get_hardware
+from minipar.sim.partition import resolve_partition
 from minipar.sim.presets import MODELS, PTDP_TABLE1
 from minipar.sim.timing import Estimate, estimate
 
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     lay.add_argument("--tp", type=int, help="tensor parallel size")
     lay.add_argument("--pp", type=int, help="pipeline stages")
     lay.add_argument("--virtual-stages", type=int, help="model chunks per stage (interleaved)")
+    lay.add_argument("--partition", default="equal", metavar="equal|balanced|N,N,...",
+                     help="blocks per virtual stage, as python -m minipar.train --partition")
     lay.add_argument("--schedule", choices=SCHEDULE_NAMES,
                      help="pipeline schedule (default 1f1b, interleaved if --virtual-stages > 1)")
     lay.add_argument("--microbatch-size", type=int, help="sequences per microbatch (default 1)")
@@ -161,7 +164,8 @@ def resolve(args) -> tuple:
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero or 0,
                          sequence_parallel=args.sequence_parallel, schedule=schedule,
                          microbatches=max(1, work.microbatches(dp)), virtual_stages=v,
-                         bucket_mb=args.bucket_mb)
+                         bucket_mb=args.bucket_mb,
+                         partition=resolve_partition(args.partition, model, pp, v))
     cm.check_layout(model, par, work, args.gpus)
     hw = get_hardware(args.hardware, args.hardware_file)
     if args.hardware == "this-machine":  # every rank of the layout shares this one machine
@@ -181,6 +185,8 @@ def _si(x: float, unit: str) -> str:
 def describe(name: str, model, par: ParallelConfig, work: cm.Workload, hw: Hardware) -> str:
     params = cm.param_count(model)
     v = f", v={par.virtual_stages}" if par.virtual_stages > 1 else ""
+    if par.partition:
+        v += f", --partition {','.join(map(str, par.partition))}"
     count = f"{params / 1e9:.4g}B" if params >= 1e9 else f"{params / 1e6:.4g}M"
     return (f"{name}: {count} parameters ({model.n_layers} layers, d_model "
             f"{model.d_model}, {model.n_heads} heads, seq {model.seq_len}, vocab "
@@ -226,6 +232,7 @@ def to_json(name: str, model, par, work, hw, est: Estimate) -> dict:
     out = est.to_json()
     out.update(model=name, hardware=hw.name, layout={
         "dp": par.dp, "tp": par.tp, "pp": par.pp, "virtual_stages": par.virtual_stages,
+        "partition": list(par.partition),
         "schedule": par.schedule, "microbatches": par.microbatches,
         "microbatch_size": work.microbatch_size, "global_batch": work.global_batch,
         "zero": par.zero, "sequence_parallel": par.sequence_parallel,
@@ -352,6 +359,8 @@ def _run(args) -> int:
 
 def _run_search(args) -> int:
     check_flags(args)
+    if args.partition != "equal":
+        raise ConfigError("--search compares equal splits: leave out --partition")
     for flag in ("dp", "tp", "pp", "virtual_stages", "microbatch_size", "schedule"):
         if getattr(args, flag) is not None:
             raise ConfigError(f"--search chooses the layout itself: leave out "

@@ -215,3 +215,20 @@ def test_keep_deletes_only_this_runs_steps(tmp_path):
     assert checkpoint.foreign_steps(str(tmp_path), None) == [20, 40, 50, 60, 70]
     _write(tmp_path, 80, run_id="new", keep=2, replace_other_runs=True)
     assert checkpoint.list_steps(str(tmp_path)) == [70, 80]
+
+
+def test_fp16_resume_keeps_the_dynamic_loss_scale(tmp_path):
+    """The loss scale is optimizer state: a resumed fp16 run must continue the doubling
+    schedule where it stopped (window 2: 1024 -> 2048 after step 2 -> 4096 after step 4 -> 8192
+    after step 6), not restart it from --loss-scale."""
+    base = ["--quiet", "--model", "tiny", "--steps", "6", "--precision", "fp16",
+            "--loss-scale", "1024", "--loss-scale-window", "2", "--eval-every", "100"]
+    full, second, ckpt = tmp_path / "full.json", tmp_path / "b.json", tmp_path / "run"
+    assert train([*base, "--summary", str(full)], n=1)[0] == [0]
+    first = [*base[:4], "3", *base[5:], "--save", str(ckpt)]
+    assert train(first, n=1)[0] == [0]
+    codes, _, err = train([*base, "--resume", str(ckpt), "--summary", str(second)], n=1)
+    assert codes == [0], err
+    done, resumed = (json.loads(p.read_text()) for p in (full, second))
+    assert done["loss_scale"] == resumed["loss_scale"] == 1024 * 2 ** 3
+    assert done["overflow_skips"] == resumed["overflow_skips"] == 0

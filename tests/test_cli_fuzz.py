@@ -62,7 +62,11 @@ TRAIN_VALUES: dict[str, tuple | None] = {
     "--vocab": (["300"], ["0", "5"]), "--n-digits": (["3"], ["0", "30"]),
     "--bucket-mb": (["0", "0.001"], ["-1"]), "--seed": (["0", "1"], ["-1"]),
     "--dtype": (["float64"], ["float16"]), "--keep": (["0", "2"], ["-1"]),
-    "--save-every": (["1"], ["-1"]),
+    "--save-every": (["1"], ["-1"]), "--dropout": (["0", "0.1"], ["1", "-0.1", "nan"]),
+    "--attention": (["plain", "blockwise"], ["flash"]),
+    "--recompute": (["none", "selective", "full"], ["some"]),
+    "--init-from": (["NEW/ckpt"], ["MISSING", "TEXT"]),
+    "--freeze": (["embed", "blocks.0,head"], ["emb", "a,,b"]),
 }
 
 

@@ -52,7 +52,7 @@ def draw_layout(draw, world: int | None = None) -> dict:
                          sequence_parallel=tp > 1 and draw(st.booleans()))
     cfg = ModelConfig(vocab_size=draw(st.sampled_from([11, 16])), seq_len=4,
                       n_layers=pp * v * draw(st.integers(1, 2)), d_model=8, n_heads=4,
-                      tie_weights=pp == 1 and draw(st.booleans()),
+                      tie_weights=pp * v == 1 and draw(st.booleans()),
                       pos=draw(st.sampled_from(["learned", "sinusoidal"])))
     return {"cfg": cfg, "par": par, "batch": dp * m * draw(st.integers(1, 2))}
 

@@ -121,6 +121,7 @@ def test_cached_greedy_decoding_equals_recomputing_the_prefix(norm, tie, pos, se
     src = dev.up(packed_batch(rng, 4, 5, 1, 11)[0][:, :5])
     cached = dev.down(greedy_cached(model, src, 1, 6))
     plain = dev.down(greedy_uncached(model, src, 1, 6))
+    # A constant output (rare, some seeds) would be matched by any decoder: draw another seed.
+    assume(len(np.unique(cached)) > 1)
     np.testing.assert_array_equal(cached, plain)
     assert live_microbatches(model) == 0
-    assert len(np.unique(cached)) > 1  # not a constant output that any decoder would match

@@ -76,9 +76,23 @@ ALLOWED = {
     ("train/loop.py", "continuation", "numpy.array"): "host token ids rendered as text",
     ("train/loop.py", "_start", "numpy.zeros_like"):
         "a fresh optimizer state (--force) as full host tensors, like a checkpoint's",
+    ("dist/mpi_comm.py", "_op16", "*"):
+        "MPI's user-defined reduction of 16-bit floats runs on host buffers MPI hands it",
+    ("dist/mpi_comm.py", "_op16.combine", "*"):
+        "MPI's user-defined reduction of 16-bit floats runs on host buffers MPI hands it",
+    ("engine.py", "Engine.train_step.quiet", "numpy.errstate"):
+        "fp16 overflow is expected and handled: NumPy's floating-point warnings off for the step",
+    ("engine.py", "Engine.init_weights", "numpy.zeros"):
+        "a fresh optimizer state (--init-from) as full host tensors, like a checkpoint's",
     ("engine.py", "Engine.evaluate", "*"):
         "host bookkeeping around forward_only (which uploads): padding host batches, host "
         "targets against downloaded predictions, metric counters, perplexity of a float",
+    ("nn/dropout.py", "site_key", "numpy.random.SeedSequence"):
+        "a dropout site's Philox key, hashed on the host from (seed, step, site)",
+    ("nn/dropout.py", "philox_words", "numpy.random.Philox"):
+        "NumPy's Philox runs on the host; the same bits on every backend, masks uploaded once",
+    ("nn/dropout.py", "keep_mask", "numpy.empty"):
+        "the host keep mask, filled run by run from Philox, then uploaded by MaskSource.keep",
     ("sim/activations.py", "measure_block_activations", "numpy.random.default_rng"):
         "a measurement helper: host random input, uploaded with from_host",
     ("sim/activations.py", "measure_block_activations.rank", "numpy.ascontiguousarray"):

@@ -246,3 +246,15 @@ def test_cycle_deadlocks():
     msg = str(err.value)
     assert "stage 0, instruction 2 (rG0) waits for stage 1" in msg
     assert "stage 1, instruction 2 (rA1) waits for stage 0" in msg
+
+
+def test_tied_weights_are_refused_across_chunks_even_on_one_stage():
+    """With --virtual-stages 2 on one pipeline rank the embedding and the head sit in different
+    chunks; tying them there used to build an untied head silently."""
+    from minipar.config import ModelConfig, ParallelConfig
+
+    cfg = ModelConfig(tie_weights=True)
+    par = ParallelConfig(schedule="interleaved", virtual_stages=2)
+    with pytest.raises(ConfigError, match="--virtual-stages"):
+        par.validate(cfg)
+    ParallelConfig(schedule="interleaved").validate(cfg)  # one chunk: tying is fine

@@ -156,6 +156,10 @@ def main(argv=None) -> int:
         from minipar.bench import asyncbench
 
         return asyncbench.main(argv)
+    if "--partition" in argv:  # pipeline bubble of equal vs balanced splits under mpirun
+        from minipar.bench import partition as bench_partition
+
+        return bench_partition.main(argv)
     if "--validate" in argv or "--measure-hardware" in argv:  # cost model vs this machine
         from minipar.bench import validate as bench_validate
 
@@ -189,6 +193,10 @@ def main(argv=None) -> int:
                         help="instead: sync vs parameter server vs SSP vs local SGD under "
                              "mpirun, with a straggler (see python -m minipar.bench --async "
                              "--help)")
+    parser.add_argument("--partition", action="store_true",
+                        help="instead: the pipeline bubble of equal vs balanced splits, "
+                             "measured under mpirun beside the simulator's prediction (see "
+                             "python -m minipar.bench --partition --help)")
     parser.add_argument("--measure-hardware", action="store_true",
                         help="instead: measure this machine for the cost model (hardware JSON)")
     args = parser.parse_args(argv)

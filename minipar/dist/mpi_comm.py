@@ -44,6 +44,39 @@ from minipar.dist.stats import CommStats
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX}
 
 
+# -- 16-bit floats (mixed precision) -------------------------------------------------------------
+# MPI has no bfloat16 (and float16 only as an extension), so a 16-bit float buffer travels as
+# MPI.UINT16_T, and a reduction over it is a user-defined op that adds (or takes the max) in
+# fp32 and rounds once: the arithmetic of ThreadComm's NumPy add and of NCCL's 16-bit reductions.
+
+def _is_16bit_float(dtype) -> bool:
+    return dtype.itemsize == 2 and dtype.kind in "fV"  # float16, or ml_dtypes' bfloat16
+
+
+def _buffer(x):
+    """What MPI is given for array ``x``: the array, or a 16-bit float as raw uint16."""
+    if _is_16bit_float(x.dtype):
+        return [x.view("uint16"), MPI.UINT16_T]
+    return x
+
+
+@functools.lru_cache(maxsize=None)
+def _op16(dtype_name: str, op: str) -> MPI.Op:
+    import numpy  # the op runs on host buffers (staged when the arrays live on a GPU)
+
+    dtype = numpy.dtype(dtype_name)
+    ufunc = numpy.maximum if op == "max" else numpy.add
+
+    def combine(inbuf, inoutbuf, datatype) -> None:
+        a, b = numpy.frombuffer(inbuf, dtype=dtype), numpy.frombuffer(inoutbuf, dtype=dtype)
+        b[...] = ufunc(a.astype(numpy.float32), b.astype(numpy.float32)).astype(dtype)
+    return MPI.Op.Create(combine, commute=True)
+
+
+def _op(op: str, dtype):
+    return _op16(dtype.name, op) if _is_16bit_float(dtype) else _OPS[op]
+
+
 @functools.lru_cache(maxsize=1)
 def query_cuda_support() -> bool | None:
     """Whether the loaded MPI library can read CUDA device memory (None: it cannot tell).
@@ -152,19 +185,19 @@ class MPIComm(Comm):
         self._verify(desc)
         send = self.wire.outgoing(x)
         out, finish = self.wire.incoming(x.shape, x.dtype)
-        self.mpi.Allreduce(send, out, op=_OPS[op])
+        self.mpi.Allreduce(_buffer(send), _buffer(out), op=_op(op, x.dtype))
         return finish()
 
     def _allreduce_inplace(self, x, op, desc):
         self._verify(desc)
         buf, write_back = self.wire.inplace(x)
-        self.mpi.Allreduce(MPI.IN_PLACE, buf, op=_OPS[op])
+        self.mpi.Allreduce(MPI.IN_PLACE, _buffer(buf), op=_op(op, x.dtype))
         write_back()
 
     def _iallreduce_inplace(self, x, op, desc):
         self._verify(desc)
         buf, write_back = self.wire.inplace(x, nonblocking=True)
-        req = self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=_OPS[op])
+        req = self.mpi.Iallreduce(MPI.IN_PLACE, _buffer(buf), op=_op(op, x.dtype))
 
         def finish() -> None:
             req.Wait()
@@ -175,23 +208,23 @@ class MPIComm(Comm):
         self._verify(desc)
         send = self.wire.outgoing(x)
         out, finish = self.wire.incoming((self.size,) + x.shape, x.dtype)
-        self.mpi.Allgather(send, out)
+        self.mpi.Allgather(_buffer(send), _buffer(out))
         return finish()
 
     def _reduce_scatter(self, x, op, desc):
         self._verify(desc)
         send = self.wire.outgoing(x)
         out, finish = self.wire.incoming((x.shape[0] // self.size,) + x.shape[1:], x.dtype)
-        self.mpi.Reduce_scatter_block(send, out, op=_OPS[op])
+        self.mpi.Reduce_scatter_block(_buffer(send), _buffer(out), op=_op(op, x.dtype))
         return finish()
 
     def _broadcast(self, x, root, desc):
         self._verify(desc)
         if self.rank == root:
-            self.mpi.Bcast(self.wire.outgoing(x), root=root)
+            self.mpi.Bcast(_buffer(self.wire.outgoing(x)), root=root)
             return None
         out, finish = self.wire.incoming(x.shape, x.dtype)
-        self.mpi.Bcast(out, root=root)
+        self.mpi.Bcast(_buffer(out), root=root)
         return finish()
 
     def _barrier(self, desc):
@@ -212,11 +245,11 @@ class MPIComm(Comm):
     # ---- point to point ----
 
     def _send(self, x, dest, tag):
-        self.mpi.Send(self.wire.outgoing(x), dest=dest, tag=tag)
+        self.mpi.Send(_buffer(self.wire.outgoing(x)), dest=dest, tag=tag)
 
     def _isend(self, x, dest, tag):
         buf = self.wire.outgoing(x)
-        req = self.mpi.Isend(buf, dest=dest, tag=tag)
+        req = self.mpi.Isend(_buffer(buf), dest=dest, tag=tag)
 
         def finish() -> None:
             req.Wait()
@@ -228,7 +261,7 @@ class MPIComm(Comm):
         out, finish = self.wire.incoming(shape, dtype)
         status = MPI.Status()
         try:
-            self.mpi.Recv(out, source=source, tag=tag, status=status)
+            self.mpi.Recv(_buffer(out), source=source, tag=tag, status=status)
         except MPI.Exception as exc:
             raise self._recv_error(shape, dtype, source, tag, str(exc)) from exc
         self._check_count(status, out, source, tag)
@@ -238,7 +271,7 @@ class MPIComm(Comm):
         out, finish = self.wire.incoming(shape, dtype)
         status = MPI.Status()
         try:
-            self.mpi.Recv(out, source=MPI.ANY_SOURCE, tag=tag, status=status)
+            self.mpi.Recv(_buffer(out), source=MPI.ANY_SOURCE, tag=tag, status=status)
         except MPI.Exception as exc:
             raise self._recv_error(shape, dtype, "any", tag, str(exc)) from exc
         source = status.Get_source()
@@ -247,7 +280,7 @@ class MPIComm(Comm):
 
     def _irecv(self, shape, dtype, source, tag):
         out, finish_copy = self.wire.incoming(shape, dtype)
-        req = self.mpi.Irecv(out, source=source, tag=tag)
+        req = self.mpi.Irecv(_buffer(out), source=source, tag=tag)
 
         def finish() -> Any:
             status = MPI.Status()
@@ -260,7 +293,8 @@ class MPIComm(Comm):
         return finish
 
     def _check_count(self, status: MPI.Status, out, source: int, tag: int) -> None:
-        got = status.Get_count(dtlib.from_numpy_dtype(out.dtype))
+        dtype = "uint16" if _is_16bit_float(out.dtype) else out.dtype
+        got = status.Get_count(dtlib.from_numpy_dtype(dtype))
         if got != out.size:
             raise self._recv_error(out.shape, out.dtype, source, tag,
                                    f"the message has {got} elements")

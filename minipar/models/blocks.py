@@ -1,15 +1,27 @@
 """Attention, MLP and the Transformer block, built from tensor-parallel layers.
 
 One code for every layout: on a tp group of one rank the column/row-parallel layers are plain
-linears and their collectives are no-ops, so the serial model is exactly this code.
+linears and their collectives are no-ops, so the serial model is exactly this code. Dropout
+(attention probabilities, and each block's output before the residual add) draws this rank's
+slice of the serial run's masks (``minipar.nn.dropout``); with P = 0 it is not there at all.
+
+Activation recomputation (Korthikanti et al. 2022, ``BuildContext.recompute``) trades compute
+for memory and changes no number, since a rerun forward gives the same bits (dropout masks too:
+they are addressed, not drawn in sequence): "selective" keeps
+the attention's [Q|K|V] but not its core (scores, softmax, their use on V), rerun in backward
+(``Attention``); "full" keeps only each block's input and reruns the whole block's forward in
+backward (``Block``). The attention kernel is the plain one (``functional.mha_fwd``) or the
+blockwise one (``minipar.nn.blockwise``), which keeps O(T) per head instead of the (T, T) softmax.
 """
 
 from __future__ import annotations
 
 import math
 
+from minipar.nn import blockwise, flops
 from minipar.nn import functional as F
-from minipar.nn.module import LayerNorm, Module
+from minipar.nn.dropout import Dropout
+from minipar.nn.module import LayerNorm, Module, walk
 from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 INIT_STD = 0.02  # GPT-2's weight scale (Radford et al. 2019)
@@ -22,20 +34,48 @@ class Attention(Module):
         super().__init__()
         c = cfg.d_model
         self.local_heads = cfg.n_heads // ctx.tp.size
+        self.n_heads, self.tp, self.masks = cfg.n_heads, ctx.tp, ctx.dropout
+        self.site = f"{name}.probs"  # the attention-probability dropout's stream
         self.qkv = ColumnParallelLinear(ctx, f"{name}.qkv", c, 3 * c, INIT_STD, blocks=3)
         # Residual projections are scaled by 1/sqrt(2 L) so the residual stream keeps its size.
         self.proj = RowParallelLinear(ctx, f"{name}.proj", c, c,
                                       INIT_STD / math.sqrt(2 * cfg.n_layers))
+        self.blockwise = ctx.attention == "blockwise"
+        self.selective = ctx.recompute == "selective"
+
+    def core(self, qkv, mb):
+        """The attention core, (B, T, 3 C / tp) -> (B, T, C / tp) and its cache."""
+        if self.blockwise:  # config refuses it with dropout: its blocks draw no masks
+            return blockwise.mha_fwd(qkv, self.local_heads)
+        keep = self._probs_keep(qkv.shape[0], qkv.shape[1], mb)  # (B, H / tp, T, T) or None
+        p = 0.0 if keep is None else self.masks.p
+        return F.mha_fwd(qkv, self.local_heads, keep, p)
 
     def forward(self, x, mb=0):
         qkv = self.qkv.forward(x, mb)  # (B, T, 3 C / tp)
-        y, cache = F.mha_fwd(qkv, self.local_heads)  # (B, T, C / tp)
-        self.save(mb, cache)
+        y, cache = self.core(qkv, mb)  # (B, T, C / tp)
+        self.save(mb, qkv if self.selective else cache)  # selective: [Q|K|V] only
         return self.proj.forward(y, mb)  # (B, T, C)
 
+    def _probs_keep(self, b: int, t: int, mb):
+        """This rank's heads' slice of the (B, H, T, T) mask, or None when dropout is off."""
+        if self.masks is None:
+            return None
+        h0 = self.tp.rank * self.local_heads  # this rank's first head of all H
+        return self.masks.keep(self.site, mb, (b, self.local_heads, t, t), (h0, 0, 0),
+                               (self.n_heads, t, t))  # (B, H / tp, T, T)
+
     def backward(self, dy, mb=0):
+        y = self.proj.peek(mb)  # (B, T, C / tp): the core's output, kept as proj's input
         dy = self.proj.backward(dy, mb)  # (B, T, C / tp)
-        dqkv = F.mha_bwd(dy, self.pop(mb))  # (B, T, 3 C / tp)
+        cache = self.pop(mb)
+        if self.selective:
+            with flops.recomputing():
+                _, cache = self.core(cache, mb)  # the core's forward again: the same bits
+        if self.blockwise:
+            dqkv = blockwise.mha_bwd(dy, y, cache)  # (B, T, 3 C / tp)
+        else:
+            dqkv = F.mha_bwd(dy, cache)  # (B, T, 3 C / tp)
         return self.qkv.backward(dqkv, mb)  # (B, T, C)
 
 
@@ -64,7 +104,7 @@ class MLP(Module):
 
 
 class Block(Module):
-    """Pre-LayerNorm Transformer block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+    """Pre-LayerNorm Transformer block: x + drop(attn(ln1(x))), then + drop(mlp(ln2(.)))."""
 
     def __init__(self, ctx, name: str, cfg):
         super().__init__()
@@ -72,14 +112,31 @@ class Block(Module):
         self.attn = Attention(ctx, f"{name}.attn", cfg)
         self.ln2 = LayerNorm(ctx, f"{name}.ln2", cfg.d_model)
         self.mlp = MLP(ctx, f"{name}.mlp", cfg)
+        self.drop_attn = Dropout(ctx, f"{name}.attn.out")  # before each residual add
+        self.drop_mlp = Dropout(ctx, f"{name}.mlp.out")
         if ctx.sequence_parallel:  # LayerNorm sees only this rank's tokens: partial gradients
             for p in self.ln1.params() + self.ln2.params():
                 p.tp_partial_grad = True
+        self.full = ctx.recompute == "full"
 
     def forward(self, x, mb=0):
-        h = x + self.attn.forward(self.ln1.forward(x, mb), mb)  # (B, T, C)
-        return h + self.mlp.forward(self.ln2.forward(h, mb), mb)  # (B, T, C)
+        y = self._forward(x, mb)  # (B, T, C)
+        if self.full:  # keep only the input (T/tp tokens under SP); backward reruns the rest
+            for m in walk(self):
+                m._cache.pop(mb, None)
+            self.save(mb, x)
+        return y
+
+    def _forward(self, x, mb):
+        a = self.drop_attn.forward(self.attn.forward(self.ln1.forward(x, mb), mb), mb)
+        h = x + a  # (B, T, C)
+        return h + self.drop_mlp.forward(self.mlp.forward(self.ln2.forward(h, mb), mb), mb)
 
     def backward(self, dy, mb=0):
-        dh = dy + self.ln2.backward(self.mlp.backward(dy, mb), mb)  # (B, T, C)
-        return dh + self.ln1.backward(self.attn.backward(dh, mb), mb)  # (B, T, C)
+        if self.full:  # the block's forward again, its collectives included: every cache back
+            with flops.recomputing():
+                self._forward(self.pop(mb), mb)
+        dm = self.mlp.backward(self.drop_mlp.backward(dy, mb), mb)  # (B, T, C)
+        dh = dy + self.ln2.backward(dm, mb)  # (B, T, C)
+        da = self.attn.backward(self.drop_attn.backward(dh, mb), mb)  # (B, T, C)
+        return dh + self.ln1.backward(da, mb)  # (B, T, C)

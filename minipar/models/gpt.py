@@ -13,10 +13,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from minipar import backend
-from minipar.config import ModelConfig
+from minipar.config import ModelConfig, chunk_blocks
 from minipar.nn import functional as F
 from minipar.models.blocks import INIT_STD, Block
+from minipar.nn.dropout import Dropout
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
+from minipar.nn.precision import sum_fp32
 from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import (
     SEQ_AXIS, VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelHead,
@@ -25,7 +27,7 @@ from minipar.parallel.tensor import (
 
 
 class Embedding(Module):
-    """Token embedding (vocab-parallel) plus learned or sinusoidal positions."""
+    """Token embedding (vocab-parallel) plus learned or sinusoidal positions, then dropout."""
 
     def __init__(self, ctx: BuildContext, cfg: ModelConfig, name: str = "embed",
                  pos_name: str = "pos", length: int | None = None):
@@ -43,6 +45,7 @@ class Embedding(Module):
             self.pos = None
             self.table = backend.from_host(
                 backend.to_host(F.sinusoidal_positions(length, cfg.d_model, ctx.dtype)))
+        self.drop = Dropout(ctx, f"{name}.out")
 
     def _positions(self, t_local: int):
         """The rows of the position table for this rank's tokens (all of them without SP)."""
@@ -54,14 +57,15 @@ class Embedding(Module):
         h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
         h += self._positions(h.shape[SEQ_AXIS])
         self.save(mb, h.shape[SEQ_AXIS])
-        return h
+        return self.drop.forward(h, mb)  # (B, T, C) or (B, T/tp, C)
 
     def backward(self, dh, mb=0):
+        dh = self.drop.backward(dh, mb)  # (B, T, C) or (B, T/tp, C)
         t_local = self.pop(mb)
         if self.pos is not None:
             dpos = self.pos.data * 0  # (T, C)
             start = self.tp.rank * t_local if self.sp else 0
-            dpos[start:start + t_local] = dh.sum(axis=0)
+            dpos[start:start + t_local] = sum_fp32(dh, axis=0)
             self.pos.accumulate(dpos)
         self.tok.backward(dh, mb)
         return None
@@ -137,6 +141,7 @@ class GPTChunk(Module):
         self.units = [u for u in [self.embed, *self.blocks, self.head] if u is not None]
         self.deferred = DeferredWeightGrads()  # zero-bubble W passes waiting to run
         self.hooks = Hooks()
+        self.loss_scale = 1.0  # the seed of backward: fp16's loss scale (minipar.nn.precision)
 
     def forward(self, x, mb=0, targets=None, normalizer=None):
         """Token ids (first chunk) or activations in; activations or the loss (last chunk) out."""
@@ -157,7 +162,7 @@ class GPTChunk(Module):
         the B/W split of zero-bubble schedules (``minipar.parallel.deferral``; LayerNorm,
         embedding and row-parallel bias gradients are cheap and are computed at once).
         """
-        g = 1.0 if self.head is not None else dy
+        g = self.loss_scale if self.head is not None else dy
         with self.deferred.collect(self, mb) if defer_weight_grads else nullcontext():
             for unit in reversed(self.units):
                 self.hooks.pre_backward(unit, mb)
@@ -195,15 +200,22 @@ def _drop_caches(module: Module, mb) -> None:
         m._cache.pop(mb, None)
 
 
-def chunk_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int) -> list[ChunkSpec]:
-    """The chunks pipeline rank ``stage`` holds: global chunks stage, stage + pp, ... (PTD-P)."""
+def chunk_specs(cfg: ModelConfig, pp: int, virtual: int, stage: int,
+                partition: tuple[int, ...] = ()) -> list[ChunkSpec]:
+    """The chunks pipeline rank ``stage`` holds: global chunks stage, stage + pp, ... (PTD-P).
+
+    Global chunk g holds ``partition[g]`` consecutive blocks (``--partition``), or an equal
+    share when ``partition`` is empty: the one place the split is decided.
+    """
     n_chunks = pp * virtual
-    per = cfg.n_layers // n_chunks
-    return [ChunkSpec(g, n_chunks, g * per, per)
+    blocks = chunk_blocks(cfg.n_layers, n_chunks, partition)
+    firsts = [sum(blocks[:g]) for g in range(n_chunks)]
+    return [ChunkSpec(g, n_chunks, firsts[g], blocks[g])
             for g in range(stage, n_chunks, pp)]
 
 
 def build_chunks(cfg: ModelConfig, ctx: BuildContext, pp: int = 1, virtual: int = 1,
-                 stage: int = 0) -> list[GPTChunk]:
+                 stage: int = 0, partition: tuple[int, ...] = ()) -> list[GPTChunk]:
     """This rank's model chunks. The serial model is ``build_chunks(cfg, ctx)[0]``."""
-    return [GPTChunk(cfg, ctx, spec) for spec in chunk_specs(cfg, pp, virtual, stage)]
+    return [GPTChunk(cfg, ctx, spec)
+            for spec in chunk_specs(cfg, pp, virtual, stage, partition)]

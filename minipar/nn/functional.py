@@ -12,8 +12,10 @@ Dimension legend, used in the shape comments on every tensor line:
     V  vocabulary (local to this tp rank)     N  tokens, B * T, when flattened
 
 Kernels take the array module from ``minipar.backend`` (NumPy or CuPy) and keep the dtype of
-their inputs (float32 or float64). Temporaries are updated in place where that is safe, because
-on a CPU memory traffic, not arithmetic, is what these elementwise ops cost.
+their inputs (float32 or float64; given bfloat16 or float16 arrays, ``@fp32_math`` runs them in
+fp32 and rounds the results to 16 bits once, see ``minipar.nn.precision``). Temporaries are
+updated in place where that is safe, because on a CPU memory traffic, not arithmetic, is what
+these elementwise ops cost.
 
 Speed on a CPU (``minipar.nn.threads``). Row-wise kernels (LayerNorm, GELU, attention's softmax
 over each (batch, head)) are written for a slice of rows, ``_..._rows(...)``, and the public
@@ -30,7 +32,8 @@ from __future__ import annotations
 import math
 
 from minipar import backend
-from minipar.nn import threads
+from minipar.nn import flops, threads
+from minipar.nn.precision import fp32_math
 
 GELU_K = math.sqrt(2.0 / math.pi)  # tanh-approximation constant (Hendrycks & Gimpel 2016)
 GELU_A = 0.044715
@@ -40,9 +43,11 @@ GELU_A = 0.044715
 # Linear: y = x W + b, with W stored (in, out) so the forward is one GEMM over all tokens.
 
 
+@fp32_math
 def linear_fwd(x, w, b=None):
     """(..., in) @ (in, out) + (out,) -> (..., out). Flattens leading dims into one GEMM."""
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+    flops.add(2 * x2.shape[0] * x2.shape[1] * w.shape[1])
     y = threads.matmul(x2, w)  # (N, out)
     if b is not None:
         y += b
@@ -56,12 +61,14 @@ def linear_bwd(dy, cache):
     return dx, dw, db
 
 
+@fp32_math
 def linear_bwd_input(dy, cache):
     """The input-gradient half, dx = dy W^T (zero-bubble pipelines run it first)."""
     x, w, _ = cache
     return threads.matmul(dy.reshape(-1, dy.shape[-1]), w.T).reshape(x.shape)  # (..., in)
 
 
+@fp32_math
 def linear_bwd_weight(dy, cache):
     """The weight-gradient half, dW = x^T dy and db (may run later, off the critical path)."""
     x, _, has_bias = cache
@@ -90,6 +97,7 @@ def embedding_fwd(ids, w, valid=None):
     return y, (safe, valid, w.shape)
 
 
+@fp32_math
 def embedding_bwd(dy, cache):
     """dW (rows, C): each token's gradient added to its row (repeated ids accumulate).
 
@@ -137,6 +145,7 @@ def add_positions_fwd(x, pos):
     return x + pos, None
 
 
+@fp32_math
 def add_positions_bwd(dy, cache=None):
     """dx = dy; dpos = dy summed over the batch."""
     return dy, dy.sum(axis=0)
@@ -155,6 +164,7 @@ def residual_bwd(dy, cache=None):
 # LayerNorm (Ba et al. 2016) over the last axis.
 
 
+@fp32_math
 def layernorm_fwd(x, g, b, eps: float = 1e-5):
     """(..., C) -> (..., C): normalise each token to zero mean, unit variance, then scale+shift.
 
@@ -186,6 +196,7 @@ def _layernorm_rows(x, g, b, eps, xhat, rstd, y) -> None:
     y += b
 
 
+@fp32_math
 def layernorm_bwd(dy, cache):
     """Returns dx, dg, db. dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))."""
     xp = backend.xp()
@@ -220,6 +231,7 @@ def _layernorm_bwd_rows(dy, xhat, rstd, g, dx) -> None:
 # GELU, tanh approximation: 0.5 x (1 + tanh(k (x + a x^3))).
 
 
+@fp32_math
 def gelu_fwd(x):
     """y = 0.5 x (1 + tanh(k (x + a x^3))); the cache keeps x and the tanh."""
     xp = backend.xp()
@@ -247,6 +259,7 @@ def _gelu_rows(x, y, t) -> None:
     y *= 0.5
 
 
+@fp32_math
 def gelu_bwd(dy, cache):
     """d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 a x^2), times dy."""
     xp = backend.xp()
@@ -277,6 +290,21 @@ def _gelu_bwd_rows(dy, x, t, inner) -> None:
     inner += 1.0
     inner *= 0.5
     inner *= dy
+
+
+# ---------------------------------------------------------------------------------------------
+# Inverted dropout (Srivastava et al. 2014) through a given keep mask; where the mask comes from,
+# and why every layout draws the same one, is minipar.nn.dropout.
+
+
+def dropout_fwd(x, keep, p: float):
+    """y = x * keep / (1 - P), elementwise, so E[y] = x and evaluation simply skips it."""
+    return backend.xp().where(keep, x * (1.0 / (1.0 - p)), 0.0).astype(x.dtype, copy=False)
+
+
+def dropout_bwd(dy, keep, p: float):
+    """dx = dy * keep / (1 - P): dropout is linear in x, so backward is the same product."""
+    return dropout_fwd(dy, keep, p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,13 +344,16 @@ def causal_bias(t: int, dtype):
     return _causal_cache[key]
 
 
-def attention_fwd(q, k, v):
+@fp32_math
+def attention_fwd(q, k, v, keep=None, p_drop: float = 0.0):
     """q, k, v (B, H, T, D) -> (B, H, T, D): softmax(q k^T / sqrt(D) + causal) v.
 
     Plain form, over all heads at once:
         s = q @ k.swapaxes(-1, -2) * scale + causal;  p = softmax(s);  y = p @ v
     computed here a few (batch, head) pairs at a time (``_attention_rows``) on the worker
-    threads, each product with one BLAS thread (see ``minipar.nn.threads``)."""
+    threads, each product with one BLAS thread (see ``minipar.nn.threads``). With ``keep``
+    (B, H, T, T) the probabilities are dropped out first, y = dropout(p) @ v
+    (``minipar.nn.dropout``); the cache keeps p and the mask, not the dropped p."""
     xp = backend.xp()
     b, h, t, d = q.shape
     scale = 1.0 / math.sqrt(d)
@@ -330,13 +361,18 @@ def attention_fwd(q, k, v):
     p = xp.empty((b * h, t, t), dtype=q.dtype)  # (B*H, T, T)
     y = xp.empty_like(q3)  # (B*H, T, D)
     bias = causal_bias(t, q.dtype)
+    keep3 = None if keep is None else keep.reshape(b * h, t, t)  # (B*H, T, T) bool
+    flops.add(4 * b * h * t * t * d)  # q k^T and p v over the full (T, T), masked or not
 
     def rows(r):
-        _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r])
+        drop = None if keep3 is None else (keep3[r], p_drop)
+        _attention_rows(q3[r], k3[r], v3[r], bias, scale, p[r], y[r], drop)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, b * h, b * h * t * t, threads.cache_rows(t * t, 1 << 16))
-    return y.reshape(q.shape), (q3, k3, v3, p, scale)
+    if keep3 is None:
+        return y.reshape(q.shape), (q3, k3, v3, p, scale)
+    return y.reshape(q.shape), (q3, k3, v3, p, scale, (keep3, p_drop))
 
 
 def _pairs(x):
@@ -344,16 +380,18 @@ def _pairs(x):
     return backend.xp().ascontiguousarray(x).reshape(-1, *x.shape[-2:])
 
 
-def _attention_rows(q, k, v, bias, scale, p, y) -> None:
-    """Attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D)."""
+def _attention_rows(q, k, v, bias, scale, p, y, drop=None) -> None:
+    """Attention of n (batch, head) pairs: q, k, v (n, T, D) -> p (n, T, T), y (n, T, D);
+    ``drop`` = (keep (n, T, T), P) drops out the probabilities before they weight v."""
     xp = backend.xp()
     xp.matmul(q, k.swapaxes(-1, -2), out=p)  # (n, T, T) scores
     p *= scale
     p += bias
     softmax_fwd(p, inplace=True)
-    xp.matmul(p, v, out=y)  # (n, T, D)
+    xp.matmul(p if drop is None else dropout_fwd(p, *drop), v, out=y)  # (n, T, D)
 
 
+@fp32_math
 def attention_bwd(dy, cache):
     """Returns dq, dk, dv, each (B, H, T, D).
 
@@ -366,24 +404,30 @@ def attention_bwd(dy, cache):
 def _attention_grads(dy, cache):
     """dq, dk, dv stacked in one (3, B*H, T, D) array."""
     xp = backend.xp()
-    q, k, v, p, scale = cache
+    q, k, v, p, scale, *dropped = cache
+    keep, p_drop = dropped[0] if dropped else (None, 0.0)
     n, t, _ = q.shape
     dy3 = _pairs(dy)  # (B*H, T, D)
     grads = xp.empty((3, *q.shape), dtype=q.dtype)  # (3, B*H, T, D)
 
     def rows(r):
-        _attention_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r])
+        drop = None if keep is None else (keep[r], p_drop)
+        _attention_bwd_rows(dy3[r], q[r], k[r], v[r], p[r], scale, grads[:, r], drop)
 
     with threads.one_blas_thread():
         threads.map_rows(rows, n, n * t * t, threads.cache_rows(t * t, 1 << 16))
     return grads
 
 
-def _attention_bwd_rows(dy, q, k, v, p, scale, out) -> None:
-    """Gradients of n (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D)."""
+def _attention_bwd_rows(dy, q, k, v, p, scale, out, drop=None) -> None:
+    """Gradients of n (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D);
+    with ``drop`` = (keep, P) the dropped probabilities are recomputed from p and the mask."""
     xp = backend.xp()
-    xp.matmul(p.swapaxes(-1, -2), dy, out=out[2])  # dv (n, T, D)
+    pd = p if drop is None else dropout_fwd(p, *drop)  # (n, T, T) what weighted v
+    xp.matmul(pd.swapaxes(-1, -2), dy, out=out[2])  # dv (n, T, D)
     dp = dy @ v.swapaxes(-1, -2)  # (n, T, T)
+    if drop is not None:
+        dp = dropout_bwd(dp, *drop)  # (n, T, T) through the same mask
     ds = softmax_bwd(dp, p)  # (n, T, T); masked entries have p = 0 so ds = 0 there
     ds *= scale
     xp.matmul(ds, k, out=out[0])  # dq (n, T, D)
@@ -402,8 +446,10 @@ def merge_heads(x):
     return x.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
-def mha_fwd(qkv, n_heads: int):
-    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D).
+@fp32_math
+def mha_fwd(qkv, n_heads: int, keep=None, p_drop: float = 0.0):
+    """Fused projection (B, T, 3*H*D) laid out [Q | K | V] -> attention output (B, T, H*D);
+    ``keep`` (B, H, T, T) drops out the attention probabilities (see ``attention_fwd``).
 
     Plain form: q, k, v = (split_heads(part, H) for part in the three thirds of qkv). Here one
     transposing copy makes all three contiguous per (batch, head) at once."""
@@ -412,10 +458,11 @@ def mha_fwd(qkv, n_heads: int):
     d = c3 // (3 * n_heads)
     qkv5 = xp.ascontiguousarray(
         qkv.reshape(b, t, 3, n_heads, d).transpose(2, 0, 3, 1, 4))  # (3, B, H, T, D)
-    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2])  # (B, H, T, D)
+    y, cache = attention_fwd(qkv5[0], qkv5[1], qkv5[2], keep, p_drop)  # (B, H, T, D)
     return merge_heads(y), (cache, n_heads)
 
 
+@fp32_math
 def mha_bwd(dy, cache):
     """dy (B, T, H*D) -> dqkv (B, T, 3*H*D).
 
@@ -498,6 +545,7 @@ def cross_attention_bwd(dy, cache):
 # minipar.parallel.tensor, which equals this one on a single rank and is tested against it).
 
 
+@fp32_math
 def cross_entropy_fwd(logits, targets, ignore_index: int = -100, normalizer=None):
     """logits (N, V), targets (N,) -> scalar loss.
 
@@ -518,6 +566,7 @@ def cross_entropy_fwd(logits, targets, ignore_index: int = -100, normalizer=None
     return loss, (shifted, lse, safe, valid, norm)
 
 
+@fp32_math
 def cross_entropy_bwd(dloss, cache):
     """dlogits = (softmax - onehot) * valid / normalizer * dloss."""
     xp = backend.xp()

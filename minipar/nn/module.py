@@ -89,9 +89,13 @@ class Param:
         self.full_shape = tuple(full_shape if full_shape is not None else data.shape)
         self.decay = decay
         self.tp_partial_grad = False
+        self.frozen = False  # fine-tuning (--freeze): never updated, its gradient is dropped
 
     def accumulate(self, g) -> None:
-        """Add a gradient contribution; kernels return fresh arrays, so the first is kept as is."""
+        """Add a gradient contribution; kernels return fresh arrays, so the first is kept as is.
+        A frozen parameter drops it: nothing syncs, clips or applies it."""
+        if self.frozen:
+            return
         if self.grad is None:
             self.grad = g
         else:
@@ -101,6 +105,12 @@ class Param:
         sh = self.sharding
         shard = "" if sh is None else f", shard {sh.index}/{sh.parts}"
         return f"Param({self.name}, {tuple(self.data.shape)}{shard})"
+
+
+def matches_prefix(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` lies under the dotted ``prefix``: "blocks.0" matches
+    "blocks.0.attn.qkv.w", not "blocks.01.ln1.g" (how ``--freeze`` names parameters)."""
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def init_full(seed: int, name: str, shape: tuple, std: float | str, dtype) -> numpy.ndarray:
@@ -157,6 +167,10 @@ class Module:
             raise RuntimeError(f"{type(self).__name__}: microbatch {mb} already has a cache "
                                "(forward called twice without backward)")
         self._cache[mb] = cache
+
+    def peek(self, mb):
+        """What ``save`` kept for microbatch ``mb``, left in place for its ``pop``."""
+        return self._cache[mb]
 
     def pop(self, mb):
         try:
@@ -217,3 +231,6 @@ class BuildContext:
     dtype: str
     tp: object  # minipar.dist.comm.Comm of the tensor-parallel group (size 1 when serial)
     sequence_parallel: bool = False
+    dropout: object = None  # minipar.nn.dropout.MaskSource of this rank; None: no dropout
+    attention: str = "plain"  # "plain" (functional) or "blockwise" (minipar.nn.blockwise)
+    recompute: str = "none"  # "none", "selective" or "full" (minipar.models.blocks)

@@ -11,6 +11,7 @@ import math
 
 from minipar import backend
 from minipar.nn import threads
+from minipar.nn.precision import float32, square_sum
 
 
 def adamw_update(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float,
@@ -78,18 +79,44 @@ def sgd_update(p, g, buf, *, lr: float, momentum: float, weight_decay, step: int
     p -= lr * (g + weight_decay * p)
 
 
+def master_step(rule, data, grad, state: dict, factor: float, lr: float, wd: float) -> None:
+    """Mixed precision's update (Micikevicius et al. 2018): the gradient is widened to fp32 and
+    multiplied by ``factor`` (1 / loss scale, times the clipping factor) there, where a small
+    gradient cannot flush to zero; ``rule`` updates the fp32 master copy ``state["master"]``
+    with the fp32 state; the 16-bit working copy ``data`` is the master rounded once."""
+    g = float32(grad)
+    if factor != 1.0:
+        g = g * factor
+    master = state["master"]
+    rule._update(master, g, state, lr, wd)
+    data[...] = master.astype(data.dtype)
+
+
 class Optimizer:
-    """Keeps per-parameter state keyed by parameter name, so checkpoints are layout-independent."""
+    """Keeps per-parameter state keyed by parameter name, so checkpoints are layout-independent.
+
+    With ``master`` (mixed precision, ``minipar.nn.precision``) the state is fp32 and holds a
+    fp32 master copy of each 16-bit parameter ("master"); ``scale_grads`` then only records
+    ``grad_factor``, applied in fp32 at the next step."""
 
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, params, lr: float, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, weight_decay: float = 0.0, master: bool = False):
         self.params = list(params)
         self.lr = lr
         self.weight_decay = weight_decay
         self.step_count = 0
-        self.state = {p.name: {k: backend.xp().zeros_like(p.data) for k in self.state_names}
-                      for p in self.params}
+        self.master = master
+        self.grad_factor = 1.0  # unscale and clip, applied to the fp32 gradient (master only)
+        self.state = {p.name: self._new_state(p.data) for p in self.params}
+
+    def _new_state(self, data) -> dict:
+        xp = backend.xp()
+        if not self.master:
+            return {k: xp.zeros_like(data) for k in self.state_names}
+        state = {k: xp.zeros(data.shape, dtype="float32") for k in self.state_names}
+        state["master"] = data.astype("float32")  # the 16-bit initial weights, exactly
+        return state
 
     def step(self, lr: float | None = None) -> None:
         self.step_count += 1
@@ -98,7 +125,11 @@ class Optimizer:
             if p.grad is None:
                 continue
             wd = self.weight_decay if p.decay else 0.0
-            self._update(p.data, p.grad, self.state[p.name], lr, wd)
+            if self.master:
+                master_step(self, p.data, p.grad, self.state[p.name], self.grad_factor, lr, wd)
+            else:
+                self._update(p.data, p.grad, self.state[p.name], lr, wd)
+        self.grad_factor = 1.0
 
     def _update(self, data, grad, state, lr, wd) -> None:
         raise NotImplementedError
@@ -111,8 +142,8 @@ class AdamW(Optimizer):
     state_names = ("m", "v")
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.01):
-        super().__init__(params, lr, weight_decay)
+                 weight_decay: float = 0.01, master: bool = False):
+        super().__init__(params, lr, weight_decay, master)
         self.betas = betas
         self.eps = eps
 
@@ -124,8 +155,9 @@ class AdamW(Optimizer):
 class SGD(Optimizer):
     state_names = ("momentum",)
 
-    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0):
-        super().__init__(params, lr, weight_decay)
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.9, weight_decay: float = 0.0,
+                 master: bool = False):
+        super().__init__(params, lr, weight_decay, master)
         self.momentum = momentum
 
     def _update(self, data, grad, state, lr, wd) -> None:
@@ -133,11 +165,12 @@ class SGD(Optimizer):
                    weight_decay=wd, step=self.step_count)
 
 
-def make_optimizer(name: str, params, lr: float, weight_decay: float) -> Optimizer:
+def make_optimizer(name: str, params, lr: float, weight_decay: float,
+                   master: bool = False) -> Optimizer:
     if name == "adamw":
-        return AdamW(params, lr=lr, weight_decay=weight_decay)
+        return AdamW(params, lr=lr, weight_decay=weight_decay, master=master)
     if name == "sgd":
-        return SGD(params, lr=lr, weight_decay=weight_decay)
+        return SGD(params, lr=lr, weight_decay=weight_decay, master=master)
     raise ValueError(f"--optimizer must be adamw or sgd, got {name!r}")
 
 
@@ -147,7 +180,7 @@ def local_grad_sq(params, tp_rank: int) -> float:
     for p in params:
         if p.grad is None or (p.sharding is None and tp_rank != 0):
             continue
-        total += float((p.grad * p.grad).sum())
+        total += square_sum(p.grad)
     return total
 
 

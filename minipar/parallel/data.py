@@ -40,7 +40,7 @@ from minipar.parallel.flat import FlatLayout, bucket_count
 
 __all__ = ["DataParallelStrategy", "DataParallel", "BucketedDataParallel", "Buckets",
            "allreduce_views", "state_of", "unit_owners", "params_used", "FlatLayout",
-           "bucket_count"]
+           "bucket_count", "trainable_params"]
 
 
 class DataParallelStrategy(ABC):
@@ -103,6 +103,19 @@ class DataParallelStrategy(ABC):
         return self.optimizer.step_count
 
 
+def trainable_params(chunks) -> list[Param]:
+    """The parameters of ``chunks`` that training updates, in the chunks' order: all but the
+    frozen ones (fine-tuning, ``--freeze``). A frozen parameter stays outside the strategy: every
+    rank holds it whole, as initialised or loaded, with no gradient buffer, no collective and no
+    optimizer state. The list may be empty (a pipeline stage that is frozen throughout)."""
+    return [p for c in chunks for p in c.params() if not p.frozen]
+
+
+def params_dtype(chunks):
+    """The dtype of the chunks' parameters (frozen ones included, so never an empty list)."""
+    return next(p.data.dtype for c in chunks for p in c.params())
+
+
 def allreduce_views(comm, views: list) -> None:
     """Sum ``views`` over ``comm`` in place: one allreduce of them back to back."""
     flat = backend.xp().concatenate([v.reshape(-1) for v in views])
@@ -128,12 +141,15 @@ class DataParallel(DataParallelStrategy):
     backward; every replica keeps the full parameters, gradients and optimizer state."""
 
     def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0):
-        self.params = [p for c in chunks for p in c.params()]
+                 weight_decay: float = 0.0, grad_dtype: str | None = None, master: bool = False):
+        self.params = trainable_params(chunks)
         self.mesh = mesh
-        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay)
+        # Mixed precision (minipar.nn.precision): fp32 master weights and state in the
+        # optimizer, gradients in grad_dtype (16-bit, or fp32 when microbatches accumulate).
+        self.optimizer = make_optimizer(optimizer, self.params, lr, weight_decay, master)
         self.layout = FlatLayout.contiguous(self.params, 1, 0)  # one segment, no padding
-        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.params[0].data.dtype)
+        self.flat_grad = backend.xp().zeros(self.layout.total,
+                                            dtype=grad_dtype or params_dtype(chunks))
         self._grads = self.layout.bind_grads(self.flat_grad)  # p.grad: views of flat_grad
 
     def zero_grad(self) -> None:
@@ -155,7 +171,10 @@ class DataParallel(DataParallelStrategy):
         return 0.0 if self.mesh.dp_rank else local_grad_sq(self.params, self.mesh.tp_rank)
 
     def scale_grads(self, factor: float) -> None:
-        self.flat_grad *= factor
+        if self.optimizer.master:  # applied to the fp32 gradient at the step
+            self.optimizer.grad_factor *= factor
+        else:
+            self.flat_grad *= factor
 
     def step(self, lr: float) -> None:
         self.optimizer.step(lr)

@@ -35,6 +35,7 @@ from __future__ import annotations
 from minipar import backend
 from minipar.nn import functional as F
 from minipar.nn.module import Module, Param, Sharding, make_param
+from minipar.nn.precision import float32, sum_fp32
 
 SEQ_AXIS = 1  # activations are (B, T, C); sequence parallelism splits T
 
@@ -161,7 +162,7 @@ class RowParallelLinear(Module):
 
     def backward(self, dy, mb=0):
         x = self.pop(mb)  # (B, T, in/tp)
-        self.b.accumulate(dy.sum(axis=(0, 1)))  # (C,), over this rank's tokens under SP
+        self.b.accumulate(sum_fp32(dy, axis=(0, 1)))  # (C,), over this rank's tokens under SP
         if self.sp:
             dy_full = reduce_scatter_seq_bwd(dy, self.tp)  # (B, T, C): allgather along T
         else:
@@ -286,6 +287,8 @@ class VocabParallelCrossEntropy(Module):
     def forward(self, logits, targets, normalizer=None, mb=0):
         """logits (B, T, V/tp), targets (B, T) -> scalar loss (same on every tp rank)."""
         xp, tp = backend.xp(), self.tp
+        dtype = logits.dtype  # of the logits' gradient (16-bit under mixed precision)
+        logits = float32(logits)  # (B, T, V/tp): log-sum-exp in fp32 (minipar.nn.precision)
         mask_padding(logits, tp, self.vocab)
         valid = targets != self.ignore_index  # (B, T)
         norm = float(valid.sum() if normalizer is None else normalizer)
@@ -303,24 +306,24 @@ class VocabParallelCrossEntropy(Module):
         target_logit = tp.allreduce(xp.where(mine, picked, 0.0))  # (B, T)
         nll = xp.log(sumexp) - target_logit  # (B, T)
         loss = (nll * valid).sum() / max(norm, 1.0)
-        self.save(mb, (exps, sumexp, safe, mine, valid, norm))
+        self.save(mb, (exps, sumexp, safe, mine, valid, norm, dtype))
         return loss
 
     def backward(self, dloss=1.0, mb=0):
         """dlogits = (softmax - onehot(target)) * valid / normalizer, on this rank's columns."""
         xp = backend.xp()
-        exps, sumexp, safe, mine, valid, norm = self.pop(mb)
+        exps, sumexp, safe, mine, valid, norm, dtype = self.pop(mb)
         exps /= sumexp[..., None]  # softmax, in place over the cached exponentials
         b_idx, t_idx = xp.nonzero(mine)
         exps[b_idx, t_idx, safe[b_idx, t_idx]] -= 1.0
         exps *= (valid * (dloss / max(norm, 1.0)))[..., None]
-        return exps  # (B, T, V/tp)
+        return exps.astype(dtype, copy=False)  # (B, T, V/tp), 16-bit under mixed precision
 
 
 def vocab_parallel_argmax(logits, tp, vocab: int):
     """The predicted token ids (B, T) when each tp rank holds a slice of the logits."""
     xp = backend.xp()
-    masked = mask_padding(logits.copy(), tp, vocab)  # (B, T, V/tp)
+    masked = mask_padding(float32(logits).copy(), tp, vocab)  # (B, T, V/tp)
     idx = masked.argmax(axis=-1)  # (B, T)
     if tp.size == 1:
         return idx

@@ -43,10 +43,11 @@ from dataclasses import dataclass
 
 from minipar import backend
 from minipar.nn.module import Hooks
-from minipar.nn.optim import make_optimizer
+from minipar.nn.optim import make_optimizer, master_step
+from minipar.nn.precision import square_sum
 from minipar.parallel.data import (
     BucketedDataParallel, Buckets, DataParallel, DataParallelStrategy, allreduce_views,
-    params_used, state_of, unit_owners,
+    params_dtype, params_used, state_of, trainable_params, unit_owners,
 )
 from minipar.parallel.flat import FlatLayout, bucket_count
 
@@ -55,10 +56,18 @@ class ShardOptimizer:
     """AdamW or SGD state for this rank's shard only, updated by the unsharded optimizer's own
     per-array rule (so the arithmetic, hyperparameters and step count are the same)."""
 
-    def __init__(self, name: str, size: int, dtype, lr: float, weight_decay: float):
+    def __init__(self, name: str, size: int, dtype, lr: float, weight_decay: float,
+                 master=None):
+        """``master``: this rank's shard of the 16-bit parameters under mixed precision; the
+        state is then fp32 and keeps the fp32 master copy of the shard ("master")."""
         self.rule = make_optimizer(name, [], lr, weight_decay)
         self.weight_decay = weight_decay
+        self.master = master is not None
+        self.grad_factor = 1.0  # unscale and clip, applied in fp32 at the step (master only)
+        dtype = "float32" if self.master else dtype
         self.state = {k: backend.xp().zeros(size, dtype=dtype) for k in self.rule.state_names}
+        if self.master:
+            self.state["master"] = master.astype("float32")
 
     @property
     def step_count(self) -> int:
@@ -71,7 +80,11 @@ class ShardOptimizer:
     def update(self, data, grad, start: int, decay: bool, lr: float) -> None:
         """One step on ``data`` (a run of the shard starting at ``start``), in place."""
         state = {k: a[start:start + data.size] for k, a in self.state.items()}
-        self.rule._update(data, grad, state, lr, self.weight_decay if decay else 0.0)
+        wd = self.weight_decay if decay else 0.0
+        if self.master:
+            master_step(self.rule, data, grad, state, self.grad_factor, lr, wd)
+        else:
+            self.rule._update(data, grad, state, lr, wd)
 
     def state_bytes(self) -> int:
         return sum(int(a.nbytes) for a in self.state.values())
@@ -111,11 +124,13 @@ class ShardedState(DataParallelStrategy):
         """This rank's share of the global squared gradient norm: its own gradient shard."""
         total = 0.0
         for r in self._norm_runs:
-            g = self._grad_view(*r[1:])
-            total += float((g * g).sum())
+            total += square_sum(self._grad_view(*r[1:]))
         return total
 
     def scale_grads(self, factor: float) -> None:
+        if self.optimizer.master:  # applied to the fp32 gradient at the step
+            self.optimizer.grad_factor *= factor
+            return
         for _, flat, shard, n in self._decay_runs:
             g = self._grad_view(flat, shard, n)
             g *= factor
@@ -125,6 +140,7 @@ class ShardedState(DataParallelStrategy):
         for decay, flat, shard, n in self._decay_runs:
             self.optimizer.update(self._param_view(flat, shard, n),
                                   self._grad_view(flat, shard, n), shard, decay, lr)
+        self.optimizer.grad_factor = 1.0
 
     def _by_name(self, shard) -> dict:
         """{name: host array} of the full tensors whose shards every dp rank holds (allgather)."""
@@ -143,8 +159,8 @@ class ShardedState(DataParallelStrategy):
                 out[name][key] = arr
         return out
 
-    def _flat_from(self, arrays: dict):
-        flat = backend.xp().zeros(self.layout.total, dtype=self.dtype)
+    def _flat_from(self, arrays: dict, dtype=None):
+        flat = backend.xp().zeros(self.layout.total, dtype=dtype or self.dtype)
         for i, p in enumerate(self.layout.params):
             self.layout.view(flat, i)[...] = backend.from_host(arrays[p.name])
         return flat
@@ -153,7 +169,7 @@ class ShardedState(DataParallelStrategy):
         self._load_params(self._flat_from(params))
         for key, shard in self.optimizer.state.items():
             states = {p.name: state_of(optim, p.name, key) for p in self.layout.params}
-            shard[...] = self.layout.shard_of(self._flat_from(states))
+            shard[...] = self.layout.shard_of(self._flat_from(states, shard.dtype))
         self.optimizer.step_count = optimizer_steps
 
 
@@ -166,28 +182,31 @@ class ZeRO1(Buckets, ShardedState):
 
     def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
                  weight_decay: float = 0.0, bucket_mb: float = 0.0,
-                 microbatches: int | None = None):
-        self.params = [p for c in chunks for p in c.params()]
+                 microbatches: int | None = None, grad_dtype: str | None = None,
+                 master: bool = False):
+        self.params = trainable_params(chunks)  # frozen ones stay whole on every rank
         self.mesh = mesh
-        self.dtype = self.params[0].data.dtype
+        self.dtype = params_dtype(chunks)
+        self.grad_dtype = backend.xp().dtype(grad_dtype or self.dtype)
         dp = mesh.dp.size
         padded = -(-sum(int(p.data.size) for p in self.params) // dp) * dp
-        n = bucket_count(padded * self.dtype.itemsize, bucket_mb, padded // dp)
+        n = bucket_count(padded * self.grad_dtype.itemsize, bucket_mb, padded // dp)
         self.layout = FlatLayout.contiguous(self.params, dp, mesh.dp_rank, n, sharded=True)
         self.flat_param = backend.xp().zeros(self.layout.total, dtype=self.dtype)
         for i, p in enumerate(self.layout.params):
             view = self.layout.view(self.flat_param, i)
             view[...] = p.data
             p.data = view  # parameters live in the flat buffer the allgather refills
+        shard = self.layout.shard_of(self.flat_param) if master else None
         self.optimizer = ShardOptimizer(optimizer, self.layout.shard_size, self.dtype, lr,
-                                        weight_decay)
+                                        weight_decay, shard)
         self._keep_grads()
         self._plan_runs()
         self._watch(chunks, microbatches, overlap=bucket_mb > 0)
 
     def _keep_grads(self) -> None:
         """The full flat gradient lives across steps; a rank's reduced slice is written in it."""
-        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.dtype)
+        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.grad_dtype)
         self._grads = self.layout.bind_grads(self.flat_grad)
 
     def zero_grad(self) -> None:
@@ -236,11 +255,11 @@ class ZeRO2(ZeRO1):
     ``zero_grad`` to the end of ``sync_grads``; across steps a rank keeps its reduced slice."""
 
     def _keep_grads(self) -> None:
-        self.grad_shard = backend.xp().zeros(self.layout.shard_size, dtype=self.dtype)
+        self.grad_shard = backend.xp().zeros(self.layout.shard_size, dtype=self.grad_dtype)
         self.flat_grad = None
 
     def zero_grad(self) -> None:
-        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.dtype)
+        self.flat_grad = backend.xp().zeros(self.layout.total, dtype=self.grad_dtype)
         self._grads = self.layout.bind_grads(self.flat_grad)
         self._new_step()
 
@@ -304,10 +323,11 @@ class ZeRO3(ShardedState):
     """
 
     def __init__(self, chunks, mesh, *, optimizer: str = "adamw", lr: float = 1e-3,
-                 weight_decay: float = 0.0):
-        self.params = [p for c in chunks for p in c.params()]
+                 weight_decay: float = 0.0, grad_dtype: str | None = None, master: bool = False):
+        self.params = trainable_params(chunks)  # frozen ones stay whole on every rank
         self.mesh = mesh
-        self.dtype = self.params[0].data.dtype
+        self.dtype = params_dtype(chunks)
+        self.grad_dtype = backend.xp().dtype(grad_dtype or self.dtype)
         units, owner = unit_owners(chunks, self.params)
         finished_by = [[p for p in self.params if owner[id(p)] == u] for u in range(len(units))]
         self.layout = FlatLayout.segmented([ps for ps in finished_by if ps], mesh.dp.size,
@@ -316,9 +336,11 @@ class ZeRO3(ShardedState):
         for i, p in enumerate(self.layout.params):
             self.layout.view(full, i)[...] = p.data
         self.param_shard = self.layout.shard_of(full)
-        self.grad_shard = backend.xp().zeros(self.layout.shard_size, dtype=self.dtype)
+        # Gradients are reduce-scattered per microbatch in the working dtype (16-bit on the
+        # wire) and accumulate in grad_dtype (fp32 when microbatches accumulate).
+        self.grad_shard = backend.xp().zeros(self.layout.shard_size, dtype=self.grad_dtype)
         self.optimizer = ShardOptimizer(optimizer, self.layout.shard_size, self.dtype, lr,
-                                        weight_decay)
+                                        weight_decay, self.param_shard if master else None)
         for p in self.params:
             p.data, p.grad = None, None
         self._live = [0] * len(self.layout.segments)  # units using each gathered segment
@@ -335,7 +357,8 @@ class ZeRO3(ShardedState):
         for chunk in chunks:
             first, last = {}, {}
             for unit in chunk.units:
-                for k in sorted({segment_of[id(p)] for p in params_used(unit)}):
+                for k in sorted({segment_of[id(p)] for p in params_used(unit)
+                                 if id(p) in segment_of}):  # frozen ones are never gathered
                     first.setdefault(k, id(unit))
                     last[k] = id(unit)
             for unit in chunk.units:

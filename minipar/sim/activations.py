@@ -14,10 +14,13 @@ from minipar.nn.memory import activation_breakdown, activation_bytes  # the one 
 
 
 def measure_block_activations(cfg: ModelConfig, tp: int, sequence_parallel: bool, rows: int,
-                              dtype: str = "float64", seed: int = 0) -> list[dict[str, int]]:
+                              dtype: str = "float64", seed: int = 0, recompute: str = "none",
+                              attention: str = "plain") -> list[dict[str, int]]:
     """Build one ``Block`` on an in-process tp world, run its forward on random input, and
     return every rank's ``activation_breakdown`` (rank order). Under sequence parallelism each
-    rank is given its T/tp tokens, as the previous layer's reduce-scatter would leave them."""
+    rank is given its T/tp tokens, as the previous layer's reduce-scatter would leave them.
+    ``recompute`` and ``attention`` choose what the block keeps (``minipar.models.blocks``);
+    under full recomputation the block itself holds its input, reported as "input"."""
     import numpy
 
     from minipar import backend
@@ -28,12 +31,14 @@ def measure_block_activations(cfg: ModelConfig, tp: int, sequence_parallel: bool
     full = numpy.random.default_rng(seed).normal(size=(rows, cfg.seq_len, cfg.d_model))
 
     def rank(tp_comm):
-        block = Block(BuildContext(seed, dtype, tp_comm, sequence_parallel), "blocks.0", cfg)
+        ctx = BuildContext(seed, dtype, tp_comm, sequence_parallel,
+                           attention=attention, recompute=recompute)
+        block = Block(ctx, "blocks.0", cfg)
         t = cfg.seq_len // tp if sequence_parallel else cfg.seq_len
         lo = tp_comm.rank * t if sequence_parallel else 0
         x = backend.from_host(numpy.ascontiguousarray(full[:, lo:lo + t].astype(dtype)))
         block.forward(x, mb=0)
-        return activation_breakdown(block)
+        return {k or "input": v for k, v in activation_breakdown(block).items()}
 
     return run_threads(rank, tp)
 

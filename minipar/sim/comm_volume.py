@@ -25,11 +25,14 @@ al. 2019) for reduce-scatter + allgather of stages 1-2 and the per-unit gathers 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy
 from functools import lru_cache
 from math import prod
 
 from minipar.config import ModelConfig, ParallelConfig
 from minipar.models.gpt import chunk_specs
+from minipar.nn.precision import policy
 from minipar.parallel.flat import FlatLayout, bucket_count
 from minipar.parallel.tensor import padded_vocab
 from minipar.sim.costmodel import units
@@ -96,7 +99,8 @@ def param_specs(model: ModelConfig, parallel: ParallelConfig, stage: int) -> lis
     vp = padded_vocab(model.vocab_size, t)
     out: list[ParamSpec] = []
     unit = 0
-    for spec in chunk_specs(model, parallel.pp, parallel.virtual_stages, stage):
+    for spec in chunk_specs(model, parallel.pp, parallel.virtual_stages, stage,
+                            parallel.partition):
         if spec.is_first:
             if model.pos == "learned":
                 out.append(ParamSpec("pos", (model.seq_len, h), unit, sp))
@@ -182,7 +186,8 @@ def head_tp(model: ModelConfig, parallel: ParallelConfig, b: int, e: int,
         if parallel.sequence_parallel:
             return [Collective("tp", "allgather", x), Collective("tp", "reduce_scatter", x)]
         return [Collective("tp", "allreduce", x)]
-    small = [Collective("tp", "allreduce", b * model.seq_len * e)] * 3
+    # The loss is computed in fp32 even under 16-bit mixed precision (minipar.nn.precision).
+    small = [Collective("tp", "allreduce", b * model.seq_len * max(e, 4))] * 3
     return ([Collective("tp", "allgather", x)] if parallel.sequence_parallel else []) + small
 
 
@@ -226,7 +231,7 @@ def step_metrics(parallel: ParallelConfig) -> list[Collective]:
 
 
 def dp_sync(model: ModelConfig, parallel: ParallelConfig, stage: int, e: int, m: int,
-            dp_rank: int = 0) -> list[Collective]:
+            dp_rank: int = 0, param_e: int | None = None) -> list[Collective]:
     """Data-parallel traffic of one step, for the ZeRO stage of ``parallel`` (see
     ``minipar.parallel.data`` and ``minipar.parallel.zero``), segment by segment of
     ``dp_layout``.
@@ -237,16 +242,22 @@ def dp_sync(model: ModelConfig, parallel: ParallelConfig, stage: int, e: int, m:
     parameters. ZeRO-3: per microbatch an allgather of each unit's padded parameters before its
     forward and again before its backward, and a reduce-scatter of its gradients after its
     backward; a tied head uses the embedding's gather, so it is still one per pass.
+
+    ``e`` is the gradient buffer's element bytes, ``param_e`` the working weights' (both ``e``
+    unless mixed precision: 2, and ``e`` 4 when microbatches accumulate in fp32). ZeRO-3 moves
+    weights and per-microbatch gradients in the working dtype.
     """
     if parallel.dp == 1:
         return []
+    pe = e if param_e is None else param_e
     layout = dp_layout(model, parallel, stage, dp_rank, e)
     sizes = [seg.size * e for seg in layout.segments]
     if parallel.zero == 0:
         return [Collective("dp", "allreduce", n) for n in sizes]
     if parallel.zero in (1, 2):
         return ([Collective("dp", "reduce_scatter", n) for n in sizes]
-                + [Collective("dp", "allgather", layout.total * e)])
+                + [Collective("dp", "allgather", layout.total * pe)])
+    sizes = [seg.size * pe for seg in layout.segments]
     per_mb = [c for n in sizes for c in (Collective("dp", "allgather", n),
                                           Collective("dp", "allgather", n),
                                           Collective("dp", "reduce_scatter", n))]
@@ -271,11 +282,22 @@ def pp_sends(model: ModelConfig, parallel: ParallelConfig, stage: int, b: int, e
     return out
 
 
+def element_bytes(dtype_bytes: int, precision: str | None, m: int) -> tuple[int, int]:
+    """(working bytes, gradient-buffer bytes) per element: ``dtype_bytes`` for both, or by the
+    mixed-precision policy (``minipar.nn.precision``) when ``precision`` is given."""
+    if precision is None:
+        return dtype_bytes, dtype_bytes
+    pol = policy(precision)
+    return pol.itemsize, numpy.dtype(pol.grad_dtype(m)).itemsize
+
+
 def step_collectives(model: ModelConfig, parallel: ParallelConfig, batch_size: int,
-                     dtype_bytes: int, stage: int = 0, dp_rank: int = 0) -> list[Collective]:
+                     dtype_bytes: int, stage: int = 0, dp_rank: int = 0,
+                     precision: str | None = None) -> list[Collective]:
     """Every collective one rank (pipeline stage ``stage``, dp rank ``dp_rank``) issues in
-    one training step."""
+    one training step; ``precision`` (fp32, fp64, bf16, fp16) overrides ``dtype_bytes``."""
     dp, m = parallel.dp, parallel.microbatches
+    dtype_bytes, grad_bytes = element_bytes(dtype_bytes, precision, m)
     b = batch_size // (dp * m)
     out: list[Collective] = []
     for _ in range(m):
@@ -283,8 +305,8 @@ def step_collectives(model: ModelConfig, parallel: ParallelConfig, batch_size: i
             out += chunk_tp(model, parallel, stage, j, b, dtype_bytes, backward=False)
             out += chunk_tp(model, parallel, stage, j, b, dtype_bytes, backward=True)
     out += pp_sends(model, parallel, stage, b, dtype_bytes, m)
-    out += partial_grads_tp(model, parallel, stage, dtype_bytes, dp_rank)
-    out += dp_sync(model, parallel, stage, dtype_bytes, m, dp_rank)
+    out += partial_grads_tp(model, parallel, stage, grad_bytes, dp_rank)
+    out += dp_sync(model, parallel, stage, grad_bytes, m, dp_rank, param_e=dtype_bytes)
     return out + step_metrics(parallel)
 
 
@@ -299,7 +321,8 @@ def tally(collectives: list[Collective]) -> dict:
 
 
 def predict_comm_bytes(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, batch_size: int,
-                       dtype_bytes: int, stage: int = 0, dp_rank: int = 0) -> dict:
+                       dtype_bytes: int, stage: int = 0, dp_rank: int = 0,
+                       precision: str | None = None) -> dict:
     """Predicted ``CommStats`` of one rank of pipeline stage ``stage`` for one training step.
 
     ``batch_size`` is the global batch (over all dp replicas); each rank's microbatch is
@@ -308,9 +331,34 @@ def predict_comm_bytes(model_cfg: ModelConfig, parallel_cfg: ParallelConfig, bat
     parallelism the tp allreduce of partial gradients covers only the ``dp_rank``'s shard.
     """
     return tally(step_collectives(model_cfg, parallel_cfg, batch_size, dtype_bytes, stage,
-                                  dp_rank))
+                                  dp_rank, precision))
+
+
+def model_state_bytes(model: ModelConfig, parallel: ParallelConfig, stage: int,
+                      precision: str = "fp32", optimizer: str = "adamw",
+                      dp_rank: int = 0) -> dict:
+    """Bytes of weights, gradients and optimizer state one rank keeps across steps, from the
+    runtime's own flat layout (ZeRO's padding included): what ``Engine.memory()`` measures.
+
+    ZeRO (Rajbhandari et al. 2019, section 3.1) in bytes per parameter: 2 + 2 + 12 = 16 under
+    16-bit mixed precision with AdamW (fp32 master, m, v), the gradient 4 when microbatches
+    accumulate in fp32; 4 + 4 + 8 in fp32. Psi the rank's parameters, Psi' the padded buffer,
+    S the rank's shard: stage 0 keeps Psi of each, stage 1 Psi', Psi', S; stage 2 Psi', S, S;
+    stage 3 S, S, S.
+    """
+    pol = policy(precision)
+    ew, eg = element_bytes(0, precision, parallel.microbatches)
+    k = pol.state_bytes(2 if optimizer == "adamw" else 1)
+    layout = dp_layout(model, parallel, stage, dp_rank, eg)
+    psi, full, shard = layout.numel, layout.total, layout.shard_size
+    z = parallel.zero
+    weights = psi if z == 0 else shard if z == 3 else full
+    grads = psi if z == 0 else full if z == 1 else shard
+    states = psi if z == 0 else shard
+    return {"params": weights * ew, "grads": grads * eg, "optimizer": states * k}
 
 
 __all__ = ["Collective", "ParamSpec", "param_specs", "dp_layout", "block_tp", "embed_tp",
            "head_tp", "chunk_tp", "partial_elements", "partial_grads_tp", "dp_sync",
-           "step_metrics", "pp_sends", "step_collectives", "tally", "predict_comm_bytes"]
+           "step_metrics", "pp_sends", "step_collectives", "tally", "predict_comm_bytes",
+           "element_bytes", "model_state_bytes"]

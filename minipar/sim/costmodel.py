@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minipar.config import ConfigError, ModelConfig, ParallelConfig, replace
+from minipar.config import (RECOMPUTE_MODES, ConfigError, ModelConfig, ParallelConfig,
+                            chunk_blocks, replace)
 from minipar.parallel.tensor import padded_vocab
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp64": 8}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32",
             "float64": "fp64", "double": "fp64"}
-RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE = RECOMPUTE_MODES  # the runtime's --recompute names, so the two always agree
 
 
 def canonical_dtype(name: str) -> str:
@@ -140,10 +141,10 @@ def units(model: ModelConfig, parallel: ParallelConfig, stage: int) -> list[list
     n_chunks = parallel.pp * parallel.virtual_stages
     tied_here = model.tie_weights and n_chunks == 1
     head = Unit("head", 2 * h + (0 if tied_here else h * vp // t))
-    per_chunk = model.n_layers // n_chunks
+    blocks = chunk_blocks(model.n_layers, n_chunks, parallel.partition)
     out = []
     for g in range(stage, n_chunks, parallel.pp):
-        chunk = ([embed] if g == 0 else []) + [block] * per_chunk
+        chunk = ([embed] if g == 0 else []) + [block] * blocks[g]
         out.append(chunk + ([head] if g == n_chunks - 1 else []))
     return out
 
@@ -234,7 +235,8 @@ def zero_model_state_bytes(n_params: float, dp: int, zero: int, dtype: str = "bf
 def block_activation_terms(model: ModelConfig, b: int, tp: int = 1,
                            sequence_parallel: bool = False, recompute: str = "none", *,
                            value_bytes: int = 2, dropout: bool = True,
-                           layernorm_rstd: bool = False) -> dict[str, int]:
+                           layernorm_rstd: bool = False,
+                           attention: str = "plain") -> dict[str, int]:
     """Bytes one block keeps for its backward per microbatch of b sequences, on one tp rank,
     tensor by tensor: Korthikanti et al. 2022, section 4.1 and table 2.
 
@@ -251,7 +253,13 @@ def block_activation_terms(model: ModelConfig, b: int, tp: int = 1,
     With ``dropout`` (1-byte masks) attn also keeps the attention dropout's mask and output,
     (a/t) s^2 (1 + value_bytes), and attn and mlp each the mask of the dropout after their
     row-parallel matrix, T h. Selective recomputation drops every (a/t) s^2 term; full
-    recomputation keeps only the block's input, s h (the table's 2sbh, sequence parallel or not).
+    recomputation keeps only the block's input, T h (the table's 2sbh; under sequence
+    parallelism the input arrives as this rank's s/t tokens, and that is what it keeps).
+
+    ``attention="blockwise"`` (``minipar.nn.blockwise``, the flash-attention idea of Dao et al.
+    2022) keeps the log-sum-exp, (a/t) s values, in place of the (a/t) s^2 softmax, and no
+    attention-dropout mask (a blockwise kernel regenerates it from the seed); selective
+    recomputation drops the log-sum-exp too.
 
     The defaults are the paper's table 2 (16-bit values, dropout, no 1/std): with MLP width F,
     sbh (10 + (8 + 4F/h)/t + 5as/(ht)), or sbh (18 + 4F/h + 5as/h)/t under sequence parallelism;
@@ -261,16 +269,19 @@ def block_activation_terms(model: ModelConfig, b: int, tp: int = 1,
     F = 4h, 4 + 12/t and (16 + as/h)/t values per sbh.
     """
     s, h, f, e = model.seq_len, model.d_model, model.ffn, value_bytes
-    if recompute == "full":
-        return {"input": e * s * b * h}
     tokens = s // tp if sequence_parallel else s  # per sequence in the LayerNorm/residual regions
-    scores = 0 if recompute == "selective" else b * (model.n_heads // tp) * s * s
+    if recompute == "full":
+        return {"input": e * tokens * b * h}
+    per_head = s if attention == "blockwise" else s * s  # log-sum-exp, or the softmax
+    kept = 0 if recompute == "selective" else e * b * (model.n_heads // tp) * per_head
+    scores = 0 if recompute == "selective" or attention == "blockwise" else \
+        b * (model.n_heads // tp) * s * s  # the attention-dropout mask and output
     ln = e * b * tokens * (h + (1 if layernorm_rstd else 0))
     mask = b * tokens * h if dropout else 0  # the dropout after a row-parallel matrix
     return {
         "ln1": ln,
         "attn.qkv": e * b * tokens * h,
-        "attn": e * 3 * b * s * h // tp + e * scores + ((1 + e) * scores + mask if dropout else 0),
+        "attn": e * 3 * b * s * h // tp + kept + ((1 + e) * scores + mask if dropout else 0),
         "attn.proj": e * b * s * h // tp,
         "ln2": ln,
         "mlp.fc": e * b * tokens * h,
@@ -282,12 +293,13 @@ def block_activation_terms(model: ModelConfig, b: int, tp: int = 1,
 def activation_bytes_per_layer(model: ModelConfig, b: int, tp: int = 1,
                                sequence_parallel: bool = False, recompute: str = "none", *,
                                value_bytes: int = 2, dropout: bool = True,
-                               layernorm_rstd: bool = False) -> int:
+                               layernorm_rstd: bool = False, attention: str = "plain") -> int:
     """Activation bytes one block keeps per microbatch: the sum of ``block_activation_terms``
     (by default Korthikanti et al. 2022, table 2)."""
     return sum(block_activation_terms(model, b, tp, sequence_parallel, recompute,
                                       value_bytes=value_bytes, dropout=dropout,
-                                      layernorm_rstd=layernorm_rstd).values())
+                                      layernorm_rstd=layernorm_rstd,
+                                      attention=attention).values())
 
 
 def peak_live(schedule: str, p: int, m: int, v: int, stage: int) -> int:
@@ -317,7 +329,8 @@ def memory_per_stage(model: ModelConfig, parallel: ParallelConfig, work: Workloa
     e = dtype_bytes(work.dtype)
     b, t, sp = work.microbatch_size, parallel.tp, parallel.sequence_parallel
     m = work.microbatches(parallel.dp)
-    per_chunk_layers = model.n_layers // (parallel.pp * parallel.virtual_stages)
+    # Uneven chunks (--partition): the largest local chunk's blocks, an upper bound for v > 1.
+    per_chunk_layers = max(sum(u.kind == "block" for u in c) for c in chunks)
     per_layer = activation_bytes_per_layer(model, b, t, sp, work.recompute) * e / 2
     live = peak_live(parallel.schedule, parallel.pp, m, parallel.virtual_stages, stage)
     acts = live * per_chunk_layers * per_layer

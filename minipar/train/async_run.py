@@ -52,7 +52,10 @@ def check_mode(args, world: int) -> None:
         ("--tp", (args.tp or 1) > 1), ("--pp", (args.pp or 1) > 1), ("--dp", args.dp),
         ("--zero", args.zero), ("--bucket-mb", args.bucket_mb),
         ("--microbatches", args.microbatches > 1), ("--save", args.save),
-        ("--resume", args.resume), ("--trace", args.trace), ("--plot", args.plot)) if on]
+        ("--resume", args.resume), ("--trace", args.trace), ("--plot", args.plot),
+        ("--partition", getattr(args, "partition", "equal") != "equal"),
+        ("--attention", args.attention != "plain"), ("--recompute", args.recompute != "none"))
+        if on]
     if unsupported:
         raise ConfigError(f"--mode {mode} trains whole replicas, one per rank, without "
                           f"{', '.join(unsupported)}: leave them out or use --mode sync")

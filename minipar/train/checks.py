@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import os
 
+import numpy
+
 from minipar.config import ConfigError, ModelConfig, ParallelConfig, check_output
 
 # Numeric flags and what they must be; an absent flag (None) is not checked.
@@ -84,24 +86,39 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     batch 16384: 3.23 GiB estimated, 3.38 measured; with 4 microbatches 0.81 and 0.85;
     ``small``, batch 256: 0.83 and 0.86).
     """
+    from minipar.nn.precision import policy_of_dtype
     from minipar.parallel.tensor import padded_vocab
     from minipar.sim import costmodel as cm
 
+    # Model states by the precision's policy (ZeRO's 2 + 2 + 12 in bf16/fp16); activations at 4
+    # bytes unless float64, since a 16-bit run's kernels also hold fp32 temporaries.
+    pol = policy_of_dtype(dtype)
+    ew, eg = pol.itemsize, numpy.dtype(pol.grad_dtype(par.microbatches)).itemsize
+    k = pol.state_bytes(2 if optimizer == "adamw" else 1)
     e = 8 if dtype == "float64" else 4
     rows = batch_size // par.dp // par.microbatches  # sequences per microbatch
-    layers = cfg.n_layers // (par.pp * par.virtual_stages)
+    masks = cfg.dropout > 0  # 1-byte masks kept; the dropped probabilities are not (dropout.py)
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
-                                          value_bytes=e, dropout=False, layernorm_rstd=True)
+                                          par.recompute, value_bytes=e, dropout=masks,
+                                          layernorm_rstd=True, attention=par.attention)
+    working = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
+                                            value_bytes=e, dropout=masks, layernorm_rstd=True,
+                                            attention=par.attention)  # the block in backward
+    if masks:  # the table keeps the dropped probabilities too; dropout.py recomputes them
+        dropped = e * rows * (cfg.n_heads // par.tp) * cfg.seq_len ** 2
+        block -= dropped if par.recompute == "none" else 0
+        working -= dropped
     logits = 3 * rows * cfg.seq_len * padded_vocab(cfg.vocab_size, par.tp) // par.tp * e
     worst: dict = {"total": -1}
     for stage in range(par.pp):
         n = cm.local_param_count(cfg, par, stage)
+        # the largest local chunk's blocks (all chunks are equal unless --partition says so)
+        layers = max(sum(u.kind == "block" for u in c) for c in cm.units(cfg, par, stage))
         live = cm.peak_live(par.schedule, par.pp, par.microbatches, par.virtual_stages, stage)
-        mem = {"weights": e * n, "gradients": e * n // (par.dp if par.zero >= 2 else 1),
-               "optimizer": (2 if optimizer == "adamw" else 1) * e * n
-               // (par.dp if par.zero >= 1 else 1),
+        mem = {"weights": ew * n, "gradients": eg * n // (par.dp if par.zero >= 2 else 1),
+               "optimizer": k * n // (par.dp if par.zero >= 1 else 1),
                "activations": live * layers * block + (logits if stage == par.pp - 1 else 0),
-               "working": block, "data": 2 * 8 * batch_size * cfg.seq_len}
+               "working": working, "data": 2 * 8 * batch_size * cfg.seq_len}
         mem["total"] = sum(mem.values())
         if mem["total"] > worst["total"]:
             worst = mem

@@ -35,6 +35,8 @@ EXAMPLES = [
     ("mpirun -n 4 python -m minipar.train --tp 2 --dp 2 --sequence-parallel", "Megatron TP + SP"),
     ("mpirun -n 4 python -m minipar.train --pp 4 --layers 4 --schedule 1f1b --microbatches 8",
      "4 pipeline stages need 4 layers"),
+    ("mpirun -n 2 python -m minipar.train --pp 2 --layers 3 --partition balanced --microbatches 4",
+     "blocks split by FLOPs: the head makes the last stage heavy"),
     ("python -m minipar.train --task text --data book.txt --steps 200",
      "bytes of any UTF-8 file, ~20 s (with --model small: ~30 min)"),
 ]
@@ -70,13 +72,31 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                    "tasks need 16 to 19 and refuse more than twice that without --force")
     m.add_argument("--vocab", type=int, help="override the vocabulary (text/benchmarks only)")
     m.add_argument("--tie-weights", action="store_true", help="share embedding and LM head")
+    m.add_argument("--precision", default=None, choices=["fp32", "fp64", "bf16", "fp16"],
+                   help="fp32 (default), fp64 (exact comparisons), or bf16/fp16 mixed precision: "
+                   "16-bit weights, activations and gradients, fp32 master weights and "
+                   "optimizer state (minipar.nn.precision)")
+    m.add_argument("--loss-scale", type=float, default=2.0 ** 16,
+                   help="fp16: the initial dynamic loss scale (default 65536)")
+    m.add_argument("--loss-scale-window", type=int, default=200,
+                   help="fp16: clean steps before the loss scale doubles (default 200)")
+    # The older name of --precision (float32 = fp32, float64 = fp64), kept out of the help.
+    m.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                   help=argparse.SUPPRESS)
+    m.add_argument("--dropout", type=float, default=0.0, metavar="P",
+                   help="attention, residual and embedding dropout in training (0 = off); "
+                        "every layout draws the serial run's masks")
+    m.add_argument("--attention", default="plain", choices=["plain", "blockwise"],
+                   help="attention kernel: plain keeps the (T, T) softmax per head for backward, "
+                        "blockwise (flash-attention style) only O(T); the numbers agree")
+    m.add_argument("--recompute", default="none", choices=["none", "selective", "full"],
+                   help="activation recomputation (Korthikanti et al. 2022): selective reruns "
+                        "the attention core in backward, full reruns each block's forward")
     m.add_argument("--arch", default="gpt", help="gpt (decoder only, the default) or encdec "
                    "(the encoder-decoder of Vaswani et al. 2017: --task translate, summarize, qa)")
     m.add_argument("--norm", default="pre", help="encdec: LayerNorm before each sublayer (pre) "
                    "or after it (post, the paper's)")
     m.add_argument("--pos", default=None, help="positions: learned (default) or sinusoidal")
-    m.add_argument("--dtype", default="float32", choices=["float32", "float64"],
-                   help="parameter and activation dtype (float64 for exact comparisons)")
     d = p.add_argument_group("data")
     d.add_argument("--task", default=None, help="sort (default), reverse, add, text; with "
                    "--arch encdec: translate (default), summarize, qa")
@@ -131,6 +151,13 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                         "(they are deleted at the first save)")
     c.add_argument("--resume", default=None, metavar="PATH",
                    help="a run directory (its newest checkpoint) or one step directory")
+    c.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start a new run (any task) from a checkpoint's weights "
+                        "(a run directory or one step directory, saved in any layout) with a "
+                        "fresh optimizer, step and schedule; the model flags must match it")
+    c.add_argument("--freeze", default=None, metavar="NAMES",
+                   help="comma-separated parameter-name prefixes to keep fixed, e.g. "
+                        "embed,blocks.0 (no update, no optimizer state, no gradient sync)")
     c.add_argument("--skip-nonfinite", action="store_true",
                    help="skip a step whose loss or gradients are not finite, instead of stopping")
     c.add_argument("--check-collectives", action="store_true",
@@ -150,6 +177,9 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                      help="microbatches per step per dp rank (gradient accumulation)")
     lay.add_argument("--virtual-stages", type=int, default=1,
                      help="model chunks per pipeline rank (interleaved schedule)")
+    lay.add_argument("--partition", default="equal", metavar="equal|balanced|N,N,...",
+                     help="blocks per virtual stage: equal (default), balanced (the embedding "
+                          "and head weigh on the first and last stage), or counts such as 3,1")
     mo = p.add_argument_group("synchronous or asynchronous (whole replicas, see lesson 11)")
     mo.add_argument("--mode", default="sync", choices=["sync", "ps", "ssp", "local-sgd"],
                     help="sync: the data-parallel step (default); ps: a parameter server, "
@@ -196,17 +226,46 @@ def _given(value, default):
     return default if value is None else value
 
 
+def resolve_precision(args) -> None:
+    """One precision from --precision and its older alias --dtype: sets ``args.precision`` and
+    ``args.dtype`` (the working dtype: float32, float64, bfloat16 or float16); ConfigError
+    when the two flags disagree, or for bf16 on CuPy (which has no bfloat16)."""
+    from minipar import backend
+    from minipar.config import ConfigError
+    from minipar.nn.precision import DTYPE_OF, PRECISION_OF_DTYPE
+
+    old = PRECISION_OF_DTYPE.get(args.dtype) if args.dtype else None
+    if old and args.precision and old != args.precision:
+        raise ConfigError(f"--dtype {args.dtype} disagrees with --precision {args.precision}: "
+                          "--dtype is the old name of --precision (float32 = fp32, float64 = "
+                          "fp64); give only --precision")
+    args.precision = args.precision or old or "fp32"
+    args.dtype = DTYPE_OF[args.precision]
+    if args.precision == "bf16" and backend.name() == "cupy":
+        raise ConfigError("--precision bf16 is not supported on the cupy backend (CuPy has no "
+                          "bfloat16); use --precision fp16, or --backend numpy")
+    if args.precision in ("bf16", "fp16") and getattr(args, "mode", "sync") != "sync":
+        raise ConfigError(f"--precision {args.precision} needs --mode sync (the asynchronous "
+                          "modes keep whole fp32/fp64 replicas)")
+    if args.loss_scale <= 0 or not args.loss_scale < float("inf"):
+        raise ConfigError(f"--loss-scale must be a positive number, got {args.loss_scale}")
+    if args.loss_scale_window < 1:
+        raise ConfigError(f"--loss-scale-window must be >= 1, got {args.loss_scale_window}")
+
+
 def make_configs(args, world: int):
     """Validated (ModelConfig, ParallelConfig, task) or ConfigError; no collective involved."""
     from minipar.config import MODEL_PRESETS, ConfigError, ModelConfig, ParallelConfig, replace
     from minipar.seq2seq import SEQ2SEQ_TASKS
     from minipar.tasks import make_task
+    from minipar.sim.partition import resolve_partition
     from minipar.train.async_run import check_mode
     from minipar.train.checks import check_numbers
 
     if args.model not in MODEL_PRESETS:
         raise ConfigError(f"--model: unknown preset {args.model!r} "
                           f"(choose {', '.join(MODEL_PRESETS)})")
+    resolve_precision(args)
     check_numbers(args)
     if args.save_every and not args.save:
         raise ConfigError("--save-every needs --save DIR")
@@ -225,16 +284,19 @@ def make_configs(args, world: int):
     cfg = replace(cfg, vocab_size=vocab, seq_len=task.seq_len, tie_weights=args.tie_weights,
                   n_layers=_given(args.layers, cfg.n_layers),
                   d_model=_given(args.d_model, cfg.d_model),
-                  n_heads=_given(args.heads, cfg.n_heads), pos=_given(args.pos, cfg.pos))
+                  n_heads=_given(args.heads, cfg.n_heads), dropout=args.dropout,
+                  pos=_given(args.pos, cfg.pos))
     cfg.validate()
     check_mode(args, world)
     if args.mode != "sync":  # whole replicas: the layout flags were refused by check_mode
         return cfg, ParallelConfig(), task, f"--mode {args.mode}: one whole replica per rank"
     dp, tp, pp, note = pick_layout(args, world)
+    blocks = resolve_partition(args.partition, cfg, pp, args.virtual_stages)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
-                         bucket_mb=args.bucket_mb)
+                         bucket_mb=args.bucket_mb, partition=blocks, attention=args.attention,
+                         recompute=args.recompute)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 
@@ -279,13 +341,17 @@ def _encdec_configs(args, world: int):
                   arch="encdec", norm=args.norm, tie_weights=args.tie_weights,
                   pos=_given(args.pos, base.pos), n_layers=_given(args.layers, base.n_layers),
                   d_model=_given(args.d_model, base.d_model),
-                  n_heads=_given(args.heads, base.n_heads))
+                  n_heads=_given(args.heads, base.n_heads), dropout=args.dropout)
     cfg.validate()
+    if getattr(args, "partition", "equal") != "equal":
+        raise ConfigError("--partition applies to GPT pipelines; --arch encdec runs on one "
+                          "pipeline stage")
     dp, tp, pp, note = pick_layout(args, world)
     par = ParallelConfig(dp=dp, tp=tp, pp=pp, zero=args.zero,
                          sequence_parallel=args.sequence_parallel, schedule=args.schedule,
                          microbatches=args.microbatches, virtual_stages=args.virtual_stages,
-                         bucket_mb=args.bucket_mb)
+                         bucket_mb=args.bucket_mb, attention=args.attention,
+                         recompute=args.recompute)
     par.validate(cfg, world_size=world, batch_size=args.batch_size)
     return cfg, par, task, note
 
@@ -301,6 +367,8 @@ class Setup:
     run_id: str
     memory: dict
     resume: tuple | None = None  # (params, optim or None for a fresh optimizer, meta)
+    init: tuple | None = None  # --init-from: (params, meta, step dir)
+    freeze: tuple = ()  # --freeze: parameter-name prefixes
     warnings: list[str] = field(default_factory=list)
 
 
@@ -308,8 +376,10 @@ def _resume(args, cfg, task) -> tuple[tuple, list[str]]:
     """The checkpoint of ``--resume``, compared with this run; warnings under ``--force``."""
     from minipar import checkpoint
     from minipar.config import ConfigError
+    from minipar.train.finetune import check_resume_freeze
 
     params, optim, meta = checkpoint.load(args.resume, cfg)
+    check_resume_freeze(args, meta)
     if meta["step"] >= args.steps:
         raise ConfigError(f"--resume: the checkpoint is at step {meta['step']}, "
                           f"not before --steps {args.steps}")
@@ -331,12 +401,14 @@ def _resume(args, cfg, task) -> tuple[tuple, list[str]]:
 
 def prepare(args, world_size: int, ranks_here: int) -> Setup:
     """Every check, in the order a user fixes things; ConfigError on the first failure."""
-    from minipar.train import checks
+    from minipar.train import checks, finetune
 
     cfg, par, task, note = make_configs(args, world_size)
     warnings = [w for w in [checks.check_seq_len(args, task)] if w]
     checks.check_outputs(args)
     memory = checks.check_memory(args, cfg, par, ranks_here)
+    init, freeze, lines = finetune.prepare_init(args, cfg, task)
+    warnings = lines + warnings
     resume, run_id = None, uuid.uuid4().hex
     if args.resume:
         resume, more = _resume(args, cfg, task)
@@ -344,7 +416,8 @@ def prepare(args, world_size: int, ranks_here: int) -> Setup:
         run_id = resume[2]["run_id"]
     if args.save:
         _check_owner(args, resume[2]["run_id"] if resume else None)
-    return Setup(cfg, par, task, note, run_id, memory, resume, warnings)
+    return Setup(cfg, par, task, note, run_id, memory, resume, warnings=warnings, init=init,
+                 freeze=freeze)
 
 
 def _check_owner(args, run_id: str | None) -> None:
@@ -430,7 +503,8 @@ def _train(args, setup: Setup, world, rank0: bool, in_process: bool) -> int:
         with numpy.errstate(all="ignore"):
             summary = run(args, setup.cfg, setup.par, setup.task, world, setup.note,
                           blas_threads=BLAS_THREADS, resume=setup.resume, run_id=setup.run_id,
-                          memory=setup.memory, warnings=setup.warnings)
+                          memory=setup.memory, warnings=setup.warnings, init=setup.init,
+                          freeze=setup.freeze)
     except FloatingPointError as exc:  # every rank sees the same allreduced loss and norm
         if rank0:
             print(f"minipar.train: error: {exc} (use --skip-nonfinite to skip such steps)",

@@ -150,7 +150,12 @@ def save_checkpoint(engine, args, cfg, par, task, step: int, run_id: str,
         return None
     meta = {"model": asdict(cfg), "layout": asdict(par), "seed": args.seed, "task": task.name,
             "data_position": step, "optimizer": args.optimizer, "run_id": run_id,
-            "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype}
+            "optimizer_steps": engine.optimizer_steps(), "dtype": args.dtype,
+            "freeze": list(engine.freeze)}
+    if engine.scaler.enabled:  # fp16: the dynamic loss scale is state, like Adam's moments
+        sc = engine.scaler
+        meta["loss_scale"] = {"scale": sc.scale, "clean_steps": sc.clean_steps,
+                              "skipped": sc.skipped}
     return checkpoint.write(args.save, step, params, optim, meta, keep=args.keep,
                             replace_other_runs=first and getattr(args, "overwrite", False))
 
@@ -229,15 +234,20 @@ def _evaluate(engine, task, args, step: int, console: Console) -> dict:
     return {"step": step, **metrics}
 
 
-def _start(args, cfg, par, world, resume, tracer):
-    """The mesh and the engine, at the checkpoint's step when resuming (collective)."""
+def _start(args, cfg, par, world, resume, tracer, init=None, freeze=()):
+    """The mesh and the engine, at the checkpoint's step when resuming, or at step 0 with a
+    checkpoint's weights when fine-tuning (``init``, see ``minipar.train.finetune``)."""
     from minipar.dist.mesh import Mesh
     from minipar.engine import Engine
 
     mesh = Mesh(world, dp=par.dp, pp=par.pp, tp=par.tp)
     engine = Engine(cfg, par, mesh, seed=args.seed, dtype=args.dtype, optimizer=args.optimizer,
                     lr=args.lr, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                    tracer=tracer)
+                    tracer=tracer, precision=getattr(args, "precision", None),
+                    loss_scale=getattr(args, "loss_scale", 2.0 ** 16),
+                    loss_scale_window=getattr(args, "loss_scale_window", 200), freeze=freeze)
+    if init is not None:
+        engine.init_weights(init[0])
     start = 0
     if resume is not None:
         params, optim, meta = resume
@@ -246,6 +256,11 @@ def _start(args, cfg, par, world, resume, tracer):
             optim = {k: numpy.zeros_like(v) for k, v in engine.full_optimizer_state().items()}
             steps = 0
         engine.load_full_state(params, optim, steps)
+        saved_scale = meta.get("loss_scale")
+        if engine.scaler.enabled and saved_scale and optim is not None:
+            engine.scaler.scale = float(saved_scale["scale"])
+            engine.scaler.clean_steps = int(saved_scale["clean_steps"])
+            engine.scaler.skipped = int(saved_scale["skipped"])
         start = int(meta["step"])
         engine.step_count = start
     return mesh, engine, start
@@ -262,6 +277,8 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
     say(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
         f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {_n_params(cfg, engine):,} parameters "
         f"({args.dtype})")
+    say(f"numbers | precision {engine.policy.name}: weights/activations {engine.policy.dtype}, "
+        f"master and optimizer state {engine.policy.master_dtype}; {engine.scaler.describe()}")
     mem = engine.memory()
     estimate = f"; estimated peak {_fmt_bytes(memory['total'])}" if memory else ""
     say(f"memory  | rank 0 holds params {_fmt_bytes(mem['params'])}, grads "
@@ -275,7 +292,7 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
     if par.pp > 1:
         from minipar.sim.partition import partition
 
-        for line in partition(cfg, par.pp, par.virtual_stages).lines():
+        for line in partition(cfg, par.pp, par.virtual_stages, par.partition).lines():
             say(line)
     if resume is not None:
         lay = resume[2]["layout"]
@@ -312,7 +329,9 @@ def _train_steps(args, cfg, task, engine, mesh, start, console, tracer, save) ->
             _tag_step(tracer, n_events, step + 1)
         if result.skipped:
             rec.skipped.append(step + 1)
-            console.say(f"step {step + 1}: non-finite loss or gradients, step skipped")
+            console.say(f"step {step + 1}: non-finite loss or gradients, step skipped"
+                        + (f" (loss scale now {engine.scaler.scale:g})"
+                           if engine.scaler.enabled else ""))
         merge_stats(rec.comm, mesh.stats())
         rec.losses.append(result.loss)
         rec.tokens += args.batch_size * cfg.seq_len
@@ -333,15 +352,19 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
         "layout": {"dp": par.dp, "tp": par.tp, "pp": par.pp, "world": world.size,
                    "zero": par.zero, "sequence_parallel": par.sequence_parallel,
                    "schedule": par.schedule, "microbatches": par.microbatches,
-                   "virtual_stages": par.virtual_stages},
+                   "virtual_stages": par.virtual_stages, "partition": list(par.partition),
+                   "attention": par.attention, "recompute": par.recompute},
         "model": {"layers": cfg.n_layers, "d_model": cfg.d_model, "heads": cfg.n_heads,
                   "seq_len": cfg.seq_len, "vocab": cfg.vocab_size},
         "task": task.name, "steps": args.steps, "start_step": start,
         "skipped_steps": rec.skipped, "batch_size": args.batch_size,
         "dtype": args.dtype, "params": _n_params(cfg, engine), "losses": rec.losses,
+        "precision": engine.policy.name, "loss_scale": engine.scaler.scale,
+        "overflow_skips": engine.scaler.skipped,
         "final_loss": rec.losses[-1], "evals": rec.evals,
         "tokens_per_s": rec.tokens / rec.train_s if rec.train_s else 0.0, "wall_s": wall,
         "comm": rec.comm, "memory": engine.memory(),
+        "forward_flops": dict(zip(("all", "recomputed"), engine.forward_flops)),
     }
     if rec.decoded is not None:
         summary["decoded_exact_match"] = rec.decoded
@@ -354,6 +377,14 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
     console.say(f"done    | {args.steps - start} steps in {wall:.1f} s, "
                 f"{summary['tokens_per_s']:,.0f} tokens/s, final loss {rec.losses[-1]:.4f}, "
                 f"{acc}")
+    if engine.scaler.enabled:
+        console.say(f"scale   | loss scale {engine.scaler.scale:g} at the end; "
+                    f"{engine.scaler.skipped} step(s) skipped for fp16 overflow")
+    if (par.attention, par.recompute) != ("plain", "none"):
+        fwd, again = engine.forward_flops
+        console.say(f"memory  | {par.attention} attention, recompute {par.recompute}: rank 0 "
+                    f"kept at most {_fmt_bytes(engine.peak_activation_bytes)} of activations; "
+                    f"forward {fwd / 1e9:.3f} GFLOP per step, {again / 1e9:.3f} of it recomputed")
     moved = sum(s["bytes"] for ops in rec.comm.values() for s in ops.values())
     if moved:
         console.say(f"comm    | {_fmt_bytes(moved)} moved by rank 0 over the run "
@@ -362,13 +393,16 @@ def _finish(args, cfg, par, task, world, engine, start, rec: Record, wall: float
 
 
 def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=None,
-        resume=None, run_id: str = "", memory: dict | None = None, warnings=()):
+        resume=None, run_id: str = "", memory: dict | None = None, warnings=(), init=None,
+        freeze=()):
     """Train as ``args`` says; returns the summary dict on rank 0 (None elsewhere).
 
     ``resume`` is ``(params, optim, meta)`` from ``checkpoint.read`` (``optim`` None: a fresh
     optimizer state): training continues at the checkpoint's step with its weights, whatever
-    layout saved it. ``run_id`` goes into every checkpoint; ``memory`` is the estimate the
-    checks made and ``warnings`` lines they want printed.
+    layout saved it. ``init`` is ``(params, meta, step dir)`` of ``--init-from``: those
+    weights, with a fresh optimizer and step 0; ``freeze`` the ``--freeze`` prefixes.
+    ``run_id`` goes into every checkpoint; ``memory`` is the estimate the checks made and
+    ``warnings`` lines they want printed.
     """
     if getattr(args, "mode", "sync") != "sync":  # whole replicas, asynchronous or local SGD
         from minipar.train.async_run import run_async
@@ -385,7 +419,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         from minipar.observe.trace import Tracer
 
         tracer = Tracer(rank=world.rank)
-    mesh, engine, start = _start(args, cfg, par, world, resume, tracer)
+    mesh, engine, start = _start(args, cfg, par, world, resume, tracer, init, freeze)
     console = Console(world.rank == 0, out)
     banner(console, args, cfg, par, task, world, mesh, note, blas_threads, memory, engine,
            start, resume, warnings)
