@@ -97,6 +97,8 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
     k = pol.state_bytes(2 if optimizer == "adamw" else 1)
     e = 8 if dtype == "float64" else 4
     rows = batch_size // par.dp // par.microbatches  # sequences per microbatch
+    if cfg.arch == "encdec":
+        return encdec_rank_bytes(cfg, par, rows, batch_size, (ew, eg, k, e))
     masks = cfg.dropout > 0  # 1-byte masks kept; the dropped probabilities are not (dropout.py)
     block = cm.activation_bytes_per_layer(cfg, rows, par.tp, par.sequence_parallel,
                                           par.recompute, value_bytes=e, dropout=masks,
@@ -123,6 +125,54 @@ def estimate_rank_bytes(cfg: ModelConfig, par: ParallelConfig, batch_size: int, 
         if mem["total"] > worst["total"]:
             worst = mem
     return worst
+
+
+def encdec_param_count(cfg: ModelConfig, tp: int = 1) -> int:
+    """Parameters one tp rank of the encoder-decoder holds (``minipar.models.encdec``): column-
+    parallel matrices and biases and row-parallel matrices are split over tp, vocab-parallel
+    tables hold padded_vocab / tp rows, LayerNorms, positions and row-parallel biases are whole."""
+    from minipar.parallel.tensor import padded_vocab
+
+    c, f = cfg.d_model, cfg.ffn
+    ln = 2 * c
+    attn = ln + (3 * c * c + 3 * c) // tp + c * c // tp + c  # fused [Q|K|V], output projection
+    cross = ln + (c * c + c) // tp + (2 * c * c + 2 * c) // tp + c * c // tp + c  # Q, [K|V], out
+    mlp = ln + (c * f + f) // tp + f * c // tp + c
+    table = padded_vocab(cfg.vocab_size, tp) // tp * c
+    pos = (cfg.src_len + cfg.seq_len) * c if cfg.pos == "learned" else 0
+    tables = table * (1 if cfg.tie_weights else 3)  # source, target embeddings and the head
+    norms = ln * (2 if cfg.norm == "pre" else 1)  # the encoder's final LayerNorm, the head's
+    return cfg.n_layers * (2 * attn + cross + 2 * mlp) + tables + pos + norms
+
+
+def encdec_rank_bytes(cfg: ModelConfig, par: ParallelConfig, rows: int, batch_size: int,
+                      sizes: tuple) -> dict:
+    """``estimate_rank_bytes`` of the encoder-decoder (one pipeline stage): an encoder layer
+    keeps a GPT block's activations over the S source tokens, a decoder layer a block's over
+    the T target tokens plus its cross-attention's (normalised input and queries over T, the
+    memory's keys and values over S, the (heads/tp) T x S softmax, the merged heads)."""
+    from minipar.config import replace
+    from minipar.parallel.tensor import padded_vocab
+    from minipar.sim import costmodel as cm
+
+    ew, eg, k, e = sizes
+    s, t, c, tp = cfg.src_len, cfg.seq_len, cfg.d_model, par.tp
+    n = encdec_param_count(cfg, tp)
+
+    def block(length: int) -> int:
+        return cm.activation_bytes_per_layer(replace(cfg, seq_len=length), rows, tp,
+                                             par.sequence_parallel, value_bytes=e,
+                                             dropout=False, layernorm_rstd=True)
+
+    cross = e * rows * (2 * t * c + (t + 2 * s) * c // tp + cfg.n_heads // tp * t * s)
+    layers = cfg.n_layers * (block(s) + block(t) + cross)
+    logits = 3 * rows * t * padded_vocab(cfg.vocab_size, tp) // tp * e
+    mem = {"weights": ew * n, "gradients": eg * n // (par.dp if par.zero >= 2 else 1),
+           "optimizer": k * n // (par.dp if par.zero >= 1 else 1),
+           "activations": cm.peak_live(par.schedule, 1, par.microbatches, 1, 0) * layers + logits,
+           "working": block(s) + block(t) + cross, "data": 8 * batch_size * (s + 2 * t)}
+    mem["total"] = sum(mem.values())
+    return mem
 
 
 def available_memory() -> tuple[int, int] | None:
