@@ -243,11 +243,96 @@ class QATask(Seq2SeqTask):
         return self.encode(rows, self.src_len), self.encode(answers, self.answer_len)
 
 
+MAX_CORPUS_LEN = 64  # the longest source or target line --src/--tgt take by default (tokens)
+
+
+def _read_lines(flag: str, path: str) -> list[list[str]]:
+    """A UTF-8 file's lines as lists of whitespace-separated tokens; one clear line if not."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return [line.split() for line in fh.read().splitlines()]
+    except FileNotFoundError:
+        raise ConfigError(f"{flag} {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") \
+            from None
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot be read ({e.strerror})") from None
+
+
+class CorpusTask(Seq2SeqTask):
+    """A parallel corpus from two files, one sentence a line (``--src FILE --tgt FILE``).
+
+    Tokens are the words between whitespace. The vocabulary is the corpus's own: every token of
+    either file, sorted, behind the three specials (one table for both sides, so ``--tie-weights``
+    works as for the synthetic tasks). The source length S is the longest source line, the target
+    length T the longest target line plus ``</s>``; a line longer than ``max_len`` tokens is
+    refused, naming the file and line, since the model is built for the lengths it trains on.
+    The held-out split is the synthetic tasks': a pair is held out if and only if its source's
+    hash is 0 modulo 16, so a repeated source never lies on both sides.
+    """
+
+    name = "corpus"
+
+    def __init__(self, src_path: str, tgt_path: str, seed: int, eval_size: int = 512,
+                 max_len: int = MAX_CORPUS_LEN) -> None:
+        srcs, tgts = _read_lines("--src", src_path), _read_lines("--tgt", tgt_path)
+        if len(srcs) != len(tgts):
+            raise ConfigError(f"--src {src_path} has {len(srcs)} lines but --tgt {tgt_path} has "
+                              f"{len(tgts)}: a parallel corpus pairs line i with line i")
+        for flag, path, rows in (("--src", src_path, srcs), ("--tgt", tgt_path, tgts)):
+            for i, row in enumerate(rows):
+                if not row:
+                    raise ConfigError(f"{flag} {path} line {i + 1} is empty: every line pair "
+                                      "needs a source and a target sentence")
+                if len(row) > max_len:
+                    raise ConfigError(f"{flag} {path} line {i + 1} has {len(row)} tokens, more "
+                                      f"than the model's context of {max_len} (--seq-len)")
+        if not srcs:
+            raise ConfigError(f"--src {src_path} is empty")
+        self.words = sorted({w for row in srcs + tgts for w in row} - set(SPECIALS))
+        self.src_len = max(map(len, srcs))
+        self.answer_len = max(map(len, tgts))
+        super().__init__(seed, eval_size)
+        self.needed_len = None  # --seq-len caps the lines here; it is not a padded row length
+        src = self.encode(srcs, self.src_len)  # (N, S)
+        ans = self.encode(tgts, self.answer_len)  # (N, answer_len)
+        held = self.in_eval_split(src)
+        if held.all() or not held.any():
+            raise ConfigError(f"--src {src_path}: its {len(srcs)} pairs leave "
+                              f"{'no training' if held.all() else 'no held-out'} pair (a pair "
+                              "is held out when its source hashes to 0 mod 16): add lines")
+        self._train = (src[~held], ans[~held])
+        self._held = (src[held][:eval_size], ans[held][:eval_size])
+
+    def _train_problems(self, rng: np.random.Generator, n: int):
+        pick = rng.integers(0, len(self._train[0]), size=n)  # rows of the training split
+        return self._train[0][pick], self._train[1][pick]
+
+    def eval_set(self) -> Batch:
+        if self._eval is None:
+            self._eval = self._pack(*self._held)
+        return self._eval
+
+
 _TASKS = {"translate": TranslateTask, "summarize": SummarizeTask, "qa": QATask}
 
 
-def make_seq2seq_task(name: str | None, seed: int, eval_size: int = 512) -> Seq2SeqTask:
-    """The encoder-decoder task called ``name`` (default ``translate``)."""
+def make_seq2seq_task(name: str | None, seed: int, eval_size: int = 512,
+                      src: str | None = None, tgt: str | None = None,
+                      max_len: int | None = None) -> Seq2SeqTask:
+    """The encoder-decoder task called ``name`` (default ``translate``), or the parallel corpus
+    of the files ``src`` and ``tgt`` (``name`` None or ``corpus``)."""
+    if (src is None) != (tgt is None):
+        raise ConfigError("--src and --tgt go together: a parallel corpus needs both files")
+    if src is not None:
+        if name not in (None, "corpus"):
+            raise ConfigError(f"--src/--tgt bring their own corpus; drop --task {name}")
+        return CorpusTask(src, tgt, seed, eval_size,
+                          MAX_CORPUS_LEN if max_len is None else max_len)
+    if max_len is not None:
+        raise ConfigError("--seq-len applies to --arch encdec only with --src/--tgt (the "
+                          "synthetic tasks set their own lengths)")
     name = "translate" if name is None else name
     if name not in _TASKS:
         raise ConfigError(f"--task {name!r} is not a task of --arch encdec "

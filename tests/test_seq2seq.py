@@ -121,6 +121,9 @@ def test_source_hash_depends_on_every_token():
     (["--arch", "encdec", "--norm", "side"], "--norm"),
     (["--norm", "post"], "--norm"),
     (["--show", "2"], "--show"),
+    (["--beam", "2"], "--beam"),
+    (["--arch", "encdec", "--beam", "2"], "--beam"),
+    (["--arch", "encdec", "--show", "1", "--beam", "0"], "--beam"),
     (["--arch", "encdec", "--show", "-1"], "--show"),
     (["--arch", "encdec", "--pos", "rotary"], "--pos"),
     (["--arch", "encdec", "--mode", "ps"], "--mode"),
@@ -140,3 +143,10 @@ def test_short_run_shows_decoded_examples():
     shown = [ln for ln in out.splitlines() if ln.startswith("show    |") and " -> " in ln]
     assert len(shown) == 2 and all(ln.count(" -> ") == 2 for ln in shown), out
     assert "exact match" in out
+
+
+def test_short_run_shows_beam_decoded_examples():
+    codes, out, err = train(["--arch", "encdec", "--task", "translate", "--steps", "2",
+                             "--quiet", "--show", "1", "--beam", "3", "--model", "tiny"])
+    assert codes == [0], err
+    assert "beam search (width 3) with the key/value cache: exact match" in out, out

@@ -1,4 +1,4 @@
-"""Greedy decoding for the encoder-decoder, with and without a key/value cache.
+"""Greedy and beam-search decoding for the encoder-decoder, with a key/value cache.
 
 Without a cache, step t runs the whole decoder over the t tokens written so far and keeps the
 prediction at position t: the prefix is recomputed every step, O(T^2) token-layers in all.
@@ -43,34 +43,106 @@ def greedy_uncached(model: EncoderDecoder, src, bos: int, steps: int):
     return out
 
 
+class CachedDecoder:
+    """The decoder's state for decoding rows of sources (B, S) one token at a time: the memory's
+    cross-attention keys/values (computed once) and each layer's self-attention cache."""
+
+    def __init__(self, model: EncoderDecoder, src):
+        if model.tgt_embed.sp:
+            raise ValueError("cached decoding needs a model without sequence parallelism")
+        self.model = model
+        self.bias = F.padding_bias(src != PAD, model.dtype)  # (B, 1, S): source padding masked
+        memory = model.encode(src, self.bias, MB)  # (B, S, C), once
+        self.cross_kv = [layer.cross.sub.kv.forward(memory, MB) for layer in model.decoder]
+        _drop(model)
+        self.self_kv = [None] * len(model.decoder)  # per layer (B, t, 2C/tp): the past [K | V]
+        self.t = 0  # tokens written so far
+
+    def step(self, tok):
+        """The decoder's output (B, 1, C) for the next tokens (B, 1); extends the caches."""
+        model, emb = self.model, self.model.tgt_embed
+        table = emb.pos.data if emb.pos is not None else emb.table  # (T, C)
+        h = emb.tok.forward(tok, MB) + table[self.t]  # (B, 1, C)
+        for i, layer in enumerate(model.decoder):
+            h = layer.self_attn.apply(h, MB, lambda a: _self_step(layer.self_attn.sub, a,
+                                                                     self.self_kv, i))
+            cross = layer.cross.sub
+            h = layer.cross.apply(h, MB, lambda a: cross.attend(cross.q.forward(a, MB),
+                                                                self.cross_kv[i], self.bias, MB))
+            h = layer.mlp.forward(h, MB)  # (B, 1, C)
+        self.t += 1
+        return h
+
+    def reorder(self, rows) -> None:
+        """Keep the rows ``rows`` (B',) of every cache, in that order (beam search's parents)."""
+        self.bias = self.bias[rows]
+        self.cross_kv = [kv[rows] for kv in self.cross_kv]
+        self.self_kv = [kv if kv is None else kv[rows] for kv in self.self_kv]
+
+
 def greedy_cached(model: EncoderDecoder, src, bos: int, steps: int):
     """(B, steps) greedy tokens for sources (B, S): one new token per step through the decoder,
     the cross-attention keys/values computed once, the self-attention's kept per layer."""
-    if model.tgt_embed.sp:
-        raise ValueError("cached decoding needs a model without sequence parallelism")
     xp = backend.xp()
-    bias = F.padding_bias(src != PAD, model.dtype)  # (B, 1, S): source padding masked
-    memory = model.encode(src, bias, MB)  # (B, S, C), once
-    cross_kv = [layer.cross.sub.kv.forward(memory, MB) for layer in model.decoder]
-    _drop(model)
-    self_kv = [None] * len(model.decoder)  # per layer (B, t, 2C/tp): [K | V] of the past
-    emb = model.tgt_embed
-    table = emb.pos.data if emb.pos is not None else emb.table  # (T, C)
+    dec = CachedDecoder(model, src)
     tok = xp.full((src.shape[0], 1), bos, dtype=src.dtype)  # (B, 1)
     out = []
-    for t in range(steps):
-        h = emb.tok.forward(tok, MB) + table[t]  # (B, 1, C)
-        for i, layer in enumerate(model.decoder):
-            h = layer.self_attn.apply(h, MB, lambda a: _self_step(layer.self_attn.sub, a,
-                                                                     self_kv, i))
-            cross = layer.cross.sub
-            h = layer.cross.apply(h, MB, lambda a: cross.attend(cross.q.forward(a, MB),
-                                                                cross_kv[i], bias, MB))
-            h = layer.mlp.forward(h, MB)  # (B, 1, C)
-        tok, _ = model.head.evaluate(h)  # (B, 1)
+    for _ in range(steps):
+        tok, _ = model.head.evaluate(dec.step(tok))  # (B, 1)
         _drop(model)
         out.append(tok)
     return xp.concatenate(out, axis=1)  # (B, steps)
+
+
+def log_probs(model: EncoderDecoder, h):
+    """Log-probabilities (B, T, V) of the next token from decoder outputs (B, T, C), on a
+    model whose head holds the whole vocabulary (tp 1)."""
+    if model.head.tp.size != 1:
+        raise ValueError("beam search scores the whole vocabulary: decode with a tp-1 copy")
+    xp = backend.xp()
+    logits = model.head.logits(h, MB)[..., :model.cfg.vocab_size]  # (B, T, V)
+    _drop(model)
+    z = logits - logits.max(axis=-1, keepdims=True)
+    return z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))  # (B, T, V)
+
+
+def beam_search(model: EncoderDecoder, src, bos: int, eos: int, steps: int, width: int):
+    """(B, steps) tokens of the best of ``width`` beams per source (``beams``)."""
+    return beams(model, src, bos, eos, steps, width)[0][:, 0]
+
+
+def beams(model: EncoderDecoder, src, bos: int, eos: int, steps: int, width: int):
+    """(tokens (B, width, steps), scores (B, width)): the ``width`` best outputs per source by
+    summed log-probability, best first.
+
+    Every step extends each live beam by every token, and keeps the ``width`` best of the
+    width x V candidates; a beam that has written ``eos`` is finished and extends only by
+    ``PAD`` at no cost, so finished and live beams compete on their total score (no length
+    penalty). The decoder's caches follow the kept beams' parents. Width 1 is greedy decoding;
+    a width of at least V^(steps - 1) keeps every prefix, so it finds the most probable output.
+    """
+    xp = backend.xp()
+    b, v = src.shape[0], model.cfg.vocab_size
+    dec = CachedDecoder(model, xp.repeat(src, width, axis=0))  # rows (B * width)
+    score = xp.full((b, width), -xp.inf)  # (B, width): only beam 0 is live at first
+    score[:, 0] = 0.0
+    seqs = xp.zeros((b, width, 0), dtype=src.dtype)  # (B, width, t)
+    done = xp.zeros((b, width), dtype=bool)
+    tok = xp.full((b * width, 1), bos, dtype=src.dtype)
+    for _ in range(steps):
+        lp = log_probs(model, dec.step(tok))[:, 0].reshape(b, width, v)  # (B, width, V)
+        lp = xp.where(done[..., None], -xp.inf, lp)
+        lp[..., PAD] = xp.where(done, 0.0, lp[..., PAD])  # finished: PAD at no cost
+        cand = (score[..., None] + lp).reshape(b, width * v)  # (B, width * V)
+        best = xp.argsort(-cand, axis=1, kind="stable")[:, :width]  # (B, width)
+        parent, new = best // v, best % v  # (B, width)
+        score = xp.take_along_axis(cand, best, axis=1)
+        seqs = xp.concatenate([xp.take_along_axis(seqs, parent[..., None], axis=1),
+                               new[..., None]], axis=2)  # (B, width, t + 1)
+        done = xp.take_along_axis(done, parent, axis=1) | (new == eos)
+        dec.reorder((parent + xp.arange(b)[:, None] * width).reshape(-1))
+        tok = new.reshape(-1, 1).astype(src.dtype)
+    return seqs, score  # sorted by score: the best beam first
 
 
 def _self_step(attn, a, self_kv: list, i: int):

@@ -104,6 +104,10 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                    "--arch encdec: translate (default), summarize, qa")
     d.add_argument("--data", default=None, metavar="FILE",
                    help="UTF-8 text file for --task text (implies it)")
+    d.add_argument("--src", default=None, metavar="FILE", help="--arch encdec: a parallel "
+                   "corpus's source sentences, one a line (with --tgt)")
+    d.add_argument("--tgt", default=None, metavar="FILE", help="--arch encdec: the target "
+                   "sentence of each --src line; --seq-len caps a line's tokens (default 64)")
     d.add_argument("--n-digits", type=int, default=None,
                    help="problem size of the digit tasks (sort/reverse: 8, add: 3)")
     t = p.add_argument_group("training")
@@ -121,6 +125,8 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--show", type=int, default=0, metavar="N",
                    help="--arch encdec: at the end print N held-out examples, source -> "
                         "reference -> the model's greedy output")
+    t.add_argument("--beam", type=int, default=1, metavar="K",
+                   help="--show decodes with beam search of width K (default 1: greedy)")
     t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
     t.add_argument("--backend", default="numpy", choices=["numpy", "cupy", "strict"],
                    help="array backend: numpy, cupy (GPU), strict (CPU stand-in for a device)")
@@ -277,9 +283,9 @@ def make_configs(args, world: int):
         raise ConfigError("--save-every needs --save DIR")
     if args.overwrite and not args.save:
         raise ConfigError("--overwrite needs --save DIR")
-    if args.arch == "encdec" or args.task in SEQ2SEQ_TASKS:
+    if args.arch == "encdec" or args.task in SEQ2SEQ_TASKS or args.src or args.tgt:
         return _encdec_configs(args, world)
-    if args.arch != "gpt" or args.norm != "pre" or args.show:
+    if args.arch != "gpt" or args.norm != "pre" or args.show or args.beam != 1:
         _check_arch(args)
     task_kw = {} if args.n_digits is None else {"n_digits": args.n_digits}
     task = make_task(args.task, args.seed, data_path=args.data, seq_len=args.seq_len, **task_kw)
@@ -316,19 +322,20 @@ def _check_arch(args) -> None:
         raise ConfigError(f"--arch must be gpt or encdec, got {args.arch!r}")
     if args.norm != "pre":
         raise ConfigError(f"--norm {args.norm} applies to --arch encdec (the GPT is pre-LN)")
-    if args.show:
-        raise ConfigError("--show prints decoded examples of --arch encdec")
+    if args.show or args.beam != 1:
+        raise ConfigError("--show and --beam decode examples of --arch encdec")
 
 
 def _encdec_configs(args, world: int):
     """make_configs for --arch encdec: the task sets the source and target lengths."""
     from minipar.config import MODEL_PRESETS, ConfigError, ParallelConfig, replace
-    from minipar.seq2seq import make_seq2seq_task
+    from minipar.seq2seq import SEQ2SEQ_TASKS, make_seq2seq_task
 
     if args.arch != "encdec":
-        raise ConfigError(f"--task {args.task} needs an encoder: add --arch encdec")
+        what = f"--task {args.task}" if args.task in SEQ2SEQ_TASKS else "--src/--tgt"
+        raise ConfigError(f"{what} needs an encoder: add --arch encdec")
     for flag, given in (("--data", args.data), ("--n-digits", args.n_digits),
-                        ("--seq-len", args.seq_len), ("--vocab", args.vocab)):
+                        ("--vocab", args.vocab)):
         if given is not None:
             raise ConfigError(f"{flag} does not apply to --arch encdec (its task sets the "
                               "vocabulary and the source and target lengths)")
@@ -337,7 +344,11 @@ def _encdec_configs(args, world: int):
                           "--mode sync")
     if args.show < 0:
         raise ConfigError(f"--show must be >= 0, got {args.show}")
-    task = make_seq2seq_task(args.task, args.seed)
+    if args.beam < 1 or (args.beam > 1 and not args.show):
+        raise ConfigError(f"--beam must be >= 1 and decodes --show's rows (add --show N), "
+                          f"got --beam {args.beam}")
+    task = make_seq2seq_task(args.task, args.seed, src=args.src, tgt=args.tgt,
+                             max_len=args.seq_len)
     base = MODEL_PRESETS[args.model]
     cfg = replace(base, vocab_size=task.vocab_size, seq_len=task.seq_len, src_len=task.src_len,
                   arch="encdec", norm=args.norm, tie_weights=args.tie_weights,

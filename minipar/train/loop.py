@@ -472,7 +472,7 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
     if getattr(args, "show", 0) and cfg.arch == "encdec":  # collective: gathers the weights
         from minipar.train.show import show
 
-        rec.decoded = show(engine, task, args.show, console.say)
+        rec.decoded = show(engine, task, args.show, console.say, getattr(args, "beam", 1))
     if tracer is not None:
         _write_trace(tracer, world, args, par, rec.losses, console)
     if world.rank != 0:

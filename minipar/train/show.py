@@ -1,4 +1,5 @@
-"""``--show N``: held-out examples of an encoder-decoder run, decoded greedily with the cache.
+"""``--show N``: held-out examples of an encoder-decoder run, decoded with the cache (greedy, or
+``--beam K``).
 
 The trained weights are gathered in full (a collective: every layout, ZeRO-3 shards and tp
 slices included, gives the same full tensors) and rank 0 loads them into a serial copy of the
@@ -15,7 +16,7 @@ import numpy
 
 from minipar import backend
 from minipar.dist.comm import local_comm
-from minipar.models.decoding import greedy_cached
+from minipar.models.decoding import beam_search, greedy_cached
 from minipar.models.encdec import EncoderDecoder
 from minipar.nn.module import BuildContext
 from minipar.seq2seq import BOS, EOS
@@ -32,14 +33,17 @@ def serial_copy(engine) -> EncoderDecoder | None:
     return model
 
 
-def decoded_rows(model: EncoderDecoder, task, batch_size: int = 256):
-    """(sources, references, outputs) of the whole held-out set, as lists of id rows."""
+def decoded_rows(model: EncoderDecoder, task, batch_size: int = 256, beam: int = 1):
+    """(sources, references, outputs) of the whole held-out set, as lists of id rows: greedy
+    decoding, or beam search of width ``beam`` > 1."""
     src_len = task.src_len
     inputs, targets = task.eval_set()
     outputs = []
     for lo in range(0, len(inputs), batch_size):
         src = backend.from_host(numpy.ascontiguousarray(inputs[lo:lo + batch_size, :src_len]))
-        outputs.append(backend.to_host(greedy_cached(model, src, BOS, task.seq_len)))
+        out = (greedy_cached(model, src, BOS, task.seq_len) if beam == 1 else
+               beam_search(model, src, BOS, EOS, task.seq_len, beam))
+        outputs.append(backend.to_host(out))
     return inputs[:, :src_len], targets, numpy.concatenate(outputs)
 
 
@@ -49,18 +53,19 @@ def until_eos(row) -> list[int]:
     return row[:row.index(EOS)] if EOS in row else row
 
 
-def show(engine, task, n: int, say) -> float | None:
+def show(engine, task, n: int, say, beam: int = 1) -> float | None:
     """Print n examples on rank 0; return the decoded exact match there (collective)."""
     model = serial_copy(engine)
     if model is None:
         return None
-    sources, refs, outs = decoded_rows(model, task)
+    sources, refs, outs = decoded_rows(model, task, beam=beam)
     ok = [until_eos(r) == until_eos(o) and EOS in o.tolist() for r, o in zip(refs, outs)]
     for i in range(min(n, len(sources))):
         mark = "ok" if ok[i] else "WRONG"
         say(f"show    | {task.render(sources[i])} -> {task.render(refs[i])} -> "
             f"{task.render(outs[i])}  [{mark}]")
     match = float(numpy.mean(ok))
-    say(f"show    | greedy decoding with the key/value cache: exact match {match:.3f} "
+    how = "greedy decoding" if beam == 1 else f"beam search (width {beam})"
+    say(f"show    | {how} with the key/value cache: exact match {match:.3f} "
         f"over {len(ok)} held-out rows")
     return match

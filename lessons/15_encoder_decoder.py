@@ -1,0 +1,186 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Lesson 15: the encoder-decoder — the classic Transformer, trained and split over ranks
+#
+# **Prerequisites.** Lesson 1 (attention's forward and backward by hand) and lesson 5 (tensor
+# parallelism: column/row-parallel linears, f and g, `comm.stats`).
+#
+# **You will be able to** write cross-attention (queries from one sequence, keys and values
+# from another) and its backward, check it by central differences, train the encoder-decoder of
+# Vaswani et al. 2017 to translate, decode with a key/value cache (greedy and beam search), and
+# count the extra tensor-parallel traffic the encoder and the cross-attentions bring.
+#
+# The Transformer of "Attention Is All You Need" has two stacks. The **encoder** reads the whole
+# source with bidirectional self-attention (no causal mask; only padding is masked). The
+# **decoder** writes the target one token at a time: causal self-attention, then
+# **cross-attention** whose queries come from the decoder and whose keys and values come from
+# the encoder's output (the *memory*), then the MLP. minipar builds it from the GPT's parts
+# (`minipar/models/encdec.py`); the one new kernel pair is `functional.cross_attention_fwd/bwd`.
+
+# %%
+import numpy as np
+
+from minipar.config import ModelConfig, ParallelConfig
+from minipar.dist.comm import run_threads
+from minipar.nn import functional as F
+
+rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## 1. Cross-attention by hand
+#
+# Per head: y = softmax(q k^T / sqrt(D) + bias) v, with q (Tq, D) from the decoder and k, v
+# (Tk, D) from the memory; the bias is -inf on the source's padding. Tq and Tk differ: the
+# score matrix is (Tq, Tk), not square, and there is no causal mask (the whole source is known).
+
+# %%
+B, TQ, TK, H, D = 2, 3, 5, 2, 4
+q = rng.normal(size=(B, TQ, H * D))
+kv = rng.normal(size=(B, TK, 2 * H * D))  # [K | V]
+valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)  # row 1: a 3-token source
+bias = F.padding_bias(valid, "float64")  # (B, 1, TK)
+
+
+def by_hand(q, kv, bias):
+    k, v = kv[..., :H * D], kv[..., H * D:]
+    out = np.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            cols = slice(h * D, (h + 1) * D)
+            s = q[b, :, cols] @ k[b, :, cols].T / np.sqrt(D) + bias[b]  # (TQ, TK)
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            out[b, :, cols] = (p / p.sum(axis=1, keepdims=True)) @ v[b, :, cols]
+    return out
+
+
+y, cache = F.cross_attention_fwd(q, kv, H, bias)
+print("kernel == by hand:", np.allclose(y, by_hand(q, kv, bias)))
+assert np.allclose(y, by_hand(q, kv, bias))
+
+# %% [markdown]
+# ## 2. Its backward, checked by central differences
+#
+# Backward gives dq and d[K|V]: dv = p^T dy, dp = dy v^T, ds = p (dp - rowsum(dp p)) / sqrt(D),
+# dq = ds k, dk = ds^T q. We check every entry against (L(x + h) - L(x - h)) / 2h for the loss
+# L = sum(y * w) with a random w, in float64. Padded keys must get exactly zero gradient.
+
+# %%
+w = rng.normal(size=y.shape)
+dq, dkv = F.cross_attention_bwd(w, cache)
+
+
+def numeric(x, which, h=1e-6):
+    g = np.zeros_like(x)
+    for i in np.ndindex(*x.shape):
+        up, down = x.copy(), x.copy()
+        up[i] += h
+        down[i] -= h
+        args = (up, kv) if which == "q" else (q, up)
+        lo = (down, kv) if which == "q" else (q, down)
+        g[i] = ((F.cross_attention_fwd(*args, H, bias)[0] * w).sum()
+                - (F.cross_attention_fwd(*lo, H, bias)[0] * w).sum()) / (2 * h)
+    return g
+
+
+err_q = np.abs(dq - numeric(q, "q")).max()
+err_kv = np.abs(dkv - numeric(kv, "kv")).max()
+print(f"max |analytic - numeric|: dq {err_q:.1e}, d[K|V] {err_kv:.1e}")
+print("padded keys' gradient:", np.abs(dkv[1, 3:]).max())
+assert err_q < 1e-7 and err_kv < 1e-7 and np.abs(dkv[1, 3:]).max() == 0
+
+# %% [markdown]
+# In the model, each decoder layer's cross-attention adds its share to the memory's gradient:
+# the encoder's backward starts from the **sum** over decoder layers (`EncoderDecoder.backward`).
+
+# %% [markdown]
+# ## 3. Training a translator
+#
+# `--task translate` writes numbers in words, units before tens ("four hundred two and thirty
+# thousand seven") and asks for the digits: word order changes and every digit agrees with the
+# words around it. Held out: sources whose hash is 0 mod 16, never drawn for training. `--show`
+# decodes held-out rows with the key/value cache; `--beam K` uses beam search instead.
+
+# %%
+from minipar.lessons import mpirun
+
+log = mpirun(1, ["-m", "minipar.train", "--arch", "encdec", "--task", "translate", "--steps",
+                 "300", "--eval-every", "100", "--quiet", "--threads", "1", "--show", "3",
+                 "--beam", "2"], timeout=240, stream=False)
+print(log)
+assert "show    |" in log
+
+# %% [markdown]
+# ## 4. The same model under tensor parallelism, and its traffic
+#
+# Heads split over tp in all three attentions: Q, [K|V] and [Q|K|V] are column-parallel,
+# the output projections row-parallel. Each row-parallel output is an allreduce in forward (g);
+# each column-parallel input an allreduce in backward (f). Per step, on a batch of B rows with
+# source length S and target length T (C floats a token):
+#
+# - the GPT's block: 4 allreduces of (B, T, C) — 2 forward (attention, MLP), 2 backward;
+# - an encoder layer: the same over S tokens, 4 of (B, S, C);
+# - a decoder layer: its self-attention and MLP, 4 of (B, T, C), plus cross-attention's g in
+#   forward and its Q's f in backward, 2 of (B, T, C), plus its [K|V]'s f in backward: **the
+#   memory's gradient summed over the tp group, one (B, S, C) per decoder layer**;
+# - the embeddings (one each, (B, S, C) and (B, T, C)), the head (one (B, T, C)) and the
+#   vocab-parallel loss (three of (B, T)).
+
+# %%
+from minipar.compare import serial_reference, train_layout, mismatches
+from minipar.seq2seq import make_seq2seq_task
+
+task = make_seq2seq_task("translate", seed=0)
+L, C, BATCH = 2, 16, 8
+S, T = task.src_len, task.seq_len
+ed = ModelConfig(vocab_size=task.vocab_size, seq_len=T, src_len=S, n_layers=L, d_model=C,
+                 n_heads=4, arch="encdec")
+batches = [task.batch(step, BATCH) for step in range(2)]
+par = ParallelConfig(tp=2)
+run = run_threads(lambda w: train_layout(w, ed, par, batches), 2)[0]
+print("tp=2 == serial (losses, gradients, weights):",
+      not mismatches(run, serial_reference(ed, batches), rtol=1e-9))
+moved = run.comm[0]["tp"]["allreduce"]
+e = 8  # float64
+want_calls = 2 + 1 + 3 + 4 * L + 6 * L + L
+want_bytes = e * BATCH * C * (S + T + T + 4 * L * S + 6 * L * T + L * S) + 3 * e * BATCH * T
+print(f"encoder-decoder, tp=2: {moved['calls']} allreduces, {moved['bytes']:,} bytes "
+      f"(formula: {want_calls}, {want_bytes:,})")
+assert (moved["calls"], moved["bytes"]) == (want_calls, want_bytes)
+
+# %% [markdown]
+# A GPT of about the same size: 2L blocks (its parameters are the encoder's and decoder's
+# without cross-attention) over sequences of S + T tokens, the encoder-decoder's packed row.
+
+# %%
+gpt = ModelConfig(vocab_size=task.vocab_size, seq_len=S + T, n_layers=2 * L, d_model=C,
+                  n_heads=4)
+gpt_batches = [(x, np.concatenate([x[:, 1:], y[:, -1:]], axis=1)) for x, y in batches]
+g = run_threads(lambda w: train_layout(w, gpt, par, gpt_batches), 2)[0].comm[0]["tp"]
+print(f"GPT, tp=2: {g['allreduce']['calls']} allreduces, {g['allreduce']['bytes']:,} bytes")
+print(f"encoder-decoder / GPT bytes: {moved['bytes'] / g['allreduce']['bytes']:.2f}")
+
+# %% [markdown]
+# The encoder-decoder's blocks each see only their own stream (S or T tokens, not S + T), so
+# per block they move less; the cross-attentions add 2 (B, T, C) and 1 (B, S, C) per decoder
+# layer. Under sequence parallelism each allreduce becomes a reduce-scatter and an all-gather
+# of the same total size (lesson 6), and the memory is gathered once per cross-attention.
+#
+# **Pipelines.** With stages holding encoder layers then decoder layers, the memory must reach
+# every decoder stage, and its gradient, summed over those stages, must travel back to the last
+# encoder stage: Megatron-LM sends the encoder's output along with the decoder's activations
+# to each decoder stage, at S C values a row per stage boundary in each direction.
+#
+# **Exercises.** (1) Set `--norm post` (the paper's LayerNorm after each residual) and compare
+# the held-out exact match after 300 steps. (2) Predict the traffic for tp = 4 and check it.
+# (3) Decode with `--beam 4`: when can beam search beat greedy decoding on this task?
