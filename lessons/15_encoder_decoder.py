@@ -19,7 +19,8 @@
 # **You will be able to** write cross-attention (queries from one sequence, keys and values
 # from another) and its backward, check it by central differences, train the encoder-decoder of
 # Vaswani et al. 2017 to translate, decode with a key/value cache (greedy and beam search), and
-# count the extra tensor-parallel traffic the encoder and the cross-attentions bring.
+# count the extra tensor-parallel traffic the encoder and the cross-attentions bring, and the
+# extra pipeline traffic of carrying the encoder's output to every decoder stage.
 #
 # The Transformer of "Attention Is All You Need" has two stacks. The **encoder** reads the whole
 # source with bidirectional self-attention (no causal mask; only padding is masked). The
@@ -176,10 +177,56 @@ print(f"encoder-decoder / GPT bytes: {moved['bytes'] / g['allreduce']['bytes']:.
 # layer. Under sequence parallelism each allreduce becomes a reduce-scatter and an all-gather
 # of the same total size (lesson 6), and the memory is gathered once per cross-attention.
 #
-# **Pipelines.** With stages holding encoder layers then decoder layers, the memory must reach
-# every decoder stage, and its gradient, summed over those stages, must travel back to the last
-# encoder stage: Megatron-LM sends the encoder's output along with the decoder's activations
-# to each decoder stage, at S C values a row per stage boundary in each direction.
+
+# %% [markdown]
+# ## 5. The same model over a pipeline, and what the memory costs there
+#
+# Stages hold encoder layers, then decoder layers (`--pp N`, `--partition` to move the cut).
+# The GPT's pipeline sends one tensor across each boundary; the encoder-decoder's decoder
+# stages each need **two**: the decoder's stream and the encoder's output, because every
+# decoder layer's cross-attention reads the memory. Megatron-LM (for T5) solves it the simple
+# way, and so does minipar (`minipar/models/encdec_pipeline.py`): the last encoder stage sends
+# the memory forward, and every decoder stage passes it on beside its own output, packed into
+# one message (B, T + S, C). In backward each decoder stage adds its cross-attentions' share of
+# the memory's gradient to the one it received and sends the sum back, so the last encoder
+# stage receives the gradient summed over every decoder layer without any extra collective.
+#
+# What a boundary into global chunk g carries, per microbatch of b rows, each way:
+#
+# | the cut falls | message | values |
+# |---|---|---|
+# | inside the encoder | the encoder's stream | b S C |
+# | at the encoder's end | the memory | b S C |
+# | inside the decoder | decoder stream + memory | b (T + S) C |
+#
+# The price is b S C values per decoder boundary per direction: a GPT-sized message is
+# b T C. Measured: pp = 4 over 2 + 2 layers (cuts inside the encoder, at its end, inside the
+# decoder), 1F1B with 2 microbatches, every stage's sends counted by `CommStats`.
+
+# %%
+M = 2
+b = BATCH // M
+pp4 = ParallelConfig(pp=4, microbatches=M, schedule="1f1b")
+runs = run_threads(lambda w: train_layout(w, ed, pp4, batches), 4)
+print("pp=4 == serial (losses, gradients, weights):",
+      not mismatches(runs[0], serial_reference(ed, batches), rtol=1e-9))
+sent = sum(r.comm[0]["pp"]["send"]["bytes"] for r in runs)  # one step, all stages
+want = 2 * M * e * b * C * (S + S + (T + S))  # activations forward, gradients back
+print(f"pp=4, one step: {sent:,} bytes sent between stages (formula: {want:,})")
+assert sent == want
+
+gpt4 = run_threads(lambda w: train_layout(w, gpt, pp4, gpt_batches), 4)
+gpt_sent = sum(r.comm[0]["pp"]["send"]["bytes"] for r in gpt4)
+print(f"GPT over S + T tokens, pp=4: {gpt_sent:,} bytes; encoder-decoder / GPT: "
+      f"{sent / gpt_sent:.2f}")
+
+# %% [markdown]
+# Against a GPT over the packed row of S + T tokens the encoder-decoder sends less (its early
+# boundaries carry S tokens, not S + T); against a GPT over the T target tokens alone, each
+# decoder boundary carries the S memory rows on top. `python -m minipar.simulate --arch encdec
+# --pp 4` prints the same bytes for any model and cluster, with the schedule's bubble; the
+# program checker (`program_checks.check_dataflow`) proves that every decoder chunk receives
+# the memory it uses and that the messages match and cannot deadlock.
 #
 # **Exercises.** (1) Set `--norm post` (the paper's LayerNorm after each residual) and compare
 # the held-out exact match after 300 steps. (2) Predict the traffic for tp = 4 and check it.
