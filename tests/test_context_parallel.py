@@ -50,17 +50,19 @@ def test_zigzag_is_balanced_and_contiguous_is_not():
 
 
 # ------------------------------------------------------------------------------ the ring kernel
-def _ring_run(q, k, v, dy, cp, split):
-    """q, k, v, dy (n, T, D) whole -> y, dq, dk, dv (n, T, D) reassembled from every rank."""
-    t = q.shape[1]
+def _ring_run(q, k, v, dy, cp, split, masks=None):
+    """q, k, v, dy (n, T, D) whole -> y, dq, dk, dv (n, T, D) reassembled from every rank;
+    ``masks`` (a dropout MaskSource, or None for no dropout) gives every tile its mask."""
+    t, n = q.shape[1], q.shape[0]
 
     def rank(comm):
         ring = context.Ring(comm, split, t)
         idx = context.token_indices(t, cp, comm.rank, split)
         qs, ks, vs, dys = up(tuple(np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy)))
-        y, lse = ring.forward(qs, ks, vs)
+        drop = None if masks is None else masks.tiles("r", 0, n, 0, n, t)
+        y, lse = ring.forward(qs, ks, vs, drop)
         delta = (dys * y).sum(-1, keepdims=True)
-        return idx, down(y), down(ring.backward(qs, ks, vs, dys, lse, delta))
+        return idx, down(y), down(ring.backward(qs, ks, vs, dys, lse, delta, drop))
 
     out = [np.zeros_like(q) for _ in range(4)]
     for idx, y, grads in run_threads(rank, cp):

@@ -24,6 +24,7 @@ from minipar.nn import blockwise, functional
 from minipar.nn.dropout import MaskSource
 from minipar.parallel import context
 from on_device import OnBackend, down, up
+from test_context_parallel import _ring_run
 
 F = OnBackend(functional)
 BW = OnBackend(blockwise)
@@ -74,27 +75,6 @@ def test_blockwise_with_dropout_equals_plain_with_the_whole_mask(b, h, t, d, blo
     np.testing.assert_allclose(y, y_plain, rtol=1e-12, atol=1e-13)
     for got, want in zip(BW.attention_bwd(dy, y, cache), F.attention_bwd(dy, cache_plain)):
         np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-12)
-
-
-def _ring_run(q, k, v, dy, cp, split, src):
-    """As tests/test_context_parallel.py's, with each rank's ring drawing its tiles of the
-    mask of site "r": y, dq, dk, dv (n, T, D) reassembled from every rank."""
-    n, t, _ = q.shape
-
-    def rank(comm):
-        ring = context.Ring(comm, split, t)
-        idx = context.token_indices(t, cp, comm.rank, split)
-        qs, ks, vs, dys = up(tuple(np.ascontiguousarray(a[:, idx]) for a in (q, k, v, dy)))
-        drop = src.tiles("r", 0, n, 0, n, t)
-        y, lse = ring.forward(qs, ks, vs, drop)
-        delta = (dys * y).sum(-1, keepdims=True)
-        return idx, down(y), down(ring.backward(qs, ks, vs, dys, lse, delta, drop))
-
-    out = [np.zeros_like(q) for _ in range(4)]
-    for idx, y, grads in run_threads(rank, cp):
-        for o, part in zip(out, (y, *grads)):
-            o[:, idx] = part
-    return out
 
 
 @settings(max_examples=10, deadline=None)
