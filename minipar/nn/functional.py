@@ -544,6 +544,7 @@ def padding_bias(valid, dtype):
     return xp.where(valid, 0.0, -xp.inf).astype(dtype)[:, None, :]
 
 
+@fp32_math
 def cross_attention_fwd(q, kv, n_heads: int, bias):
     """q (B, Tq, H*D), kv (B, Tk, 2*H*D) laid out [K | V], bias (B, 1 or Tq, Tk) -> (B, Tq, H*D).
 
@@ -570,6 +571,7 @@ def cross_attention_fwd(q, kv, n_heads: int, bias):
     return merge_heads(y.reshape(b, n_heads, tq, d)), (q3, k3, v3, p, scale, n_heads)
 
 
+@fp32_math
 def cross_attention_bwd(dy, cache):
     """dy (B, Tq, H*D) -> dq (B, Tq, H*D), dkv (B, Tk, 2*H*D) laid out [dK | dV].
 
