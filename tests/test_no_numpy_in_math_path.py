@@ -56,6 +56,12 @@ ALLOWED = {
         "init cuts the host tensor drawn by init_full before the one upload per shard",
     ("nn/module.py", "Sharding.full", "numpy"):
         "full_params/checkpoints reassemble host copies from every rank's pieces",
+    ("nn/precision.py", "to_float16", "numpy"):
+        "asks whether the backend is NumPy: the detour avoids NumPy's slow conversion only",
+    ("nn/precision.py", "from_float16", "numpy"):
+        "asks whether the backend is NumPy: the table avoids NumPy's slow conversion only",
+    ("nn/precision.py", "_half_table", "numpy.arange"):
+        "the 65536 float16 bit patterns: a host table, used on the NumPy backend only",
     ("nn/module.py", "init_full", "numpy.ones"): "layout-independent init runs on the host",
     ("nn/module.py", "init_full", "numpy.zeros"): "layout-independent init runs on the host",
     ("nn/module.py", "init_full", "numpy.random.default_rng"):
