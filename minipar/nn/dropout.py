@@ -45,7 +45,9 @@ pure function of the step and the indices) would save that byte per element at t
 second Philox draw per element; keeping it makes the measured memory the memory the formula
 counts, and the backward as cheap as the forward's multiply. The attention keeps the mask and
 the softmax output, not the dropped probabilities (one elementwise product of the two,
-recomputed in backward).
+recomputed in backward). The blockwise kernel and the ring take the other road: they keep no
+(T, T) array at all, so each tile draws its slice of the same mask (``TileMasks``) in forward
+and again in backward.
 
 The kernel pair itself, y = x * keep / (1 - P) and its backward, lives with the other kernels
 in ``minipar.nn.functional`` (the attention kernel applies it inside its per-head loop); this

@@ -124,7 +124,7 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--summary", default=None, metavar="FILE", help="write a JSON summary")
     t.add_argument("--show", type=int, default=0, metavar="N",
                    help="--arch encdec: at the end print N held-out examples, source -> "
-                        "reference -> the model's greedy output")
+                        "reference -> the model's output (greedy, or beam search with --beam)")
     t.add_argument("--beam", type=int, default=1, metavar="K",
                    help="--show decodes with beam search of width K (default 1: greedy)")
     t.add_argument("--threads", type=int, default=None, help="BLAS threads per rank")
