@@ -43,13 +43,15 @@ def _masks(seed: int, row0: int = 0, step: int = 4) -> MaskSource:
        seed=st.integers(0, 1000))
 def test_a_tile_is_the_slice_of_the_serial_mask(b, h, t, data, seed):
     """TileMasks(pairs, rows, keys) == the whole (B, H, T, T) mask cut there, for a tp rank's
-    heads and a microbatch that starts at a later global row."""
+    heads and a microbatch that starts at a later global row, however many rows it draws at
+    once."""
     row0 = data.draw(st.integers(0, 5))
     hl = data.draw(st.sampled_from([d for d in range(1, h + 1) if h % d == 0]))
     h0 = hl * data.draw(st.integers(0, h // hl - 1))
     src = _masks(seed, row0)
     whole = down(src.keep("s", 0, (b, h, t, t)))[:, h0:h0 + hl].reshape(b * hl, t, t)
     tiles = src.tiles("s", 0, hl, h0, h, t)
+    tiles.ROW_WORDS = data.draw(st.sampled_from([1, t, 2 * t + 1, 1 << 16]))  # rows at a time
     r0 = data.draw(st.integers(0, b * hl - 1))
     r1 = data.draw(st.integers(r0 + 1, b * hl))
     qa, ka = data.draw(st.integers(0, t - 1)), data.draw(st.integers(0, t - 1))

@@ -105,7 +105,7 @@ ALLOWED = {
         "NumPy's Philox runs on the host; the same bits on every backend, masks uploaded once",
     ("nn/dropout.py", "keep_mask", "numpy.empty"):
         "the host keep mask, filled run by run from Philox, then uploaded by MaskSource.keep",
-    ("nn/dropout.py", "TileMasks.__call__", "numpy.ascontiguousarray"):
+    ("nn/dropout.py", "TileMasks.__call__", "numpy.empty"):
         "a blockwise tile's host keep mask, cut from whole host mask rows, then uploaded",
     ("nn/dropout.py", "Dropout._keep_runs", "numpy.flatnonzero"):
         "where a cp rank's host token positions (an int array of the layout) stop being one run",

@@ -182,7 +182,12 @@ class TileMasks:
     blockwise kernel keeps O(T) per head with dropout too (the cost model counts no mask for
     it). A tile is drawn as whole mask rows (one Philox run per (batch, head): the tile's rows
     are contiguous in the global order only across all T keys) and cut to its keys, since one
-    generator call costs about as much as a few thousand words."""
+    generator call costs about as much as a few thousand words. The rows are drawn a bounded
+    number at a time (``ROW_WORDS``): a tile of many query rows would otherwise draw a whole
+    (rows, T) block per head, as large as the softmax the blockwise kernel avoids keeping.
+    The whole rows still cost random words: about T / tk per element a tile keeps."""
+
+    ROW_WORDS = 1 << 16  # mask elements drawn per (batch, head) at once, whole rows of T keys
 
     def __init__(self, key, p: float, row0: int, local_heads: int, h0: int, n_heads: int,
                  t: int):
@@ -194,11 +199,16 @@ class TileMasks:
         batch-major over this rank's heads, as the kernels' (B*H/tp) axis), global query rows
         q_start.. and global keys k_start.."""
         b0, b1 = pairs.start // self.hl, -(-pairs.stop // self.hl)  # the batch rows touched
-        rows = keep_mask(self.key, self.p, (b1 - b0, self.hl, tq, self.t),
-                         (self.row0 + b0, self.h0, q_start, 0),
-                         (self.n_heads, self.t, self.t))  # (b, H/tp, tq, T) whole rows
-        rows = rows.reshape(-1, tq, self.t)[pairs.start - b0 * self.hl:pairs.stop - b0 * self.hl]
-        return backend.from_host(numpy.ascontiguousarray(rows[:, :, k_start:k_start + tk]))
+        lo, hi = pairs.start - b0 * self.hl, pairs.stop - b0 * self.hl
+        out = numpy.empty((hi - lo, tq, tk), dtype=bool)
+        step = max(1, self.ROW_WORDS // self.t)  # query rows drawn at once: a bounded peak
+        for q in range(0, tq, step):
+            n = min(step, tq - q)
+            rows = keep_mask(self.key, self.p, (b1 - b0, self.hl, n, self.t),
+                             (self.row0 + b0, self.h0, q_start + q, 0),
+                             (self.n_heads, self.t, self.t))  # (b, H/tp, n, T) whole rows
+            out[:, q:q + n] = rows.reshape(-1, n, self.t)[lo:hi, :, k_start:k_start + tk]
+        return backend.from_host(out)
 
 
 class Dropout(Module):
