@@ -32,16 +32,17 @@ given with their positions in the sequence: a ring of ranks (context parallelism
 with key/value blocks arriving from other ranks; ``attention_fwd``/``attention_bwd`` are the
 loop over one sequence's blocks. Shapes: n = (batch, head) pairs, Tq/Tk the block lengths.
 
-Dropout of the attention probabilities (as ``functional.attention_fwd``: y = (keep * P / (1 - p))
-v with P the softmax) goes inside the block update: the normaliser l sums the *undropped*
-exp(s - m), acc sums the dropped ones times v, so y = acc / l is exactly the plain kernel's
-output. Each tile's keep mask is the serial run's slice, addressed by the tile's global query
-rows and keys (``dropout.TileMasks``), and backward asks for it again instead of storing it:
+Dropout of the attention probabilities (as ``functional.attention_fwd``: y = (keep * a / (1 - P))
+v, with a the softmax and P the drop probability, as in ``dropout.py``) goes inside the block
+update: the normaliser l sums the *undropped* exp(s - m), acc sums the dropped ones times v, so
+y = acc / l is exactly the plain kernel's output. Each tile's keep mask is the serial run's
+slice, addressed by the tile's global query rows and keys (``dropout.TileMasks``), and backward
+asks for it again instead of storing it:
 
-    dv_j += (keep_j p_j / (1 - p))^T dy;   dp_j = keep_j (dy v_j^T) / (1 - p)
+    dv_j += (keep_j a_j / (1 - P))^T dy;   da_j = keep_j (dy v_j^T) / (1 - P)
 
-and delta = rowsum(dy * y) still stands in for rowsum(p * dp), because
-rowsum_k(p_ik dp_ik) = sum_k (keep_ik p_ik / (1 - p)) (dy_i . v_k) = dy_i . y_i.
+and delta = rowsum(dy * y) still stands in for rowsum(a * da), because
+rowsum_k(a_ik da_ik) = sum_k (keep_ik a_ik / (1 - P)) (dy_i . v_k) = dy_i . y_i.
 """
 
 from __future__ import annotations
