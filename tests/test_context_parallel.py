@@ -76,12 +76,20 @@ def _ring_run(q, k, v, dy, cp, split, masks=None):
        chunk=st.integers(1, 3), n=st.integers(1, 3), d=st.sampled_from([2, 4]),
        seed=st.integers(0, 10_000))
 def test_ring_equals_plain_attention_and_its_gradient(cp, split, chunk, n, d, seed):
+    check_ring_equals_plain(cp, split, chunk, n, d, seed)
+
+
+def check_ring_equals_plain(cp, split, chunk, n, d, seed, masks=None):
+    """The ring's output and gradients reassembled from every rank == the plain kernel on the
+    whole sequence; with ``masks`` (a dropout MaskSource), the plain kernel takes the whole
+    serial mask of site "r" and the ring each tile's slice of it."""
     t = 2 * cp * chunk
     rng = np.random.default_rng(seed)
     q, k, v, dy = (rng.normal(size=(n, t, d)) for _ in range(4))
-    y_ref, cache = F.attention_fwd(*up((q[None], k[None], v[None])))  # (1, n, T, D)
+    keep, p = (None, 0.0) if masks is None else (masks.keep("r", 0, (1, n, t, t)), masks.p)
+    y_ref, cache = F.attention_fwd(*up((q[None], k[None], v[None])), keep, p)  # (1, n, T, D)
     y_ref, grads_ref = down(y_ref), down(F.attention_bwd(up(dy[None]), cache))
-    y, dq, dk, dv = _ring_run(q, k, v, dy, cp, split)
+    y, dq, dk, dv = _ring_run(q, k, v, dy, cp, split, masks)
     np.testing.assert_allclose(y, y_ref[0], rtol=1e-12, atol=1e-12)
     for got, ref in zip((dq, dk, dv), grads_ref):
         np.testing.assert_allclose(got, ref[0], rtol=1e-10, atol=1e-12)

@@ -24,7 +24,7 @@ from minipar.nn import blockwise, functional
 from minipar.nn.dropout import MaskSource
 from minipar.parallel import context
 from on_device import OnBackend, down, up
-from test_context_parallel import _ring_run
+from test_context_parallel import check_ring_equals_plain
 
 F = OnBackend(functional)
 BW = OnBackend(blockwise)
@@ -84,17 +84,7 @@ def test_blockwise_with_dropout_equals_plain_with_the_whole_mask(b, h, t, d, blo
        chunk=st.integers(1, 3), n=st.integers(1, 3), d=st.sampled_from([2, 4]),
        seed=st.integers(0, 10_000))
 def test_ring_with_dropout_equals_plain_with_the_whole_mask(cp, split, chunk, n, d, seed):
-    t = 2 * cp * chunk
-    rng = np.random.default_rng(seed)
-    q, k, v, dy = (rng.normal(size=(n, t, d)) for _ in range(4))
-    src = _masks(seed)
-    keep = src.keep("r", 0, (1, n, t, t))  # one batch row of n heads
-    y_ref, cache = F.attention_fwd(*up((q[None], k[None], v[None])), keep, P)  # (1, n, T, D)
-    y_ref, grads_ref = down(y_ref), down(F.attention_bwd(up(dy[None]), cache))
-    y, dq, dk, dv = _ring_run(q, k, v, dy, cp, split, src)
-    np.testing.assert_allclose(y, y_ref[0], rtol=1e-12, atol=1e-12)
-    for got, ref in zip((dq, dk, dv), grads_ref):
-        np.testing.assert_allclose(got, ref[0], rtol=1e-10, atol=1e-12)
+    check_ring_equals_plain(cp, split, chunk, n, d, seed, _masks(seed))
 
 
 # ------------------------------------------------------------ the serial model, blockwise
