@@ -110,16 +110,13 @@ class MLP(Module):
 
     def forward(self, x, mb=0):
         h = self.fc.forward(x, mb)  # (B, T, F / tp)
-        a, _ = F.gelu_fwd(h)  # (B, T, F / tp)
-        # Keep only GELU's input; backward recomputes its tanh, as Megatron's fused bias-GELU
-        # does, so the MLP stores what Korthikanti et al. 2022 count: sbF/t, not 2 sbF/t.
+        a, h = F.gelu_fwd(h)  # (B, T, F / tp); the cache is GELU's input alone
         self.save(mb, h)
         return self.proj.forward(a, mb)  # (B, T, C)
 
     def backward(self, dy, mb=0):
         da = self.proj.backward(dy, mb)  # (B, T, F / tp)
-        _, cache = F.gelu_fwd(self.pop(mb))  # recomputed (h, tanh)
-        dh = F.gelu_bwd(da, cache)  # (B, T, F / tp)
+        dh = F.gelu_bwd(da, self.pop(mb))  # (B, T, F / tp), its tanh recomputed from h
         return self.fc.backward(dh, mb)  # (B, T, C)
 
 
