@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from minipar import backend
 from minipar.nn import functional as F
+from minipar.nn import threads
 from minipar.nn.module import Module, Param, Sharding, make_param
 from minipar.nn.precision import float32, sum_fp32
 
@@ -292,11 +293,26 @@ class VocabParallelCrossEntropy(Module):
         mask_padding(logits, tp, self.vocab)
         valid = targets != self.ignore_index  # (B, T)
         norm = float(valid.sum() if normalizer is None else normalizer)
-        gmax = tp.allreduce(logits.max(axis=-1), op="max")  # (B, T)
-        logits -= gmax[..., None]  # shifted logits, in place: the head's output is not reused
-        exps = xp.exp(logits)  # (B, T, V/tp)
-        sumexp = tp.allreduce(exps.sum(axis=-1))  # (B, T)
-        cols = logits.shape[-1]
+        rows, cols = logits.shape[:-1], logits.shape[-1]
+        flat = logits.reshape(-1, cols)  # (N, V/tp)
+        lmax = xp.empty(len(flat), dtype=flat.dtype)  # (N,)
+        exps = xp.empty_like(flat)  # (N, V/tp)
+        lsum = xp.empty(len(flat), dtype=flat.dtype)  # (N,)
+        # Row by row on the worker threads (minipar.nn.threads): the same bits as whole-array
+        # calls, the (N, V) passes shared by the cores.
+        threads.map_rows(lambda r: flat[r].max(axis=-1, out=lmax[r]), len(flat), flat.size,
+                         threads.cache_rows(cols))
+        gmax = tp.allreduce(lmax.reshape(rows), op="max")  # (B, T)
+        gflat = gmax.reshape(-1, 1)  # (N, 1)
+
+        def shift_exp(r):  # shifted logits in place (the head's output is not reused), exp
+            flat[r] -= gflat[r]
+            xp.exp(flat[r], out=exps[r])
+            exps[r].sum(axis=-1, out=lsum[r])
+
+        threads.map_rows(shift_exp, len(flat), flat.size, threads.cache_rows(cols))
+        logits, exps = flat.reshape(logits.shape), exps.reshape(logits.shape)  # (B, T, V/tp)
+        sumexp = tp.allreduce(lsum.reshape(rows))  # (B, T)
         local = targets - tp.rank * cols  # (B, T)
         mine = valid & (local >= 0) & (local < cols)  # (B, T): targets in this rank's slice
         safe = xp.where(mine, local, 0)  # (B, T)
@@ -313,10 +329,15 @@ class VocabParallelCrossEntropy(Module):
         """dlogits = (softmax - onehot(target)) * valid / normalizer, on this rank's columns."""
         xp = backend.xp()
         exps, sumexp, safe, mine, valid, norm, dtype = self.pop(mb)
-        exps /= sumexp[..., None]  # softmax, in place over the cached exponentials
+        cols = exps.shape[-1]
+        flat, sums = exps.reshape(-1, cols), sumexp.reshape(-1, 1)  # (N, V/tp), (N, 1)
+        threads.map_rows(lambda r: flat[r].__itruediv__(sums[r]), len(flat), flat.size,
+                         threads.cache_rows(cols))  # softmax, in place over the exponentials
         b_idx, t_idx = xp.nonzero(mine)
         exps[b_idx, t_idx, safe[b_idx, t_idx]] -= 1.0
-        exps *= (valid * (dloss / max(norm, 1.0)))[..., None]
+        factor = (valid * (dloss / max(norm, 1.0))).reshape(-1, 1)  # (N, 1)
+        threads.map_rows(lambda r: flat[r].__imul__(factor[r]), len(flat), flat.size,
+                         threads.cache_rows(cols))
         return exps.astype(dtype, copy=False)  # (B, T, V/tp), 16-bit under mixed precision
 
 
