@@ -6,6 +6,7 @@ command prints; timings are never asserted. The busy process of ``--contention``
 run during the measured steps and to be gone after.
 """
 
+import os
 import sys
 
 import numpy as np
@@ -113,3 +114,21 @@ def test_scaling_ratios_and_table_by_hand():
     text = comm.scaling_text(scale)
     assert "speedup 1.90x" in text and "efficiency 0.85" in text and "efficiency 0.90" in text
     assert [ln.split()[0] for ln in text.splitlines()[1:]] == ["1", "dp=2", "1", "tp=2", "pp=2"]
+
+
+def test_scaling_trains_the_preset_shapes_on_a_generated_text(tmp_path):
+    """--scaling's default task is next-byte prediction at the preset's own sequence length and
+    vocabulary (what ``python -m minipar.bench`` times), on a file the text task accepts."""
+    from types import SimpleNamespace
+
+    from minipar.bench import comm
+    from minipar.tasks import TextTask
+
+    flags = comm._scaling_task(SimpleNamespace(task="text", model="small"), str(tmp_path))
+    assert flags[2:] == ["--seq-len", 256, "--vocab", 4096]  # the small preset's shapes
+    path = flags[1]
+    assert os.path.getsize(path) == 100_000
+    task = TextTask(path, seed=0, seq_len=256)
+    assert sum(len(x) for x, _ in task.eval_batches(64)) == 5_000 // 257  # a short final eval
+    assert comm._scaling_task(SimpleNamespace(task="sort", model="small"), str(tmp_path)) == [
+        "--task", "sort"]

@@ -22,10 +22,14 @@ processes on a shared machine disturbs the comparison as little as possible.
 
 Scaling (``--scaling``, or ``--scaling-only`` without the tables): ``python -m minipar.train
 --quiet --summary`` for each of ``SCALING_LAYOUTS`` on the same global batch (default: the
-``small`` preset, batch 64, 10 steps, a compute-bound step): dp=2 (one BLAS thread per rank)
-against one rank with one thread, and tp=2 and pp=2 against one rank with two threads. Two
-ranks can only beat one if the machine has two idle cores: the load average is printed
-alongside, because on a shared machine it decides the answer.
+``small`` preset at its own sequence length and vocabulary, the shapes ``python -m
+minipar.bench`` times, on a generated text file; batch 16, 6 steps): dp=2 (one BLAS thread per
+rank) against one rank with one thread, and tp=2 and pp=2 against one rank with two threads.
+``--task sort`` trains the digit task instead, whose 16-token rows make a step of 1,024 tokens
+at batch 64: then the work per parameter (AdamW, the gradient allreduce), which dp does not
+divide, is a large part of the step and dp=2 gains less. Two ranks can only beat one if the
+machine has two idle cores: the load average is printed alongside, because on a shared machine
+it decides the answer.
 """
 
 from __future__ import annotations
@@ -204,12 +208,14 @@ def run_scaling(args) -> dict:
     same CPU, so 1.0 means splitting the model costs nothing)."""
     from minipar.dist.mpirun import mpirun
 
-    out: dict = {"model": args.model, "batch_size": args.batch_size, "steps": args.steps,
-                 "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "layouts": {}}
+    out: dict = {"model": args.model, "task": args.task, "batch_size": args.batch_size,
+                 "steps": args.steps, "cpus": os.cpu_count(),
+                 "load_before": os.getloadavg()[0], "layouts": {}}
     with tempfile.TemporaryDirectory() as tmp:
+        task = _scaling_task(args, tmp)
         for i, (name, n, flags, threads) in enumerate(SCALING_LAYOUTS):
             path = os.path.join(tmp, f"run{i}.json")
-            mpirun(n, ["-m", "minipar.train", "--model", args.model, "--steps", args.steps,
+            mpirun(n, ["-m", "minipar.train", "--model", args.model, *task, "--steps", args.steps,
                        "--batch-size", args.batch_size, "--eval-every", 10 ** 9, "--quiet",
                        "--threads", threads, *flags, "--summary", path],
                    stream=False, timeout=args.timeout)
@@ -221,6 +227,32 @@ def run_scaling(args) -> dict:
     out["load_after"] = os.getloadavg()[0]
     out.update(scaling_ratios({k: r["tokens_per_s"] for k, r in out["layouts"].items()}))
     return out
+
+
+def _scaling_task(args, tmp: str) -> list:
+    """``minipar.train``'s task flags for the scaling runs: the digit task as asked, or next-byte
+    prediction on a generated file at the preset's own sequence length and vocabulary."""
+    if args.task == "sort":
+        return ["--task", "sort"]
+    from minipar.config import MODEL_PRESETS
+
+    cfg = MODEL_PRESETS[args.model]
+    path = os.path.join(tmp, "corpus.txt")
+    write_corpus(path, 100_000)  # small: the run's final evaluation reads its last 5%
+    return ["--data", path, "--seq-len", cfg.seq_len, "--vocab", cfg.vocab_size]
+
+
+def write_corpus(path: str, size: int, seed: int = 0) -> None:
+    """``size`` bytes of words drawn at random from a short list: text to time steps on."""
+    import random
+
+    words = "the a model layer token rank step batch weight gradient of to and in".split()
+    rng = random.Random(seed)
+    text = []
+    while sum(map(len, text)) + len(text) < size:
+        text.append(rng.choice(words))
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(" ".join(text)[:size])
 
 
 def scaling_ratios(tps: dict) -> dict:
@@ -262,8 +294,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling-only", action="store_true", help="--scaling, without the tables")
     p.add_argument("--model", default="small", help="preset for --scaling (default: small, "
                    "where the step is compute-bound)")
-    p.add_argument("--batch-size", type=int, default=64, help="global batch for --scaling")
-    p.add_argument("--steps", type=int, default=10, help="steps for --scaling")
+    p.add_argument("--task", choices=["text", "sort"], default="text",
+                   help="--scaling's task: text (default: the preset's own sequence length and "
+                        "vocabulary, on a generated file) or sort (16-token rows)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch for --scaling")
+    p.add_argument("--steps", type=int, default=6, help="steps for --scaling")
     p.add_argument("--timeout", type=float, default=600, help="seconds per mpirun job")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -306,8 +341,8 @@ def main(argv=None) -> int:
         if args.scaling or args.scaling_only:
             result["scaling"] = scale = run_scaling(args)
             if not args.json:
-                print(f"\nscaling, {args.model} model, global batch {args.batch_size}, "
-                      f"{args.steps} steps ({scale['cpus']} cores, load average "
+                print(f"\nscaling, {args.model} model, task {args.task}, global batch "
+                      f"{args.batch_size}, {args.steps} steps ({scale['cpus']} cores, load average "
                       f"{scale['load_before']:.1f} before, {scale['load_after']:.1f} after):\n"
                       f"{scaling_text(scale)}", flush=True)
     except MPIRunError as exc:
