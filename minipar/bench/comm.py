@@ -248,9 +248,10 @@ def write_corpus(path: str, size: int, seed: int = 0) -> None:
 
     words = "the a model layer token rank step batch weight gradient of to and in".split()
     rng = random.Random(seed)
-    text = []
-    while sum(map(len, text)) + len(text) < size:
+    text, length = [], 0
+    while length < size:
         text.append(rng.choice(words))
+        length += len(text[-1]) + 1
     with open(path, "w", encoding="utf-8") as f:
         f.write(" ".join(text)[:size])
 
