@@ -110,8 +110,8 @@ class MLP(Module):
 
     def forward(self, x, mb=0):
         h = self.fc.forward(x, mb)  # (B, T, F / tp)
-        a, h = F.gelu_fwd(h)  # (B, T, F / tp); the cache is GELU's input alone
-        self.save(mb, h)
+        a, cache = F.gelu_fwd(h)  # (B, T, F / tp); the cache is GELU's input, h
+        self.save(mb, cache)
         return self.proj.forward(a, mb)  # (B, T, C)
 
     def backward(self, dy, mb=0):

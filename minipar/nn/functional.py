@@ -242,18 +242,19 @@ def _layernorm_bwd_rows(dy, xhat, rstd, g, dx) -> None:
 @fp32_math
 def gelu_fwd(x):
     """y = 0.5 x (1 + tanh(k (x + a x^3))). The cache is x alone: backward recomputes the tanh
-    a slice at a time, as Megatron's fused bias-GELU does, so the MLP stores one (N, F) array
-    (what Korthikanti et al. 2022 count, sbF/t), and the tanh never makes a trip to memory."""
+    a slice at a time, as Megatron's fused bias-GELU does, so GELU adds one (N, F) array to what
+    the MLP stores, not two (sbF/t in Korthikanti et al. 2022's count), and the tanh never makes
+    a trip to memory."""
     xp = backend.xp()
     y = xp.empty(x.shape, dtype=x.dtype)  # (..., F)
     f = x.shape[-1]
     x2, y2 = x.reshape(-1, f), y.reshape(-1, f)  # (N, F)
 
     def rows(r):
-        t = _gelu_tanh(x2[r], xp.empty((r.stop - r.start, f), dtype=x.dtype))  # (n, F)
-        xp.add(t, 1.0, out=y2[r])
-        y2[r] *= x2[r]
-        y2[r] *= 0.5
+        out = _gelu_tanh(x2[r], y2[r])  # (n, F) the tanh, then y in place
+        out += 1.0
+        out *= x2[r]
+        out *= 0.5
 
     threads.map_rows(rows, len(x2), x.size, threads.cache_rows(f))
     return y, x
@@ -326,7 +327,9 @@ def dropout_bwd(dy, keep, p: float):
 def softmax_fwd(s, inplace: bool = False):
     """p = exp(s - max(s)) / sum(exp(s - max(s))) over the last axis. The row sums are einsum's:
     NumPy's ``sum(axis=-1)`` over short rows is ~3x slower (measured: 20 against 7 us for
-    (8, 64, 192) scores), and softmax is most of attention's time outside its products."""
+    (8, 64, 192) scores), and softmax is most of attention's time outside its products.
+    einsum adds a row left to right (in SIMD lanes) where ``sum`` adds pairwise: in float32 the
+    last bits differ, a relative 1e-6 for rows of 10^4 entries, far inside every tolerance."""
     xp = backend.xp()
     p = s if inplace else s.copy()
     p -= p.max(axis=-1, keepdims=True)

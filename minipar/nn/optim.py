@@ -22,9 +22,9 @@ def adamw_update(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: floa
 
     Plain form:  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
                  p -= lr (m / bias1 / (sqrt(v / bias2) + eps) + weight_decay p).
-    Contiguous arrays are updated a cache-sized slice at a time on the worker threads
+    Contiguous arrays are updated a slice at a time on the worker threads
     (``minipar.nn.threads``): the same operations in the same order, element by element, so the
-    result is bit for bit the one-call result, with one pass over memory instead of a dozen."""
+    result is bit for bit the one-call result, and each slice's dozen passes find it in cache."""
     xp = backend.xp()
     bias1 = 1.0 - beta1 ** step
     bias2 = 1.0 - beta2 ** step

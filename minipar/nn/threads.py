@@ -16,12 +16,14 @@ another process takes fewer blocks instead of making the product wait for it.
 Why workers. NumPy's elementwise kernels (GELU, softmax, LayerNorm, AdamW) use one core; on a
 machine with two, half of it idles through them. ``map_rows`` runs the same plain kernel on
 contiguous pieces of the rows in a small pool of threads (NumPy releases the GIL inside its
-loops). Each piece is computed exactly as the whole would be, row by row, so results are the
-same bit for bit whatever the number of workers.
+loops). Each piece is computed exactly as the whole would be, row by row, so what ``map_rows``
+computes is the same bit for bit whatever the number of workers (``matmul``'s blocks are close
+to the one-call product, not always the same bits: see its docstring).
 
 The worker count is the rank's BLAS thread count (set by ``minipar.dist.launch`` before NumPy
 loads: cores / ranks on this machine), or ``MINIPAR_WORKERS``. Only the NumPy backend is split;
-on a GPU every function here is the plain call.
+on a GPU every function here is the plain call over all rows (a slice there would only add a
+kernel launch).
 """
 
 from __future__ import annotations
@@ -115,9 +117,10 @@ def map_rows(fn, rows: int, elements: int, block: int | None = None,
     turn cut into slices of at most ``block`` rows (so that a kernel's passes over a slice stay
     in cache). ``fn`` writes its slice of the outputs itself; exceptions propagate."""
     n = workers() if parts is None else parts
-    if backend.name() != "numpy" or n <= 1 or rows < 2 or elements < MIN_ROWS_ELEMENTS:
+    on_cpu = backend.name() == "numpy"
+    if not on_cpu or n <= 1 or rows < 2 or elements < MIN_ROWS_ELEMENTS:
         n = 1
-    step = max(1, block or rows)
+    step = max(1, block or rows) if on_cpu else max(1, rows)
 
     def run(piece: slice) -> None:
         for lo in range(piece.start, piece.stop, step):

@@ -298,10 +298,10 @@ class VocabParallelCrossEntropy(Module):
         lmax = xp.empty(len(flat), dtype=flat.dtype)  # (N,)
         exps = xp.empty_like(flat)  # (N, V/tp)
         lsum = xp.empty(len(flat), dtype=flat.dtype)  # (N,)
-        # Row by row on the worker threads (minipar.nn.threads): the same bits as whole-array
-        # calls, the (N, V) passes shared by the cores.
-        threads.map_rows(lambda r: flat[r].max(axis=-1, out=lmax[r]), len(flat), flat.size,
-                         threads.cache_rows(cols))
+        # A slice of rows at a time on the worker threads (minipar.nn.threads): the same bits
+        # as whole-array calls, the (N, V) passes shared by the cores.
+        threads.map_rows(lambda r: xp.max(flat[r], axis=-1, out=lmax[r]), len(flat),
+                         flat.size, threads.cache_rows(cols))
         gmax = tp.allreduce(lmax.reshape(rows), op="max")  # (B, T)
         gflat = gmax.reshape(-1, 1)  # (N, 1)
 
@@ -331,14 +331,17 @@ class VocabParallelCrossEntropy(Module):
         exps, sumexp, safe, mine, valid, norm, dtype = self.pop(mb)
         cols = exps.shape[-1]
         flat, sums = exps.reshape(-1, cols), sumexp.reshape(-1, 1)  # (N, V/tp), (N, 1)
-        threads.map_rows(lambda r: flat[r].__itruediv__(sums[r]), len(flat), flat.size,
-                         threads.cache_rows(cols))  # softmax, in place over the exponentials
-        b_idx, t_idx = xp.nonzero(mine)
-        exps[b_idx, t_idx, safe[b_idx, t_idx]] -= 1.0
+        rows = threads.cache_rows(cols)
+        # softmax, in place over the exponentials
+        threads.map_rows(lambda r: xp.divide(flat[r], sums[r], out=flat[r]), len(flat),
+                         flat.size, rows)
+        hit = xp.flatnonzero(mine.reshape(-1))  # (M,) rows whose target is in this slice
+        flat[hit, safe.reshape(-1)[hit]] -= 1.0
         factor = (valid * (dloss / max(norm, 1.0))).reshape(-1, 1)  # (N, 1)
-        threads.map_rows(lambda r: flat[r].__imul__(factor[r]), len(flat), flat.size,
-                         threads.cache_rows(cols))
-        return exps.astype(dtype, copy=False)  # (B, T, V/tp), 16-bit under mixed precision
+        threads.map_rows(lambda r: xp.multiply(flat[r], factor[r], out=flat[r]), len(flat),
+                         flat.size, rows)
+        grad = flat.reshape(exps.shape)  # (B, T, V/tp)
+        return grad.astype(dtype, copy=False)  # 16-bit under mixed precision
 
 
 def vocab_parallel_argmax(logits, tp, vocab: int):
