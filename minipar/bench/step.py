@@ -7,8 +7,9 @@ achieved model FLOP/s and their ratio to the GEMM peak. Model FLOPs per token ar
 attention's QK^T and AV, which the causal kernel computes in full), where N counts the weights of
 the matrix products (not biases, LayerNorms or the embedding lookup tables).
 
-``--reference torch`` times the same GPT in PyTorch eager beside it (``minipar.bench.reference``)
-and ``--contention`` times it beside a busy process (``minipar.bench.contention``).
+``--reference torch`` times the same GPT in PyTorch eager beside it (``minipar.bench.reference``),
+``--contention`` times it beside a busy process (``minipar.bench.contention``) and ``--profile``
+shows where its time goes, kernel by kernel (``minipar.bench.profile``).
 
 Speed targets are checked here, by measurement, never by timed tests.
 """
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m minipar.bench", description=__doc__.split("\n\n")[0],
         epilog="examples:\n  python -m minipar.bench\n  python -m minipar.bench --model small "
-               "--dtype float32 --json\n  OMP_NUM_THREADS=1 python -m minipar.bench --steps 3",
+               "--dtype float32 --json\n  OMP_NUM_THREADS=1 python -m minipar.bench --steps 3\n"
+               "  python -m minipar.bench --profile --steps 3",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", help="preset to time (default: small)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -182,6 +184,9 @@ def main(argv=None) -> int:
                              "(optional extra: pip install 'minipar[torch]')")
     parser.add_argument("--contention", action="store_true",
                         help="also time the step beside a busy process and report the slowdown")
+    parser.add_argument("--profile", action="store_true",
+                        help="also show where the step's time goes, kernel by kernel (wall "
+                             "time, the worker threads' share included)")
     parser.add_argument("--collectives", action="store_true",
                         help="instead: minipar vs raw mpi4py collectives under mpirun, and dp "
                              "scaling with --scaling (see python -m minipar.bench --collectives "
@@ -241,6 +246,13 @@ def main(argv=None) -> int:
             MiniparStep(args.model, args.batch_size, args.dtype), args.steps)
         if not args.json:
             print(format_contention(cont), flush=True)
+    if args.profile:
+        from minipar.bench.profile import format_profile, profile_step
+
+        result["profile"] = prof = profile_step(
+            MiniparStep(args.model, args.batch_size, args.dtype), args.steps)
+        if not args.json:
+            print(format_profile(prof), flush=True)
     if args.json:
         print(json.dumps(result))
     return 0
