@@ -26,10 +26,10 @@ Scaling (``--scaling``, or ``--scaling-only`` without the tables): ``python -m m
 minipar.bench`` times, on a generated text file; batch 16, 6 steps): dp=2 (one BLAS thread per
 rank) against one rank with one thread, and tp=2 and pp=2 against one rank with two threads.
 ``--task sort`` trains the digit task instead, whose 16-token rows make a step of 1,024 tokens
-with ``--batch-size 64``: then the work per parameter (AdamW, the gradient allreduce), which dp does not
-divide, is a large part of the step and dp=2 gains less. Two ranks can only beat one if the
-machine has two idle cores: the load average is printed alongside, because on a shared machine
-it decides the answer.
+with ``--batch-size 64``: then the work per parameter (AdamW, the gradient allreduce), which dp
+does not divide, is a large part of the step and dp=2 gains less. Two ranks can only beat one
+if the machine has two idle cores: the load average is printed alongside, because on a shared
+machine it decides the answer.
 """
 
 from __future__ import annotations

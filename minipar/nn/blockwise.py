@@ -177,6 +177,14 @@ def _tile(drop, r, q_start: int, tq: int, k_start: int, tk: int):
     return (None, 0.0) if drop is None else (drop(r, q_start, tq, k_start, tk), drop.p)
 
 
+# Score tiles per slice of (batch, head) pairs on the worker threads: enough pairs a slice that
+# the per-block NumPy calls are few, few enough that a slice's running state stays in cache.
+# Measured (2 cores, forward / backward ms): T 1024, D 16, 16 pairs: 41 / 27 at 2^16 (one pair
+# a slice), 19 / 19 at 2^18; T 256, D 64, 48 pairs: 8.1 / 11.5 at 2^16, 7.5 / 11.4 at 2^18,
+# 9.2 / 16.3 at 2^19.
+TILE_SLICE = 1 << 18
+
+
 def attention_fwd(q, k, v, block: int = BLOCK, drop=None):
     """q, k, v (B, H, T, D) -> y (B, H, T, D), the same as ``functional.attention_fwd``.
 
@@ -202,7 +210,7 @@ def attention_fwd(q, k, v, block: int = BLOCK, drop=None):
 
     flops.add(b * h * pair_flops(t, d, block))
     with threads.one_blas_thread():
-        threads.map_rows(rows, b * h, b * h * t * block, threads.cache_rows(t * block, 1 << 16))
+        threads.map_rows(rows, b * h, b * h * t * block, threads.cache_rows(t * block, TILE_SLICE))
     return y.reshape(q.shape), (q3, k3, v3, lse, scale, block, drop)
 
 
@@ -235,7 +243,7 @@ def attention_grads(dy3, delta, cache):
                           *_tile(drop, r, ka, t - ka, ka, kb - ka))
 
     with threads.one_blas_thread():
-        threads.map_rows(rows, n, n * t * block, threads.cache_rows(t * block, 1 << 16))
+        threads.map_rows(rows, n, n * t * block, threads.cache_rows(t * block, TILE_SLICE))
     return grads
 
 
