@@ -178,8 +178,8 @@ print(report(rows, target=0.9))
 walls = {(r["mode"], r["straggler"] is not None): max(t[3] for t in r["times"] if t)
          for r in rows}
 for mode in ("sync", "ps", "ssp", "local-sgd"):
-    print(f"{mode:>9}: the straggler made the run {walls[(mode, True)] / walls[(mode, False)]:.2f}x "
-          "longer")
+    slower = walls[(mode, True)] / walls[(mode, False)]
+    print(f"{mode:>9}: the straggler made the run {slower:.2f}x longer")
 
 # %% [markdown]
 # What to look for in the table (the sentences below are computed from it):

@@ -23,9 +23,9 @@ UNDER_MPI = os.environ.get("MINIPAR_UNDER_MPI") == "1"
 collect_ignore = [] if UNDER_MPI else ["mpi"]
 
 # ``MINIPAR_BACKEND=cupy pytest`` runs the suite on the GPU (``strict``: on the CPU stand-in for
-# one, see minipar.backend.strict). Where the requested backend cannot run (no CuPy, no CUDA device),
-# every test is skipped with the one-line reason: asked for the GPU, nothing here can answer.
-# Unset (CI), the numpy backend is used and nothing is skipped.
+# one, see minipar.backend.strict). Where the requested backend cannot run (no CuPy, no CUDA
+# device), every test is skipped with the one-line reason: asked for the GPU, nothing here can
+# answer. Unset (CI), the numpy backend is used and nothing is skipped.
 _BACKEND_SKIP: list[str] = []
 
 

@@ -55,7 +55,8 @@ def test_ci_gpu_runs_every_step_under_a_timeout_within_ten_minutes():
     for pattern, command in zip(want, commands):
         assert re.search(pattern, command), (pattern, command)
     assert all(0 < int(limit) <= 570 for limit, _ in steps)
-    assert "budget=\"${MINIPAR_GPU_BUDGET:-570}\"" in (REPO / ".ci" / "gpu").read_text()  # every limit is cut to it
+    # every limit is cut to the budget
+    assert "budget=\"${MINIPAR_GPU_BUDGET:-570}\"" in (REPO / ".ci" / "gpu").read_text()
 
 
 def test_the_gpu_suite_names_tests_that_exist():

@@ -7,7 +7,8 @@ pytest in step, for any test file added here:
 
 - every rank collects and runs the same tests in the same order, so their collectives match;
 - hypothesis is derandomized, so every rank draws (and shrinks) the same examples;
-- assertions are collective (``minipar.dist.assertions.collective_assert``): all ranks fail together;
+- assertions are collective (``minipar.dist.assertions.collective_assert``): all ranks fail
+  together;
 - a rank whose session fails aborts the whole job (``MPI.COMM_WORLD.Abort``), as ``python -m
   mpi4py`` also does, so nothing waits forever for it; pytest-timeout (thread method, which can
   interrupt a rank blocked inside MPI) bounds each test at ``DEFAULT_TIMEOUT_S``;
