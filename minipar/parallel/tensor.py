@@ -300,8 +300,9 @@ class VocabParallelCrossEntropy(Module):
         lsum = xp.empty(len(flat), dtype=flat.dtype)  # (N,)
         # A slice of rows at a time on the worker threads (minipar.nn.threads): the same bits
         # as whole-array calls, the (N, V) passes shared by the cores.
+        block = threads.cache_rows(cols)
         threads.map_rows(lambda r: xp.max(flat[r], axis=-1, out=lmax[r]), len(flat),
-                         flat.size, threads.cache_rows(cols))
+                         flat.size, block)
         gmax = tp.allreduce(lmax.reshape(rows), op="max")  # (B, T)
         gflat = gmax.reshape(-1, 1)  # (N, 1)
 
@@ -310,7 +311,7 @@ class VocabParallelCrossEntropy(Module):
             xp.exp(flat[r], out=exps[r])
             exps[r].sum(axis=-1, out=lsum[r])
 
-        threads.map_rows(shift_exp, len(flat), flat.size, threads.cache_rows(cols))
+        threads.map_rows(shift_exp, len(flat), flat.size, block)
         logits, exps = flat.reshape(logits.shape), exps.reshape(logits.shape)  # (B, T, V/tp)
         sumexp = tp.allreduce(lsum.reshape(rows))  # (B, T)
         local = targets - tp.rank * cols  # (B, T)
@@ -331,15 +332,15 @@ class VocabParallelCrossEntropy(Module):
         exps, sumexp, safe, mine, valid, norm, dtype = self.pop(mb)
         cols = exps.shape[-1]
         flat, sums = exps.reshape(-1, cols), sumexp.reshape(-1, 1)  # (N, V/tp), (N, 1)
-        rows = threads.cache_rows(cols)
+        block = threads.cache_rows(cols)
         # softmax, in place over the exponentials
         threads.map_rows(lambda r: xp.divide(flat[r], sums[r], out=flat[r]), len(flat),
-                         flat.size, rows)
+                         flat.size, block)
         hit = xp.flatnonzero(mine.reshape(-1))  # (M,) rows whose target is in this slice
         flat[hit, safe.reshape(-1)[hit]] -= 1.0
         factor = (valid * (dloss / max(norm, 1.0))).reshape(-1, 1)  # (N, 1)
         threads.map_rows(lambda r: xp.multiply(flat[r], factor[r], out=flat[r]), len(flat),
-                         flat.size, rows)
+                         flat.size, block)
         grad = flat.reshape(exps.shape)  # (B, T, V/tp)
         return grad.astype(dtype, copy=False)  # 16-bit under mixed precision
 
