@@ -14,8 +14,8 @@ F = OnBackend(functional)
 SETTINGS = settings(max_examples=15, deadline=None)
 
 
-def plain(q, kv, heads, valid):
-    """softmax(q k^T / sqrt(D) + mask) v per batch row and head, written out with loops."""
+def plain(q, kv, heads, valid, head_bias=None):
+    """softmax(q k^T / sqrt(D) + mask [+ head_bias[h]]) v per batch row and head, with loops."""
     b, tq, c = q.shape
     d = c // heads
     k, v = kv[..., :c], kv[..., c:]
@@ -24,6 +24,8 @@ def plain(q, kv, heads, valid):
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
             s = q[i, :, cols] @ k[i, :, cols].T / np.sqrt(d)  # (Tq, Tk)
+            if head_bias is not None:
+                s += head_bias[h]
             s[:, ~valid[i]] = -np.inf
             p = np.exp(s - s.max(-1, keepdims=True))
             y[i, :, cols] = (p / p.sum(-1, keepdims=True)) @ v[i, :, cols]
@@ -41,21 +43,27 @@ def _inputs(seed, b, tq, tk, heads, d):
 
 @SETTINGS
 @given(b=st.integers(1, 3), tq=st.integers(1, 4), tk=st.integers(1, 5), heads=st.integers(1, 3),
-       d=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_cross_attention_forward_and_gradients(b, tq, tk, heads, d, seed):
+       d=st.integers(1, 3), with_head_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_cross_attention_forward_and_gradients(b, tq, tk, heads, d, with_head_bias, seed):
+    """And with a per-head bias (the encoder's position bias): its gradient too."""
     rng, q, kv, valid = _inputs(seed, b, tq, tk, heads, d)
     bias = F.padding_bias(valid, "float64")  # (B, 1, Tk)
+    hb = rng.normal(size=(heads, tq, tk)) if with_head_bias else None  # (H, Tq, Tk)
     r = rng.normal(size=q.shape)
-    y, cache = F.cross_attention_fwd(q, kv, heads, bias)
-    np.testing.assert_allclose(y, plain(q, kv, heads, valid), rtol=1e-12, atol=1e-12)
+    y, cache = F.cross_attention_fwd(q, kv, heads, bias, hb)
+    np.testing.assert_allclose(y, plain(q, kv, heads, valid, hb), rtol=1e-12, atol=1e-12)
 
     def loss():
-        return float((F.cross_attention_fwd(q, kv, heads, bias)[0] * r).sum())
+        return float((F.cross_attention_fwd(q, kv, heads, bias, hb)[0] * r).sum())
 
-    dq, dkv = F.cross_attention_bwd(r, cache)
+    dq, dkv, *dhb = F.cross_attention_bwd(r, cache)
     assert dq.shape == q.shape and dkv.shape == kv.shape
     check(dq, loss, q)
     check(dkv, loss, kv)
+    assert len(dhb) == with_head_bias
+    if with_head_bias:
+        assert dhb[0].shape == hb.shape
+        check(dhb[0], loss, hb)
     # A padding key gets no gradient: no query ever saw it.
     c = heads * d
     assert np.all(dkv[..., :c][~valid] == 0) and np.all(dkv[..., c:][~valid] == 0)

@@ -501,14 +501,21 @@ def _attention_rows(q, k, v, bias, scale, p, y) -> None:
     xp.matmul(p, v, out=y)  # (n, Tq, D)
 
 
-def _attention_bwd_rows(dy, q, k, v, p, scale, out) -> None:
-    """Gradients of ``_attention_rows``, written into out = (dq, dk, dv)."""
+def _attention_bwd_rows(dy, q, k, v, p, scale, out, ds=None) -> None:
+    """Gradients of ``_attention_rows``, written into out = (dq, dk, dv); the scores' gradient
+    (n, Tq, Tk) is also written into ``ds`` when one is given (a learned bias needs it)."""
     xp = backend.xp()
     xp.matmul(p.swapaxes(-1, -2), dy, out=out[2])  # dv (n, Tk, D)
-    ds = softmax_bwd(dy @ v.swapaxes(-1, -2), p, inplace=True)  # (n, Tq, Tk); 0 where masked
-    ds *= scale
-    xp.matmul(ds, k, out=out[0])  # dq (n, Tq, D)
-    xp.matmul(ds.swapaxes(-1, -2), q, out=out[1])  # dk (n, Tk, D)
+    if ds is None:
+        ds = dy @ v.swapaxes(-1, -2)  # (n, Tq, Tk)
+    else:
+        xp.matmul(dy, v.swapaxes(-1, -2), out=ds)
+    softmax_bwd(ds, p, inplace=True)  # (n, Tq, Tk); 0 where masked
+    dq, dk, _ = out
+    xp.matmul(ds, k, out=dq)  # (n, Tq, D), times the scale below (ds is the bias's gradient)
+    dq *= scale
+    xp.matmul(ds.swapaxes(-1, -2), q, out=dk)  # (n, Tk, D)
+    dk *= scale
 
 
 def split_heads(x, n_heads: int):
@@ -568,11 +575,14 @@ def padding_bias(valid, dtype):
 
 
 @fp32_math
-def cross_attention_fwd(q, kv, n_heads: int, bias):
-    """q (B, Tq, H*D), kv (B, Tk, 2*H*D) laid out [K | V], bias (B, 1 or Tq, Tk) -> (B, Tq, H*D).
+def cross_attention_fwd(q, kv, n_heads: int, bias, head_bias=None):
+    """q (B, Tq, H*D), kv (B, Tk, 2*H*D) laid out [K | V], bias (B, 1 or Tq, Tk) -> (B, Tq, H*D);
+    ``head_bias`` (H, Tq, Tk), when given, is added to every batch row's scores of each head
+    (the encoder's learned position bias, ``minipar.models.encdec``).
 
-    Plain form, per batch row and head: y = softmax(q k^T / sqrt(D) + bias) v. Every query row
-    must see at least one key (a source is never all padding), else its softmax is 0/0."""
+    Plain form, per batch row b and head h: y = softmax(q k^T / sqrt(D) + bias[b] +
+    head_bias[h]) v. Every query row must see at least one key (a source is never all padding),
+    else its softmax is 0/0."""
     xp = backend.xp()
     b, tq, c = q.shape
     tk, d = kv.shape[1], c // n_heads
@@ -580,7 +590,10 @@ def cross_attention_fwd(q, kv, n_heads: int, bias):
     kv5 = xp.ascontiguousarray(
         kv.reshape(b, tk, 2, n_heads, d).transpose(2, 0, 3, 1, 4))  # (2, B, H, Tk, D)
     k3, v3 = kv5[0].reshape(b * n_heads, tk, d), kv5[1].reshape(b * n_heads, tk, d)
-    bias3 = xp.repeat(bias, n_heads, axis=0)  # (B*H, 1 or Tq, Tk): each head its row's mask
+    if head_bias is None:
+        bias3 = xp.repeat(bias, n_heads, axis=0)  # (B*H, 1 or Tq, Tk): each head its row's mask
+    else:  # (B, 1, ., Tk) + (1, H, Tq, Tk) -> (B*H, Tq, Tk)
+        bias3 = (bias[:, None] + head_bias[None]).reshape(b * n_heads, tq, tk)
     p = xp.empty((b * n_heads, tq, tk), dtype=q.dtype)  # (B*H, Tq, Tk)
     y = xp.empty_like(q3)  # (B*H, Tq, D)
     scale = 1.0 / math.sqrt(d)
@@ -591,33 +604,41 @@ def cross_attention_fwd(q, kv, n_heads: int, bias):
     with threads.one_blas_thread():
         threads.map_rows(rows, b * n_heads, b * n_heads * tq * tk,
                          threads.cache_rows(tq * tk, ATTENTION_SLICE))
-    return merge_heads(y.reshape(b, n_heads, tq, d)), (q3, k3, v3, p, scale, n_heads)
+    cache = (q3, k3, v3, p, scale, n_heads, head_bias is not None)
+    return merge_heads(y.reshape(b, n_heads, tq, d)), cache
 
 
 @fp32_math
 def cross_attention_bwd(dy, cache):
-    """dy (B, Tq, H*D) -> dq (B, Tq, H*D), dkv (B, Tk, 2*H*D) laid out [dK | dV].
+    """dy (B, Tq, H*D) -> dq (B, Tq, H*D), dkv (B, Tk, 2*H*D) laid out [dK | dV], and third,
+    when the forward had a ``head_bias``, its gradient (H, Tq, Tk).
 
-    Plain form: dv = p^T dy;  dp = dy v^T;  ds = softmax_bwd(dp, p) / sqrt(D);  dq = ds k;
-    dk = ds^T q. A key or value feeds every query that sees it, so its gradient sums over them;
-    masked entries have p = 0, so padding keys get no gradient."""
+    Plain form: dv = p^T dy;  dp = dy v^T;  ds = softmax_bwd(dp, p);  dq = ds k / sqrt(D);
+    dk = ds^T q / sqrt(D); d head_bias[h] = the sum over batch rows of head h's ds (a bias added
+    to the scores has the scores' gradient). A key or value feeds every query that sees it, so
+    its gradient sums over them; masked entries have p = 0, so padding keys get no gradient."""
     xp = backend.xp()
-    q3, k3, v3, p, scale, n_heads = cache
+    q3, k3, v3, p, scale, n_heads, has_head_bias = cache
     b, tq, c = dy.shape
     tk, d = k3.shape[1], c // n_heads
     dy3 = _pairs(split_heads(dy, n_heads))  # (B*H, Tq, D)
     dq = xp.empty_like(q3)  # (B*H, Tq, D)
     dkv = xp.empty((2, *k3.shape), dtype=k3.dtype)  # (2, B*H, Tk, D)
+    ds = xp.empty_like(p) if has_head_bias else None  # (B*H, Tq, Tk): the scores' gradient
 
     def rows(r):
         out = (dq[r], dkv[0, r], dkv[1, r])  # (dq, dk, dv) of these pairs
-        _attention_bwd_rows(dy3[r], q3[r], k3[r], v3[r], p[r], scale, out)
+        _attention_bwd_rows(dy3[r], q3[r], k3[r], v3[r], p[r], scale, out,
+                            None if ds is None else ds[r])
 
     with threads.one_blas_thread():
         threads.map_rows(rows, len(q3), len(q3) * tq * tk,
                          threads.cache_rows(tq * tk, ATTENTION_SLICE))
     dkv = dkv.reshape(2, b, n_heads, tk, d).transpose(1, 3, 0, 2, 4)  # (B, Tk, 2, H, D)
-    return merge_heads(dq.reshape(b, n_heads, tq, d)), dkv.reshape(b, tk, 2 * c)
+    grads = merge_heads(dq.reshape(b, n_heads, tq, d)), dkv.reshape(b, tk, 2 * c)
+    if ds is None:
+        return grads
+    return (*grads, ds.reshape(b, n_heads, tq, tk).sum(axis=0))  # (H, Tq, Tk)
 
 
 # ---------------------------------------------------------------------------------------------
