@@ -291,10 +291,11 @@ def read(step_dir: str, model: ModelConfig) -> tuple[dict, dict, dict]:
     where = f"--resume {step_dir}"
     meta = verify(step_dir, where)
     # A field added since the checkpoint was written (arch, src_len, norm) has its default.
-    # Dropout is how a run trains, not what the weights are: a checkpoint resumes with any P.
+    # Dropout is how a run trains, not what the weights are: a checkpoint resumes with any P; nor
+    # is --weight-init, how they were first drawn.
     saved = {k: v for k, v in {**asdict(ModelConfig()), **meta["model"]}.items()
-             if k != "dropout"}
-    want = {k: v for k, v in asdict(model).items() if k != "dropout"}
+             if k not in ("dropout", "weight_init")}
+    want = {k: v for k, v in asdict(model).items() if k not in ("dropout", "weight_init")}
     if saved != want:
         diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
         raise CheckpointError(f"{where}: the checkpoint's model does not match this "

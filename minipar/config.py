@@ -32,6 +32,8 @@ class ModelConfig:
     arch: str = "gpt"  # "gpt" (decoder only) or "encdec" (Vaswani et al. 2017, minipar.models)
     src_len: int = 0  # encdec: the source length (S) the encoder reads; seq_len is the target's
     norm: str = "pre"  # encdec: LayerNorm before each sublayer ("pre") or after ("post", the paper)
+    pos_bias: bool = False  # encdec: the encoder's attention learns a (head, query, key) bias
+    weight_init: str = "gpt2"  # weight scales: "gpt2" (0.02) or "fan-in" (minipar.models.blocks)
 
     @property
     def d_head(self) -> int:
@@ -63,6 +65,11 @@ class ModelConfig:
         if self.norm not in ("pre", "post") or (self.norm == "post" and self.arch != "encdec"):
             raise ConfigError(f"--norm must be 'pre' or 'post' (post: --arch encdec only), "
                               f"got {self.norm!r}")
+        if self.weight_init not in ("gpt2", "fan-in"):
+            raise ConfigError(f"--weight-init must be 'gpt2' or 'fan-in', got "
+                              f"{self.weight_init!r}")
+        if self.pos_bias and self.arch != "encdec":
+            raise ConfigError("--pos-bias applies to --arch encdec (the encoder's attention)")
         if self.arch == "encdec" and self.dropout > 0:
             raise ConfigError("--dropout with --arch encdec is not supported yet: the "
                               "encoder-decoder's layers draw no masks")

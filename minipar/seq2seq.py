@@ -14,8 +14,14 @@ gets a row exactly right or not:
 - ``qa``: ``?`` and a key, then a context of 2 to 4 facts, each a key (``A`` to ``H``, all
   different) and a two-digit value; the answer is the asked key's value:
   ``? C A 3 7 C 0 1`` -> ``0 1``. The question comes first, at a fixed place, as a reader is
-  told what to look for before reading (with the question last, at a place that moves with the
-  number of facts, the model of ``--model default`` reached only 0.2 in 1500 steps).
+  told what to look for before reading. The answer is found by position AND content: the
+  encoder must carry each key to the two digits right of it ("look one place left"), then the
+  decoder can match the asked key. The encoder's learned position bias (``--pos-bias``, on by
+  default for this task, ``minipar.models.encdec.SourceAttention``) gives a head that shift
+  directly, and with the encoder-decoder's fan-in initialisation the model of ``--model
+  default`` reaches 0.95-1.0 held-out exact match in 500 steps. Without the bias it guesses
+  among the facts (0.22 after 3000 steps); with it but GPT-2's small initial weights
+  (``--weight-init gpt2``) it has 0.37 after 3000 steps.
 
 One vocabulary serves source and target (so ``--tie-weights`` can share one table among both
 embeddings and the head, as the paper does): ``<pad>`` (id 0, ``minipar.models.encdec.PAD``),
@@ -62,6 +68,7 @@ class Seq2SeqTask:
     words: list[str] = []
     src_len = 1  # S: source tokens, padding included
     answer_len = 1  # the longest answer (without </s>)
+    pos_bias = False  # the default of --pos-bias: whether the encoder learns a position bias
 
     def __init__(self, seed: int, eval_size: int = 512) -> None:
         _check_seed(seed)
@@ -224,6 +231,8 @@ class QATask(Seq2SeqTask):
     """Key-value facts and a question about one key -> its two-digit value."""
 
     name = "qa"
+    pos_bias = True  # the value sits one and two places right of its key: see the docstring
+    default_steps = 1000  # --steps: 500 reach 0.95-1.0 held-out exact match, by seed
     keys = "ABCDEFGH"
     words = [*keys, *"0123456789", "?"]
     max_facts = 4

@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encdec: the preset as an encoder-decoder, --layers encoder and as many "
                         "decoder layers (counts, memory, bytes and bubble; no clock)")
     m.add_argument("--src-len", type=int, help="encdec: source length (default --seq-len)")
+    m.add_argument("--pos-bias", action="store_true",
+                   help="encdec: the encoder's learned position bias, heads x S^2 per layer")
     lay = p.add_argument_group("layout")
     lay.add_argument("--gpus", type=int, help="GPU count; dp = gpus / (tp x pp) if --dp absent")
     lay.add_argument("--dp", type=int, help="data parallel size")
@@ -136,9 +138,12 @@ def resolve_model(args):
             if getattr(args, attr) is not None and getattr(args, attr) != getattr(model, key)}
     model = replace(model, **over)
     if getattr(args, "arch", "gpt") == "encdec":  # the encoder reads src_len tokens
-        model = replace(model, arch="encdec", src_len=args.src_len or model.seq_len)
+        model = replace(model, arch="encdec", src_len=args.src_len or model.seq_len,
+                        pos_bias=getattr(args, "pos_bias", False))
     elif getattr(args, "src_len", None) is not None:
         raise ConfigError("--src-len applies to --arch encdec")
+    elif getattr(args, "pos_bias", False):
+        raise ConfigError("--pos-bias applies to --arch encdec")
     model.validate()
     name = args.model
     if over:

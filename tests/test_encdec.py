@@ -1,7 +1,9 @@
 """The encoder-decoder's backward against central differences (float64), over drawn shapes,
-both LayerNorm arrangements, tied or not, learned or sinusoidal positions, padded sources."""
+both LayerNorm arrangements, tied or not, learned or sinusoidal positions, with or without the
+encoder's position bias, both initialisations, padded sources."""
 
 import numpy as np
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -46,15 +48,19 @@ def packed_batch(rng, b, s, t, vocab):
 @given(b=st.integers(1, 3), s=st.integers(1, 5), t=st.integers(1, 4), heads=st.integers(1, 2),
        d_head=st.integers(2, 3), layers=st.integers(1, 2), tie=st.booleans(),
        pos=st.sampled_from(["learned", "sinusoidal"]), norm=st.sampled_from(["pre", "post"]),
+       pos_bias=st.booleans(), init=st.sampled_from(["gpt2", "fan-in"]),
        seed=st.integers(0, 1000))
 def test_encdec_gradients_match_central_differences(b, s, t, heads, d_head, layers, tie, pos,
-                                                   norm, seed):
+                                                   norm, pos_bias, init, seed):
     assume(heads * d_head >= 4)  # LayerNorm over fewer features is too curved to difference
     cfg = ModelConfig(vocab_size=7, seq_len=t, n_layers=layers, d_model=heads * d_head,
                       n_heads=heads, tie_weights=tie, pos=pos, arch="encdec", src_len=s,
-                      norm=norm)
+                      norm=norm, pos_bias=pos_bias, weight_init=init)
     model = build(cfg, seed=seed)
     rng = np.random.default_rng(seed)
+    for p in model.params():  # a position bias away from its zero start, as after training
+        if p.name.endswith("pos_bias"):
+            p.data[...] = dev.up(rng.normal(0.0, 0.1, p.data.shape))
     x, y = dev.up(packed_batch(rng, b, s, t, 7))
     model.forward(x, 0, y)
     model.backward(None, 0)
@@ -63,6 +69,7 @@ def test_encdec_gradients_match_central_differences(b, s, t, heads, d_head, laye
     names = [p.name for p in params]
     assert len(names) == len(set(names))
     assert ("head.w" in names) != tie and ("tgt_embed.w" in names) != tie
+    assert sum(n.endswith(".pos_bias") for n in names) == (layers if pos_bias else 0)
     dirs = dev.up([rng.normal(size=p.data.shape) for p in params])
     analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, dirs))
 
@@ -108,16 +115,20 @@ def test_source_padding_changes_nothing():
 
 @settings(max_examples=6, deadline=None)
 @given(norm=st.sampled_from(["pre", "post"]), tie=st.booleans(),
-       pos=st.sampled_from(["learned", "sinusoidal"]), seed=st.integers(0, 1000))
-def test_cached_greedy_decoding_equals_recomputing_the_prefix(norm, tie, pos, seed):
+       pos=st.sampled_from(["learned", "sinusoidal"]), pos_bias=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_cached_greedy_decoding_equals_recomputing_the_prefix(norm, tie, pos, pos_bias, seed):
     from minipar.models.decoding import greedy_cached, greedy_uncached
 
     cfg = ModelConfig(vocab_size=11, seq_len=6, n_layers=2, d_model=16, n_heads=4,
-                      tie_weights=tie, pos=pos, arch="encdec", src_len=5, norm=norm)
+                      tie_weights=tie, pos=pos, arch="encdec", src_len=5, norm=norm,
+                      pos_bias=pos_bias)
     model = build(cfg, seed=seed)
+    rng = np.random.default_rng(seed)
     for p in model.params():  # larger weights: predictions that vary from step to step
         p.data *= 20
-    rng = np.random.default_rng(seed)
+        if p.name.endswith("pos_bias"):
+            p.data[...] = dev.up(rng.normal(0.0, 0.3, p.data.shape))
     src = dev.up(packed_batch(rng, 4, 5, 1, 11)[0][:, :5])
     cached = dev.down(greedy_cached(model, src, 1, 6))
     plain = dev.down(greedy_uncached(model, src, 1, 6))
@@ -125,3 +136,23 @@ def test_cached_greedy_decoding_equals_recomputing_the_prefix(norm, tie, pos, se
     assume(len(np.unique(cached)) > 1)
     np.testing.assert_array_equal(cached, plain)
     assert live_microbatches(model) == 0
+
+
+@pytest.mark.parametrize("init", ["gpt2", "fan-in"])
+def test_initial_weight_scales_are_the_closed_forms(init):
+    """gpt2: 0.02 everywhere, 0.02 / sqrt(2 L) for residual projections; fan-in: 1 / sqrt(fan
+    in) for every linear and 1 for the token tables. Measured on the drawn weights (thousands
+    of entries each, so within 5%); linear biases and the position bias start at 0."""
+    L, h = 2, 64  # noqa: N806
+    cfg = ModelConfig(vocab_size=50, seq_len=8, n_layers=L, d_model=h, n_heads=4, arch="encdec",
+                      src_len=10, weight_init=init, pos_bias=True)
+    std = {p.name: float(dev.down(p.data).std()) for p in build(cfg).params()}
+    want = {"gpt2": {"encoder.0.attn.qkv.w": 0.02, "encoder.0.attn.proj.w": 0.02 / 2,
+                     "decoder.1.cross.kv.w": 0.02, "decoder.1.mlp.proj.w": 0.02 / 2,
+                     "src_embed.w": 0.02, "head.w": 0.02},
+            "fan-in": {"encoder.0.attn.qkv.w": 1 / 8, "encoder.0.attn.proj.w": 1 / 8,
+                       "decoder.1.cross.kv.w": 1 / 8, "decoder.1.mlp.proj.w": 1 / 16,
+                       "src_embed.w": 1.0, "head.w": 1 / 8}}[init]
+    for name, s in want.items():
+        assert abs(std[name] / s - 1) < 0.05, (name, std[name], s)
+    assert std["encoder.0.attn.qkv.b"] == 0 and std["encoder.1.attn.pos_bias"] == 0

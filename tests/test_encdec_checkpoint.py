@@ -9,8 +9,9 @@ import pytest
 from inproc import train
 from minipar import checkpoint
 
+# --pos-bias: a tensor split over tp by heads, so resuming under tp must cut each rank's heads
 BASE = ["--arch", "encdec", "--task", "summarize", "--quiet", "--dtype", "float64", "--model",
-        "tiny", "--eval-every", "100", "--batch-size", "8"]
+        "tiny", "--eval-every", "100", "--batch-size", "8", "--pos-bias"]
 
 
 def losses(path):

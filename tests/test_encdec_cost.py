@@ -52,7 +52,7 @@ def encdec_layouts(draw, world: int | None = None) -> dict:
                      vocab_size=draw(st.sampled_from([11, 16])),
                      tie_weights=pp == 1 and draw(st.booleans()),
                      pos=draw(st.sampled_from(["learned", "sinusoidal"])),
-                     norm=draw(st.sampled_from(["pre", "post"])))
+                     norm=draw(st.sampled_from(["pre", "post"])), pos_bias=draw(st.booleans()))
     return {"cfg": cfg, "par": par, "batch": dp * m * draw(st.integers(1, 2))}
 
 
@@ -108,14 +108,17 @@ def test_param_rows_are_the_built_models_parameters(case):
         assert specs == built
 
 
-def test_param_count_and_flops_by_hand():
-    """Closed forms: per encoder layer 12h^2 + 13h (a GPT block with F = 4h), per decoder layer
-    16h^2 + 19h (the cross-attention adds Q, K/V, out and a LayerNorm: 4h^2 + 6h), embeddings
-    V h + S h and V h + T h, the encoder's LayerNorm 2h, the head 2h + V h."""
-    cfg = encdec_cfg(n_layers=3, d_model=16, src_len=6, seq_len=4, vocab_size=11)
-    h, v, s, t, n = 16, 11, 6, 4, 3
+@pytest.mark.parametrize("pos_bias", [False, True])
+def test_param_count_and_flops_by_hand(pos_bias):
+    """Closed forms: per encoder layer 12h^2 + 13h (a GPT block with F = 4h), plus H S^2 with
+    the position bias, per decoder layer 16h^2 + 19h (the cross-attention adds Q, K/V, out and a
+    LayerNorm: 4h^2 + 6h), embeddings V h + S h and V h + T h, the encoder's LayerNorm 2h, the
+    head 2h + V h."""
+    cfg = encdec_cfg(n_layers=3, d_model=16, src_len=6, seq_len=4, vocab_size=11,
+                     pos_bias=pos_bias)
+    h, v, s, t, n, heads = 16, 11, 6, 4, 3, 4
     want = n * (12 * h * h + 13 * h) + n * (16 * h * h + 19 * h) + (v + s) * h + (v + t) * h \
-        + 2 * h + 2 * h + v * h
+        + 2 * h + 2 * h + v * h + (n * heads * s * s if pos_bias else 0)
     assert cm.param_count(cfg) == want
     built = sum(p.data.size for p in build_encdec(
         cfg, BuildContext(0, "float64", SimpleNamespace(size=1, rank=0)))[0].params())
@@ -185,10 +188,14 @@ def test_simulate_command_prices_the_encoder_decoder(capsys):
     assert est["pipeline_bytes_sent"] - est["pipeline_bytes_sent_gpt_sized"] == \
         2 * m * 1 * (128 - 64) * h * 4
     assert est["params"] == cm.param_count(model)
+    assert main(argv + ["--json", "--pos-bias"]) == 0  # 12 heads x 128^2 per encoder layer
+    assert json.loads(capsys.readouterr().out)["params"] == est["params"] + 2 * 12 * 128 * 128
     assert main(argv) == 0 and "memory pair" in capsys.readouterr().out
     assert main(argv[:-2] + ["--timeline", "x.png"]) == 2
     assert main(["--src-len", "8"]) == 2
+    assert main(["--pos-bias"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["minipar.simulate: error: --timeline/--trace need the time model, which is "
                    "the GPT's: leave them out with --arch encdec",
-                   "minipar.simulate: error: --src-len applies to --arch encdec"]
+                   "minipar.simulate: error: --src-len applies to --arch encdec",
+                   "minipar.simulate: error: --pos-bias applies to --arch encdec"]

@@ -26,14 +26,17 @@ from encdec_cases import encdec_batches, encdec_cfg, layout_mismatches
        sp=st.booleans(), bucket=st.booleans(), tie=st.booleans(),
        pos=st.sampled_from(["learned", "sinusoidal"]), norm=st.sampled_from(["pre", "post"]),
        vocab=st.sampled_from([7, 11, 13]), mbs=st.sampled_from([1, 2]),
-       rows=st.sampled_from([1, 2]), seed=st.integers(0, 10_000))
+       rows=st.sampled_from([1, 2]), pos_bias=st.booleans(),
+       init=st.sampled_from(["gpt2", "fan-in"]), seed=st.integers(0, 10_000))
 def test_encdec_layouts_equal_serial(tp, dp, zero, sp, bucket, tie, pos, norm, vocab, mbs, rows,
-                                     seed):
-    """Losses of both steps, full gradients and the weights after 2 AdamW steps."""
+                                     pos_bias, init, seed):
+    """Losses of both steps, full gradients and the weights after 2 AdamW steps (the position
+    bias, split with the heads over tp, is non-zero from the first step on)."""
     if dp * tp > 8:
         dp = 8 // tp
     sp = sp and tp > 1
-    cfg = encdec_cfg(vocab_size=vocab, tie_weights=tie, pos=pos, norm=norm)
+    cfg = encdec_cfg(vocab_size=vocab, tie_weights=tie, pos=pos, norm=norm, pos_bias=pos_bias,
+                     weight_init=init)
     par = ParallelConfig(dp=dp, tp=tp, zero=zero, sequence_parallel=sp, microbatches=mbs,
                          bucket_mb=1e-4 if bucket and zero < 3 else 0.0)
     results = run_threads(lambda w: layout_mismatches(w, cfg, par, rows, seed), par.world)

@@ -43,11 +43,12 @@ def pp_layouts(draw):
 
 @settings(max_examples=20, deadline=None)
 @given(layout=pp_layouts(), norm=st.sampled_from(["pre", "post"]),
-       pos=st.sampled_from(["learned", "sinusoidal"]), seed=st.integers(0, 10_000))
-def test_encdec_pipeline_layouts_equal_serial(layout, norm, pos, seed):
+       pos=st.sampled_from(["learned", "sinusoidal"]), pos_bias=st.booleans(),
+       seed=st.integers(0, 10_000))
+def test_encdec_pipeline_layouts_equal_serial(layout, norm, pos, pos_bias, seed):
     """Losses of both steps, full gradients and the weights after 2 AdamW steps."""
     par, layers = layout
-    cfg = encdec_cfg(n_layers=layers, norm=norm, pos=pos)
+    cfg = encdec_cfg(n_layers=layers, norm=norm, pos=pos, pos_bias=pos_bias)
     results = run_threads(lambda w: layout_mismatches(w, cfg, par, 1, seed), par.world)
     assert results[0] == [], (par, layers, results[0])
 
@@ -86,7 +87,7 @@ def test_dropping_the_incoming_memory_gradient_is_caught(monkeypatch):
 def test_pp_trained_weights_decode_to_the_serial_tokens():
     """Train 2 steps in pp 2 x tp 2 (zb-h1) and serially; gather the full weights on rank 0 and
     decode greedily with the cache (decoding a pp model = gathering it, see train/show.py)."""
-    cfg = encdec_cfg(n_layers=2, vocab_size=13, seq_len=5, src_len=6)
+    cfg = encdec_cfg(n_layers=2, vocab_size=13, seq_len=5, src_len=6, pos_bias=True)
     batches = encdec_batches(cfg, 2, 4, seed=3)
     src = batches[0][0][:, :cfg.src_len]
 

@@ -128,12 +128,38 @@ def test_source_hash_depends_on_every_token():
     (["--arch", "encdec", "--pos", "rotary"], "--pos"),
     (["--arch", "encdec", "--mode", "ps"], "--mode"),
     (["--arch", "encdec", "--d-model", "30", "--heads", "4"], "--heads"),
+    (["--pos-bias"], "--pos-bias"),
+    (["--task", "sort", "--no-pos-bias"], "--no-pos-bias"),
+    (["--arch", "encdec", "--weight-init", "xavier"], "--weight-init"),
 ])
 def test_bad_input_is_one_line_naming_the_flag(args, flag):
     codes, out, err = train(args)
     assert codes == [2], (out, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in err, err
+
+
+def test_each_task_picks_its_defaults_and_flags_override_them():
+    """qa turns the encoder's position bias on and trains 1000 steps; every encoder-decoder
+    starts from the fan-in initialisation, the GPT from GPT-2's; the flags win."""
+    from minipar.train.cli import build_parser, prepare
+
+    def setup(*argv):
+        args = build_parser().parse_args(list(argv))
+        cfg = prepare(args, 1, 1).cfg
+        return args.steps, cfg
+
+    steps, cfg = setup("--arch", "encdec", "--task", "qa")
+    assert (steps, cfg.pos_bias, cfg.weight_init) == (1000, True, "fan-in")
+    steps, cfg = setup("--arch", "encdec", "--task", "translate")
+    assert (steps, cfg.pos_bias, cfg.weight_init) == (500, False, "fan-in")
+    steps, cfg = setup("--arch", "encdec", "--task", "qa", "--no-pos-bias", "--weight-init", "gpt2",
+                       "--steps", "7")
+    assert (steps, cfg.pos_bias, cfg.weight_init) == (7, False, "gpt2")
+    steps, cfg = setup("--arch", "encdec", "--task", "summarize", "--pos-bias")
+    assert cfg.pos_bias
+    steps, cfg = setup("--task", "sort", "--weight-init", "fan-in")
+    assert (steps, cfg.weight_init) == (500, "fan-in")
 
 
 def test_short_run_shows_decoded_examples():

@@ -31,6 +31,26 @@ from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 INIT_STD = 0.02  # GPT-2's weight scale (Radford et al. 2019)
 
 
+def weight_std(cfg, fan_in: int, residual: bool = False) -> float:
+    """The standard deviation a linear's weight is drawn with (its bias starts at 0).
+
+    "gpt2" (Radford et al. 2019): 0.02 for every matrix, and 0.02 / sqrt(2 L) for the residual
+    projections (the last linear of each sublayer), so that the residual stream keeps its size
+    over L blocks. "fan-in" (LeCun et al. 1998): 1 / sqrt(fan_in), which carries a unit-scale
+    input through the linear at unit scale; the encoder-decoder's default, with unit-scale
+    token embeddings (``embed_std``). Its attention scores start at O(1), not at nearly 0, so a
+    head can tell its keys apart from the first step; ``--task qa`` learns only so."""
+    if cfg.weight_init == "fan-in":
+        return 1.0 / math.sqrt(fan_in)
+    return INIT_STD / math.sqrt(2 * cfg.n_layers) if residual else INIT_STD
+
+
+def embed_std(cfg) -> float:
+    """Token embeddings: 0.02 ("gpt2") or 1 ("fan-in"), the scale the paper's tables have once
+    multiplied by sqrt(d_model) (Vaswani et al. 2017, section 3.4) when drawn at 1/sqrt(d_model)."""
+    return 1.0 if cfg.weight_init == "fan-in" else INIT_STD
+
+
 class Attention(Module):
     """Causal multi-head self-attention; heads split over tp (QKV column-, output row-parallel)."""
 
@@ -40,10 +60,9 @@ class Attention(Module):
         self.local_heads = cfg.n_heads // ctx.tp.size
         self.n_heads, self.tp, self.masks = cfg.n_heads, ctx.tp, ctx.dropout
         self.site = f"{name}.probs"  # the attention-probability dropout's stream
-        self.qkv = ColumnParallelLinear(ctx, f"{name}.qkv", c, 3 * c, INIT_STD, blocks=3)
-        # Residual projections are scaled by 1/sqrt(2 L) so the residual stream keeps its size.
-        self.proj = RowParallelLinear(ctx, f"{name}.proj", c, c,
-                                      INIT_STD / math.sqrt(2 * cfg.n_layers))
+        self.qkv = ColumnParallelLinear(ctx, f"{name}.qkv", c, 3 * c, weight_std(cfg, c),
+                                        blocks=3)
+        self.proj = RowParallelLinear(ctx, f"{name}.proj", c, c, weight_std(cfg, c, True))
         self.blockwise = ctx.attention == "blockwise"
         self.selective = ctx.recompute == "selective"
         cp = ctx.cp
@@ -104,9 +123,10 @@ class MLP(Module):
 
     def __init__(self, ctx, name: str, cfg):
         super().__init__()
-        self.fc = ColumnParallelLinear(ctx, f"{name}.fc", cfg.d_model, cfg.ffn, INIT_STD)
+        self.fc = ColumnParallelLinear(ctx, f"{name}.fc", cfg.d_model, cfg.ffn,
+                                       weight_std(cfg, cfg.d_model))
         self.proj = RowParallelLinear(ctx, f"{name}.proj", cfg.ffn, cfg.d_model,
-                                      INIT_STD / math.sqrt(2 * cfg.n_layers))
+                                      weight_std(cfg, cfg.ffn, True))
 
     def forward(self, x, mb=0):
         h = self.fc.forward(x, mb)  # (B, T, F / tp)

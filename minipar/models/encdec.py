@@ -33,14 +33,15 @@ from contextlib import nullcontext
 
 from minipar import backend
 from minipar.config import ModelConfig
-from minipar.models.blocks import INIT_STD, MLP, Attention
+from minipar.models.blocks import MLP, Attention, weight_std
 from minipar.models.gpt import Embedding, Head, _drop_caches
 from minipar.nn import functional as F
-from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module
+from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, Sharding, make_param
 from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 PAD = 0  # token id of source padding: masked out of every attention over the source
+POS_BIAS_GAIN = 10.0  # the encoder's position bias is this times its parameter (SourceAttention)
 
 
 class Residual(Module):
@@ -88,20 +89,34 @@ class SourceAttention(Module):
     Self-attention in the encoder (one fused [Q|K|V] projection of the source, like the GPT's)
     or, with ``cross=True``, the decoder's cross-attention: Q projected from the decoder stream,
     [K|V] from the memory. Heads split over tp: projections column-, output row-parallel.
+
+    With ``cfg.pos_bias`` the encoder's self-attention also learns a position bias: one number
+    per head and (query position, key position) of the source, added to the scores
+    (``functional.cross_attention_fwd``'s ``head_bias``), zero at the start. A head can then
+    learn "look one place to my left" directly, which content and added position vectors teach
+    only slowly: ``--task qa`` needs it (``minipar.seq2seq``). Split over tp with the heads.
+    The parameter holds the bias divided by ``POS_BIAS_GAIN``: AdamW moves a parameter by about
+    the learning rate a step whatever its gradient, and a bias must reach a few units to steer a
+    softmax, so stored this way it gets there in tens of steps instead of hundreds.
     """
 
     def __init__(self, ctx, name: str, cfg: ModelConfig, cross: bool = False):
         super().__init__()
-        c, std = cfg.d_model, INIT_STD
+        c = cfg.d_model
+        std = weight_std(cfg, c)
         self.local_heads = cfg.n_heads // ctx.tp.size
         self.cross = cross
+        self.pos_bias = None
+        if cfg.pos_bias and not cross:
+            s, tp = cfg.src_len, ctx.tp
+            self.pos_bias = make_param(ctx, f"{name}.pos_bias", (cfg.n_heads, s, s), "zeros",
+                                       Sharding(0, tp.size, tp.rank), decay=False)
         if cross:
             self.q = ColumnParallelLinear(ctx, f"{name}.q", c, c, std)
             self.kv = ColumnParallelLinear(ctx, f"{name}.kv", c, 2 * c, std, blocks=2)
         else:
             self.qkv = ColumnParallelLinear(ctx, f"{name}.qkv", c, 3 * c, std, blocks=3)
-        self.proj = RowParallelLinear(ctx, f"{name}.proj", c, c,
-                                      std / (2 * cfg.n_layers) ** 0.5)
+        self.proj = RowParallelLinear(ctx, f"{name}.proj", c, c, weight_std(cfg, c, True))
 
     def project(self, x, mb, memory=None):
         """(q (B, Tq, C/tp), kv (B, Tk, 2C/tp)) of this rank's heads."""
@@ -112,7 +127,8 @@ class SourceAttention(Module):
         return qkv[..., :c], qkv[..., c:]
 
     def attend(self, q, kv, bias, mb):
-        y, cache = F.cross_attention_fwd(q, kv, self.local_heads, bias)  # (B, Tq, C/tp)
+        head_bias = None if self.pos_bias is None else POS_BIAS_GAIN * self.pos_bias.data
+        y, cache = F.cross_attention_fwd(q, kv, self.local_heads, bias, head_bias)  # (B,Tq,C/tp)
         self.save(mb, cache)
         return self.proj.forward(y, mb)  # (B, Tq, C)
 
@@ -123,7 +139,10 @@ class SourceAttention(Module):
     def backward(self, dy, mb=0):
         """dx, or (dx, d_memory) for cross-attention (d_memory summed over tp by f)."""
         dy = self.proj.backward(dy, mb)  # (B, Tq, C/tp)
-        dq, dkv = F.cross_attention_bwd(dy, self.pop(mb))  # (B, Tq, C/tp), (B, Tk, 2C/tp)
+        # (B, Tq, C/tp), (B, Tk, 2C/tp), and the position bias's (H/tp, S, S) when there is one
+        dq, dkv, *d_head_bias = F.cross_attention_bwd(dy, self.pop(mb))
+        if self.pos_bias is not None:
+            self.pos_bias.accumulate(POS_BIAS_GAIN * d_head_bias[0])  # (H/tp, S, S)
         if self.cross:
             return self.q.backward(dq, mb), self.kv.backward(dkv, mb)
         dqkv = backend.xp().concatenate([dq, dkv], axis=-1)  # (B, S, 3C/tp) as [Q | K | V]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from minipar import backend
 from minipar.config import ModelConfig, chunk_blocks
 from minipar.nn import functional as F
-from minipar.models.blocks import INIT_STD, Block
+from minipar.models.blocks import INIT_STD, Block, embed_std, weight_std
 from minipar.nn.dropout import Dropout
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
 from minipar.nn.precision import sum_fp32
@@ -40,7 +40,7 @@ class Embedding(Module):
         # Under context parallelism this rank's tokens sit at these global positions.
         self.cp_index = None if ctx.cp is None or ctx.cp.size == 1 else backend.from_host(
             token_indices(length, ctx.cp.size, ctx.cp.rank, ctx.cp_split))
-        self.tok = VocabParallelEmbedding(ctx, name, cfg.vocab_size, cfg.d_model, INIT_STD)
+        self.tok = VocabParallelEmbedding(ctx, name, cfg.vocab_size, cfg.d_model, embed_std(cfg))
         if cfg.pos == "learned":
             self.pos = make_param(ctx, pos_name, (length, cfg.d_model), INIT_STD / 2)
             self.pos.tp_partial_grad = ctx.sequence_parallel
@@ -92,7 +92,8 @@ class Head(Module):
         if ctx.sequence_parallel:
             for p in self.ln_f.params():
                 p.tp_partial_grad = True
-        self.proj = VocabParallelHead(ctx, "head", cfg.d_model, cfg.vocab_size, INIT_STD, tied)
+        self.proj = VocabParallelHead(ctx, "head", cfg.d_model, cfg.vocab_size,
+                                      weight_std(cfg, cfg.d_model), tied)
         self.loss = VocabParallelCrossEntropy(ctx, cfg.vocab_size)
 
     def logits(self, h, mb=0):

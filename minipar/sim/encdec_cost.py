@@ -73,8 +73,11 @@ def unit_params(model: ModelConfig, parallel: ParallelConfig, kind: str, i: int)
         rows = [(f"{pre}_pos", (length, h), sp)] if model.pos == "learned" else []
         return rows + ([] if tied and pre == "tgt" else [(f"{kind}.w", (vp // t, h), False)])
     if kind == "encoder":
-        return (_sublayer(f"encoder.{i}.attn", h, t, sp, attn)
-                + _sublayer(f"encoder.{i}.mlp", h, t, sp, mlp))
+        rows = _sublayer(f"encoder.{i}.attn", h, t, sp, attn)
+        if model.pos_bias:  # the attention's own parameter comes before its linears'
+            s = model.src_len
+            rows.insert(2, (f"encoder.{i}.attn.pos_bias", (model.n_heads // t, s, s), False))
+        return rows + _sublayer(f"encoder.{i}.mlp", h, t, sp, mlp)
     if kind == "decoder":
         cross = [("q", h, h, "col"), ("kv", h, 2 * h, "col"), ("proj", h, h, "row")]
         return (_sublayer(f"decoder.{i}.self_attn", h, t, sp, attn)

@@ -61,6 +61,9 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+DEFAULT_STEPS = 500  # --steps when neither the user nor the task says
+
+
 def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,6 +102,12 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
     m.add_argument("--norm", default="pre", help="encdec: LayerNorm before each sublayer (pre) "
                    "or after it (post, the paper's)")
     m.add_argument("--pos", default=None, help="positions: learned (default) or sinusoidal")
+    m.add_argument("--weight-init", default=None, choices=["gpt2", "fan-in"],
+                   help="weight scales: gpt2 (0.02, the GPT's default) or fan-in (1/sqrt(fan-in) "
+                        "and unit-scale token embeddings, the encoder-decoder's default)")
+    m.add_argument("--pos-bias", default=None, action=argparse.BooleanOptionalAction,
+                   help="encdec: the encoder's attention also learns a bias per head and "
+                        "(query, key) position; on by default for --task qa, which needs it")
     d = p.add_argument_group("data")
     d.add_argument("--task", default=None, help="sort (default), reverse, add, text; with "
                    "--arch encdec: translate (default), summarize, qa")
@@ -112,7 +121,8 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                    help="problem size of the digit tasks (sort/reverse: 8, add: 3)")
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=64, help="global batch (sequences)")
-    t.add_argument("--steps", type=int, default=500, help="optimizer steps in all")
+    t.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps in all (default {DEFAULT_STEPS}; --task qa 1000)")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     t.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine decay")
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
@@ -285,7 +295,8 @@ def make_configs(args, world: int):
         raise ConfigError("--overwrite needs --save DIR")
     if args.arch == "encdec" or args.task in SEQ2SEQ_TASKS or args.src or args.tgt:
         return _encdec_configs(args, world)
-    if args.arch != "gpt" or args.norm != "pre" or args.show or args.beam != 1:
+    if (args.arch != "gpt" or args.norm != "pre" or args.show or args.beam != 1
+            or args.pos_bias is not None):
         _check_arch(args)
     task_kw = {} if args.n_digits is None else {"n_digits": args.n_digits}
     task = make_task(args.task, args.seed, data_path=args.data, seq_len=args.seq_len, **task_kw)
@@ -297,7 +308,8 @@ def make_configs(args, world: int):
                   n_layers=_given(args.layers, cfg.n_layers),
                   d_model=_given(args.d_model, cfg.d_model),
                   n_heads=_given(args.heads, cfg.n_heads), dropout=args.dropout,
-                  pos=_given(args.pos, cfg.pos))
+                  pos=_given(args.pos, cfg.pos),
+                  weight_init=_given(args.weight_init, cfg.weight_init))
     cfg.validate()
     check_mode(args, world)
     if args.mode != "sync":  # whole replicas: the layout flags were refused by check_mode
@@ -322,6 +334,9 @@ def _check_arch(args) -> None:
         raise ConfigError(f"--arch must be gpt or encdec, got {args.arch!r}")
     if args.norm != "pre":
         raise ConfigError(f"--norm {args.norm} applies to --arch encdec (the GPT is pre-LN)")
+    if args.pos_bias is not None:
+        flag = "--pos-bias" if args.pos_bias else "--no-pos-bias"
+        raise ConfigError(f"{flag} applies to --arch encdec (its encoder's attention)")
     if args.show or args.beam != 1:
         raise ConfigError("--show and --beam decode examples of --arch encdec")
 
@@ -352,6 +367,8 @@ def _encdec_configs(args, world: int):
     base = MODEL_PRESETS[args.model]
     cfg = replace(base, vocab_size=task.vocab_size, seq_len=task.seq_len, src_len=task.src_len,
                   arch="encdec", norm=args.norm, tie_weights=args.tie_weights,
+                  pos_bias=_given(args.pos_bias, task.pos_bias),
+                  weight_init=_given(args.weight_init, "fan-in"),
                   pos=_given(args.pos, base.pos), n_layers=_given(args.layers, base.n_layers),
                   d_model=_given(args.d_model, base.d_model),
                   n_heads=_given(args.heads, base.n_heads), dropout=args.dropout)
@@ -419,6 +436,7 @@ def prepare(args, world_size: int, ranks_here: int) -> Setup:
     from minipar.train import checks, finetune
 
     cfg, par, task, note = make_configs(args, world_size)
+    args.steps = _given(args.steps, getattr(task, "default_steps", DEFAULT_STEPS))
     warnings = [w for w in [checks.check_seq_len(args, task)] if w]
     checks.check_outputs(args)
     memory = checks.check_memory(args, cfg, par, ranks_here)

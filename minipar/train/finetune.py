@@ -32,7 +32,8 @@ from minipar.config import ConfigError, ModelConfig
 
 # ModelConfig fields and the flag that sets each (for the hint in a mismatch line).
 FLAGS = {"vocab_size": "--vocab", "seq_len": "--seq-len", "n_layers": "--layers",
-         "d_model": "--d-model", "n_heads": "--heads", "tie_weights": "--tie-weights"}
+         "d_model": "--d-model", "n_heads": "--heads", "tie_weights": "--tie-weights",
+         "pos_bias": "--pos-bias"}
 
 
 def parse_freeze(text: str | None) -> tuple[str, ...]:

@@ -32,6 +32,17 @@ def _fmt_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
 
 
+def describe_model(cfg) -> str:
+    """The banner's words for a model: shape, and for the encoder-decoder its own choices."""
+    if cfg.arch != "encdec":
+        return (f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
+                f"seq {cfg.seq_len}, vocab {cfg.vocab_size}")
+    bias = ", encoder position bias" if cfg.pos_bias else ""
+    return (f"encoder-decoder, {cfg.n_layers} + {cfg.n_layers} layers ({cfg.norm}-LN), d_model "
+            f"{cfg.d_model}, {cfg.n_heads} heads, source {cfg.src_len} / target {cfg.seq_len} "
+            f"tokens, vocab {cfg.vocab_size}, {cfg.weight_init} init{bias}")
+
+
 def _n_params(cfg, engine) -> int:
     """The model's parameters: the cost model's count, the GPT's or the encoder-decoder's
     (``minipar.sim.encdec_cost``; a pipeline rank's ``engine.params`` are only its stage's)."""
@@ -271,9 +282,7 @@ def banner(console: Console, args, cfg, par, task, world, mesh, note, blas_threa
         f"{' (' + note + ')' if note and world.size > 1 else ''} | "
         f"{blas_threads or '?'} BLAS thread(s) per rank")
     say(f"backend | {backend.describe()}" + (f"; {_comm_mode(world)}" if world.size > 1 else ""))
-    say(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-        f"seq {cfg.seq_len}, vocab {cfg.vocab_size}: {_n_params(cfg, engine):,} parameters "
-        f"({args.dtype})")
+    say(f"model   | {describe_model(cfg)}: {_n_params(cfg, engine):,} parameters ({args.dtype})")
     say(f"numbers | precision {engine.policy.name}: weights/activations {engine.policy.dtype}, "
         f"master and optimizer state {engine.policy.master_dtype}; {engine.scaler.describe()}")
     mem = engine.memory()

@@ -16,11 +16,12 @@ from encdec_cases import encdec_cfg, layout_mismatches
 @settings(max_examples=4)  # derandomized by tests/mpi/conftest.py: every rank draws the same
 @given(tp=st.sampled_from([1, 2]), zero=st.integers(0, 3), sp=st.booleans(), tie=st.booleans(),
        norm=st.sampled_from(["pre", "post"]), pos=st.sampled_from(["learned", "sinusoidal"]),
-       seed=st.integers(0, 100))
-def test_encdec_layouts_equal_serial_under_mpirun(world, tp, zero, sp, tie, norm, pos, seed):
+       pos_bias=st.booleans(), seed=st.integers(0, 100))
+def test_encdec_layouts_equal_serial_under_mpirun(world, tp, zero, sp, tie, norm, pos, pos_bias,
+                                                  seed):
     par = ParallelConfig(dp=world.size // tp, tp=tp, zero=zero, sequence_parallel=sp and tp > 1,
                          microbatches=2)
-    cfg = encdec_cfg(tie_weights=tie, norm=norm, pos=pos)
+    cfg = encdec_cfg(tie_weights=tie, norm=norm, pos=pos, pos_bias=pos_bias, weight_init="fan-in")
     bad = layout_mismatches(world, cfg, par, rows=1, seed=seed)
     collective_assert(world, not bad, f"{par}: {bad[:3]}")
 
@@ -40,12 +41,13 @@ def pp_layouts(draw, n: int):
 
 
 @settings(max_examples=4)
-@given(data=st.data(), norm=st.sampled_from(["pre", "post"]), seed=st.integers(0, 100))
-def test_encdec_pipeline_layouts_equal_serial_under_mpirun(world, data, norm, seed):
+@given(data=st.data(), norm=st.sampled_from(["pre", "post"]), pos_bias=st.booleans(),
+       seed=st.integers(0, 100))
+def test_encdec_pipeline_layouts_equal_serial_under_mpirun(world, data, norm, pos_bias, seed):
     """Stages of encoder then decoder layers, the (x_dec, memory) pair between decoder stages,
     every schedule, composed with dp (ZeRO) and tp (SP): equal to the serial run."""
     par, layers = data.draw(pp_layouts(world.size))
-    cfg = encdec_cfg(n_layers=layers, norm=norm)
+    cfg = encdec_cfg(n_layers=layers, norm=norm, pos_bias=pos_bias)
     bad = layout_mismatches(world, cfg, par, rows=1, seed=seed)
     collective_assert(world, not bad, f"{par}: {bad[:3]}")
 
