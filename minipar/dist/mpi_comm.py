@@ -30,6 +30,7 @@ import ctypes
 import functools
 import os
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -42,6 +43,7 @@ from minipar.dist.staging import Staging
 from minipar.dist.stats import CommStats
 
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX}
+ABORT_GRACE_S = 0.2  # between a failing rank's error line and its MPI Abort (install_abort_handler)
 
 
 # -- 16-bit floats (mixed precision) -------------------------------------------------------------
@@ -309,8 +311,9 @@ def install_abort_handler(comm: Comm | None = None) -> None:
 
     A plain exception on one rank of ``mpirun -n 4`` leaves the other ranks blocked in their
     next collective forever. This ``sys.excepthook`` prints one line,
-    ``minipar: error on rank R: <message>`` (the full traceback when ``MINIPAR_DEBUG=1``), then
-    calls ``MPI.COMM_WORLD.Abort(1)``, which takes every rank down.
+    ``minipar: error on rank R: <message>`` (the full traceback when ``MINIPAR_DEBUG=1``), waits
+    ``ABORT_GRACE_S`` for mpirun to forward it, then calls ``MPI.COMM_WORLD.Abort(1)``, which
+    takes every rank down.
     """
     rank = comm.rank if comm is not None else MPI.COMM_WORLD.Get_rank()
 
@@ -324,6 +327,12 @@ def install_abort_handler(comm: Comm | None = None) -> None:
         # One write of the whole line: ranks erring at once never share a line (print() may
         # write the text and the newline separately, and another rank's text land between).
         os.write(sys.stderr.fileno(), f"minipar: error on rank {rank}: {msg}\n".encode())
+        # The line is in the pipe to mpirun's proxy, not yet at mpirun. An Abort at once has
+        # lost it (seen in CI, about one run in ten: exit code 1, stderr empty, MPICH's own
+        # abort message gone too): Hydra can tear the job down before it has forwarded what
+        # its proxy still holds. A moment's wait lets the line through; a dying job can spare
+        # it.
+        time.sleep(ABORT_GRACE_S)
         MPI.COMM_WORLD.Abort(1)
 
     sys.excepthook = hook
