@@ -72,9 +72,10 @@ assert np.allclose(y, by_hand(q, kv, bias))
 # %% [markdown]
 # ## 2. Its backward, checked by central differences
 #
-# Backward gives dq and d[K|V]: dv = p^T dy, dp = dy v^T, ds = p (dp - rowsum(dp p)) / sqrt(D),
-# dq = ds k, dk = ds^T q. We check every entry against (L(x + h) - L(x - h)) / 2h for the loss
-# L = sum(y * w) with a random w, in float64. Padded keys must get exactly zero gradient.
+# Backward gives dq and d[K|V]: dv = p^T dy, dp = dy v^T, ds = p (dp - rowsum(dp p)) (the
+# gradient of the scores), dq = ds k / sqrt(D), dk = ds^T q / sqrt(D). We check every entry
+# against (L(x + h) - L(x - h)) / 2h for the loss L = sum(y * w) with a random w, in float64.
+# Padded keys must get exactly zero gradient.
 
 # %%
 w = rng.normal(size=y.shape)
@@ -170,12 +171,14 @@ assert np.abs(dhb - num_hb).max() < 1e-7
 # %% [markdown]
 # The bias alone is not the whole story: a head must also be able to tell its keys apart
 # from the first step. GPT-2's initialisation (0.02 for every weight, `--weight-init gpt2`) starts
-# every score near 0, so every softmax is flat and its gradient small; the encoder-decoder's
-# default `--weight-init fan-in` draws each linear at 1 / sqrt(fan in) and the token tables at unit
-# scale (what the paper's sqrt(d_model) multiplier makes of tables drawn at 1 / sqrt(d_model)),
-# so scores start at O(1). Measured with `python -m minipar.train --arch encdec --task qa`
-# (`--model default`, seed 0): 1.0 held-out exact match after 1000 steps; 0.22 after 3000 with
-# `--no-pos-bias`; 0.37 after 3000 with `--weight-init gpt2`. Here, 500 steps each way:
+# every score near 0, so every softmax is flat and its gradient small. The encoder-decoder's
+# default `--weight-init fan-in` draws each linear at 1 / sqrt(fan in), the token tables too,
+# and multiplies the embedded tokens by sqrt(d_model) as the paper does (section 3.4): tokens
+# enter at unit scale, scores start at O(1), and a table tied to the head (`--tie-weights`)
+# starts as an untied head would. Measured with `python -m minipar.train --arch encdec --task qa`
+# (`--model default`, seed 0): 1.0 held-out exact match after 1000 steps; 0.23 after 3000 with
+# `--no-pos-bias`; 0.39 after 3000 with `--weight-init gpt2`. Here, 500 steps with the bias and
+# without:
 
 # %%
 matched = {}

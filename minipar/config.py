@@ -33,7 +33,8 @@ class ModelConfig:
     src_len: int = 0  # encdec: the source length (S) the encoder reads; seq_len is the target's
     norm: str = "pre"  # encdec: LayerNorm before each sublayer ("pre") or after ("post", the paper)
     pos_bias: bool = False  # encdec: the encoder's attention learns a (head, query, key) bias
-    weight_init: str = "gpt2"  # weight scales: "gpt2" (0.02) or "fan-in" (minipar.models.blocks)
+    weight_init: str = "gpt2"  # "gpt2" (0.02) or "fan-in" (models.blocks); the train command
+    # picks fan-in for --arch encdec
 
     @property
     def d_head(self) -> int:

@@ -48,6 +48,7 @@ TRAIN_VALUES: dict[str, tuple | None] = {
     "--microbatches": (["1", "2"], ["0"]), "--virtual-stages": (["1"], ["0", "2"]),
     "--schedule": (["gpipe", "1f1b", "interleaved", "zb-h1"], ["zigzag"]),
     "--sequence-parallel": None, "--tie-weights": None, "--skip-nonfinite": None,
+    "--pos-bias": None, "--weight-init": (["gpt2", "fan-in"], ["xavier"]),
     "--force": None, "--overwrite": None, "--bogus": None,
     "--seq-len": (["16", "20"], ["1000", "0"]), "--layers": (["2", "4"], ["0", "3", "100000"]),
     "--d-model": (["32"], ["30", "0", "4096"]), "--heads": (["2", "4"], ["3"]),

@@ -116,13 +116,14 @@ def test_source_padding_changes_nothing():
 @settings(max_examples=6, deadline=None)
 @given(norm=st.sampled_from(["pre", "post"]), tie=st.booleans(),
        pos=st.sampled_from(["learned", "sinusoidal"]), pos_bias=st.booleans(),
-       seed=st.integers(0, 1000))
-def test_cached_greedy_decoding_equals_recomputing_the_prefix(norm, tie, pos, pos_bias, seed):
+       init=st.sampled_from(["gpt2", "fan-in"]), seed=st.integers(0, 1000))
+def test_cached_greedy_decoding_equals_recomputing_the_prefix(norm, tie, pos, pos_bias, init,
+                                                              seed):
     from minipar.models.decoding import greedy_cached, greedy_uncached
 
     cfg = ModelConfig(vocab_size=11, seq_len=6, n_layers=2, d_model=16, n_heads=4,
                       tie_weights=tie, pos=pos, arch="encdec", src_len=5, norm=norm,
-                      pos_bias=pos_bias)
+                      pos_bias=pos_bias, weight_init=init)
     model = build(cfg, seed=seed)
     rng = np.random.default_rng(seed)
     for p in model.params():  # larger weights: predictions that vary from step to step
@@ -141,8 +142,9 @@ def test_cached_greedy_decoding_equals_recomputing_the_prefix(norm, tie, pos, po
 @pytest.mark.parametrize("init", ["gpt2", "fan-in"])
 def test_initial_weight_scales_are_the_closed_forms(init):
     """gpt2: 0.02 everywhere, 0.02 / sqrt(2 L) for residual projections; fan-in: 1 / sqrt(fan
-    in) for every linear and 1 for the token tables. Measured on the drawn weights (thousands
-    of entries each, so within 5%); linear biases and the position bias start at 0."""
+    in) for every linear and the token tables (which the embedding multiplies by sqrt(C)).
+    Measured on the drawn weights (thousands of entries each, so within 5%); linear biases and
+    the position bias start at 0."""
     L, h = 2, 64  # noqa: N806
     cfg = ModelConfig(vocab_size=50, seq_len=8, n_layers=L, d_model=h, n_heads=4, arch="encdec",
                       src_len=10, weight_init=init, pos_bias=True)
@@ -152,7 +154,22 @@ def test_initial_weight_scales_are_the_closed_forms(init):
                      "src_embed.w": 0.02, "head.w": 0.02},
             "fan-in": {"encoder.0.attn.qkv.w": 1 / 8, "encoder.0.attn.proj.w": 1 / 8,
                        "decoder.1.cross.kv.w": 1 / 8, "decoder.1.mlp.proj.w": 1 / 16,
-                       "src_embed.w": 1.0, "head.w": 1 / 8}}[init]
+                       "src_embed.w": 1 / 8, "head.w": 1 / 8}}[init]
     for name, s in want.items():
         assert abs(std[name] / s - 1) < 0.05, (name, std[name], s)
     assert std["encoder.0.attn.qkv.b"] == 0 and std["encoder.1.attn.pos_bias"] == 0
+
+
+@pytest.mark.parametrize("init, tie", [("gpt2", False), ("gpt2", True), ("fan-in", False),
+                                       ("fan-in", True)])
+def test_the_first_loss_is_about_log_vocab(init, tie):
+    """Before training every token is about equally likely: the loss is about ln V. Under
+    fan-in the head's logits have unit scale, so the mean loss is ln V plus about half their
+    variance; a tied table must not make them sqrt(C) times larger (the embedding, not the
+    table, carries the sqrt(C) of Vaswani et al. section 3.4)."""
+    v = 50
+    cfg = ModelConfig(vocab_size=v, seq_len=6, n_layers=2, d_model=64, n_heads=4, arch="encdec",
+                      src_len=8, weight_init=init, tie_weights=tie)
+    x, y = packed_batch(np.random.default_rng(0), 32, 8, 6, v)
+    loss = loss_of(build(cfg), *dev.up((x, y)))
+    assert abs(loss - np.log(v)) < (0.05 if init == "gpt2" else 1.0), loss

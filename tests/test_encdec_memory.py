@@ -17,11 +17,13 @@ from inproc import train
 @settings(max_examples=10, deadline=None)
 @given(tp=st.sampled_from([1, 2]), layers=st.integers(1, 2), vocab=st.integers(5, 13),
        tie=st.booleans(), pos=st.sampled_from(["learned", "sinusoidal"]),
-       norm=st.sampled_from(["pre", "post"]), src=st.integers(2, 6), tgt=st.integers(2, 5))
+       norm=st.sampled_from(["pre", "post"]), src=st.integers(2, 6), tgt=st.integers(2, 5),
+       pos_bias=st.booleans())
 def test_param_count_is_the_built_models_on_every_tp_rank(tp, layers, vocab, tie, pos, norm,
-                                                           src, tgt):
+                                                           src, tgt, pos_bias):
     cfg = ModelConfig(vocab_size=vocab, seq_len=tgt, n_layers=layers, d_model=8, n_heads=2,
-                      arch="encdec", src_len=src, tie_weights=tie, pos=pos, norm=norm)
+                      arch="encdec", src_len=src, tie_weights=tie, pos=pos, norm=norm,
+                      pos_bias=pos_bias)
 
     def local(world):
         engine = Engine(cfg, ParallelConfig(tp=tp), Mesh(world, tp=tp), seed=0)

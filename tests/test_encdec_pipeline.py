@@ -193,7 +193,7 @@ def test_pipeline_under_16_bit_precision_is_bitwise_the_one_rank_run(precision):
     from minipar.compare import mismatches, train_layout
     from minipar.dist.comm import local_comm
 
-    cfg = encdec_cfg(n_layers=2)
+    cfg = encdec_cfg(n_layers=2, pos_bias=True, weight_init="fan-in")
     batches = encdec_batches(cfg, 2, 4, 1)
     ref = train_layout(local_comm(), cfg, ParallelConfig(microbatches=2), batches, seed=1,
                        precision=precision)

@@ -37,22 +37,27 @@ def test_a_16bit_linear_is_fp32_math_on_16bit_values_rounded_once():
 
 
 def test_16bit_cross_attention_is_fp32_math_rounded_once():
-    """The encoder-decoder's cross-attention follows the same rule, forward and backward."""
+    """The encoder-decoder's cross-attention follows the same rule, forward and backward, with
+    the encoder's per-head bias too (whose gradient is the third output)."""
     rng = np.random.default_rng(1)
     valid = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)
     for name in SIXTEEN:
         dt = policy(name).dtype
-        q, kv, dy = (rng.normal(size=s).astype(dt) for s in ((2, 3, 8), (2, 5, 16), (2, 3, 8)))
-        y, cache = F.cross_attention_fwd(q, kv, 2, F.padding_bias(valid, dt))
-        wide = [a.astype(np.float32) for a in (q, kv, dy)]
-        y32, cache32 = F.cross_attention_fwd(*wide[:2], 2, F.padding_bias(valid, "float32"))
+        q, kv, dy, hb = (rng.normal(size=s).astype(dt)
+                         for s in ((2, 3, 8), (2, 5, 16), (2, 3, 8), (2, 3, 5)))
+        y, cache = F.cross_attention_fwd(q, kv, 2, F.padding_bias(valid, dt), hb)
+        wide = [a.astype(np.float32) for a in (q, kv, dy, hb)]
+        y32, cache32 = F.cross_attention_fwd(*wide[:2], 2, F.padding_bias(valid, "float32"),
+                                             wide[3])
         assert y.dtype == np.dtype(dt) and np.array_equal(y, y32.astype(dt))
         # backward: the 16-bit cache and dy widened, the kernel run in fp32, rounded once
         wide_cache = tuple(a.astype(np.float32) if getattr(a, "dtype", None) == np.dtype(dt)
                            else a for a in cache)
         want = F.cross_attention_bwd.__wrapped__(dy.astype(np.float32), wide_cache)
-        for got, w in zip(F.cross_attention_bwd(dy, cache), want):
-            assert got.dtype == np.dtype(dt) and np.array_equal(got, w.astype(dt))
+        got = F.cross_attention_bwd(dy, cache)
+        assert len(got) == len(want) == 3
+        for g, w in zip(got, want):
+            assert g.dtype == np.dtype(dt) and np.array_equal(g, w.astype(dt))
 
 
 def test_policy_bytes_are_zero_s_2_2_12():

@@ -37,18 +37,26 @@ def weight_std(cfg, fan_in: int, residual: bool = False) -> float:
     "gpt2" (Radford et al. 2019): 0.02 for every matrix, and 0.02 / sqrt(2 L) for the residual
     projections (the last linear of each sublayer), so that the residual stream keeps its size
     over L blocks. "fan-in" (LeCun et al. 1998): 1 / sqrt(fan_in), which carries a unit-scale
-    input through the linear at unit scale; the encoder-decoder's default, with unit-scale
-    token embeddings (``embed_std``). Its attention scores start at O(1), not at nearly 0, so a
-    head can tell its keys apart from the first step; ``--task qa`` learns only so."""
+    input through the linear at unit scale; the encoder-decoder's default in the train command,
+    with token embeddings at unit scale (``embed_scale``). Its attention scores start at O(1),
+    not at nearly 0, so a head can tell its keys apart from the first step; ``--task qa``
+    learns only so."""
     if cfg.weight_init == "fan-in":
         return 1.0 / math.sqrt(fan_in)
     return INIT_STD / math.sqrt(2 * cfg.n_layers) if residual else INIT_STD
 
 
 def embed_std(cfg) -> float:
-    """Token embeddings: 0.02 ("gpt2") or 1 ("fan-in"), the scale the paper's tables have once
-    multiplied by sqrt(d_model) (Vaswani et al. 2017, section 3.4) when drawn at 1/sqrt(d_model)."""
-    return 1.0 if cfg.weight_init == "fan-in" else INIT_STD
+    """Token tables: 0.02 ("gpt2"), or 1 / sqrt(d_model) ("fan-in": the head's fan-in scale, so
+    a table tied to the head starts as an untied head would)."""
+    return weight_std(cfg, cfg.d_model) if cfg.weight_init == "fan-in" else INIT_STD
+
+
+def embed_scale(cfg) -> float | None:
+    """What the embedding multiplies its table's rows by: sqrt(d_model) under "fan-in", as the
+    paper does (Vaswani et al. 2017, section 3.4), so that tokens enter at unit scale; None
+    (no multiplier) under "gpt2"."""
+    return math.sqrt(cfg.d_model) if cfg.weight_init == "fan-in" else None
 
 
 class Attention(Module):

@@ -60,9 +60,8 @@ class CachedDecoder:
 
     def step(self, tok):
         """The decoder's output (B, 1, C) for the next tokens (B, 1); extends the caches."""
-        model, emb = self.model, self.model.tgt_embed
-        table = emb.pos.data if emb.pos is not None else emb.table  # (T, C)
-        h = emb.tok.forward(tok, MB) + table[self.t]  # (B, 1, C)
+        model = self.model
+        h = model.tgt_embed.at_position(tok, self.t, MB)  # (B, 1, C)
         for i, layer in enumerate(model.decoder):
             h = layer.self_attn.apply(h, MB, lambda a: _self_step(layer.self_attn.sub, a,
                                                                      self.self_kv, i))

@@ -41,7 +41,9 @@ from minipar.parallel.deferral import DeferredWeightGrads
 from minipar.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 PAD = 0  # token id of source padding: masked out of every attention over the source
-POS_BIAS_GAIN = 10.0  # the encoder's position bias is this times its parameter (SourceAttention)
+# The encoder's position bias is this times its parameter (SourceAttention); a power of two, so
+# that scaling the bias and its gradient is exact in every precision, fp16 and bf16 included.
+POS_BIAS_GAIN = 16.0
 
 
 class Residual(Module):
@@ -97,7 +99,9 @@ class SourceAttention(Module):
     only slowly: ``--task qa`` needs it (``minipar.seq2seq``). Split over tp with the heads.
     The parameter holds the bias divided by ``POS_BIAS_GAIN``: AdamW moves a parameter by about
     the learning rate a step whatever its gradient, and a bias must reach a few units to steer a
-    softmax, so stored this way it gets there in tens of steps instead of hundreds.
+    softmax, so stored this way it gets there in tens of steps instead of hundreds. (Under SGD
+    the same storage multiplies its learning rate by the gain squared, and its gradient counts
+    the gain times in the global norm that --grad-clip bounds.)
     """
 
     def __init__(self, ctx, name: str, cfg: ModelConfig, cross: bool = False):

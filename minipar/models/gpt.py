@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from minipar import backend
 from minipar.config import ModelConfig, chunk_blocks
 from minipar.nn import functional as F
-from minipar.models.blocks import INIT_STD, Block, embed_std, weight_std
+from minipar.models.blocks import INIT_STD, Block, embed_scale, embed_std, weight_std
 from minipar.nn.dropout import Dropout
 from minipar.nn.module import BuildContext, Hooks, LayerNorm, Module, make_param, walk
 from minipar.nn.precision import sum_fp32
@@ -41,6 +41,7 @@ class Embedding(Module):
         self.cp_index = None if ctx.cp is None or ctx.cp.size == 1 else backend.from_host(
             token_indices(length, ctx.cp.size, ctx.cp.rank, ctx.cp_split))
         self.tok = VocabParallelEmbedding(ctx, name, cfg.vocab_size, cfg.d_model, embed_std(cfg))
+        self.scale = embed_scale(cfg)  # None, or sqrt(d_model) for the fan-in initialisation
         if cfg.pos == "learned":
             self.pos = make_param(ctx, pos_name, (length, cfg.d_model), INIT_STD / 2)
             self.pos.tp_partial_grad = ctx.sequence_parallel
@@ -64,8 +65,20 @@ class Embedding(Module):
         table = self.pos.data if self.pos is not None else self.table
         return table[self._rows(t_local)]
 
-    def forward(self, ids, mb=0):
+    def _tokens(self, ids, mb):
         h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
+        if self.scale is not None:
+            h *= self.scale
+        return h
+
+    def at_position(self, ids, t: int, mb):
+        """Decoding's embedding (B, 1, C) of (B, 1) ids that all sit at position t: no dropout,
+        and the token table's cache under ``mb`` is left for the decoder to drop."""
+        table = self.pos.data if self.pos is not None else self.table  # (T, C)
+        return self._tokens(ids, mb) + table[t]  # (B, 1, C)
+
+    def forward(self, ids, mb=0):
+        h = self._tokens(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
         h += self._positions(h.shape[SEQ_AXIS])
         self.save(mb, h.shape[SEQ_AXIS])
         return self.drop.forward(h, mb)  # (B, T, C) or (B, T/tp, C)
@@ -77,7 +90,7 @@ class Embedding(Module):
             dpos = self.pos.data * 0  # (T, C)
             dpos[self._rows(t_local)] = sum_fp32(dh, axis=0)  # distinct rows: a sum
             self.pos.accumulate(dpos)
-        self.tok.backward(dh, mb)
+        self.tok.backward(dh if self.scale is None else dh * self.scale, mb)
         return None
 
 

@@ -466,8 +466,9 @@ def _causal_bwd_rows(dy, q, k, v, p, scale, out, drop=None) -> None:
     """Gradients of n causal (batch, head) pairs, written into out = (dq, dk, dv) (3, n, T, D);
     with ``drop`` = (keep, P) the dropped probabilities are recomputed from p and the mask.
 
-    Plain form (``_attention_bwd_rows``): dv = dropout(p)^T dy;
-    ds = softmax_bwd(dropout_bwd(dy v^T), p) * scale;  dq = ds k;  dk = ds^T q.
+    Plain form (``_attention_bwd_rows``, which scales dq and dk instead of ds):
+    dv = dropout(p)^T dy;  ds = softmax_bwd(dropout_bwd(dy v^T), p) * scale;  dq = ds k;
+    dk = ds^T q.
     Only the causal blocks where p can be non-zero are computed: query block [lo, hi) sees keys
     [0, hi), so key block [lo, hi) is seen by queries [lo, T) (elsewhere p = ds = 0)."""
     xp = backend.xp()

@@ -126,8 +126,10 @@ def build_parser(printing: bool = True) -> argparse.ArgumentParser:
                    help="problem size of the digit tasks (sort/reverse: 8, add: 3)")
     t = p.add_argument_group("training")
     t.add_argument("--batch-size", type=int, default=64, help="global batch (sequences)")
-    t.add_argument("--steps", type=int, default=None,
-                   help=f"optimizer steps in all (default {DEFAULT_STEPS}; --task qa 1000)")
+    from minipar.seq2seq import QATask
+
+    t.add_argument("--steps", type=int, default=None, help=f"optimizer steps in all (default "
+                   f"{DEFAULT_STEPS}; --task qa {QATask.default_steps})")
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
     t.add_argument("--warmup", type=int, default=50, help="linear warmup steps, then cosine decay")
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"],
@@ -441,7 +443,7 @@ def prepare(args, world_size: int, ranks_here: int) -> Setup:
     from minipar.train import checks, finetune
 
     cfg, par, task, note = make_configs(args, world_size)
-    args.steps = _given(args.steps, getattr(task, "default_steps", DEFAULT_STEPS))
+    args.steps = _given(args.steps, getattr(task, "default_steps", None) or DEFAULT_STEPS)
     warnings = [w for w in [checks.check_seq_len(args, task)] if w]
     checks.check_outputs(args)
     memory = checks.check_memory(args, cfg, par, ranks_here)

@@ -93,9 +93,16 @@ def _saved_with(saved: dict, cfg: ModelConfig) -> str:
     diff = [k for k in FLAGS if k in saved and saved[k] != now.get(k)]
     if not diff:
         return ""
-    then = ", ".join(f"{FLAGS[k]} {saved[k]}" for k in diff)
-    here = ", ".join(f"{FLAGS[k]} {now[k]}" for k in diff)
+    then = ", ".join(_as_flag(k, saved[k]) for k in diff)
+    here = ", ".join(_as_flag(k, now[k]) for k in diff)
     return f" (the checkpoint's model has {then}; this run's {here})"
+
+
+def _as_flag(key: str, value) -> str:
+    """"--vocab 256"; a switch as itself or "no --tie-weights"."""
+    if isinstance(value, bool):
+        return FLAGS[key] if value else f"no {FLAGS[key]}"
+    return f"{FLAGS[key]} {value}"
 
 
 def check_shapes(where: str, params: dict, meta: dict, shapes: dict, cfg: ModelConfig,

@@ -35,8 +35,9 @@ def _fmt_bytes(n: float) -> str:
 def describe_model(cfg) -> str:
     """The banner's words for a model: shape, and for the encoder-decoder its own choices."""
     if cfg.arch != "encdec":
+        init = "" if cfg.weight_init == "gpt2" else f", {cfg.weight_init} init"
         return (f"{cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads, "
-                f"seq {cfg.seq_len}, vocab {cfg.vocab_size}")
+                f"seq {cfg.seq_len}, vocab {cfg.vocab_size}{init}")
     bias = ", encoder position bias" if cfg.pos_bias else ""
     return (f"encoder-decoder, {cfg.n_layers} + {cfg.n_layers} layers ({cfg.norm}-LN), d_model "
             f"{cfg.d_model}, {cfg.n_heads} heads, source {cfg.src_len} / target {cfg.seq_len} "
