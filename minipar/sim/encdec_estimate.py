@@ -66,7 +66,8 @@ def report(name: str, model: ModelConfig, parallel: ParallelConfig, work: cm.Wor
     return "\n".join([
         f"{name} as an encoder-decoder: {est['params'] / 1e6:,.2f}M parameters ({model.n_layers} "
         f"encoder + {model.n_layers} decoder layers, d_model {model.d_model}, {model.n_heads} "
-        f"heads, source {model.src_len}, target {model.seq_len}, vocab {model.vocab_size})",
+        f"heads, source {model.src_len}, target {model.seq_len}, vocab {model.vocab_size}"
+        f"{', encoder position bias' if model.pos_bias else ''})",
         f"layout: {parallel.world} GPU(s) = dp {parallel.dp} x tp {parallel.tp} x pp "
         f"{parallel.pp}, {parallel.schedule}{v}, {parallel.microbatches} microbatches of "
         f"{work.microbatch_size}, ZeRO {parallel.zero}, sequence parallel "
