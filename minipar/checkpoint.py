@@ -36,7 +36,7 @@ from dataclasses import asdict
 
 import numpy
 
-from minipar.config import ConfigError, ModelConfig
+from minipar.config import ConfigError, ModelConfig, model_flag
 
 STEP_DIR = re.compile(r"^step-(\d{6})$")
 TMP_PREFIX = ".tmp-step-"
@@ -61,6 +61,11 @@ SCHEMA: dict[str, tuple[type, str]] = {
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be used: one line naming the path and what is wrong."""
+
+
+class ModelMismatch(CheckpointError):
+    """An intact checkpoint of another model than the run asks for (not damage: an older
+    checkpoint of the same run would not fit either)."""
 
 
 def step_dir_name(step: int) -> str:
@@ -297,9 +302,11 @@ def read(step_dir: str, model: ModelConfig) -> tuple[dict, dict, dict]:
              if k not in ("dropout", "weight_init")}
     want = {k: v for k, v in asdict(model).items() if k not in ("dropout", "weight_init")}
     if saved != want:
-        diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
-        raise CheckpointError(f"{where}: the checkpoint's model does not match this "
-                              f"run's (saved, requested): {diff}")
+        diff = [k for k, v in want.items() if saved.get(k) != v]
+        then = ", ".join(model_flag(k, saved.get(k)) for k in diff)
+        here = ", ".join(model_flag(k, want[k]) for k in diff)
+        raise ModelMismatch(f"{where}: the checkpoint's model does not match this run's: it "
+                            f"has {then}, this run {here}")
     out = []
     for fname in FILES:
         try:
@@ -328,6 +335,8 @@ def load(path: str, model: ModelConfig) -> tuple[dict, dict, dict]:
     step_dir = resolve(path)
     try:
         return read(step_dir, model)
+    except ModelMismatch:
+        raise
     except CheckpointError as exc:
         if step_dir == path:  # the user named this very step: nothing to suggest
             raise

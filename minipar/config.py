@@ -76,6 +76,23 @@ class ModelConfig:
                               "encoder-decoder's layers draw no masks")
 
 
+# The flag that sets each ModelConfig field, for lines that say how two models differ (a field
+# no flag sets, such as the source length a task picks, is named in words).
+MODEL_FLAGS = {"vocab_size": "--vocab", "seq_len": "--seq-len", "n_layers": "--layers",
+               "d_model": "--d-model", "n_heads": "--heads", "d_ff": "d_ff",
+               "tie_weights": "--tie-weights", "pos": "--pos", "dropout": "--dropout",
+               "arch": "--arch", "src_len": "source length", "norm": "--norm",
+               "pos_bias": "--pos-bias", "weight_init": "--weight-init"}
+
+
+def model_flag(field: str, value) -> str:
+    """"--vocab 256", "--tie-weights", "no --pos-bias": a field's value as a user writes it."""
+    flag = MODEL_FLAGS.get(field, field)
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    return f"{flag} {value}"
+
+
 # Named model shapes. The vocabulary and sequence length of a preset are overridden by the task
 # (the sort task has 11 symbols), except where a preset is used for benchmarks.
 MODEL_PRESETS: dict[str, ModelConfig] = {

@@ -112,7 +112,11 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path):
     assert run([*TRAIN, "--steps", "2", "--save", str(ckpt)]).returncode == 0
     out = run([*TRAIN, "--steps", "4", "--d-model", "64", "--resume", str(ckpt)])
     assert out.returncode == 2
-    assert "does not match" in out.stderr and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr
+    # the flags that differ, as the user types them; not taken for damage (no "intact" hint)
+    assert lines[0].endswith("does not match this run's: it has --d-model 32, this run "
+                             "--d-model 64"), lines
 
 
 # -- a kill with no clean-up, a damaged directory, a directory of another run ---------------------

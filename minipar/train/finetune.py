@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import math
 
-from minipar.config import ConfigError, ModelConfig
+from minipar.config import ConfigError, ModelConfig, model_flag
 
-# ModelConfig fields and the flag that sets each (for the hint in a mismatch line).
-FLAGS = {"vocab_size": "--vocab", "seq_len": "--seq-len", "n_layers": "--layers",
-         "d_model": "--d-model", "n_heads": "--heads", "tie_weights": "--tie-weights",
-         "pos_bias": "--pos-bias"}
+# The ModelConfig fields that change tensor shapes, named in the hint of a mismatch line.
+SHAPE_FIELDS = ("vocab_size", "seq_len", "n_layers", "d_model", "n_heads", "tie_weights",
+                "pos_bias")
 
 
 def parse_freeze(text: str | None) -> tuple[str, ...]:
@@ -90,19 +89,12 @@ def check_freeze(prefixes: tuple[str, ...], names) -> list[str]:
 def _saved_with(saved: dict, cfg: ModelConfig) -> str:
     """"the checkpoint has --vocab 256, --seq-len 64; this run --vocab 11, --seq-len 16"."""
     now = {k: v for k, v in vars(cfg).items()}
-    diff = [k for k in FLAGS if k in saved and saved[k] != now.get(k)]
+    diff = [k for k in SHAPE_FIELDS if k in saved and saved[k] != now.get(k)]
     if not diff:
         return ""
-    then = ", ".join(_as_flag(k, saved[k]) for k in diff)
-    here = ", ".join(_as_flag(k, now[k]) for k in diff)
+    then = ", ".join(model_flag(k, saved[k]) for k in diff)
+    here = ", ".join(model_flag(k, now[k]) for k in diff)
     return f" (the checkpoint's model has {then}; this run's {here})"
-
-
-def _as_flag(key: str, value) -> str:
-    """"--vocab 256"; a switch as itself or "no --tie-weights"."""
-    if isinstance(value, bool):
-        return FLAGS[key] if value else f"no {FLAGS[key]}"
-    return f"{FLAGS[key]} {value}"
 
 
 def check_shapes(where: str, params: dict, meta: dict, shapes: dict, cfg: ModelConfig,
