@@ -60,10 +60,13 @@ class Embedding(Module):
             return slice(start, start + t_local)
         return self.cp_index[start:start + t_local]
 
+    def _table(self):
+        """The position table (T, C): learned or sinusoidal."""
+        return self.pos.data if self.pos is not None else self.table
+
     def _positions(self, t_local: int):
         """The rows of the position table for this rank's tokens."""
-        table = self.pos.data if self.pos is not None else self.table
-        return table[self._rows(t_local)]
+        return self._table()[self._rows(t_local)]
 
     def _tokens(self, ids, mb):
         h = self.tok.forward(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism
@@ -74,8 +77,7 @@ class Embedding(Module):
     def at_position(self, ids, t: int, mb):
         """Decoding's embedding (B, 1, C) of (B, 1) ids that all sit at position t: no dropout,
         and the token table's cache under ``mb`` is left for the decoder to drop."""
-        table = self.pos.data if self.pos is not None else self.table  # (T, C)
-        return self._tokens(ids, mb) + table[t]  # (B, 1, C)
+        return self._tokens(ids, mb) + self._table()[t]  # (B, 1, C)
 
     def forward(self, ids, mb=0):
         h = self._tokens(ids, mb)  # (B, T, C), or (B, T/tp, C) under sequence parallelism

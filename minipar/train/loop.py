@@ -447,9 +447,8 @@ def run(args, cfg, par, task, world, note: str = "", blas_threads: int = 0, out=
         from minipar.train.async_run import run_async
 
         console = Console(world.rank == 0, out)
-        console.say(f"model   | {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} "
-                    f"heads, seq {cfg.seq_len}, vocab {cfg.vocab_size}: {param_count(cfg):,} "
-                    f"parameters ({args.dtype}); task {task.name}, batch {args.batch_size}, "
+        console.say(f"model   | {describe_model(cfg)}: {param_count(cfg):,} parameters "
+                    f"({args.dtype}); task {task.name}, batch {args.batch_size}, "
                     f"{args.steps} steps, lr {args.lr}")
         summary = run_async(args, cfg, task, world, console.say)
         return summary if world.rank == 0 else None
